@@ -1,0 +1,1 @@
+"""The cover pipeline: fetch -> separate -> convert -> mix, and its entry points."""

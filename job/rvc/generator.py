@@ -1,0 +1,122 @@
+"""The HiFi-GAN decoder, with the neural-source-filter (NSF) harmonic source for pitch models.
+
+``upp`` (the product of the upsample rates) turns 100 frames per second into the model's
+sample rate: 320 for 32 kHz, 400 for 40 kHz, 480 for 48 kHz.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LRELU_SLOPE = 0.1
+SINE_AMP = 0.1
+NOISE_STD = 0.003
+
+
+def _padding(kernel_size: int, dilation: int = 1) -> int:
+    return (kernel_size * dilation - dilation) // 2
+
+
+class ResBlock1(nn.Module):
+    def __init__(self, channels: int, kernel_size: int, dilation: tuple[int, ...]) -> None:
+        super().__init__()
+        self.convs1 = nn.ModuleList(nn.Conv1d(channels, channels, kernel_size, dilation=d,
+                                              padding=_padding(kernel_size, d)) for d in dilation)
+        self.convs2 = nn.ModuleList(nn.Conv1d(channels, channels, kernel_size, padding=_padding(kernel_size))
+                                    for _ in dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for c1, c2 in zip(self.convs1, self.convs2):
+            x = x + c2(F.leaky_relu(c1(F.leaky_relu(x, LRELU_SLOPE)), LRELU_SLOPE))
+        return x
+
+
+class ResBlock2(nn.Module):
+    def __init__(self, channels: int, kernel_size: int, dilation: tuple[int, ...]) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv1d(channels, channels, kernel_size, dilation=d,
+                                             padding=_padding(kernel_size, d)) for d in dilation[:2])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for c in self.convs:
+            x = x + c(F.leaky_relu(x, LRELU_SLOPE))
+        return x
+
+
+class SourceModuleHnNSF(nn.Module):
+    """Sine excitation at the f0 (``l_linear`` merges the harmonics; one harmonic in RVC)."""
+
+    def __init__(self, sample_rate: int, harmonic_num: int = 0) -> None:
+        super().__init__()
+        self.sample_rate = sample_rate
+        self.harmonic_num = harmonic_num
+        self.l_linear = nn.Linear(harmonic_num + 1, 1)
+
+    def forward(self, f0: torch.Tensor, upp: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``f0`` [B, frames] in Hz (0 = unvoiced) -> excitation [B, 1, frames * upp]."""
+        f0_up = f0.double().repeat_interleave(upp, dim=1)  # [B, N]
+        harmonics = torch.arange(1, self.harmonic_num + 2, device=f0.device, dtype=torch.float64)
+        # float64 phase accumulation: no drift over minutes of audio
+        phase = torch.cumsum(f0_up[..., None] * harmonics / self.sample_rate, dim=1) % 1.0
+        sine = (torch.sin(2 * math.pi * phase) * SINE_AMP).to(f0.dtype)
+        voiced = (f0_up > 0).to(f0.dtype)[..., None]
+        noise_amp = voiced * NOISE_STD + (1 - voiced) * SINE_AMP / 3
+        noise = torch.randn(sine.shape, generator=generator, device=f0.device, dtype=f0.dtype)
+        excitation = sine * voiced + noise_amp * noise
+        return torch.tanh(self.l_linear(excitation)).transpose(1, 2)
+
+
+class Generator(nn.Module):
+    def __init__(self, initial_channel: int, resblock: str, resblock_kernel_sizes: list[int],
+                 resblock_dilation_sizes: list[list[int]], upsample_rates: list[int],
+                 upsample_initial_channel: int, upsample_kernel_sizes: list[int], gin_channels: int,
+                 sample_rate: int | None = None) -> None:
+        super().__init__()
+        self.num_kernels = len(resblock_kernel_sizes)
+        self.upp = math.prod(upsample_rates)
+        self.conv_pre = nn.Conv1d(initial_channel, upsample_initial_channel, 7, 1, padding=3)
+        block = ResBlock1 if str(resblock) == "1" else ResBlock2
+        self.ups = nn.ModuleList()
+        self.noise_convs = nn.ModuleList() if sample_rate else None
+        ch = upsample_initial_channel
+        for i, (u, k) in enumerate(zip(upsample_rates, upsample_kernel_sizes)):
+            ch = upsample_initial_channel // (2 ** (i + 1))
+            self.ups.append(nn.ConvTranspose1d(upsample_initial_channel // (2**i), ch, k, u, padding=(k - u) // 2))
+            if self.noise_convs is not None:
+                if i + 1 < len(upsample_rates):
+                    stride = math.prod(upsample_rates[i + 1:])
+                    self.noise_convs.append(nn.Conv1d(1, ch, kernel_size=stride * 2, stride=stride,
+                                                      padding=stride // 2))
+                else:
+                    self.noise_convs.append(nn.Conv1d(1, ch, kernel_size=1))
+        self.resblocks = nn.ModuleList(
+            block(upsample_initial_channel // (2 ** (i + 1)), k, tuple(d))
+            for i in range(len(self.ups)) for k, d in zip(resblock_kernel_sizes, resblock_dilation_sizes))
+        self.conv_post = nn.Conv1d(ch, 1, 7, 1, padding=3, bias=False)
+        self.cond = nn.Conv1d(gin_channels, upsample_initial_channel, 1) if gin_channels else None
+        self.m_source = SourceModuleHnNSF(sample_rate) if sample_rate else None
+
+    def forward(self, x: torch.Tensor, g: torch.Tensor, f0: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Latent [B, C, frames] (+ f0 [B, frames]) -> waveform [B, 1, frames * upp]."""
+        source = None
+        if self.m_source is not None:
+            assert f0 is not None, "an NSF decoder needs f0"
+            source = self.m_source(f0, self.upp, generator)
+        x = self.conv_pre(x)
+        if self.cond is not None:
+            x = x + self.cond(g)
+        for i, up in enumerate(self.ups):
+            x = up(F.leaky_relu(x, LRELU_SLOPE))
+            if source is not None:
+                x = x + self.noise_convs[i](source)
+            blocks = self.resblocks[i * self.num_kernels:(i + 1) * self.num_kernels]
+            xs = blocks[0](x)
+            for block in blocks[1:]:
+                xs = xs + block(x)
+            x = xs / self.num_kernels
+        return torch.tanh(self.conv_post(F.leaky_relu(x)))

@@ -1,0 +1,59 @@
+"""Stable error codes.
+
+Every failure a user can cause or meet has a code here. The code is part of the contract: the
+command line maps it to an exit status, the service puts it in ``cover.failed`` and in
+``application/problem+json`` answers. Messages may change; codes may not.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class ErrorCode(str, Enum):
+    INPUT_NOT_FOUND = "input.not_found"
+    INPUT_NOT_AUDIO = "input.not_audio"
+    INPUT_EMPTY = "input.empty"
+    INPUT_NO_AUDIO_STREAM = "input.no_audio_stream"
+    INPUT_TRUNCATED = "input.truncated"
+    INPUT_SILENT = "input.silent"
+    INPUT_TOO_LONG = "input.too_long"
+    INPUT_DOWNLOAD_FAILED = "input.download_failed"
+    VOICE_UNKNOWN = "voice.unknown"
+    MODEL_MISSING = "model.missing"
+    MODEL_CORRUPT = "model.corrupt"
+    MODEL_UNSAFE = "model.unsafe"
+    MODEL_MISMATCH = "model.mismatch"
+    MODEL_HASH_MISMATCH = "model.hash_mismatch"
+    OPTIONS_INVALID = "options.invalid"
+    TOOL_MISSING = "tool.missing"
+    INTERNAL = "internal"
+
+
+# Exit statuses of the command line (0 is success, 2 is argparse's usage error).
+EXIT_BAD_INPUT = 3
+EXIT_BAD_MODEL = 4
+EXIT_INTERNAL = 5
+
+_RETRYABLE = {ErrorCode.INPUT_DOWNLOAD_FAILED, ErrorCode.INTERNAL}
+
+
+class CoverError(Exception):
+    """An error with a stable code, a human message and whether retrying can help."""
+
+    def __init__(self, code: ErrorCode, message: str, *, retryable: bool | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retryable = code in _RETRYABLE if retryable is None else retryable
+
+    @property
+    def exit_status(self) -> int:
+        if self.code.value.startswith(("input.", "voice.", "options.")):
+            return EXIT_BAD_INPUT
+        if self.code.value.startswith("model."):
+            return EXIT_BAD_MODEL
+        return EXIT_INTERNAL
+
+    def __str__(self) -> str:
+        return f"{self.message} [{self.code.value}]"
