@@ -79,8 +79,9 @@ def download(url: str, dest: Path, max_bytes: int, timeout_s: float = 60.0) -> P
     return dest
 
 
-def probe(path: Path) -> dict:
+def probe(path: Path, label: str | None = None) -> dict:
     """ffprobe's JSON for the file's first audio stream and its format."""
+    label = label or path.name
     require_ffmpeg()
     proc = subprocess.run(
         ["ffprobe", "-v", "error", "-print_format", "json", "-show_format", "-show_streams", str(path)],
@@ -88,11 +89,11 @@ def probe(path: Path) -> dict:
     )
     if proc.returncode != 0:
         raise CoverError(ErrorCode.INPUT_NOT_AUDIO,
-                         f"{path.name} is not an audio file FFmpeg can read")
+                         f"{label} is not an audio file FFmpeg can read")
     info = json.loads(proc.stdout or b"{}")
     streams = [s for s in info.get("streams", []) if s.get("codec_type") == "audio"]
     if not streams:
-        raise CoverError(ErrorCode.INPUT_NO_AUDIO_STREAM, f"{path.name} has no audio stream")
+        raise CoverError(ErrorCode.INPUT_NO_AUDIO_STREAM, f"{label} has no audio stream")
     return {"stream": streams[0], "format": info.get("format", {})}
 
 
@@ -124,7 +125,8 @@ def fetch(source: str | Path, work_dir: Path, max_duration_s: float = 900.0,
     if original.stat().st_size == 0:
         raise CoverError(ErrorCode.INPUT_EMPTY, f"{Path(source_str).name} is empty (0 bytes)")
 
-    info = probe(original)
+    label = Path(urlparse(source_str).path).name if is_url(source_str) else Path(source_str).name
+    info = probe(original, label)
     announced = _duration(info)
     if announced is not None and announced > max_duration_s:
         raise CoverError(ErrorCode.INPUT_TOO_LONG,
@@ -132,7 +134,7 @@ def fetch(source: str | Path, work_dir: Path, max_duration_s: float = 900.0,
     audio, errors = decode(original, MIX_SAMPLE_RATE, 2)
     decoded = audio.shape[1] / MIX_SAMPLE_RATE
     if audio.shape[1] == 0:
-        raise CoverError(ErrorCode.INPUT_EMPTY, f"{original.name} decodes to no audio samples")
+        raise CoverError(ErrorCode.INPUT_EMPTY, f"{label} decodes to no audio samples")
     if announced is not None and decoded < 0.98 * announced - 0.05:
         raise CoverError(ErrorCode.INPUT_TRUNCATED,
                          f"the file announces {announced:.2f} s but only {decoded:.2f} s decode; "
@@ -143,7 +145,7 @@ def fetch(source: str | Path, work_dir: Path, max_duration_s: float = 900.0,
     if peak_dbfs(audio) < SILENCE_DBFS:
         raise CoverError(ErrorCode.INPUT_SILENT, "the song is silent (peak below -70 dBFS)")
     if errors and "Invalid data" in errors and announced is None:
-        raise CoverError(ErrorCode.INPUT_TRUNCATED, f"{original.name} is damaged: {errors.splitlines()[0]}")
+        raise CoverError(ErrorCode.INPUT_TRUNCATED, f"{label} is damaged: {errors.splitlines()[0]}")
     wav = write_wav(work_dir / "song.wav", np.clip(audio, -1.0, 1.0), MIX_SAMPLE_RATE)
     stream = info["stream"]
     return SongAudio(
