@@ -79,7 +79,7 @@ def _pickle_module(allowed: dict[tuple[str, str], Any]) -> SimpleNamespace:
 
 def _describe(path: Path, exc: Exception) -> CoverError:
     text = str(exc)
-    if "Weights only load failed" in text or "Unsupported global" in text:
+    if "Unsupported global" in text or "GLOBAL" in text:
         return CoverError(
             ErrorCode.MODEL_UNSAFE,
             f"{path.name} holds Python objects that would run code when loaded; it was refused "

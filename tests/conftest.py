@@ -1,0 +1,55 @@
+"""Shared fixtures: a model store with tiny variants of the real architectures, in the real formats."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from job import demo
+from job.audio import MIX_SAMPLE_RATE, write_wav
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory) -> Path:
+    """Tiny Demucs, tiny-but-768-wide HuBERT, the real-size RMVPE, a tiny v2 48k demo voice."""
+    root = tmp_path_factory.mktemp("models")
+    demo.write_models(root, size="tiny")
+    return root
+
+
+@pytest.fixture(scope="session")
+def converter(store):
+    from job.rvc.engine import VoiceConverter
+
+    return VoiceConverter(store, device="cpu")
+
+
+@pytest.fixture()
+def env(store, tmp_path) -> dict[str, str]:
+    """Environment for running the ``cover`` command against the test store."""
+    return {**os.environ, "COVER_MODELS_DIR": str(store), "COVER_WORK_DIR": str(tmp_path / "work")}
+
+
+def run_cover(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "job.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def sung_tone(seconds: float, f0: float = 220.0, sample_rate: int = 16000, vibrato: float = 0.0) -> np.ndarray:
+    """A harmonic 'sung' tone: a few harmonics with a vowel-like tilt."""
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    freq = f0 * (1 + vibrato * np.sin(2 * np.pi * 5 * t))
+    phase = 2 * np.pi * np.cumsum(freq) / sample_rate
+    tone = sum(np.sin(h * phase) / h for h in range(1, 6))
+    return (0.3 * tone / np.max(np.abs(tone))).astype(np.float32)
+
+
+@pytest.fixture()
+def song(tmp_path) -> Path:
+    vocals, inst = demo.demo_song(6.0)
+    return write_wav(tmp_path / "song.wav", np.clip(vocals + inst, -1, 1), MIX_SAMPLE_RATE)
