@@ -28,11 +28,13 @@ class Inert:
     """Placeholder for a pickled object of a class we refuse to import."""
 
     __qualified_name__ = "?"
+    args: tuple = ()
+    kwargs: dict = {}
+    state: Any = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.args = args
         self.kwargs = kwargs
-        self.state: Any = None
 
     def __setstate__(self, state: Any) -> None:
         self.state = state

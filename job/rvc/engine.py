@@ -134,14 +134,31 @@ def plan_chunks(x: np.ndarray, max_chunk_s: float) -> list[tuple[int, int]]:
     return aligned
 
 
-def rms_envelope(x: np.ndarray, sample_rate: int, length: int) -> np.ndarray:
-    """RMS over 1 s windows every 0.5 s, linearly interpolated to ``length`` samples."""
+def frame_rms(x: np.ndarray, sample_rate: int) -> np.ndarray:
+    """RMS over 1 s windows centred every 0.5 s (frame k at k * 0.5 s), computed block by block."""
     hop = sample_rate // 2
-    padded = np.pad(x.astype(np.float64), (hop, hop), mode="reflect" if len(x) > hop else "constant")
-    n = max(1, (len(padded) - 2 * hop) // hop + 1)
-    values = np.array([np.sqrt(np.mean(padded[i * hop:i * hop + 2 * hop] ** 2)) for i in range(n)])
-    positions = np.linspace(0, length - 1, n) if n > 1 else np.zeros(1)
-    return np.interp(np.arange(length), positions, values).astype(np.float32)
+    n_hops = -(-len(x) // hop)
+    sums = np.zeros(n_hops + 1, dtype=np.float64)
+    block = 512 * hop
+    for start in range(0, len(x), block):
+        seg = x[start:start + block].astype(np.float64)
+        seg = np.pad(seg, (0, -len(seg) % hop))
+        sums[start // hop:start // hop + len(seg) // hop] = np.square(seg).reshape(-1, hop).sum(axis=1)
+    windows = sums + np.concatenate([[0.0], sums[:-1]])  # hops k-1 and k around centre k
+    return np.sqrt(windows / (2 * hop)).astype(np.float32)
+
+
+def mix_rms(out: np.ndarray, out_rate: int, source: np.ndarray, source_rate: int, rate: float) -> None:
+    """RVC's ``rms_mix_rate``: give ``out`` (in place) the source's loudness envelope to the power
+    1 - rate; rate 1 keeps the output's own envelope."""
+    src, res = frame_rms(source, source_rate), np.maximum(frame_rms(out, out_rate), 1e-6)
+    k = min(len(src), len(res))
+    gain = (src[:k].astype(np.float64) ** (1 - rate)) * (res[:k].astype(np.float64) ** (rate - 1))
+    hop = out_rate // 2
+    block = 1 << 20
+    for start in range(0, len(out), block):
+        positions = np.arange(start, min(len(out), start + block)) / hop
+        out[start:start + block] *= np.interp(positions, np.arange(k), gain).astype(np.float32)
 
 
 class VoiceConverter:
@@ -286,11 +303,10 @@ class VoiceConverter:
         if len(out) < out_len:
             out = np.pad(out, (0, out_len - len(out)))
         if options.rms_mix_rate < 1 and chunks:
-            source = rms_envelope(x[:n_in], SR, out_len)
-            result = np.maximum(rms_envelope(out, voice.sample_rate, out_len), 1e-6)
-            out *= source ** (1 - options.rms_mix_rate) * result ** (options.rms_mix_rate - 1)
+            mix_rms(out, voice.sample_rate, x[:n_in], SR, options.rms_mix_rate)
+        np.clip(out, -1, 1, out=out)
         if progress:
             progress(1.0)
-        return ConversionResult(audio=np.clip(out, -1, 1).astype(np.float32), sample_rate=voice.sample_rate,
+        return ConversionResult(audio=out, sample_rate=voice.sample_rate,
                                 pitch_shift=semitones, times=times, chunks=len(chunks),
                                 synthesised_s=synthesised / SR)

@@ -1,0 +1,62 @@
+"""Pitch trackers: crepe's shipped real weights find a sung tone's pitch; every method's track has
+the 10 ms grid the synthesizer expects."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from job.rvc import pitch
+from job.rvc.pitch import F0Method
+from tests.conftest import sung_tone
+
+TRUE_F0 = 261.63
+
+
+def _cents(estimate: float, truth: float) -> float:
+    return abs(1200 * np.log2(estimate / truth))
+
+
+@pytest.mark.parametrize("model", ["full", "tiny"])
+def test_crepe_real_weights_find_the_pitch_within_20_cents(model):
+    f0 = pitch.track_crepe(sung_tone(1.0, TRUE_F0), model)
+    assert len(f0) == 16000 // 160 + 1
+    voiced = f0[10:-10]
+    assert (voiced > 0).mean() > 0.9
+    assert _cents(float(np.median(voiced)), TRUE_F0) < 20
+
+
+@pytest.mark.parametrize("method", [F0Method.HARVEST, F0Method.PM])
+def test_classic_trackers_find_the_pitch(method, converter):
+    f0 = converter.track_pitch(sung_tone(1.5, TRUE_F0), method, filter_radius=3)
+    assert len(f0) == 24000 // 160 + 1
+    assert _cents(float(np.median(f0[f0 > 0])), TRUE_F0) < 20
+
+
+def test_rmvpe_track_has_the_right_length_and_rate(converter):
+    for seconds in (0.5, 1.0, 2.37):
+        audio = sung_tone(seconds, TRUE_F0)
+        f0 = converter.track_pitch(audio, F0Method.RMVPE, filter_radius=0)
+        assert len(f0) == len(audio) // 160 + 1  # one value per 10 ms
+        assert f0.dtype == np.float32 and np.all(f0 >= 0)
+
+
+def test_shift_and_coarse_bins():
+    f0 = np.array([0.0, 50.0, 220.0, 1100.0], dtype=np.float32)
+    assert pitch.shift(f0, 12)[2] == pytest.approx(440.0)
+    bins = pitch.coarse(f0.copy())
+    assert bins[0] == 1 and bins[1] == 1 and bins[-1] == 255 and 1 < bins[2] < 255
+
+
+def test_auto_shift_picks_whole_octaves_toward_the_voice_range():
+    assert pitch.auto_shift(110.0, (200.0, 800.0)) == 24  # two octaves up to reach the ~400 Hz centre
+    assert pitch.auto_shift(440.0, (80.0, 320.0)) == -12
+    assert pitch.auto_shift(300.0, (150.0, 600.0)) == 0
+    assert pitch.auto_shift(None, (150.0, 600.0)) == 0
+
+
+def test_median_filter_removes_isolated_octave_errors():
+    f0 = np.full(50, 220.0, dtype=np.float32)
+    f0[25] = 440.0
+    assert pitch.smooth(f0, 3)[25] == 220.0
+    assert pitch.smooth(f0, 0)[25] == 440.0

@@ -1,0 +1,91 @@
+"""The conversion engine over whole tracks: exact lengths, determinism, silence, long audio."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from job import demo
+from job.rvc.engine import ConversionOptions, plan_chunks
+from tests.conftest import sung_tone
+
+FAST = ConversionOptions(f0_method="pm")
+
+
+@pytest.fixture(scope="module")
+def voice(converter):
+    return converter.load_voice(demo.DEMO_VOICE)
+
+
+@pytest.mark.parametrize(("rate", "samples"), [(44100, 44100 * 3 + 17), (16000, 16000 * 2 + 5), (22050, 50_001)])
+def test_output_is_exactly_as_long_as_the_input(converter, voice, rate, samples):
+    audio = np.stack([sung_tone(samples / rate, 220.0, rate)[:samples]] * 2)
+    out = converter.convert(audio, rate, voice, FAST)
+    assert len(out.audio) == round(samples * 48000 / rate)
+
+
+def test_fixed_seed_is_deterministic_and_seed_matters(converter, voice):
+    audio = sung_tone(2.0)
+    first = converter.convert(audio, 16000, voice, ConversionOptions(seed=7))
+    again = converter.convert(audio, 16000, voice, ConversionOptions(seed=7))
+    other = converter.convert(audio, 16000, voice, ConversionOptions(seed=8))
+    np.testing.assert_array_equal(first.audio, again.audio)
+    assert not np.array_equal(first.audio, other.audio)
+
+
+def test_silence_is_skipped_not_synthesised(converter, voice):
+    silent = converter.convert(np.zeros(16000 * 3, np.float32), 16000, voice, FAST)
+    assert silent.chunks == 0 and silent.synthesised_s == 0 and not silent.audio.any()
+    gap = np.concatenate([sung_tone(1.0), np.zeros(16000 * 3, np.float32), sung_tone(1.0)])
+    out = converter.convert(gap, 16000, voice, FAST)
+    assert out.chunks == 2 and out.synthesised_s < 3.0
+    middle = out.audio[int(1.5 * 48000):int(3.5 * 48000)]
+    assert not middle.any()
+
+
+def test_long_audio_is_cut_into_bounded_chunks_at_quiet_points():
+    audio = np.concatenate([sung_tone(7.0), np.full(1600, 1e-4, np.float32), sung_tone(7.0)])
+    chunks = plan_chunks(audio, max_chunk_s=10.0)
+    assert len(chunks) == 2
+    assert all((b - a) <= 10 * 16000 + 640 and a % 320 == 0 and b % 320 == 0 for a, b in chunks)
+    assert abs(chunks[0][1] - 7 * 16000) < 1600  # the cut lands in the quiet stretch
+
+
+def test_index_rate_and_protect_change_the_result(converter, voice):
+    audio = sung_tone(1.0)
+    base = converter.convert(audio, 16000, voice, ConversionOptions(f0_method="pm", index_rate=0.0))
+    retrieved = converter.convert(audio, 16000, voice, ConversionOptions(f0_method="pm", index_rate=1.0))
+    assert not np.allclose(base.audio, retrieved.audio)
+    assert retrieved.times.retrieval > 0
+
+
+def test_ten_minutes_convert_with_bounded_peak_memory(store):
+    script = textwrap.dedent(f"""
+        import json, resource, sys
+        import numpy as np
+        from job.rvc.engine import VoiceConverter, ConversionOptions
+        sys.path.insert(0, "."); from tests.conftest import sung_tone
+        vc = VoiceConverter({str(store)!r}, device="cpu")
+        voice = vc.load_voice("demo-voice")
+        minutes = float(sys.argv[1])
+        phrase = np.concatenate([sung_tone(8.0), np.zeros(16000, np.float32)])
+        audio = np.tile(phrase, int(minutes * 60 / 9) + 1)[: int(minutes * 60 * 16000)]
+        out = vc.convert(audio, 16000, voice, ConversionOptions(f0_method="pm"))
+        assert len(out.audio) == len(audio) * 3
+        print(json.dumps({{"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                          "chunks": out.chunks}}))
+    """)
+    results = {}
+    for minutes in (1, 10):
+        proc = subprocess.run([sys.executable, "-c", script, str(minutes)], capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        results[minutes] = json.loads(proc.stdout.strip().splitlines()[-1])
+    growth = results[10]["rss_mb"] - results[1]["rss_mb"]
+    print(f"peak RSS: 1 min {results[1]['rss_mb']:.0f} MB, 10 min {results[10]['rss_mb']:.0f} MB")
+    # 9 more minutes of 48 kHz float32 output alone is ~100 MB; the model work itself must not grow
+    assert growth < 400, results
