@@ -1,10 +1,14 @@
 """Stage 4, mix: converted vocals over the instrumental, loudness-normalised and encoded (FFmpeg).
 
 The vocals are resampled to the instrumental's rate, made stereo, padded or trimmed to exactly its
-length (no offset), both stems get their gain, and the sum is normalised with EBU R128 in two
-passes: the first measures, the second applies ``loudnorm`` with the measured values in linear
-mode (FFmpeg falls back to its dynamic mode only when a linear gain would break the true-peak
-ceiling). The file is tagged as an AI-generated cover with the voice model's name.
+length (no offset), and both stems get their gain. Loudness (EBU R128): the mix is measured, then
+encoded with the gain that brings it to the target (default -14 LUFS integrated) through a
+look-ahead limiter run at 4x the sample rate, so inter-sample peaks stay under the ceiling (default
+-1 dBTP, the limiter sits 0.3 dB lower). The encoded file is measured with FFmpeg's ``ebur128``
+meter; if it misses the target by more than 0.3 LU (heavy limiting) or a lossy codec overshot the
+ceiling, it is encoded again with corrected gain (at most 4 passes). Where no limiting is needed
+the result is the mix times one gain. The file is tagged as an AI-generated cover with the voice
+model's name, and appears at its path only when complete.
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ from pydantic import BaseModel, Field
 from job.audio import MIX_SAMPLE_RATE, require_ffmpeg
 from job.fetch import probe
 from shared.errors import CoverError, ErrorCode
+
+
+LOUDNESS_TOLERANCE_LU = 0.3  # another pass runs when the result misses the target by more
+TRUE_PEAK_MARGIN_DB = 0.3  # the limiter's ceiling sits this far below the true-peak target
+MAX_PASSES = 4
 
 
 class OutputFormat(str, Enum):
@@ -56,7 +65,7 @@ class MixResult(BaseModel):
     sample_rate: int
     loudness_lufs: float
     true_peak_dbtp: float
-    normalisation: str  # "linear" or "dynamic", as loudnorm chose
+    normalisation: str  # "linear" (gain only) or "limited" (the true-peak limiter engaged)
 
 
 def _mixed(instrumental: Path, vocals: Path, n_samples: int, options: MixOptions):
@@ -99,10 +108,8 @@ def mix(instrumental: Path, vocals: Path, out: Path, options: MixOptions | None 
     n_samples = int(info.get("duration_ts") or 0)
     if int(info.get("sample_rate", 0)) != MIX_SAMPLE_RATE or n_samples <= 0:
         raise CoverError(ErrorCode.INTERNAL, "the instrumental must be a 44.1 kHz WAV")
-    target = {"i": options.loudness_lufs, "tp": options.true_peak_dbtp}
-
     measure = _mixed(instrumental, vocals, n_samples, options).filter(
-        "loudnorm", i=target["i"], tp=target["tp"], lra=20, print_format="json")
+        "loudnorm", i=options.loudness_lufs, tp=options.true_peak_dbtp, print_format="json")
     measured = _loudnorm_json(_run(measure.output("-", format="null")))
     if float(measured["input_i"]) == float("-inf"):
         raise CoverError(ErrorCode.INTERNAL, "the mix is silent; nothing to normalise")
@@ -110,33 +117,51 @@ def mix(instrumental: Path, vocals: Path, out: Path, options: MixOptions | None 
     codec, rate = _ENCODERS[options.format]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.part")
-    lra = max(1.0, min(50.0, float(measured["input_lra"]) + 1.0))
-    applied = (_mixed(instrumental, vocals, n_samples, options)
-               .filter("loudnorm", i=target["i"], tp=target["tp"], lra=lra,
-                       measured_i=measured["input_i"], measured_tp=measured["input_tp"],
-                       measured_lra=measured["input_lra"], measured_thresh=measured["input_thresh"],
-                       offset=measured["target_offset"], linear="true", print_format="json")
-               .filter("aresample", rate)
-               .filter("aformat", channel_layouts="stereo"))
     description = f"AI-generated cover; voice model: {voice_name}" if voice_name else "AI-generated cover"
     metadata = {"title": title or "AI cover", "artist": voice_name or "melodia-cover",
                 "comment": description, "ai_generated": "true", "voice_model": voice_name,
                 "encoded_by": "melodia-cover"}
-    out_args = dict(codec)
-    out_args["ar"] = rate
-    out_args["format"] = {"m4a": "ipod", "opus": "ogg"}.get(options.format.value, options.format.value)
+    out_args: dict = {**codec, "ar": rate,
+                      "format": {"m4a": "ipod", "opus": "ogg"}.get(options.format.value, options.format.value)}
     out_args.update({f"metadata:g:{i}": f"{k}={v}" for i, (k, v) in enumerate(metadata.items())})
+
+    def encode(gain_db: float, ceiling_dbtp: float) -> tuple[float, float]:
+        # gain, then a look-ahead limiter at 4x the rate so that inter-sample peaks are caught too
+        chain = (_mixed(instrumental, vocals, n_samples, options)
+                 .filter("volume", f"{gain_db:.3f}dB")
+                 .filter("aresample", 4 * MIX_SAMPLE_RATE)
+                 .filter("alimiter", limit=10 ** (ceiling_dbtp / 20), level="disabled", attack=1, release=50)
+                 .filter("aresample", rate)
+                 .filter("aformat", channel_layouts="stereo"))
+        _run(chain.output(str(tmp), **out_args).overwrite_output())
+        return measure_loudness(tmp)
+
+    gain = options.loudness_lufs - float(measured["input_i"])
+    ceiling = options.true_peak_dbtp - TRUE_PEAK_MARGIN_DB
+    limited = float(measured["input_tp"]) + gain > ceiling
+    previous: tuple[float, float] | None = None
     try:
-        stats = _loudnorm_json(_run(applied.output(str(tmp), **out_args,
-                                                    map_metadata=-1).overwrite_output()))
+        for _ in range(MAX_PASSES):
+            loudness, peak = encode(gain, ceiling)
+            miss = options.loudness_lufs - loudness
+            over = peak - options.true_peak_dbtp
+            if abs(miss) <= LOUDNESS_TOLERANCE_LU and over <= 0:
+                break
+            # limiting ate loudness, or a lossy codec overshot the ceiling: correct and encode again.
+            # Under heavy limiting loudness grows slower than gain: step by the measured slope.
+            slope = 1.0
+            if previous is not None and gain != previous[0]:
+                slope = min(1.0, max(0.05, (loudness - previous[1]) / (gain - previous[0])))
+            previous = (gain, loudness)
+            gain += min(12.0, miss / slope)
+            ceiling -= max(0.0, over)
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
     out_info = probe(out)
     duration = float(out_info["stream"].get("duration") or out_info["format"].get("duration") or 0.0)
     return MixResult(path=out, format=options.format, duration_s=duration, sample_rate=rate,
-                     loudness_lufs=float(stats["output_i"]), true_peak_dbtp=float(stats["output_tp"]),
-                     normalisation=str(stats.get("normalization_type", "linear")))
+                     loudness_lufs=loudness, true_peak_dbtp=peak, normalisation="limited" if limited else "linear")
 
 
 def measure_loudness(path: Path) -> tuple[float, float]:

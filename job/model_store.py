@@ -48,7 +48,8 @@ def _unzip(archive: Path, dest: Path) -> list[Path]:
                 raise CoverError(ErrorCode.MODEL_CORRUPT, f"{archive.name} unpacks to more than {MAX_VOICE_BYTES} bytes")
             out = []
             for i, member in enumerate(members):
-                target = dest / f"{i}-{Path(member.filename).name}"  # flat names: no path traversal
+                target = dest / str(i) / Path(member.filename).name  # our own paths: no traversal
+                target.parent.mkdir()
                 with zf.open(member) as src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst)
                 out.append(target)

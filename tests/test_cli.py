@@ -1,0 +1,128 @@
+"""The ``cover`` command line as a user meets it: a whole cover, single stages, the voice store,
+and a readable message with a reliable exit status for every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+
+import pytest
+import torch
+
+from job import demo
+from job.audio import decode
+from job.mix import measure_loudness
+from tests.conftest import run_cover
+
+
+def test_make_renders_a_cover_and_reports_timings(env, song, tmp_path):
+    out = tmp_path / "cover.mp3"
+    proc = run_cover(["make", str(song), "--voice", demo.DEMO_VOICE, "-o", str(out), "--f0-method", "pm", "--json"],
+                     env)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert set(report["timings"]) == {"fetch", "separate", "convert", "mix"}
+    audio, _ = decode(out, 44100, 2)
+    assert abs(audio.shape[1] - 6 * 44100) <= 1152  # within one mp3 frame of the song
+    assert measure_loudness(out)[0] == pytest.approx(-14.0, abs=0.5)
+
+
+def test_text_output_shows_progress_and_a_summary(env, song, tmp_path):
+    proc = run_cover(["make", str(song), "--voice", demo.DEMO_VOICE, "-o", str(tmp_path / "c.wav"),
+                      "--f0-method", "pm"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert "cover:" in proc.stdout and "total" in proc.stdout and "separate" in proc.stdout
+    assert "convert" in proc.stderr and "100%" in proc.stderr  # per-stage progress bars
+
+
+def test_single_stages(env, song, tmp_path):
+    proc = run_cover(["separate", str(song), "-o", str(tmp_path / "stems"), "--json"], env)
+    assert proc.returncode == 0, proc.stderr
+    vocals = json.loads(proc.stdout)["vocals"]
+    proc = run_cover(["convert", vocals, "--voice", demo.DEMO_VOICE, "-o", str(tmp_path / "v.wav"),
+                      "--f0-method", "harvest", "--pitch", "auto", "--json"], env)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["sample_rate"] == 48000 and report["pitch_shift"] % 12 == 0
+
+
+@pytest.mark.parametrize(("make_input", "code", "status"), [
+    (lambda p: p / "missing.mp3", "input.not_found", 3),
+    (lambda p: (p / "t.mp3").write_text("not audio at all\n" * 10) and p / "t.mp3", "input.not_audio", 3),
+    (lambda p: (p / "e.wav").touch() or p / "e.wav", "input.empty", 3),
+])
+def test_bad_songs_get_a_readable_error_and_status(env, tmp_path, make_input, code, status):
+    proc = run_cover(["make", str(make_input(tmp_path)), "--voice", demo.DEMO_VOICE, "-o", str(tmp_path / "o.mp3")], env)
+    assert proc.returncode == status
+    assert f"[{code}]" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o.mp3").exists()
+
+
+def test_unknown_voice(env, song, tmp_path):
+    proc = run_cover(["make", str(song), "--voice", "nobody", "-o", str(tmp_path / "o.mp3"), "--json"], env)
+    assert proc.returncode == 3
+    assert json.loads(proc.stdout)["error"]["code"] == "voice.unknown"
+    assert "demo-voice" in proc.stderr  # it says which voices exist
+
+
+def test_models_list(env):
+    proc = run_cover(["models", "list", "--json"], env)
+    voices = json.loads(proc.stdout)
+    assert [v["name"] for v in voices] == [demo.DEMO_VOICE] and voices[0]["untrained_demo"] is True
+
+
+@pytest.fixture()
+def own_store(tmp_path, store):
+    """A store of our own for tests that add voices (shares the session's base models by link)."""
+    root = tmp_path / "store"
+    root.mkdir()
+    for part in ("separation", "base"):
+        os.symlink(store / part, root / part)
+    return root
+
+
+def test_add_voice_from_a_community_zip_and_verify(env, own_store, tmp_path):
+    info = demo.write_voice(tmp_path / "src", name="x", version="v1", sample_rate=40000, size="tiny")
+    archive = tmp_path / "Singer_RVC.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(tmp_path / "src" / "model.pth", "Singer/singer_e300.pth")
+        zf.write(tmp_path / "src" / "model.index", "Singer/added_IVF12_Flat_nprobe_1_singer_v1.index")
+        zf.writestr("Singer/G_2333.pth", b"training checkpoint, ignored")
+    env = {**env, "COVER_MODELS_DIR": str(own_store)}
+    proc = run_cover(["models", "add", str(archive), "--json"], env)
+    assert proc.returncode == 0, proc.stderr
+    added = json.loads(proc.stdout)
+    assert added["name"] == "singer_rvc" and added["rvc_version"] == "v1" and added["has_index"]
+    assert added["files"]["model.pth"]["sha256"] == info.files["model.pth"].sha256
+    assert run_cover(["models", "verify"], env).returncode == 0
+    (own_store / "voices" / "singer_rvc" / "model.index").write_bytes(b"tampered")
+    proc = run_cover(["models", "verify"], env)
+    assert proc.returncode == 4 and "sha256" in proc.stdout
+
+
+def test_add_corrupt_pth_fails_cleanly_and_leaves_the_store_alone(env, own_store, tmp_path):
+    bad = tmp_path / "broken.pth"
+    bad.write_bytes(b"PK\x03\x04 definitely not a checkpoint")
+    env = {**env, "COVER_MODELS_DIR": str(own_store)}
+    proc = run_cover(["models", "add", str(bad)], env)
+    assert proc.returncode == 4 and "[model.corrupt]" in proc.stderr
+    assert not (own_store / "voices" / "broken").exists()
+    assert [p.name for p in (own_store / "voices").iterdir()] == []
+
+
+def test_add_malicious_pth_runs_nothing(env, own_store, tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    # written by a separate interpreter so this test's own process never defines the payload
+    code = (f"import os, torch\nclass P:\n    def __reduce__(self): return (os.system, ('touch {marker}',))\n"
+            f"torch.save({{'weight': {{}}, 'config': [], 'x': P()}}, {str(evil)!r})\n")
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert not marker.exists()
+    proc = run_cover(["models", "add", str(evil)], {**env, "COVER_MODELS_DIR": str(own_store)})
+    assert proc.returncode == 4 and "[model.unsafe]" in proc.stderr
+    assert not marker.exists()
+    assert torch.load  # the loader is torch's weights-only unpickler, not a stub
