@@ -125,20 +125,20 @@ def mix(instrumental: Path, vocals: Path, out: Path, options: MixOptions | None 
                       "format": {"m4a": "ipod", "opus": "ogg"}.get(options.format.value, options.format.value)}
     out_args.update({f"metadata:g:{i}": f"{k}={v}" for i, (k, v) in enumerate(metadata.items())})
 
-    def encode(gain_db: float, ceiling_dbtp: float) -> tuple[float, float]:
-        # gain, then a look-ahead limiter at 4x the rate so that inter-sample peaks are caught too
-        chain = (_mixed(instrumental, vocals, n_samples, options)
-                 .filter("volume", f"{gain_db:.3f}dB")
-                 .filter("aresample", 4 * MIX_SAMPLE_RATE)
-                 .filter("alimiter", limit=10 ** (ceiling_dbtp / 20), level="disabled", attack=1, release=50)
-                 .filter("aresample", rate)
-                 .filter("aformat", channel_layouts="stereo"))
-        _run(chain.output(str(tmp), **out_args).overwrite_output())
-        return measure_loudness(tmp)
-
     gain = options.loudness_lufs - float(measured["input_i"])
     ceiling = options.true_peak_dbtp - TRUE_PEAK_MARGIN_DB
     limited = float(measured["input_tp"]) + gain > ceiling
+
+    def encode(gain_db: float, ceiling_dbtp: float) -> tuple[float, float]:
+        chain = _mixed(instrumental, vocals, n_samples, options).filter("volume", f"{gain_db:.3f}dB")
+        if limited:  # a look-ahead limiter at 4x the rate, so that inter-sample peaks are caught too
+            chain = (chain.filter("aresample", 4 * MIX_SAMPLE_RATE)
+                     .filter("alimiter", limit=10 ** (ceiling_dbtp / 20), level="disabled",
+                             latency="enabled", attack=1, release=50))
+        chain = chain.filter("aresample", rate).filter("aformat", channel_layouts="stereo")
+        _run(chain.output(str(tmp), **out_args).overwrite_output())
+        return measure_loudness(tmp)
+
     previous: tuple[float, float] | None = None
     try:
         for _ in range(MAX_PASSES):
@@ -155,6 +155,7 @@ def mix(instrumental: Path, vocals: Path, out: Path, options: MixOptions | None 
             previous = (gain, loudness)
             gain += min(12.0, miss / slope)
             ceiling -= max(0.0, over)
+            limited = limited or over > 0
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
