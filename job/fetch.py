@@ -12,7 +12,6 @@ Limits (all raise :class:`CoverError` with the code in brackets):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -25,6 +24,7 @@ from pydantic import BaseModel
 
 from job.audio import MIX_SAMPLE_RATE, SILENCE_DBFS, decode, peak_dbfs, require_ffmpeg, write_wav
 from shared.errors import CoverError, ErrorCode
+from shared.hashing import sha256_of
 
 
 class SongAudio(BaseModel):
@@ -42,14 +42,6 @@ class SongAudio(BaseModel):
 
 def is_url(source: str) -> bool:
     return urlparse(source).scheme in ("http", "https")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download(url: str, dest: Path, max_bytes: int, timeout_s: float = 60.0) -> Path:
@@ -151,5 +143,5 @@ def fetch(source: str | Path, work_dir: Path, max_duration_s: float = 900.0,
     return SongAudio(
         source=source_str, original=original, wav=wav, duration_s=decoded,
         sample_rate=int(stream.get("sample_rate", 0) or 0), channels=int(stream.get("channels", 0) or 0),
-        codec=str(stream.get("codec_name", "")), sha256=file_sha256(original),
+        codec=str(stream.get("codec_name", "")), sha256=sha256_of(original),
     )

@@ -9,7 +9,6 @@ classes. With ``allow_download`` a name missing from the store is fetched the no
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +21,7 @@ from pydantic import BaseModel, Field
 
 from job.audio import MIX_SAMPLE_RATE, read_wav, write_wav
 from shared.errors import CoverError, ErrorCode
+from shared.hashing import sha256_of
 from shared.safe_load import load_with_inert_objects
 
 ProgressFn = Callable[[float], None]
@@ -70,7 +70,7 @@ def load_package(path: Path) -> torch.nn.Module:
     """Load one Demucs package (``klass``, ``args``, ``kwargs``, ``state``) safely and strictly."""
     if "-" in path.stem:
         checksum = path.stem.rsplit("-", 1)[1]
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = sha256_of(path)
         if not digest.startswith(checksum):
             raise CoverError(ErrorCode.MODEL_HASH_MISMATCH,
                              f"{path.name}: sha256 starts {digest[:len(checksum)]}, expected {checksum}")

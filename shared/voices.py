@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 from typing import Literal
@@ -13,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from shared.errors import CoverError, ErrorCode
+from shared.hashing import sha256_of
 
 VOICE_FILE = "voice.json"
 MODEL_FILE = "model.pth"
@@ -45,14 +45,6 @@ class VoiceInfo(BaseModel):
     def model_version(self) -> str:
         """Identifies the weights: the first 16 hex digits of model.pth's sha256."""
         return self.files[MODEL_FILE].sha256[:16]
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def digest_of(path: Path) -> FileDigest:

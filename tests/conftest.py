@@ -53,3 +53,13 @@ def sung_tone(seconds: float, f0: float = 220.0, sample_rate: int = 16000, vibra
 def song(tmp_path) -> Path:
     vocals, inst = demo.demo_song(6.0)
     return write_wav(tmp_path / "song.wav", np.clip(vocals + inst, -1, 1), MIX_SAMPLE_RATE)
+
+
+class CodeRunningPayload:
+    """Unpickling this would run ``touch MARKER``: a safe loader must refuse it, and the marker stays absent."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))

@@ -12,7 +12,7 @@ from job.rvc.checkpoint import CONTENT_DIM, STANDARD_CONFIGS, build_synthesizer,
 from job.rvc.engine import ConversionOptions
 from job.rvc.synthesizer import SynthConfig, Synthesizer
 from shared.errors import CoverError, ErrorCode
-from tests.conftest import sung_tone
+from tests.conftest import CodeRunningPayload, sung_tone
 
 VARIANTS = [(v, sr, f0) for (v, sr) in STANDARD_CONFIGS for f0 in (True, False)]
 
@@ -90,17 +90,9 @@ def test_not_a_voice_and_garbage_bytes(tmp_path):
     assert info.value.code is ErrorCode.MODEL_CORRUPT
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_malicious_pickle_runs_nothing(tmp_path, v2_raw):
     marker = tmp_path / "pwned"
-    v2_raw["info"] = _Payload(marker)
+    v2_raw["info"] = CodeRunningPayload(marker)
     path = tmp_path / "evil.pth"
     torch.save(v2_raw, path)
     with pytest.raises(CoverError) as info:

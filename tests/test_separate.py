@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from job.audio import read_wav
 from job.fetch import fetch
 from job.separate import SeparationOptions, Separator, load_package
 from shared.errors import CoverError, ErrorCode
+from tests.conftest import CodeRunningPayload
 
 
 def test_stems_have_the_song_length_and_layout(store, song, tmp_path):
@@ -44,18 +44,10 @@ def test_checksum_in_the_file_name_is_verified(tmp_path):
     assert info.value.code is ErrorCode.MODEL_HASH_MISMATCH
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_package_that_names_a_foreign_class_runs_nothing(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.th"
-    torch.save({"klass": _Payload(marker), "args": (), "kwargs": {}, "state": {}}, path)
+    torch.save({"klass": CodeRunningPayload(marker), "args": (), "kwargs": {}, "state": {}}, path)
     with pytest.raises(CoverError) as info:
         load_package(path)
     assert info.value.code is ErrorCode.MODEL_UNSAFE

@@ -1,0 +1,1 @@
+"""Benchmarks: each prints a table; numbers live here, never in timed tests."""

@@ -1,0 +1,81 @@
+"""RVC conversion benchmark: a real-size v2 48 kHz voice on 60 s of vocals, per part.
+
+    python -m bench.convert [--seconds 60] [--f0-method rmvpe] [--threads 2]
+
+Models are written once (real sizes, random weights, real formats) under ``bench/.work``.
+Prints the time of each part (content, pitch, retrieval, synthesis), the wall time and the
+real-time factor (wall / audio duration), on CPU and on CUDA when a GPU is present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from job import demo
+from job.rvc.engine import ConversionOptions, VoiceConverter
+
+WORK = Path(__file__).parent / ".work"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}{gpu}"
+
+
+def run(device: str, seconds: float, method: str) -> dict:
+    models = WORK / "models"
+    demo.write_models(models, size="real")
+    vocals, _ = demo.demo_song(seconds, seed=1)
+    converter = VoiceConverter(models, device=device)
+    voice = converter.load_voice(demo.DEMO_VOICE)
+    options = ConversionOptions(f0_method=method)
+    converter.convert(vocals[:, : 44100 * 2], 44100, voice, options)  # load and warm up
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    cpu0 = time.process_time()
+    result = converter.convert(vocals, 44100, voice, options)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    return {"device": device, "wall": wall, "cpu": time.process_time() - cpu0, "rtf": wall / seconds,
+            **result.times.model_dump(), "synthesised": result.synthesised_s,
+            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--f0-method", default="rmvpe")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows = [run(d, args.seconds, args.f0_method) for d in devices]
+    print(f"\nRVC conversion, v2 48 kHz real-size voice, {args.seconds:.0f} s of vocals, f0 {args.f0_method}")
+    print(f"machine: {machine()}\n")
+    head = ["device", "content s", "pitch s", "retrieval s", "synthesis s", "wall s", "CPU s", "RTF", "peak RSS MB"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in rows:
+        print(f"| {r['device']} | {r['content']:.2f} | {r['pitch']:.2f} | {r['retrieval']:.2f} | {r['synthesis']:.2f} "
+              f"| {r['wall']:.2f} | {r['cpu']:.2f} | {r['rtf']:.3f} | {r['rss_mb']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
