@@ -47,7 +47,7 @@ class CoverResult(BaseModel):
 class Pipeline:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.converter = VoiceConverter(settings.models_dir, settings.device)
+        self.converter = VoiceConverter(settings.models_dir, settings.device, precision=settings.precision)
         self._separators: dict[str, Separator] = {}
 
     def separator(self, options: SeparationOptions) -> Separator:

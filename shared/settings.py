@@ -20,6 +20,8 @@ class Settings(BaseSettings):
     max_duration_s: float = Field(900.0, gt=0, description="Longest accepted song, seconds.")
     max_download_bytes: int = Field(500 * 2**20, gt=0, description="Largest accepted download.")
     device: str = Field("auto", description="'auto', 'cpu' or a torch device such as 'cuda:0'.")
+    precision: str = Field("auto", pattern="^(auto|fp32|bf16)$",
+                           description="Synthesizer compute type: auto (bf16 on CPUs with native bf16), fp32, bf16.")
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
     allow_hub_download: bool = Field(
         False, description="Let Demucs fetch a named model from its public repo if not in the store."
