@@ -136,7 +136,7 @@ def cmd_separate(args: argparse.Namespace) -> int:
     bars = StageBars(not args.json)
     timings = {}
     out_dir = Path(args.output)
-    with pipeline._workdir() as work:
+    with pipeline.workdir() as work:
         start = time.perf_counter()
         song = pipeline.fetch(args.song, work)
         timings["fetch"] = time.perf_counter() - start
@@ -157,7 +157,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     pipeline = Pipeline(settings)
     bars = StageBars(not args.json)
     timings = {}
-    with pipeline._workdir() as work:
+    with pipeline.workdir() as work:
         start = time.perf_counter()
         song = pipeline.fetch(args.vocals, work)
         timings["fetch"] = time.perf_counter() - start

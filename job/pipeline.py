@@ -57,7 +57,7 @@ class Pipeline:
         return self._separators[key]
 
     @contextmanager
-    def _workdir(self):
+    def workdir(self):
         self.settings.work_dir.mkdir(parents=True, exist_ok=True)
         path = Path(tempfile.mkdtemp(prefix="cover-", dir=self.settings.work_dir))
         try:
@@ -79,7 +79,7 @@ class Pipeline:
         report = progress or (lambda stage, fraction: None)
         timings: dict[str, float] = {}
         info, _ = self.converter.store.get(voice)  # unknown voices fail before any work
-        with self._workdir() as work:
+        with self.workdir() as work:
             start = time.perf_counter()
             fetched = self.fetch(song, work)
             report("fetch", 1.0)
