@@ -5,11 +5,16 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test bench setup system-deps clean
+.PHONY: run test bench serve setup system-deps pubsub-emulator clean
 
 system-deps:  ## Debian's ffmpeg (ffmpeg + ffprobe)
 	@command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 || \
 		{ $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg; }
+
+pubsub-emulator:  ## the Pub/Sub emulator of the Google Cloud CLI (needs Google's apt repository and a JRE)
+	@gcloud beta emulators pubsub --help >/dev/null 2>&1 || \
+		{ $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq google-cloud-cli-pubsub-emulator default-jre-headless \
+		  || { echo "install the Google Cloud CLI and its pubsub emulator: https://cloud.google.com/sdk/docs/install"; exit 1; }; }
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +27,11 @@ setup: system-deps $(STAMP)
 run: setup  ## prepare demo models and song, render a cover, print its path and stage timings
 	$(BIN)/cover demo -o out/demo-cover.mp3
 
-test: setup  ## the whole suite
+test: setup pubsub-emulator  ## the whole suite (starts the emulator and an S3 server itself)
 	$(BIN)/python -m pytest
+
+serve: setup pubsub-emulator  ## the local stack: emulator, local storage, dispatcher on :8080, a worker
+	$(BIN)/python -m job.stack
 
 bench: setup
 	$(BIN)/python -m bench.convert

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from enum import Enum
 from pathlib import Path
 
 import ffmpeg
@@ -25,19 +24,12 @@ from pydantic import BaseModel, Field
 from job.audio import MIX_SAMPLE_RATE, require_ffmpeg
 from job.fetch import probe
 from shared.errors import CoverError, ErrorCode
+from shared.options import OutputFormat
 
 
 LOUDNESS_TOLERANCE_LU = 0.3  # another pass runs when the result misses the target by more
 TRUE_PEAK_MARGIN_DB = 0.3  # the limiter's ceiling sits this far below the true-peak target
 MAX_PASSES = 4
-
-
-class OutputFormat(str, Enum):
-    MP3 = "mp3"
-    OPUS = "opus"
-    M4A = "m4a"
-    FLAC = "flac"
-    WAV = "wav"
 
 
 # codec arguments per format; output sample rate per format

@@ -27,6 +27,32 @@ class Settings(BaseSettings):
         False, description="Let Demucs fetch a named model from its public repo if not in the store."
     )
 
+    # storage: a local folder (the embedded default) or an S3 API bucket (Cloudflare R2)
+    storage: str = Field("local", pattern="^(local|s3)$", description="'local' or 's3'.")
+    storage_dir: Path = Field(DEFAULT_CACHE / "bucket", description="Root of the local storage.")
+    bucket: str = Field("melodia-covers", description="Bucket name (s3).")
+    s3_endpoint: str | None = Field(None, description="S3 API endpoint, e.g. https://ACCOUNT.r2.cloudflarestorage.com.")
+    s3_region: str = Field("auto", description="Region ('auto' for R2).")
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    song_key_template: str = Field("songs/{song_id}", description="Where the Catalog stores source songs.")
+    url_expiry_s: int = Field(7 * 24 * 3600, gt=0, description="Lifetime of presigned cover URLs.")
+
+    # events (Pub/Sub; PUBSUB_EMULATOR_HOST points the clients at the emulator)
+    project: str = Field("melodia-local", description="Google Cloud project of the topics.")
+    requests_topic: str = Field("cover-requests")
+    events_topic: str = Field("cover-events")
+    requests_subscription: str = Field("cover-requests-gpu", description="The GPU runner's subscription.")
+    public_base_url: str = Field("http://127.0.0.1:8080", description="Base of status URLs in 202 answers.")
+
+    # the worker
+    runner: str = Field("local", description="Name of this runner in events (e.g. 'cloud-run-cpu', 'gpu-1').")
+    lease_s: float = Field(600.0, gt=0, description="A render's claim on its cover lapses this long after its last renewal.")
+    busy_retry_s: float = Field(10.0, ge=0, description="Wait before handing back a request another runner renders.")
+    max_attempts: int = Field(5, ge=1, description="Retryable failures give up (cover.failed) after this many attempts.")
+    cloud_run_job: str = Field("projects/melodia-local/locations/europe-west1/jobs/cover-job",
+                               description="Full name of the Cloud Run Job the push trigger executes.")
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from job.rvc import pitch
-from job.rvc.pitch import F0Method
+from shared.options import F0Method
 from tests.conftest import sung_tone
 
 TRUE_F0 = 261.63

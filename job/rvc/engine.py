@@ -12,22 +12,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 from scipy.signal import butter, resample_poly, sosfiltfilt
 
 from job.rvc import pitch as pitch_mod
 from job.rvc.checkpoint import build_synthesizer, read_checkpoint
 from job.rvc.content import HOP as CONTENT_HOP, ContentEncoder, load_content_encoder
-from job.rvc.pitch import F0Method
 from job.rvc.retrieval import FeatureIndex
 from job.rvc.rmvpe import RMVPE
 from job.rvc.synthesizer import Synthesizer
 from shared.errors import CoverError, ErrorCode
+from shared.options import ConversionOptions, F0Method
 from shared.voices import INDEX_FILE, MODEL_FILE, LocalVoiceStore, VoiceInfo
 
 SR = 16000
@@ -39,19 +38,6 @@ REGION_PAD_S = 0.1
 HIGHPASS_HZ = 48.0
 
 ProgressFn = Callable[[float], None]
-
-
-class ConversionOptions(BaseModel):
-    """The knobs RVC users know, with their usual defaults."""
-
-    pitch: int | Literal["auto"] = Field(0, description="Semitones, or 'auto' (whole octaves to the voice's range).")
-    f0_method: F0Method = F0Method.RMVPE
-    index_rate: float = Field(0.75, ge=0, le=1, description="How much retrieved features replace the singer's.")
-    filter_radius: int = Field(3, ge=0, le=7, description="Median-filter width for the pitch track (>= 3 applies).")
-    rms_mix_rate: float = Field(0.25, ge=0, le=1, description="1: keep the output's loudness envelope; 0: the input's.")
-    protect: float = Field(0.33, ge=0, le=0.5, description="Protect unvoiced consonants and breaths (0.5: off).")
-    seed: int = Field(0, description="Seed of the prior's noise and the NSF excitation.")
-    speaker: int = Field(0, ge=0)
 
 
 class PartTimes(BaseModel):

@@ -7,24 +7,15 @@ weights), ``harvest`` (WORLD) and ``pm`` (Praat autocorrelation).
 
 from __future__ import annotations
 
-from enum import Enum
-
 import numpy as np
 from scipy.signal import medfilt
+
 
 SAMPLE_RATE = 16000
 HOP = 160
 F0_MIN, F0_MAX = 50.0, 1100.0
 _MEL_MIN = 1127.0 * np.log(1.0 + F0_MIN / 700.0)
 _MEL_MAX = 1127.0 * np.log(1.0 + F0_MAX / 700.0)
-
-
-class F0Method(str, Enum):
-    RMVPE = "rmvpe"
-    CREPE = "crepe"
-    CREPE_TINY = "crepe-tiny"
-    HARVEST = "harvest"
-    PM = "pm"
 
 
 def fit_length(f0: np.ndarray, frames: int) -> np.ndarray:

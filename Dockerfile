@@ -1,0 +1,30 @@
+# The job image (and the dispatcher's code), one Python layer for both variants:
+#   docker build --target cpu -t cover-job:cpu .   # Cloud Run Job executions (CPU)
+#   docker build --target gpu -t cover-job:gpu .   # the GPU runner (long-running subscriber)
+# The Python layer installs exactly what `make test` installs: `pip install .` from pyproject.toml,
+# whose pins are the only place versions live. PyPI's torch 2.13.0 wheel for Linux carries the CUDA
+# runtime libraries, so the same layer runs on CPU and, with an NVIDIA driver on the host, on GPU.
+FROM python:3.11-slim-bookworm AS base
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    COVER_MODELS_DIR=/models COVER_WORK_DIR=/tmp/work
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ffmpeg \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY shared shared
+COPY job job
+COPY dispatcher dispatcher
+COPY schemas schemas
+RUN pip install --upgrade "pip>=23" && pip install . \
+ && useradd --create-home --uid 10001 cover && mkdir -p /models /tmp/work && chown cover /models /tmp/work
+USER cover
+
+FROM base AS cpu
+ENV COVER_DEVICE=cpu COVER_RUNNER=cloud-run-cpu
+# one request from COVER_REQUEST (set by the trigger's override or `gcloud run jobs execute --update-env-vars`)
+CMD ["python", "-m", "job", "run"]
+
+FROM base AS gpu
+ENV COVER_DEVICE=cuda COVER_RUNNER=gpu-runner
+CMD ["python", "-m", "job", "serve"]

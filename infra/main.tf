@@ -1,0 +1,277 @@
+# melodia-cover on Google Cloud (Pub/Sub, Cloud Run Job, Cloud Functions gen2) with Cloudflare R2.
+#   terraform -chdir=infra init && terraform -chdir=infra apply -var project=PROJECT -var image=IMAGE
+terraform {
+  required_providers {
+    google = { source = "hashicorp/google", version = "~> 6.0" }
+  }
+}
+
+variable "project" { type = string }
+variable "region" {
+  type    = string
+  default = "europe-west1"
+}
+variable "image" {
+  type        = string
+  description = "The job image (Dockerfile target cpu), e.g. REGION-docker.pkg.dev/PROJECT/cover/cover-job:cpu"
+}
+variable "r2_endpoint" { type = string }
+variable "bucket" {
+  type    = string
+  default = "melodia-covers"
+}
+variable "source_bucket" {
+  type        = string
+  description = "GCS bucket holding the function source archive (cloudbuild.yaml uploads it)"
+}
+variable "source_object" { type = string }
+
+provider "google" {
+  project = var.project
+  region  = var.region
+}
+
+# --- identities -------------------------------------------------------------------------------------
+resource "google_service_account" "dispatcher" { account_id = "cover-dispatcher" }
+resource "google_service_account" "job" { account_id = "cover-job" }
+resource "google_service_account" "pusher" { account_id = "cover-push" } # Pub/Sub push -> trigger
+resource "google_service_account" "gpu_runner" { account_id = "cover-gpu-runner" }
+
+# --- secrets: R2 keys -------------------------------------------------------------------------------
+resource "google_secret_manager_secret" "r2_key_id" {
+  secret_id = "cover-r2-access-key-id"
+  replication {
+    auto {}
+  }
+}
+resource "google_secret_manager_secret" "r2_secret" {
+  secret_id = "cover-r2-secret-access-key"
+  replication {
+    auto {}
+  }
+}
+resource "google_secret_manager_secret_iam_member" "readers" {
+  for_each = {
+    for pair in setproduct([google_secret_manager_secret.r2_key_id.id, google_secret_manager_secret.r2_secret.id],
+    [google_service_account.dispatcher.email, google_service_account.job.email, google_service_account.gpu_runner.email]) :
+    "${pair[0]}|${pair[1]}" => { secret = pair[0], member = pair[1] }
+  }
+  secret_id = each.value.secret
+  role      = "roles/secretmanager.secretAccessor"
+  member    = "serviceAccount:${each.value.member}"
+}
+
+# --- topics and subscriptions -----------------------------------------------------------------------
+resource "google_pubsub_topic" "requests" { name = "cover-requests" }
+resource "google_pubsub_topic" "events" { name = "cover-events" }
+resource "google_pubsub_topic" "dead_letter" { name = "cover-requests-dead-letter" }
+
+# CPU path: push each request to the trigger, which starts a Cloud Run Job execution.
+resource "google_pubsub_subscription" "trigger" {
+  name                 = "cover-requests-trigger"
+  topic                = google_pubsub_topic.requests.id
+  ack_deadline_seconds = 60
+  push_config {
+    push_endpoint = google_cloudfunctions2_function.trigger.service_config[0].uri
+    oidc_token { service_account_email = google_service_account.pusher.email }
+  }
+  retry_policy {
+    minimum_backoff = "10s"
+    maximum_backoff = "600s"
+  }
+  dead_letter_policy {
+    dead_letter_topic     = google_pubsub_topic.dead_letter.id
+    max_delivery_attempts = 5
+  }
+}
+
+# GPU path: a long-running runner pulls from its own subscription (outbound connections only).
+# Subscribe the GPU runner instead of the trigger by filtering, e.g. filter = "attributes.gpu = \"1\"".
+resource "google_pubsub_subscription" "gpu" {
+  name                       = "cover-requests-gpu"
+  topic                      = google_pubsub_topic.requests.id
+  ack_deadline_seconds       = 600
+  enable_exactly_once_delivery = false
+  retry_policy {
+    minimum_backoff = "10s"
+    maximum_backoff = "600s"
+  }
+  dead_letter_policy {
+    dead_letter_topic     = google_pubsub_topic.dead_letter.id
+    max_delivery_attempts = 5
+  }
+}
+
+resource "google_pubsub_subscription" "dead_letter_inspect" {
+  name  = "cover-requests-dead-letter-inspect"
+  topic = google_pubsub_topic.dead_letter.id
+}
+
+# Pub/Sub's own agent must be able to forward to the dead-letter topic and ack the source.
+data "google_project" "this" {}
+locals {
+  pubsub_agent = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+}
+resource "google_pubsub_topic_iam_member" "dead_letter_publisher" {
+  topic  = google_pubsub_topic.dead_letter.id
+  role   = "roles/pubsub.publisher"
+  member = local.pubsub_agent
+}
+resource "google_pubsub_subscription_iam_member" "dead_letter_ack" {
+  for_each     = toset([google_pubsub_subscription.trigger.id, google_pubsub_subscription.gpu.id])
+  subscription = each.value
+  role         = "roles/pubsub.subscriber"
+  member       = local.pubsub_agent
+}
+
+resource "google_pubsub_topic_iam_member" "request_publishers" {
+  for_each = toset([google_service_account.dispatcher.email])
+  topic    = google_pubsub_topic.requests.id
+  role     = "roles/pubsub.publisher"
+  member   = "serviceAccount:${each.value}"
+}
+resource "google_pubsub_topic_iam_member" "event_publishers" {
+  for_each = toset([google_service_account.job.email, google_service_account.gpu_runner.email,
+  google_service_account.dispatcher.email])
+  topic  = google_pubsub_topic.events.id
+  role   = "roles/pubsub.publisher"
+  member = "serviceAccount:${each.value}"
+}
+resource "google_pubsub_subscription_iam_member" "gpu_runner" {
+  subscription = google_pubsub_subscription.gpu.id
+  role         = "roles/pubsub.subscriber"
+  member       = "serviceAccount:${google_service_account.gpu_runner.email}"
+}
+
+# --- the job ----------------------------------------------------------------------------------------
+locals {
+  common_env = {
+    COVER_STORAGE     = "s3"
+    COVER_S3_ENDPOINT = var.r2_endpoint
+    COVER_BUCKET      = var.bucket
+    COVER_PROJECT     = var.project
+    COVER_CLOUD_RUN_JOB = "projects/${var.project}/locations/${var.region}/jobs/cover-job"
+  }
+}
+
+resource "google_cloud_run_v2_job" "cover" {
+  name     = "cover-job"
+  location = var.region
+  template {
+    task_count = 1
+    template {
+      service_account = google_service_account.job.email
+      max_retries     = 3 # exit status 1 = a retry can help
+      timeout         = "3600s"
+      containers {
+        image = var.image
+        resources {
+          limits = { cpu = "4", memory = "8Gi" }
+        }
+        dynamic "env" {
+          for_each = local.common_env
+          content {
+            name  = env.key
+            value = env.value
+          }
+        }
+        env {
+          name = "COVER_S3_ACCESS_KEY_ID"
+          value_source {
+            secret_key_ref {
+              secret  = google_secret_manager_secret.r2_key_id.secret_id
+              version = "latest"
+            }
+          }
+        }
+        env {
+          name = "COVER_S3_SECRET_ACCESS_KEY"
+          value_source {
+            secret_key_ref {
+              secret  = google_secret_manager_secret.r2_secret.secret_id
+              version = "latest"
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+# The trigger runs the job with overrides: it needs run.jobs.runWithOverrides on this job.
+resource "google_cloud_run_v2_job_iam_member" "trigger_runs_job" {
+  name     = google_cloud_run_v2_job.cover.name
+  location = var.region
+  role     = "roles/run.developer"
+  member   = "serviceAccount:${google_service_account.dispatcher.email}"
+}
+resource "google_service_account_iam_member" "dispatcher_acts_as_job" {
+  service_account_id = google_service_account.job.name
+  role               = "roles/iam.serviceAccountUser"
+  member             = "serviceAccount:${google_service_account.dispatcher.email}"
+}
+
+# --- the functions ----------------------------------------------------------------------------------
+resource "google_cloudfunctions2_function" "http" {
+  name     = "cover-api"
+  location = var.region
+  build_config {
+    runtime     = "python311"
+    entry_point = "http"
+    source {
+      storage_source {
+        bucket = var.source_bucket
+        object = var.source_object
+      }
+    }
+  }
+  service_config {
+    service_account_email = google_service_account.dispatcher.email
+    available_memory      = "1Gi"
+    max_instance_count    = 20
+    environment_variables = local.common_env
+    secret_environment_variables {
+      key        = "COVER_S3_ACCESS_KEY_ID"
+      project_id = var.project
+      secret     = google_secret_manager_secret.r2_key_id.secret_id
+      version    = "latest"
+    }
+    secret_environment_variables {
+      key        = "COVER_S3_SECRET_ACCESS_KEY"
+      project_id = var.project
+      secret     = google_secret_manager_secret.r2_secret.secret_id
+      version    = "latest"
+    }
+  }
+}
+
+resource "google_cloudfunctions2_function" "trigger" {
+  name     = "cover-trigger"
+  location = var.region
+  build_config {
+    runtime     = "python311"
+    entry_point = "trigger"
+    source {
+      storage_source {
+        bucket = var.source_bucket
+        object = var.source_object
+      }
+    }
+  }
+  service_config {
+    service_account_email          = google_service_account.dispatcher.email
+    available_memory               = "512Mi"
+    ingress_settings               = "ALLOW_INTERNAL_ONLY"
+    all_traffic_on_latest_revision = true
+    environment_variables          = local.common_env
+  }
+}
+
+resource "google_cloud_run_service_iam_member" "pusher_invokes_trigger" {
+  location = var.region
+  service  = google_cloudfunctions2_function.trigger.name
+  role     = "roles/run.invoker"
+  member   = "serviceAccount:${google_service_account.pusher.email}"
+}
+
+output "api_url" { value = google_cloudfunctions2_function.http.service_config[0].uri }

@@ -1,0 +1,5 @@
+import sys
+
+from job.runner import main
+
+sys.exit(main())

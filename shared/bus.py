@@ -1,0 +1,38 @@
+"""The event bus: Pub/Sub topics for requests and events (the emulator when PUBSUB_EMULATOR_HOST is set)."""
+
+from __future__ import annotations
+
+import logging
+from functools import cached_property
+
+from pydantic import BaseModel
+
+from shared.events import REQUESTED, CoverRequest, to_message
+from shared.settings import Settings
+
+log = logging.getLogger("melodia.bus")
+
+
+class EventBus:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @cached_property
+    def publisher(self):
+        from google.cloud import pubsub_v1
+
+        return pubsub_v1.PublisherClient()
+
+    def topic(self, name: str) -> str:
+        return f"projects/{self.settings.project}/topics/{name}"
+
+    def publish_request(self, request: CoverRequest, cover_id: str | None = None, timeout_s: float = 30.0) -> str:
+        data, attributes = to_message(REQUESTED, request, subject=cover_id)
+        return self.publisher.publish(self.topic(self.settings.requests_topic), data, **attributes).result(timeout_s)
+
+    def publish_event(self, event_type: str, data: BaseModel, cover_id: str | None, event_id: str | None = None,
+                      timeout_s: float = 30.0) -> str:
+        payload, attributes = to_message(event_type, data, subject=cover_id, event_id=event_id)
+        message_id = self.publisher.publish(self.topic(self.settings.events_topic), payload, **attributes).result(timeout_s)
+        log.info('{"event": "%s", "cover_id": "%s", "message_id": "%s"}', event_type, cover_id, message_id)
+        return message_id

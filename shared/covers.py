@@ -1,0 +1,23 @@
+"""Which cover a request asks for: its deterministic id, from the song's object, the voice and the options."""
+
+from __future__ import annotations
+
+from shared.errors import CoverError, ErrorCode
+from shared.events import CoverRequest, cover_id
+from shared.storage import Keys, Storage
+from shared.voices import LocalVoiceStore, VoiceInfo
+
+
+def song_identity(storage: Storage, keys: Keys, song_id: str) -> str:
+    """What identifies the song's audio: its object and that object's ETag."""
+    head = storage.head(keys.song(song_id))
+    if head is None:
+        raise CoverError(ErrorCode.INPUT_NOT_FOUND, f"song {song_id} is not in the catalog bucket")
+    return f"{storage.bucket}/{head.key}@{head.etag}"
+
+
+def resolve(storage: Storage, keys: Keys, voices: LocalVoiceStore, request: CoverRequest) -> tuple[str, VoiceInfo]:
+    """(cover id, voice) of a request, or :class:`CoverError` (unknown voice, missing song)."""
+    info, _ = voices.get(request.voice_model)
+    return cover_id(song_identity(storage, keys, request.song_id), info.name, info.model_version,
+                    request.options), info

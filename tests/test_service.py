@@ -1,0 +1,350 @@
+"""The event-driven service against real parts: the Pub/Sub emulator, moto's S3 server on 127.0.0.1,
+functions-framework on a real port, and `python -m job serve` workers as separate processes."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+import requests
+
+from job import demo
+from shared.events import COMPLETED, FAILED, REQUESTED, CoverRequest, to_message
+from job.stack import free_port, start, start_pubsub_emulator, start_s3, stop, wait_for_port
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = {"f0_method": "pm", "format": "mp3"}
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory):
+    proc, host = start_pubsub_emulator(tmp_path_factory.mktemp("logs") / "pubsub.log")
+    os.environ["PUBSUB_EMULATOR_HOST"] = host
+    yield host
+    stop(proc)
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    proc, endpoint = start_s3(tmp_path_factory.mktemp("logs") / "s3.log")
+    yield endpoint
+    stop(proc)
+
+
+class Stack:
+    """One test's topics, subscriptions, bucket, dispatcher and workers."""
+
+    def __init__(self, emulator: str, s3: str, models: Path, tmp: Path) -> None:
+        from google.cloud import pubsub_v1
+
+        tag = uuid.uuid4().hex[:8]
+        self.tmp = tmp
+        self.project = "melodia-test"
+        self.bucket = f"covers-{tag}"
+        self.publisher = pubsub_v1.PublisherClient()
+        self.subscriber = pubsub_v1.SubscriberClient()
+        self.requests_topic = self.publisher.topic_path(self.project, f"cover-requests-{tag}")
+        self.events_topic = self.publisher.topic_path(self.project, f"cover-events-{tag}")
+        for topic in (self.requests_topic, self.events_topic):
+            self.publisher.create_topic(name=topic)
+        self.worker_sub = self.subscription(self.requests_topic, f"workers-{tag}")
+        self.catalog_sub = self.subscription(self.events_topic, f"catalog-{tag}")
+        self.s3 = boto3.client("s3", endpoint_url=s3, region_name="us-east-1", aws_access_key_id="test",
+                               aws_secret_access_key="test")
+        self.s3.create_bucket(Bucket=self.bucket)
+        self.env = {**os.environ, "PUBSUB_EMULATOR_HOST": emulator, "COVER_STORAGE": "s3", "COVER_BUCKET": self.bucket,
+                    "COVER_S3_ENDPOINT": s3, "COVER_S3_REGION": "us-east-1", "COVER_S3_ACCESS_KEY_ID": "test",
+                    "COVER_S3_SECRET_ACCESS_KEY": "test", "COVER_PROJECT": self.project,
+                    "COVER_REQUESTS_TOPIC": self.requests_topic.rsplit("/", 1)[1],
+                    "COVER_EVENTS_TOPIC": self.events_topic.rsplit("/", 1)[1],
+                    "COVER_REQUESTS_SUBSCRIPTION": self.worker_sub.rsplit("/", 1)[1],
+                    "COVER_MODELS_DIR": str(models), "COVER_WORK_DIR": str(tmp / "work"),
+                    "COVER_BUSY_RETRY_S": "1", "COVER_LOG_LEVEL": "INFO"}
+        self.procs: list[subprocess.Popen] = []
+        self.url = ""
+
+    def subscription(self, topic: str, name: str, ack_deadline: int = 10) -> str:
+        path = self.subscriber.subscription_path(self.project, name)
+        self.subscriber.create_subscription(name=path, topic=topic, ack_deadline_seconds=ack_deadline)
+        return path
+
+    def put_song(self, song_id: str, path: Path) -> None:
+        self.s3.upload_file(str(path), self.bucket, f"songs/{song_id}")
+
+    def start_dispatcher(self) -> str:
+        port = free_port()
+        cmd = [str(Path(sys.executable).parent / "functions-framework"), "--source", str(ROOT / "dispatcher/main.py"),
+               "--target", "http", "--port", str(port), "--host", "127.0.0.1"]
+        env = {**self.env, "COVER_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}", "PYTHONPATH": str(ROOT)}
+        self.procs.append(start(cmd, self.tmp / "dispatcher.log", env))
+        wait_for_port(port, 60, self.procs[-1])
+        self.url = f"http://127.0.0.1:{port}"
+        return self.url
+
+    def start_worker(self, name: str, **env: str) -> subprocess.Popen:
+        full = {**self.env, "COVER_RUNNER": name, **env}
+        proc = start([sys.executable, "-m", "job", "serve"], self.tmp / f"{name}.log", full)
+        self.procs.append(proc)
+        return proc
+
+    def publish_request(self, data: bytes, attributes: dict[str, str] | None = None) -> None:
+        self.publisher.publish(self.requests_topic, data, **(attributes or {})).result(30)
+
+    def events(self, until, timeout: float = 240.0, subscription: str | None = None) -> list[tuple[str, dict]]:
+        """Pull (synchronously) from the Catalog's subscription until ``until(events)`` holds."""
+        got: list[tuple[str, dict]] = []
+        deadline = time.monotonic() + timeout
+        sub = subscription or self.catalog_sub
+        while time.monotonic() < deadline and not until(got):
+            response = self.subscriber.pull(subscription=sub, max_messages=50, timeout=10,
+                                            return_immediately=False)
+            if response.received_messages:
+                self.subscriber.acknowledge(subscription=sub, ack_ids=[m.ack_id for m in response.received_messages])
+            for item in response.received_messages:
+                got.append((item.message.attributes["ce-type"], {**json.loads(item.message.data),
+                                                                 "_attributes": dict(item.message.attributes)}))
+        return got
+
+    def close(self) -> None:
+        for proc in self.procs:
+            stop(proc)
+
+
+def of_type(events, kind):
+    return [data for t, data in events if t == kind]
+
+
+@pytest.fixture()
+def stack(emulator, s3, store, tmp_path):
+    stack = Stack(emulator, s3, store, tmp_path)
+    vocals, inst = demo.demo_song(5.0)
+    from job.audio import write_wav
+
+    stack.put_song("song-1", write_wav(tmp_path / "song.wav", np.clip(vocals + inst, -1, 1), 44100))
+    yield stack
+    stack.close()
+
+
+def _check_against_bucket(stack: Stack, completed: dict) -> None:
+    body = stack.s3.get_object(Bucket=completed["bucket"], Key=completed["key"])["Body"].read()
+    assert len(body) == completed["size_bytes"]
+    assert hashlib.sha256(body).hexdigest() == completed["sha256"]
+    assert completed["format"] == "mp3" and completed["duration_s"] == pytest.approx(5.0, abs=0.1)
+    assert completed["loudness_lufs"] == pytest.approx(-14.0, abs=0.5)
+
+
+def test_post_cover_to_completed_event(stack):
+    stack.start_worker("cpu-1")
+    url = stack.start_dispatcher()
+    answer = requests.post(f"{url}/cover", json={"song_id": "song-1", "voice_model": demo.DEMO_VOICE, "options": FAST})
+    assert answer.status_code == 202, answer.text
+    cover_id = answer.json()["cover_id"]
+    assert answer.json()["status_url"].endswith(f"/covers/{cover_id}")
+    events = stack.events(lambda got: of_type(got, COMPLETED))
+    completed = of_type(events, COMPLETED)
+    assert len(completed) == 1 and completed[0]["cover_id"] == cover_id
+    assert completed[0]["_attributes"]["cover_id"] == cover_id and completed[0]["_attributes"]["voice"] == "demo-voice"
+    assert of_type(events, "cover.progress")  # stage events came first
+    _check_against_bucket(stack, completed[0])
+    status = requests.get(f"{url}/covers/{cover_id}").json()
+    assert status["state"] == "completed" and status["completed"]["sha256"] == completed[0]["sha256"]
+    again = requests.post(f"{url}/cover", json={"song_id": "song-1", "voice_model": demo.DEMO_VOICE, "options": FAST})
+    assert again.status_code == 200 and again.json()["completed"]["key"] == completed[0]["key"]
+    models = requests.get(f"{url}/models").json()["models"]
+    assert models[0]["name"] == demo.DEMO_VOICE and models[0]["untrained_demo"] is True
+
+
+def test_dispatcher_answers_problem_json(stack):
+    url = stack.start_dispatcher()
+    cases = [(b"{not json", 400, "options.invalid"),
+             (json.dumps({"song_id": "song-1"}).encode(), 400, "options.invalid"),
+             (json.dumps({"song_id": "song-1", "voice_model": "nobody"}).encode(), 404, "voice.unknown"),
+             (json.dumps({"song_id": "nope", "voice_model": demo.DEMO_VOICE}).encode(), 404, "input.not_found")]
+    for body, status, code in cases:
+        answer = requests.post(f"{url}/cover", data=body, headers={"Content-Type": "application/json"})
+        assert answer.status_code == status and answer.headers["Content-Type"] == "application/problem+json"
+        assert answer.json()["code"] == code and answer.json()["status"] == status
+    assert requests.get(f"{url}/covers/unknown").status_code == 404
+
+
+def test_catalog_publishing_directly_and_duplicates_with_two_workers(stack):
+    stack.start_worker("cpu-1")
+    stack.start_worker("cpu-2")
+    request = CoverRequest(song_id="song-1", voice_model=demo.DEMO_VOICE, options=FAST)
+    data, attributes = to_message(REQUESTED, request)
+    for _ in range(2):  # at-least-once delivery, seen twice
+        stack.publish_request(data, attributes)
+    events = stack.events(lambda got: len(of_type(got, COMPLETED)) >= 2, timeout=240)
+    completed = of_type(events, COMPLETED)
+    assert len(completed) == 2
+    first, second = ({k: v for k, v in c.items() if k != "_attributes"} for c in completed)
+    assert first == second  # the same answer, not two renders
+    assert completed[0]["_attributes"]["ce-id"] == completed[1]["_attributes"]["ce-id"]
+    cover_id = first["cover_id"]
+    claims = stack.s3.list_objects_v2(Bucket=stack.bucket, Prefix=f"claims/{cover_id}/").get("KeyCount", 0)
+    assert claims == 1  # one claim: one render
+    _check_against_bucket(stack, first)
+
+
+def test_killed_worker_leaves_nothing_visible_and_the_redelivery_completes(stack):
+    doomed = stack.start_worker("doomed", COVER_LEASE_S="4")
+    request = CoverRequest(song_id="song-1", voice_model=demo.DEMO_VOICE, options=FAST)
+    stack.publish_request(*to_message(REQUESTED, request))
+    stack.events(lambda got: any(d.get("stage") == "separate" for d in of_type(got, "cover.progress")), timeout=180)
+    os.killpg(doomed.pid, signal.SIGKILL)  # in the middle of the render
+    doomed.wait(10)
+    assert stack.s3.list_objects_v2(Bucket=stack.bucket, Prefix="covers/").get("KeyCount", 0) == 0
+    stack.start_worker("rescuer", COVER_LEASE_S="4")
+    events = stack.events(lambda got: of_type(got, COMPLETED), timeout=240)
+    completed = of_type(events, COMPLETED)
+    assert len(completed) == 1 and completed[0]["runner"] == "rescuer"
+    _check_against_bucket(stack, completed[0])
+
+
+def test_bad_messages_fail_with_their_own_code_once(stack, tmp_path):
+    stack.start_worker("cpu-1")
+    text = tmp_path / "notes.txt"
+    text.write_text("this is a text file, not a song\n" * 50)
+    stack.put_song("text-song", text)
+    bad = {
+        "options.invalid": [b"\x00not json at all", json.dumps({"song": "x"}).encode()],
+        "voice.unknown": [json.dumps({"song_id": "song-1", "voice_model": "nobody"}).encode()],
+        "input.not_found": [json.dumps({"song_id": "missing", "voice_model": demo.DEMO_VOICE}).encode()],
+        "input.not_audio": [json.dumps({"song_id": "text-song", "voice_model": demo.DEMO_VOICE, "options": FAST}).encode()],
+    }
+    for payloads in bad.values():
+        for payload in payloads:
+            stack.publish_request(payload)
+    events = stack.events(lambda got: len(of_type(got, FAILED)) >= 5, timeout=180)
+    time.sleep(12)  # longer than the ack deadline: a message that was not acked would come back
+    events += stack.events(lambda got: False, timeout=12)
+    failed = of_type(events, FAILED)
+    codes = sorted(f["code"] for f in failed)
+    assert codes == sorted(c for c, payloads in bad.items() for _ in payloads)
+    assert all(f["retryable"] is False and f["attempt"] == 1 and f["message"] for f in failed)
+
+
+def test_second_voice_reuses_the_cached_stems(stack, store, tmp_path):
+    own = tmp_path / "models"
+    own.mkdir()
+    os.symlink(store / "base", own / "base")
+    shutil.copytree(store / "separation", own / "separation")
+    demo.write_voice(own / "voices" / "alto", name="alto", size="tiny", seed=1)
+    demo.write_voice(own / "voices" / "tenor", name="tenor", size="tiny", seed=2)
+    first = stack.start_worker("cpu-1", COVER_MODELS_DIR=str(own))
+    stack.publish_request(json.dumps({"song_id": "song-1", "voice_model": "alto", "options": FAST}).encode())
+    done = of_type(stack.events(lambda got: of_type(got, COMPLETED)), COMPLETED)
+    assert done[0]["stems_cached"] is False
+    stop(first)
+    shutil.rmtree(own / "separation")  # from here on, separating anything would fail
+    stack.start_worker("cpu-2", COVER_MODELS_DIR=str(own))
+    stack.publish_request(json.dumps({"song_id": "song-1", "voice_model": "tenor", "options": FAST}).encode())
+    events = stack.events(lambda got: of_type(got, COMPLETED) or of_type(got, FAILED))
+    assert not of_type(events, FAILED), of_type(events, FAILED)
+    second = of_type(events, COMPLETED)[0]
+    assert second["voice_model"] == "tenor" and second["stems_cached"] is True
+    assert second["sha256"] != done[0]["sha256"]
+
+
+class FakeJobsClient:
+    """Stands in for run_v2.JobsClient: the Cloud Run Admin API has no emulator, so the trigger is
+    tested at the client boundary (the request it builds, and what it answers when the call fails)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.calls = []
+
+    def run_job(self, request):
+        self.calls.append(request)
+        if self.fail:
+            raise RuntimeError("PERMISSION_DENIED: run.jobs.run")
+        return object()
+
+
+def _serve_trigger(stack, client):
+    """The trigger function in-process (to hold the fake client), served over HTTP on a real port."""
+    import threading
+
+    import functions_framework
+    from werkzeug.serving import make_server
+
+    from dispatcher import main as dispatcher_main
+
+    for key, value in stack.env.items():
+        if key.startswith("COVER_") or key == "PUBSUB_EMULATOR_HOST":
+            os.environ[key] = value
+    app = functions_framework.create_app(target="trigger", source=str(ROOT / "dispatcher/main.py"))
+    # functions-framework loads the source as its own module: hand the fake to that module's services
+    loaded = [m for m in list(sys.modules.values())
+              if getattr(m, "__file__", None) == str(ROOT / "dispatcher/main.py") and hasattr(m, "services")]
+    for module in {id(m): m for m in [*loaded, dispatcher_main]}.values():
+        module.services.cache_clear()
+        module.services().jobs_client = client
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_port}"
+
+
+def test_trigger_starts_a_job_execution_with_the_request(stack):
+    client = FakeJobsClient()
+    server, url = _serve_trigger(stack, client)
+    try:
+        data = json.dumps({"song_id": "song-1", "voice_model": demo.DEMO_VOICE}).encode()
+        envelope = {"message": {"data": base64.b64encode(data).decode(), "messageId": "1"},
+                    "subscription": "projects/p/subscriptions/trigger"}
+        assert requests.post(url, json=envelope).status_code == 204
+        call = client.calls[0]
+        assert call.name == "projects/melodia-local/locations/europe-west1/jobs/cover-job"
+        env = {e.name: e.value for e in call.overrides.container_overrides[0].env}
+        assert json.loads(env["COVER_REQUEST"]) == json.loads(data)
+        client.fail = True
+        assert requests.post(url, json=envelope).status_code == 503  # Pub/Sub will redeliver
+        garbage = {"message": {"data": base64.b64encode(b"nope").decode(), "messageId": "2"}}
+        assert requests.post(url, json=garbage).status_code == 204  # answered with cover.failed instead
+        assert len(client.calls) == 2
+        failed = of_type(stack.events(lambda got: of_type(got, FAILED), timeout=60), FAILED)
+        assert failed[0]["code"] == "options.invalid"
+    finally:
+        server.shutdown()
+
+
+def test_a_burst_of_1000_requests_loses_none(stack):
+    url = stack.start_dispatcher()
+    probe_sub = stack.subscription(stack.requests_topic, f"probe-{uuid.uuid4().hex[:6]}", ack_deadline=60)
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=32, pool_maxsize=32)
+    session.mount("http://", adapter)
+
+    def post(i: int) -> tuple[int, float, str]:
+        start = time.perf_counter()
+        answer = session.post(f"{url}/cover", json={"song_id": "song-1", "voice_model": demo.DEMO_VOICE,
+                                                    "options": {**FAST, "seed": i}})
+        return answer.status_code, time.perf_counter() - start, answer.json().get("cover_id", "")
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(post, range(1000)))
+    elapsed = time.perf_counter() - started
+    latencies = sorted(r[1] for r in results)
+    print(f"\nburst: 1000 requests in {elapsed:.1f} s = {1000 / elapsed:.0f} req/s; "
+          f"p50 {latencies[499] * 1000:.0f} ms, p99 {latencies[989] * 1000:.0f} ms")
+    assert all(status == 202 for status, _, _ in results)
+    expected = {cid for _, _, cid in results}
+    assert len(expected) == 1000
+    seen: set[str] = set()
+    stack.events(lambda got: (seen.update(d["_attributes"].get("cover_id", "") for _, d in got) or
+                              expected <= seen), timeout=180, subscription=probe_sub)
+    assert expected <= seen
