@@ -24,7 +24,7 @@ from shared.errors import CoverError, ErrorCode
 from shared.events import FAILED, CoverCompleted, CoverFailed, CoverStatus, now, parse_request
 from shared.settings import Settings
 from shared.storage import Keys, Storage, make_storage
-from shared.voices import LocalVoiceStore
+from shared.registry import VoiceRegistry
 
 log = logging.getLogger("melodia.dispatcher")
 
@@ -37,7 +37,7 @@ class Services:
         self.storage: Storage = make_storage(settings)
         self.bus = EventBus(settings)
         self.keys = Keys(settings.song_key_template)
-        self.voices = LocalVoiceStore(settings.models_dir)
+        self.voices = VoiceRegistry(settings.models_dir, self.storage)
         self.jobs_client: Any = None
 
     def jobs(self):

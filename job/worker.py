@@ -31,7 +31,8 @@ from shared.hashing import sha256_of
 from shared.options import ConversionOptions
 from shared.settings import Settings
 from shared.storage import Keys, Storage, make_storage
-from shared.voices import LocalVoiceStore, VoiceInfo
+from shared.registry import VoiceRegistry
+from shared.voices import VoiceInfo
 
 log = logging.getLogger("melodia.worker")
 
@@ -50,7 +51,7 @@ class Worker:
         self.storage = storage or make_storage(settings)
         self.bus = bus or EventBus(settings)
         self.keys = Keys(settings.song_key_template)
-        self.voices = LocalVoiceStore(settings.models_dir)
+        self.voices = VoiceRegistry(settings.models_dir, self.storage)
         self._pipeline = pipeline
 
     @property
@@ -91,6 +92,7 @@ class Worker:
             if existing is not None:
                 self._publish_completed(CoverCompleted.model_validate_json(existing))
                 return Outcome.ACK
+            self.voices.get(info.name)  # sync the voice's files from the bucket when it is newer there
             claim = Claim(self.storage, cid, self.settings.runner, self.settings.lease_s)
             if not claim.acquire():
                 log.info(json.dumps({"event": "cover.busy", "cover_id": cid}))
