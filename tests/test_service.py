@@ -250,7 +250,9 @@ def test_second_voice_reuses_the_cached_stems(stack, store, tmp_path):
     assert done[0]["stems_cached"] is False
     stop(first)
     shutil.rmtree(own / "separation")  # from here on, separating anything would fail
-    stack.start_worker("cpu-2", COVER_MODELS_DIR=str(own))
+    # a fresh subscription: the emulator holds a cancelled stream's next message for ~100 s
+    second_sub = stack.subscription(stack.requests_topic, f"workers-b-{uuid.uuid4().hex[:6]}")
+    stack.start_worker("cpu-2", COVER_MODELS_DIR=str(own), COVER_REQUESTS_SUBSCRIPTION=second_sub.rsplit("/", 1)[1])
     stack.publish_request(json.dumps({"song_id": "song-1", "voice_model": "tenor", "options": FAST}).encode())
     events = stack.events(lambda got: of_type(got, COMPLETED) or of_type(got, FAILED))
     assert not of_type(events, FAILED), of_type(events, FAILED)
