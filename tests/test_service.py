@@ -350,3 +350,18 @@ def test_a_burst_of_1000_requests_loses_none(stack):
     stack.events(lambda got: (seen.update(d["_attributes"].get("cover_id", "") for _, d in got) or
                               expected <= seen), timeout=180, subscription=probe_sub)
     assert expected <= seen
+
+
+def test_cloud_run_job_entry_point_reads_the_request_from_its_environment(stack):
+    """`python -m job run`, as a Cloud Run Job execution started by the trigger (or by hand with
+    `gcloud run jobs execute --update-env-vars COVER_REQUEST=...`) runs it."""
+    good = json.dumps({"song_id": "song-1", "voice_model": demo.DEMO_VOICE, "options": FAST})
+    for request in (good, "not json"):
+        proc = subprocess.run([sys.executable, "-m", "job", "run"], env={**stack.env, "COVER_REQUEST": request},
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]  # finished either way: no Cloud Run retry
+    events = stack.events(lambda got: of_type(got, COMPLETED) and of_type(got, FAILED))
+    _check_against_bucket(stack, of_type(events, COMPLETED)[0])
+    assert of_type(events, FAILED)[0]["code"] == "options.invalid"
+    assert subprocess.run([sys.executable, "-m", "job", "run"], env={**stack.env, "COVER_REQUEST": ""},
+                          capture_output=True, timeout=120).returncode == 2
