@@ -35,6 +35,7 @@ serve: setup pubsub-emulator  ## the local stack: emulator, local storage, dispa
 
 bench: setup
 	$(BIN)/python -m bench.convert
+	$(BIN)/python -m bench.pipeline
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

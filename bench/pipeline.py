@@ -1,0 +1,140 @@
+"""Pipeline benchmark: per stage and end to end, with baselines measured in the same run.
+
+    python -m bench.pipeline [--songs 30,210] [--skip-baseline]     (make bench runs this)
+
+Each row runs in its own process (clean peak-memory numbers). Inputs are generated under
+``bench/.work``: demo songs of the given lengths and real-size models with random weights in the
+real formats. Rows:
+
+* separate: our Separator (default options) and, as the baseline, the ``demucs`` command line with
+  its default options on the same file and models;
+* convert: 60 s of vocals, the engine with every optimisation off (fp32) and as shipped;
+* cover: the whole pipeline (fetch, separate, convert, mix) per song length;
+* second voice: convert + mix on cached stems.
+
+Prints one table and writes it, with the date and the machine, to ``bench/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+WORK = Path(__file__).parent / ".work"
+RESULTS = Path(__file__).parent / "RESULTS.md"
+
+
+def _song(seconds: int) -> Path:
+    from job.demo import write_demo_song
+
+    path = WORK / "songs" / f"song-{seconds}s.wav"
+    if not path.is_file():
+        write_demo_song(path, seconds=seconds)
+    return path
+
+
+def _settings(precision: str = "auto"):
+    from shared.settings import Settings
+
+    return Settings(models_dir=WORK / "models", work_dir=WORK / "tmp", precision=precision)
+
+
+def row(kind: str, seconds: int, variant: str) -> dict:
+    """One measurement, in this process."""
+    from job import demo
+
+    demo.write_models(WORK / "models", size="real")
+    song = _song(seconds)
+    start, cpu0 = time.perf_counter(), time.process_time()
+    if kind == "separate" and variant == "demucs-cli":
+        out = Path(tempfile.mkdtemp(dir=WORK))
+        subprocess.run([sys.executable, "-m", "demucs", "--repo", str(WORK / "models" / "separation"), "-n",
+                        "htdemucs", "--two-stems", "vocals", "-o", str(out), str(song)], check=True,
+                       capture_output=True)
+        child = resource.getrusage(resource.RUSAGE_CHILDREN)
+        wall = time.perf_counter() - start
+        return {"wall": wall, "cpu": child.ru_utime + child.ru_stime, "rss_mb": child.ru_maxrss / 1024}
+    from job.pipeline import CoverOptions, Pipeline
+
+    pipeline = Pipeline(_settings("fp32" if variant == "fp32" else "auto"))
+    if kind == "separate":
+        with pipeline.workdir() as work:
+            fetched = pipeline.fetch(song, work)
+            start, cpu0 = time.perf_counter(), time.process_time()
+            pipeline.separate(fetched, work / "stems", CoverOptions().separation)
+    elif kind == "convert":
+        vocals, _ = demo.demo_song(seconds, seed=1)
+        voice = pipeline.converter.load_voice(demo.DEMO_VOICE)
+        pipeline.converter.content_encoder(), pipeline.converter.rmvpe()
+        start, cpu0 = time.perf_counter(), time.process_time()
+        pipeline.converter.convert(vocals, 44100, voice)
+    elif kind == "cover":
+        out = WORK / "tmp" / f"cover-{seconds}.mp3"
+        pipeline.render(song, demo.DEMO_VOICE, out)
+    elif kind == "second-voice":
+        from job.convert import convert_vocals
+        from job.mix import mix
+
+        with pipeline.workdir() as work:
+            stems = pipeline.separate(pipeline.fetch(song, work), work / "stems", CoverOptions().separation)
+            start, cpu0 = time.perf_counter(), time.process_time()
+            converted = convert_vocals(pipeline.converter, stems.vocals, demo.DEMO_VOICE, work / "v.wav")
+            mix(stems.no_vocals, converted.path, work / "c.mp3", voice_name=demo.DEMO_VOICE)
+    wall = time.perf_counter() - start
+    return {"wall": wall, "cpu": time.process_time() - cpu0,
+            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def machine() -> str:
+    from bench.convert import machine as describe
+
+    return describe()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--songs", default="30,210", help="song lengths in seconds for the cover rows")
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--row", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.row:
+        kind, seconds, variant = args.row.split(":")
+        print(json.dumps(row(kind, int(seconds), variant)))
+        return
+    lengths = [int(s) for s in args.songs.split(",")]
+    plan = [("separate", lengths[-1], "ours")]
+    if not args.skip_baseline:
+        plan.append(("separate", lengths[-1], "demucs-cli"))
+    plan += [("convert", 60, "fp32"), ("convert", 60, "auto")]
+    plan += [("cover", s, "auto") for s in lengths] + [("second-voice", lengths[-1], "auto")]
+    rows = []
+    for kind, seconds, variant in plan:
+        proc = subprocess.run([sys.executable, "-m", "bench.pipeline", "--row", f"{kind}:{seconds}:{variant}"],
+                              capture_output=True, text=True, env={**os.environ, "COVER_LOG_LEVEL": "ERROR"})
+        if proc.returncode != 0:
+            print(proc.stderr[-2000:], file=sys.stderr)
+            continue
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append({"what": kind, "variant": variant, "audio_s": seconds, **result,
+                     "rtf": result["wall"] / seconds})
+        print(f"{kind:<13} {variant:<11} {seconds:>4} s: {result['wall']:.1f} s", file=sys.stderr, flush=True)
+    lines = [f"# Benchmark results ({date.today().isoformat()})", "", f"machine: {machine()}", "",
+             "command: `python -m bench.pipeline --songs " + args.songs + "`", "",
+             "| what | variant | audio s | wall s | RTF | CPU s | peak RSS MB |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['what']} | {r['variant']} | {r['audio_s']} | {r['wall']:.1f} | {r['rtf']:.3f} | "
+              f"{r['cpu']:.1f} | {r['rss_mb']:.0f} |" for r in rows]
+    table = "\n".join(lines) + "\n"
+    print(table)
+    RESULTS.write_text(table)
+
+
+if __name__ == "__main__":
+    main()
