@@ -15,6 +15,8 @@ from torch import nn
 LRELU_SLOPE = 0.1
 SINE_AMP = 0.1
 NOISE_STD = 0.003
+TILE_FRAMES = 400  # 4 s of output per decoder tile
+TILE_MARGIN = 16  # frames of context either side of a tile (the receptive field is about 7)
 
 
 def _padding(kernel_size: int, dilation: int = 1) -> int:
@@ -102,11 +104,32 @@ class Generator(nn.Module):
 
     def forward(self, x: torch.Tensor, g: torch.Tensor, f0: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Latent [B, C, frames] (+ f0 [B, frames]) -> waveform [B, 1, frames * upp]."""
+        """Latent [B, C, frames] (+ f0 [B, frames]) -> waveform [B, 1, frames * upp].
+
+        Runs in tiles of ``TILE_FRAMES`` with ``TILE_MARGIN`` frames of context either side (the
+        decoder sees about 7 frames each way), every tile the same shape: peak memory stays that of
+        one tile, and the convolution kernels built for that shape are reused for the whole song.
+        """
         source = None
         if self.m_source is not None:
             assert f0 is not None, "an NSF decoder needs f0"
-            source = self.m_source(f0, self.upp, generator)
+            source = self.m_source(f0, self.upp, generator)  # whole chunk: the phase is continuous
+        frames = x.shape[-1]
+        if frames <= TILE_FRAMES + 2 * TILE_MARGIN:
+            return self._decode(x, g, source)
+        pieces = []
+        span = TILE_FRAMES + 2 * TILE_MARGIN
+        for start in range(0, frames, TILE_FRAMES):
+            lo = max(0, start - TILE_MARGIN)
+            hi = min(frames, lo + span)
+            lo = max(0, hi - span)  # the last tile slides back rather than shrinking
+            tile_src = source[..., lo * self.upp:hi * self.upp] if source is not None else None
+            y = self._decode(x[..., lo:hi], g, tile_src)
+            keep = min(TILE_FRAMES, frames - start)
+            pieces.append(y[..., (start - lo) * self.upp:(start - lo + keep) * self.upp])
+        return torch.cat(pieces, dim=-1)
+
+    def _decode(self, x: torch.Tensor, g: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
         x = self.conv_pre(x)
         if self.cond is not None:
             x = x + self.cond(g)
