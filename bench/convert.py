@@ -4,8 +4,9 @@
 
 Models are written once (real sizes, random weights, real formats) under ``bench/.work``.
 Prints the time of each part (content, pitch, retrieval, synthesis), the wall time and the
-real-time factor (wall / audio duration), on CPU and on CUDA when a GPU is present, each in fp32
-(the baseline) and in the default precision (bf16 decoder on CPUs with native bf16).
+real-time factor (wall / audio duration), on CPU and on CUDA when a GPU is present: the baseline
+(fp32, reference kernels), fp32 with the fast kernels, and the default (fast kernels, bf16 decoder on
+CPUs with native bf16).
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ def machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}{gpu}"
 
 
-def run(device: str, seconds: float, method: str, precision: str) -> dict:
+def run(device: str, seconds: float, method: str, precision: str, kernels: str) -> dict:
     models = WORK / "models"
     demo.write_models(models, size="real")
     vocals, _ = demo.demo_song(seconds, seed=1)
-    converter = VoiceConverter(models, device=device, precision=precision)
+    converter = VoiceConverter(models, device=device, precision=precision, kernels=kernels)
     voice = converter.load_voice(demo.DEMO_VOICE)
     options = ConversionOptions(f0_method=method)
     converter.convert(vocals[:, : 44100 * 2], 44100, voice, options)  # load and warm up
@@ -53,7 +54,7 @@ def run(device: str, seconds: float, method: str, precision: str) -> dict:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
-    return {"device": f"{device} {str(converter.synth_dtype).removeprefix('torch.')}", "wall": wall, "cpu": time.process_time() - cpu0, "rtf": wall / seconds,
+    return {"device": f"{device} {str(converter.synth_dtype).removeprefix('torch.')} {kernels}", "wall": wall, "cpu": time.process_time() - cpu0, "rtf": wall / seconds,
             **result.times.model_dump(), "synthesised": result.synthesised_s,
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -67,8 +68,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    # fp32 first: the baseline, measured in the same run as the default (auto) precision
-    rows = [run(d, args.seconds, args.f0_method, p) for d in devices for p in ("fp32", "auto")]
+    # the baseline first (fp32, reference kernels: every optimisation off), in the same run as the
+    # fast kernels in fp32 and the default (fast kernels, auto precision)
+    variants = [("fp32", "reference"), ("fp32", "fast"), ("auto", "fast")]
+    rows = [run(d, args.seconds, args.f0_method, p, k) for d in devices for p, k in variants]
     print(f"\nRVC conversion, v2 48 kHz real-size voice, {args.seconds:.0f} s of vocals, f0 {args.f0_method}")
     print(f"machine: {machine()}\n")
     head = ["device", "content s", "pitch s", "retrieval s", "synthesis s", "wall s", "CPU s", "RTF", "peak RSS MB"]

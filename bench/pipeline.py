@@ -8,7 +8,8 @@ real formats. Rows:
 
 * separate: our Separator (default options) and, as the baseline, the ``demucs`` command line with
   its default options on the same file and models;
-* convert: 60 s of vocals, the engine with every optimisation off (fp32) and as shipped;
+* convert: 60 s of vocals, the engine with every optimisation off (fp32, reference kernels) and as
+  shipped;
 * cover: the whole pipeline (fetch, separate, convert, mix) per song length;
 * second voice: convert + mix on cached stems.
 
@@ -41,10 +42,10 @@ def _song(seconds: int) -> Path:
     return path
 
 
-def _settings(precision: str = "auto"):
+def _settings(precision: str = "auto", kernels: str = "fast"):
     from shared.settings import Settings
 
-    return Settings(models_dir=WORK / "models", work_dir=WORK / "tmp", precision=precision)
+    return Settings(models_dir=WORK / "models", work_dir=WORK / "tmp", precision=precision, kernels=kernels)
 
 
 def row(kind: str, seconds: int, variant: str) -> dict:
@@ -64,7 +65,7 @@ def row(kind: str, seconds: int, variant: str) -> dict:
         return {"wall": wall, "cpu": child.ru_utime + child.ru_stime, "rss_mb": child.ru_maxrss / 1024}
     from job.pipeline import CoverOptions, Pipeline
 
-    pipeline = Pipeline(_settings("fp32" if variant == "fp32" else "auto"))
+    pipeline = Pipeline(_settings("fp32", "reference") if variant == "reference" else _settings())
     if kind == "separate":
         with pipeline.workdir() as work:
             fetched = pipeline.fetch(song, work)
@@ -113,7 +114,7 @@ def main() -> None:
     plan = [("separate", lengths[-1], "ours")]
     if not args.skip_baseline:
         plan.append(("separate", lengths[-1], "demucs-cli"))
-    plan += [("convert", 60, "fp32"), ("convert", 60, "auto")]
+    plan += [("convert", 60, "reference"), ("convert", 60, "auto")]
     plan += [("cover", s, "auto") for s in lengths] + [("second-voice", lengths[-1], "auto")]
     rows = []
     for kind, seconds, variant in plan:

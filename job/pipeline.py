@@ -47,7 +47,8 @@ class CoverResult(BaseModel):
 class Pipeline:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.converter = VoiceConverter(settings.models_dir, settings.device, precision=settings.precision)
+        self.converter = VoiceConverter(settings.models_dir, settings.device, precision=settings.precision,
+                                        kernels=settings.kernels)
         self._separators: dict[str, Separator] = {}
 
     def separator(self, options: SeparationOptions) -> Separator:

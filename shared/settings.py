@@ -22,6 +22,8 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="'auto', 'cpu' or a torch device such as 'cuda:0'.")
     precision: str = Field("auto", pattern="^(auto|fp32|bf16)$",
                            description="Synthesizer compute type: auto (bf16 on CPUs with native bf16), fp32, bf16.")
+    kernels: str = Field("fast", pattern="^(fast|reference)$",
+                         description="Decoder kernels: fast (channels-last 2-D layout) or reference (plain conv1d).")
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
     allow_hub_download: bool = Field(
         False, description="Let Demucs fetch a named model from its public repo if not in the store."

@@ -107,15 +107,15 @@ BF16_MIN_CORRELATION = 0.98
 
 
 def test_bf16_synthesis_stays_within_tolerance_of_fp32(store, tmp_path):
-    """The CPU's bf16 path (on by default where the CPU has native bf16) against the fp32 path, on a
-    real-size v2 48k voice and the same seed."""
+    """The CPU's default path (fast kernels, bf16 where the CPU has native bf16) against the
+    reference path (fp32, plain conv1d, untiled), on a real-size v2 48k voice and the same seed."""
     from job.rvc.engine import VoiceConverter
 
     demo.write_voice(tmp_path / "v", size="real", with_index=False)
-    audio = sung_tone(3.0, 220.0, vibrato=0.01)
+    audio = sung_tone(6.0, 220.0, vibrato=0.01)  # long enough for the decoder's tiles
     outputs = {}
-    for precision in ("fp32", "bf16"):
-        vc = VoiceConverter(store, device="cpu", precision=precision)
+    for precision, kernels in (("fp32", "reference"), ("bf16", "fast")):
+        vc = VoiceConverter(store, device="cpu", precision=precision, kernels=kernels)
         voice = vc.load_voice_file(tmp_path / "v" / "model.pth")
         outputs[precision] = vc.convert(audio, 16000, voice, ConversionOptions(f0_method="pm", seed=3)).audio
     distance = log_spectral_distance_db(outputs["fp32"], outputs["bf16"])
@@ -141,6 +141,32 @@ def test_tiled_decoder_matches_the_whole_decode():
     with torch.inference_mode():
         tiled = synth.dec(z, g, f0, torch.Generator().manual_seed(1))
         whole_source = synth.dec.m_source(f0, synth.dec.upp, torch.Generator().manual_seed(1))
-        whole = synth.dec._decode(z, g, whole_source)
-    assert tiled.shape == whole.shape == (1, 1, frames * synth.upp)
+        whole = synth.dec._decode(z, g, whole_source, torch.float32, fast=True)
+        reference = synth.dec(z, g, f0, torch.Generator().manual_seed(1), fast=False)  # plain conv1d, untiled
+    assert tiled.shape == whole.shape == reference.shape == (1, 1, frames * synth.upp)
     torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(tiled, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_fast_kernels_follow_reloaded_weights():
+    """The fast layout keeps 2-D copies of the weights; loading other weights must replace them."""
+    import torch
+
+    from job.rvc.synthesizer import SynthConfig, Synthesizer
+
+    config = SynthConfig.from_list(demo.tiny_config("v2", 48000))
+    torch.manual_seed(0)
+    synth = Synthesizer(config, 768, True).eval()
+    torch.manual_seed(1)
+    other = Synthesizer(config, 768, True).eval().state_dict()
+    z, g, f0 = torch.randn(1, 16, 50), torch.randn(1, 16, 1), torch.full((1, 50), 220.0)
+
+    def decode(fast: bool) -> torch.Tensor:
+        with torch.inference_mode():
+            return synth.dec(z, g, f0, torch.Generator().manual_seed(1), fast=fast)
+
+    before = decode(True)
+    synth.load_state_dict(other)
+    after, reference = decode(True), decode(False)
+    assert not torch.allclose(before, after, atol=1e-3)
+    torch.testing.assert_close(after, reference, atol=1e-5, rtol=1e-4)

@@ -166,10 +166,13 @@ class VoiceConverter:
     """Holds the shared models (content encoder, RMVPE) and loaded voices between conversions."""
 
     def __init__(self, models_dir: Path, device: str = "auto", max_chunk_s: float = 20.0,
-                 precision: str = "auto") -> None:
+                 precision: str = "auto", kernels: str = "fast") -> None:
         self.models_dir = Path(models_dir)
         self.device = resolve_device(device)
         self.synth_dtype = resolve_precision(precision, self.device)
+        if kernels not in ("fast", "reference"):
+            raise CoverError(ErrorCode.OPTIONS_INVALID, f"kernels must be fast or reference, not {kernels!r}")
+        self.fast_kernels = kernels == "fast"
         self.max_chunk_s = max_chunk_s
         self.store = LocalVoiceStore(self.models_dir)
         self._content: ContentEncoder | None = None
@@ -290,7 +293,7 @@ class VoiceConverter:
             generator = torch.Generator(device=self.device).manual_seed(options.seed * 1_000_003 + int(a))
             with torch.inference_mode():
                 y = voice.synth.infer(phone, pitch, pitchf, options.speaker, generator,
-                                      decoder_dtype=self.synth_dtype)[0].cpu().numpy()
+                                      decoder_dtype=self.synth_dtype, fast=self.fast_kernels)[0].cpu().numpy()
             times.synthesis += time.perf_counter() - t0
             synthesised += b - a
 

@@ -99,14 +99,14 @@ class Synthesizer(nn.Module):
 
     def infer(self, phone: torch.Tensor, pitch: torch.Tensor | None, pitchf: torch.Tensor | None,
               speaker: int = 0, generator: torch.Generator | None = None,
-              decoder_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+              decoder_dtype: torch.dtype = torch.float32, fast: bool = True) -> torch.Tensor:
         """phone [B, frames, content_dim], pitch (coarse 1..255) and pitchf (Hz) [B, frames]
-        -> audio [B, frames * upp]. ``decoder_dtype`` bfloat16 runs the decoder (about 95 % of
-        the compute) under autocast; the encoder and flow stay in float32."""
+        -> audio [B, frames * upp]. The decoder (about 95 % of the compute) runs in
+        ``decoder_dtype`` and, with ``fast``, in its channels-last layout (see generator.py); the
+        encoder and flow stay in float32."""
         g = self.emb_g(torch.tensor([speaker], device=phone.device)).unsqueeze(-1)
         m_p, logs_p = self.enc_p(phone, pitch)
         noise = torch.randn(m_p.shape, generator=generator, device=m_p.device, dtype=m_p.dtype)
         z_p = m_p + torch.exp(logs_p) * noise * NOISE_SCALE
         z = self.flow.reverse(z_p, g)
-        with torch.autocast(z.device.type, dtype=decoder_dtype, enabled=decoder_dtype != torch.float32):
-            return self.dec(z, g, pitchf if self.f0 else None, generator)[:, 0].float()
+        return self.dec(z, g, pitchf if self.f0 else None, generator, decoder_dtype, fast)[:, 0]
