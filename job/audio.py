@@ -6,6 +6,7 @@ Arrays are float32, shaped ``[channels, samples]``, values in [-1, 1].
 from __future__ import annotations
 
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -54,6 +55,47 @@ def write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> Path:
     data = np.asarray(audio, dtype=np.float32)
     wavfile.write(path, sample_rate, data.T if data.ndim == 2 else data)
     return path
+
+
+class WavWriter:
+    """A 32-bit float WAV written block by block (``[channels, samples]`` blocks), so a stem never
+    has to be whole in memory; the RIFF sizes are filled in on close."""
+
+    _HEADER = struct.Struct("<4sI4s4sIHHIIHHH4sII4sI")  # RIFF, fmt (18 bytes), fact, data
+
+    def __init__(self, path: Path, sample_rate: int, channels: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.sample_rate, self.channels = path, sample_rate, channels
+        self.frames = 0
+        self._file = open(path, "wb")
+        self._file.write(self._header())
+
+    def _header(self) -> bytes:
+        data_bytes = self.frames * self.channels * 4
+        if data_bytes + self._HEADER.size > 0xFFFFFFFF:
+            raise CoverError(ErrorCode.INTERNAL, f"{self.path.name}: over 4 GiB, too long for a WAV file")
+        return self._HEADER.pack(b"RIFF", self._HEADER.size - 8 + data_bytes, b"WAVE",
+                                 b"fmt ", 18, 3, self.channels, self.sample_rate,
+                                 self.sample_rate * self.channels * 4, self.channels * 4, 32, 0,
+                                 b"fact", 4, self.frames, b"data", data_bytes)
+
+    def write(self, block: np.ndarray) -> None:
+        block = np.asarray(block, dtype=np.float32).reshape(self.channels, -1)
+        self._file.write(np.ascontiguousarray(block.T).tobytes())
+        self.frames += block.shape[1]
+
+    def close(self) -> Path:
+        if not self._file.closed:
+            self._file.seek(0)
+            self._file.write(self._header())
+            self._file.close()
+        return self.path
+
+    def __enter__(self) -> "WavWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def read_wav(path: Path) -> tuple[np.ndarray, int]:

@@ -54,7 +54,8 @@ class Pipeline:
     def separator(self, options: SeparationOptions) -> Separator:
         key = options.model_dump_json()
         if key not in self._separators:
-            self._separators[key] = Separator(self.settings.models_dir, options, self.settings.allow_hub_download)
+            self._separators[key] = Separator(self.settings.models_dir, options, self.settings.allow_hub_download,
+                                              self.settings.precision, self.settings.kernels)
         return self._separators[key]
 
     @contextmanager

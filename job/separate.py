@@ -9,7 +9,7 @@ classes. With ``allow_download`` a name missing from the store is fetched the no
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,8 @@ import torch
 import yaml
 from pydantic import BaseModel, Field
 
-from job.audio import MIX_SAMPLE_RATE, read_wav, write_wav
+from job.audio import MIX_SAMPLE_RATE, WavWriter, read_wav
+from job.compute import resolve_device, resolve_kernels, resolve_precision
 from shared.errors import CoverError, ErrorCode
 from shared.hashing import sha256_of
 from shared.safe_load import load_with_inert_objects
@@ -39,12 +40,6 @@ class Stems(BaseModel):
     vocals: Path
     no_vocals: Path
     sample_rate: int
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _demucs_classes() -> dict[tuple[str, str], Any]:
@@ -120,51 +115,102 @@ class Separator:
     """Splits songs into vocals and instrumental. Keeps its model loaded between songs."""
 
     def __init__(self, models_dir: Path, options: SeparationOptions | None = None,
-                 allow_download: bool = False) -> None:
+                 allow_download: bool = False, precision: str = "auto", kernels: str = "fast") -> None:
         self.options = options or SeparationOptions()
         self.device = resolve_device(self.options.device)
+        self.dtype = resolve_precision(precision, self.device)
         self.model = _cached_model(self.options.model, str(Path(models_dir) / "separation"), allow_download)
         self.model.to(self.device)
+        # 2-D convolution weights channels-last (fast): the same numbers from faster kernels
+        fast = resolve_kernels(kernels)
+        self.model.to(memory_format=torch.channels_last if fast else torch.contiguous_format)
         if "vocals" not in self.model.sources:
             raise CoverError(ErrorCode.MODEL_MISMATCH, f"model {self.options.model} has no vocals source")
 
-    def separate_array(self, mix: np.ndarray, progress: ProgressFn | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``[2, samples]`` at 44.1 kHz -> (vocals, no_vocals), both ``[2, samples]``."""
-        from demucs.apply import apply_model
+    def _models(self) -> tuple[list[torch.nn.Module], list[list[float]]]:
+        """The bag's models and their per-source weights (one model, weight 1, when not a bag)."""
+        models = list(getattr(self.model, "models", [self.model]))
+        weights = getattr(self.model, "weights", None) or [[1.0] * len(self.model.sources) for _ in models]
+        return models, [list(map(float, w)) for w in weights]
+
+    def blocks(self, mix: np.ndarray, progress: ProgressFn | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``[2, samples]`` at 44.1 kHz -> (vocals, no_vocals) blocks, in order, covering the song.
+
+        Demucs' split scheme, run by us so memory stays that of one segment: the song, normalised
+        by its overall mean and std, is cut into segments of the model's length every
+        ``(1 - overlap) * segment`` samples; each output sample is the triangle-weighted average of
+        the segments that cover it, so a stride of output is final once the segment starting there
+        is in, and leaves as a block. With ``shifts`` (random time shifts averaged over the whole
+        song), or a bag whose models differ in segment length, the song is separated in one piece by
+        Demucs' ``apply_model`` (memory then grows with the song).
+        """
+        from demucs.apply import TensorChunk, apply_model
 
         wav = torch.from_numpy(np.ascontiguousarray(mix, dtype=np.float32))
         ref = wav.mean(0)
         mean, std = ref.mean(), ref.std().clamp_min(1e-8)
-        wav = (wav - mean) / std
-        counter = {"done": 0}
+        wav = ((wav - mean) / std)[None]
+        vocal = list(self.model.sources).index("vocals")
+        models, weights = self._models()
+        seconds = {float(self.options.segment or m.segment) for m in models}
+        if self.options.shifts or len(seconds) > 1:
+            with torch.inference_mode(), self._autocast():
+                out = apply_model(self.model, wav, shifts=self.options.shifts, split=True,
+                                  overlap=self.options.overlap, device=self.device, segment=self.options.segment)[0].float()
+            yield self._stems(out, vocal, mean, std)
+            if progress:
+                progress(1.0)
+            return
+
+        per_source = torch.tensor(weights)  # [models, sources]
+        per_source = (per_source / per_source.sum(0)).to(self.device)
         length = wav.shape[-1]
-        segment = self.options.segment or float(getattr(self.model, "segment", 7.8))
-        stride = max(1, int((1 - self.options.overlap) * segment * MIX_SAMPLE_RATE))
-        n_models = len(getattr(self.model, "models", [self.model]))
-        total = max(1, -(-length // stride)) * n_models * max(1, self.options.shifts)
+        segment = int(self.model.samplerate * seconds.pop())
+        stride = max(1, int((1 - self.options.overlap) * segment))
+        ramp = torch.cat([torch.arange(1, segment // 2 + 1), torch.arange(segment - segment // 2, 0, -1)]).float()
+        ramp = ramp / ramp.max()
+        acc = torch.zeros(len(self.model.sources), 2, segment)  # output from sample `offset` on
+        weight_sum = torch.zeros(segment)
+        offsets = range(0, length, stride)
+        for done, offset in enumerate(offsets, start=1):
+            chunk = TensorChunk(wav, offset, segment)
+            with torch.inference_mode(), self._autocast():
+                estimate = sum(apply_model(m, chunk, shifts=0, split=False, device=self.device,
+                                           segment=self.options.segment)[0].float() * per_source[i][:, None, None]
+                               for i, m in enumerate(models)).cpu()
+            n = estimate.shape[-1]
+            acc[..., :n] += ramp[:n] * estimate
+            weight_sum[:n] += ramp[:n]
+            final = min(stride, length - offset)
+            yield self._stems(acc[..., :final] / weight_sum[:final], vocal, mean, std)
+            acc = torch.cat([acc[..., final:], torch.zeros(*acc.shape[:-1], final)], dim=-1)
+            weight_sum = torch.cat([weight_sum[final:], torch.zeros(final)])
+            if progress:
+                progress(done / len(offsets))
 
-        def callback(info: dict) -> None:
-            if info.get("state") == "end":
-                counter["done"] += 1
-                if progress:
-                    progress(min(1.0, counter["done"] / total))
+    def _autocast(self) -> torch.autocast:
+        """bf16 autocast when the precision asks for it (convolutions and matmuls in bf16; the
+        STFT, norms and softmax stay fp32)."""
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
-        with torch.inference_mode():
-            out = apply_model(self.model, wav[None], shifts=self.options.shifts, split=True,
-                              overlap=self.options.overlap, device=self.device,
-                              segment=self.options.segment, callback=callback)[0]
-        out = (out * std + mean).cpu()
-        sources = list(self.model.sources)
-        vocals = out[sources.index("vocals")]
-        no_vocals = out.sum(0) - vocals
-        if progress:
-            progress(1.0)
-        return vocals.numpy(), no_vocals.numpy()
+    @staticmethod
+    def _stems(out: torch.Tensor, vocal: int, mean: torch.Tensor, std: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        out = out * std + mean
+        vocals = out[vocal]
+        return vocals.numpy(), (out.sum(0) - vocals).numpy()
+
+    def separate_array(self, mix: np.ndarray, progress: ProgressFn | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``[2, samples]`` at 44.1 kHz -> (vocals, no_vocals), both ``[2, samples]``, whole."""
+        parts = list(self.blocks(mix, progress))
+        return np.concatenate([p[0] for p in parts], axis=-1), np.concatenate([p[1] for p in parts], axis=-1)
 
     def separate(self, song_wav: Path, out_dir: Path, progress: ProgressFn | None = None) -> Stems:
         mix, rate = read_wav(song_wav)
         if rate != MIX_SAMPLE_RATE or mix.shape[0] != 2:
             raise CoverError(ErrorCode.INTERNAL, f"separator expects 44.1 kHz stereo, got {rate} Hz x {mix.shape[0]}")
-        vocals, no_vocals = self.separate_array(mix, progress)
-        return Stems(vocals=write_wav(out_dir / "vocals.wav", vocals, rate),
-                     no_vocals=write_wav(out_dir / "no_vocals.wav", no_vocals, rate), sample_rate=rate)
+        with WavWriter(out_dir / "vocals.wav", rate, 2) as vocals, \
+                WavWriter(out_dir / "no_vocals.wav", rate, 2) as no_vocals:
+            for vocal_block, rest_block in self.blocks(mix, progress):
+                vocals.write(vocal_block)
+                no_vocals.write(rest_block)
+        return Stems(vocals=vocals.path, no_vocals=no_vocals.path, sample_rate=rate)

@@ -21,9 +21,9 @@ class Settings(BaseSettings):
     max_download_bytes: int = Field(500 * 2**20, gt=0, description="Largest accepted download.")
     device: str = Field("auto", description="'auto', 'cpu' or a torch device such as 'cuda:0'.")
     precision: str = Field("auto", pattern="^(auto|fp32|bf16)$",
-                           description="Synthesizer compute type: auto (bf16 on CPUs with native bf16), fp32, bf16.")
+                           description="Compute type of Demucs and the RVC decoder: auto (bf16 on CPUs with native bf16), fp32, bf16.")
     kernels: str = Field("fast", pattern="^(fast|reference)$",
-                         description="Decoder kernels: fast (channels-last 2-D layout) or reference (plain conv1d).")
+                         description="fast (channels-last layouts, tiled decoder) or reference (plain conv1d, untiled).")
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
     allow_hub_download: bool = Field(
         False, description="Let Demucs fetch a named model from its public repo if not in the store."

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from scipy.signal import butter, resample_poly, sosfiltfilt
 
+from job.compute import resolve_device, resolve_kernels, resolve_precision
 from job.rvc import pitch as pitch_mod
 from job.rvc.checkpoint import build_synthesizer, read_checkpoint
 from job.rvc.content import HOP as CONTENT_HOP, ContentEncoder, load_content_encoder
@@ -67,27 +68,6 @@ class ConversionResult:
     chunks: int
     synthesised_s: float
     extra: dict = field(default_factory=dict)
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """The synthesizer's compute type. ``auto``: bfloat16 on CPUs with native bf16 (AVX512-BF16 or
-    AMX), where it measured 1.47x faster than fp32 on the 48 kHz decoder with a log-spectral
-    difference well under 1 dB; float32 elsewhere (older CPUs emulate bf16 slowly; GPUs: issue 5)."""
-    if precision == "fp32":
-        return torch.float32
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision != "auto":
-        raise CoverError(ErrorCode.OPTIONS_INVALID, f"precision must be auto, fp32 or bf16, not {precision!r}")
-    native = device.type == "cpu" and torch.backends.mkldnn.is_available() and \
-        bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return torch.bfloat16 if native else torch.float32
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def to_16k(audio: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -170,9 +150,7 @@ class VoiceConverter:
         self.models_dir = Path(models_dir)
         self.device = resolve_device(device)
         self.synth_dtype = resolve_precision(precision, self.device)
-        if kernels not in ("fast", "reference"):
-            raise CoverError(ErrorCode.OPTIONS_INVALID, f"kernels must be fast or reference, not {kernels!r}")
-        self.fast_kernels = kernels == "fast"
+        self.fast_kernels = resolve_kernels(kernels)
         self.max_chunk_s = max_chunk_s
         self.store = LocalVoiceStore(self.models_dir)
         self._content: ContentEncoder | None = None
