@@ -8,9 +8,11 @@ from __future__ import annotations
 import shutil
 import struct
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
+from pydantic import BaseModel
 from scipy.io import wavfile
 
 from shared.errors import CoverError, ErrorCode
@@ -42,6 +44,56 @@ def decode(path: Path, sample_rate: int, channels: int) -> tuple[np.ndarray, str
     audio = np.frombuffer(proc.stdout, dtype=np.float32)
     audio = audio[: len(audio) - len(audio) % channels].reshape(-1, channels).T.copy()
     return audio, proc.stderr.decode(errors="replace").strip()
+
+
+class Decoded(BaseModel):
+    """What :func:`decode_to_wav` wrote: length, peak before clipping, FFmpeg's error output."""
+
+    frames: int
+    peak: float
+    errors: str
+
+    @property
+    def peak_dbfs(self) -> float:
+        return 20.0 * float(np.log10(self.peak)) if self.peak > 0 else float("-inf")
+
+
+def decode_to_wav(path: Path, out: Path, sample_rate: int, channels: int, max_frames: int | None = None,
+                  block_frames: int = 1 << 18) -> Decoded:
+    """Decode any FFmpeg-readable file into the float WAV ``out``, clipped to [-1, 1], block by
+    block (memory stays that of one block whatever the length). Stops reading after ``max_frames``
+    plus one block, so an over-long file is not decoded to its end."""
+    require_ffmpeg()
+    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-vn", "-f", "f32le",
+           "-acodec", "pcm_f32le", "-ac", str(channels), "-ar", str(sample_rate), "pipe:1"]
+    block_bytes = block_frames * channels * 4
+    peak = 0.0
+    with tempfile.TemporaryFile() as stderr, WavWriter(out, sample_rate, channels) as writer:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr)
+        assert proc.stdout is not None
+        pending = b""
+        while True:
+            chunk = proc.stdout.read(block_bytes)
+            if not chunk:
+                break
+            data = pending + chunk
+            usable = len(data) - len(data) % (channels * 4)
+            pending = data[usable:]
+            block = np.frombuffer(data[:usable], dtype=np.float32).reshape(-1, channels).T
+            if block.size:
+                peak = max(peak, float(np.max(np.abs(block))))
+                writer.write(np.clip(block, -1.0, 1.0))
+            if max_frames is not None and writer.frames > max_frames:
+                proc.kill()
+                break
+        proc.stdout.close()
+        code = proc.wait()
+        stderr.seek(0)
+        errors = stderr.read()
+        if code != 0 and writer.frames == 0:
+            raise CoverError(ErrorCode.INPUT_NOT_AUDIO,
+                             f"{path.name} could not be decoded as audio: {_first_line(errors)}")
+        return Decoded(frames=writer.frames, peak=peak, errors=errors.decode(errors="replace").strip())
 
 
 def _first_line(stderr: bytes) -> str:
@@ -98,15 +150,13 @@ class WavWriter:
         self.close()
 
 
-def read_wav(path: Path) -> tuple[np.ndarray, int]:
-    """Read a WAV written by :func:`write_wav` (or any PCM WAV) as ``[channels, samples]``."""
-    sample_rate, data = wavfile.read(path)
+def read_wav(path: Path, mmap: bool = False) -> tuple[np.ndarray, int]:
+    """Read a WAV written by :func:`write_wav` (or any PCM WAV) as ``[channels, samples]``.
+    ``mmap`` (float WAVs only): a read-only view of the file, paged in as it is read."""
+    sample_rate, data = wavfile.read(path, mmap=mmap)
+    if mmap and data.dtype == np.float32:
+        return (data[None] if data.ndim == 1 else data.T), int(sample_rate)
     if data.dtype.kind == "i":
         data = data.astype(np.float32) / np.iinfo(data.dtype).max
     data = np.asarray(data, dtype=np.float32)
     return (data[None] if data.ndim == 1 else data.T).copy(), int(sample_rate)
-
-
-def peak_dbfs(audio: np.ndarray) -> float:
-    peak = float(np.max(np.abs(audio))) if audio.size else 0.0
-    return 20.0 * np.log10(peak) if peak > 0 else float("-inf")

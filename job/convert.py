@@ -26,7 +26,7 @@ def convert_vocals(converter: VoiceConverter, vocals: Path, voice: str, out: Pat
                    options: ConversionOptions | None = None,
                    progress: Callable[[float], None] | None = None) -> ConvertedVocals:
     """Convert the WAV ``vocals`` with the store's voice ``voice`` into the mono WAV ``out``."""
-    audio, rate = read_wav(vocals)
+    audio, rate = read_wav(vocals, mmap=True)
     loaded = converter.load_voice(voice)
     result = converter.convert(audio, rate, loaded, options, progress)
     write_wav(out, result.audio, result.sample_rate)

@@ -18,11 +18,10 @@ import subprocess
 from pathlib import Path
 from urllib.parse import urlparse
 
-import numpy as np
 import requests
 from pydantic import BaseModel
 
-from job.audio import MIX_SAMPLE_RATE, SILENCE_DBFS, decode, peak_dbfs, require_ffmpeg, write_wav
+from job.audio import MIX_SAMPLE_RATE, SILENCE_DBFS, decode_to_wav, require_ffmpeg
 from shared.errors import CoverError, ErrorCode
 from shared.hashing import sha256_of
 
@@ -123,22 +122,23 @@ def fetch(source: str | Path, work_dir: Path, max_duration_s: float = 900.0,
     if announced is not None and announced > max_duration_s:
         raise CoverError(ErrorCode.INPUT_TOO_LONG,
                          f"the song lasts {announced:.0f} s; the limit is {max_duration_s:.0f} s")
-    audio, errors = decode(original, MIX_SAMPLE_RATE, 2)
-    decoded = audio.shape[1] / MIX_SAMPLE_RATE
-    if audio.shape[1] == 0:
+    wav = work_dir / "song.wav"
+    max_frames = int(max_duration_s * MIX_SAMPLE_RATE)
+    decoded_audio = decode_to_wav(original, wav, MIX_SAMPLE_RATE, 2, max_frames=max_frames)
+    decoded, errors = decoded_audio.frames / MIX_SAMPLE_RATE, decoded_audio.errors
+    if decoded_audio.frames == 0:
         raise CoverError(ErrorCode.INPUT_EMPTY, f"{label} decodes to no audio samples")
+    if decoded_audio.frames > max_frames:
+        raise CoverError(ErrorCode.INPUT_TOO_LONG,
+                         f"the song lasts over {max_duration_s:.0f} s, the limit")
     if announced is not None and decoded < 0.98 * announced - 0.05:
         raise CoverError(ErrorCode.INPUT_TRUNCATED,
                          f"the file announces {announced:.2f} s but only {decoded:.2f} s decode; "
                          "it looks truncated")
-    if decoded > max_duration_s:
-        raise CoverError(ErrorCode.INPUT_TOO_LONG,
-                         f"the song lasts {decoded:.0f} s; the limit is {max_duration_s:.0f} s")
-    if peak_dbfs(audio) < SILENCE_DBFS:
+    if decoded_audio.peak_dbfs < SILENCE_DBFS:
         raise CoverError(ErrorCode.INPUT_SILENT, "the song is silent (peak below -70 dBFS)")
     if errors and "Invalid data" in errors and announced is None:
         raise CoverError(ErrorCode.INPUT_TRUNCATED, f"{label} is damaged: {errors.splitlines()[0]}")
-    wav = write_wav(work_dir / "song.wav", np.clip(audio, -1.0, 1.0), MIX_SAMPLE_RATE)
     stream = info["stream"]
     return SongAudio(
         source=source_str, original=original, wav=wav, duration_s=decoded,

@@ -111,6 +111,20 @@ def _cached_model(name: str, folder: str, allow_download: bool) -> torch.nn.Modu
     return load_separator_model(name, Path(folder), allow_download)
 
 
+def _mono_stats(mix: np.ndarray, block: int = 1 << 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (unbiased) standard deviation of the mono downmix, read block by block: Demucs
+    normalises the whole song by them."""
+    n = mix.shape[-1]
+    total = squares = 0.0
+    for start in range(0, n, block):
+        mono = np.asarray(mix[:, start:start + block], dtype=np.float64).mean(axis=0)
+        total += float(mono.sum())
+        squares += float(np.square(mono).sum())
+    mean = total / max(n, 1)
+    var = max(squares - n * mean * mean, 0.0) / max(n - 1, 1)
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(max(var ** 0.5, 1e-8), dtype=torch.float32)
+
+
 class Separator:
     """Splits songs into vocals and instrumental. Keeps its model loaded between songs."""
 
@@ -146,14 +160,12 @@ class Separator:
         """
         from demucs.apply import TensorChunk, apply_model
 
-        wav = torch.from_numpy(np.ascontiguousarray(mix, dtype=np.float32))
-        ref = wav.mean(0)
-        mean, std = ref.mean(), ref.std().clamp_min(1e-8)
-        wav = ((wav - mean) / std)[None]
+        mean, std = _mono_stats(mix)
         vocal = list(self.model.sources).index("vocals")
         models, weights = self._models()
         seconds = {float(self.options.segment or m.segment) for m in models}
         if self.options.shifts or len(seconds) > 1:
+            wav = ((torch.from_numpy(np.asarray(mix, dtype=np.float32)) - mean) / std)[None]
             with torch.inference_mode(), self._autocast():
                 out = apply_model(self.model, wav, shifts=self.options.shifts, split=True,
                                   overlap=self.options.overlap, device=self.device, segment=self.options.segment)[0].float()
@@ -164,7 +176,7 @@ class Separator:
 
         per_source = torch.tensor(weights)  # [models, sources]
         per_source = (per_source / per_source.sum(0)).to(self.device)
-        length = wav.shape[-1]
+        length = mix.shape[-1]
         segment = int(self.model.samplerate * seconds.pop())
         stride = max(1, int((1 - self.options.overlap) * segment))
         ramp = torch.cat([torch.arange(1, segment // 2 + 1), torch.arange(segment - segment // 2, 0, -1)]).float()
@@ -173,7 +185,11 @@ class Separator:
         weight_sum = torch.zeros(segment)
         offsets = range(0, length, stride)
         for done, offset in enumerate(offsets, start=1):
-            chunk = TensorChunk(wav, offset, segment)
+            # the segment with the song around it that Demucs' padding may reach (half a segment
+            # before, to the segment's end after), normalised; zeros only beyond the song's ends
+            lo, hi = max(0, offset - segment), min(length, offset + 2 * segment)
+            window = (torch.from_numpy(np.array(mix[:, lo:hi], dtype=np.float32)) - mean) / std
+            chunk = TensorChunk(window[None], offset - lo, segment)
             with torch.inference_mode(), self._autocast():
                 estimate = sum(apply_model(m, chunk, shifts=0, split=False, device=self.device,
                                            segment=self.options.segment)[0].float() * per_source[i][:, None, None]
@@ -205,7 +221,7 @@ class Separator:
         return np.concatenate([p[0] for p in parts], axis=-1), np.concatenate([p[1] for p in parts], axis=-1)
 
     def separate(self, song_wav: Path, out_dir: Path, progress: ProgressFn | None = None) -> Stems:
-        mix, rate = read_wav(song_wav)
+        mix, rate = read_wav(song_wav, mmap=True)
         if rate != MIX_SAMPLE_RATE or mix.shape[0] != 2:
             raise CoverError(ErrorCode.INTERNAL, f"separator expects 44.1 kHz stereo, got {rate} Hz x {mix.shape[0]}")
         with WavWriter(out_dir / "vocals.wav", rate, 2) as vocals, \

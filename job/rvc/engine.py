@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from scipy.signal import butter, resample_poly, sosfiltfilt
 
-from job.compute import resolve_device, resolve_kernels, resolve_precision
+from job.compute import release_freed_memory, resolve_device, resolve_kernels, resolve_precision
 from job.rvc import pitch as pitch_mod
 from job.rvc.checkpoint import build_synthesizer, read_checkpoint
 from job.rvc.content import HOP as CONTENT_HOP, ContentEncoder, load_content_encoder
@@ -286,6 +286,7 @@ class VoiceConverter:
                 piece, start = piece[-start:], 0
             end = min(len(out), start + len(piece))
             out[start:end] += piece[: end - start]
+            release_freed_memory()
             if progress:
                 progress(pitch_share + (1 - pitch_share) * (i + 1) / len(chunks))
 
