@@ -12,6 +12,7 @@ CPUs with native bf16).
 from __future__ import annotations
 
 import argparse
+from datetime import date
 import platform
 import resource
 import time
@@ -23,6 +24,7 @@ from job import demo
 from job.rvc.engine import ConversionOptions, VoiceConverter
 
 WORK = Path(__file__).parent / ".work"
+RESULTS = Path(__file__).parent / "RESULTS-convert.md"
 
 
 def machine() -> str:
@@ -72,14 +74,17 @@ def main() -> None:
     # fast kernels in fp32 and the default (fast kernels, auto precision)
     variants = [("fp32", "reference"), ("fp32", "fast"), ("auto", "fast")]
     rows = [run(d, args.seconds, args.f0_method, p, k) for d in devices for p, k in variants]
-    print(f"\nRVC conversion, v2 48 kHz real-size voice, {args.seconds:.0f} s of vocals, f0 {args.f0_method}")
-    print(f"machine: {machine()}\n")
     head = ["device", "content s", "pitch s", "retrieval s", "synthesis s", "wall s", "CPU s", "RTF", "peak RSS MB"]
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    for r in rows:
-        print(f"| {r['device']} | {r['content']:.2f} | {r['pitch']:.2f} | {r['retrieval']:.2f} | {r['synthesis']:.2f} "
-              f"| {r['wall']:.2f} | {r['cpu']:.2f} | {r['rtf']:.3f} | {r['rss_mb']:.0f} |")
+    lines = [f"# Conversion benchmark ({date.today().isoformat()})", "",
+             f"RVC conversion, v2 48 kHz real-size voice, {args.seconds:.0f} s of vocals, f0 {args.f0_method}; "
+             "peak RSS is the process's maximum so far (rows run in one process)", "",
+             f"machine: {machine()}", "", f"command: `python -m bench.convert --seconds {args.seconds:g}`", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += [f"| {r['device']} | {r['content']:.2f} | {r['pitch']:.2f} | {r['retrieval']:.2f} | {r['synthesis']:.2f} "
+              f"| {r['wall']:.2f} | {r['cpu']:.2f} | {r['rtf']:.3f} | {r['rss_mb']:.0f} |" for r in rows]
+    table = "\n".join(lines) + "\n"
+    print("\n" + table)
+    RESULTS.write_text(table)
 
 
 if __name__ == "__main__":
