@@ -13,7 +13,6 @@ model's name, and appears at its path only when complete.
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 from pathlib import Path
@@ -75,14 +74,6 @@ def _mixed(instrumental: Path, vocals: Path, n_samples: int, options: MixOptions
     return ffmpeg.filter([inst, voc], "amix", inputs=2, duration="first", normalize=0)
 
 
-def _loudnorm_json(stderr: bytes) -> dict:
-    text = stderr.decode(errors="replace")
-    blocks = re.findall(r"\{[^{}]*\"input_i\"[^{}]*\}", text, flags=re.S)
-    if not blocks:
-        raise CoverError(ErrorCode.INTERNAL, f"ffmpeg loudnorm gave no measurement: {text[-400:]}")
-    return json.loads(blocks[-1])
-
-
 def _run(stream) -> bytes:
     try:
         _, err = stream.run(capture_stdout=True, capture_stderr=True, quiet=True)
@@ -100,10 +91,9 @@ def mix(instrumental: Path, vocals: Path, out: Path, options: MixOptions | None 
     n_samples = int(info.get("duration_ts") or 0)
     if int(info.get("sample_rate", 0)) != MIX_SAMPLE_RATE or n_samples <= 0:
         raise CoverError(ErrorCode.INTERNAL, "the instrumental must be a 44.1 kHz WAV")
-    measure = _mixed(instrumental, vocals, n_samples, options).filter(
-        "loudnorm", i=options.loudness_lufs, tp=options.true_peak_dbtp, print_format="json")
-    measured = _loudnorm_json(_run(measure.output("-", format="null")))
-    if float(measured["input_i"]) == float("-inf"):
+    measure = _mixed(instrumental, vocals, n_samples, options).filter("ebur128", peak="true")
+    input_i, input_tp = _ebur128_summary(_run(measure.output("-", format="null")))
+    if input_i == float("-inf"):
         raise CoverError(ErrorCode.INTERNAL, "the mix is silent; nothing to normalise")
 
     codec, rate = _ENCODERS[options.format]
@@ -117,9 +107,9 @@ def mix(instrumental: Path, vocals: Path, out: Path, options: MixOptions | None 
                       "format": {"m4a": "ipod", "opus": "ogg"}.get(options.format.value, options.format.value)}
     out_args.update({f"metadata:g:{i}": f"{k}={v}" for i, (k, v) in enumerate(metadata.items())})
 
-    gain = options.loudness_lufs - float(measured["input_i"])
+    gain = options.loudness_lufs - input_i
     ceiling = options.true_peak_dbtp - TRUE_PEAK_MARGIN_DB
-    limited = float(measured["input_tp"]) + gain > ceiling
+    limited = input_tp + gain > ceiling
 
     def encode(gain_db: float, ceiling_dbtp: float) -> tuple[float, float]:
         chain = _mixed(instrumental, vocals, n_samples, options).filter("volume", f"{gain_db:.3f}dB")
@@ -161,8 +151,14 @@ def measure_loudness(path: Path) -> tuple[float, float]:
     """Integrated loudness (LUFS) and true peak (dBTP) by FFmpeg's ``ebur128`` meter."""
     proc = subprocess.run(["ffmpeg", "-nostdin", "-hide_banner", "-i", str(path), "-af",
                            "ebur128=peak=true", "-f", "null", "-"], capture_output=True, check=False)
-    text = proc.stderr.decode(errors="replace")
+    return _ebur128_summary(proc.stderr)
+
+
+def _ebur128_summary(stderr: bytes) -> tuple[float, float]:
+    text = stderr.decode(errors="replace")
     summary = text[text.rfind("Summary:"):]
-    integrated = float(re.search(r"I:\s+(-?[\d.]+|-inf) LUFS", summary).group(1))
-    peak = float(re.search(r"Peak:\s+(-?[\d.]+|-inf) dBFS", summary).group(1))
-    return integrated, peak
+    integrated = re.search(r"I:\s+(-?[\d.]+|-inf) LUFS", summary)
+    peak = re.search(r"Peak:\s+(-?[\d.]+|-inf) dBFS", summary)
+    if "Summary:" not in text or integrated is None or peak is None:
+        raise CoverError(ErrorCode.INTERNAL, f"ffmpeg's ebur128 gave no measurement: {text[-400:]}")
+    return float(integrated.group(1)), float(peak.group(1))
