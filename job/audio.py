@@ -29,15 +29,19 @@ def require_ffmpeg() -> None:
                              f"{tool} is not installed; on Debian/Ubuntu run: apt-get install -y ffmpeg")
 
 
+def _decode_command(path: Path, sample_rate: int, channels: int) -> list[str]:
+    """FFmpeg decoding ``path`` to raw interleaved float32 on stdout."""
+    return ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-vn", "-f", "f32le",
+            "-acodec", "pcm_f32le", "-ac", str(channels), "-ar", str(sample_rate), "pipe:1"]
+
+
 def decode(path: Path, sample_rate: int, channels: int) -> tuple[np.ndarray, str]:
     """Decode any FFmpeg-readable file to ``[channels, samples]`` float32.
 
     Returns the samples and FFmpeg's error output (empty when the stream decoded cleanly).
     """
     require_ffmpeg()
-    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-vn", "-f", "f32le",
-           "-acodec", "pcm_f32le", "-ac", str(channels), "-ar", str(sample_rate), "pipe:1"]
-    proc = subprocess.run(cmd, capture_output=True, check=False)
+    proc = subprocess.run(_decode_command(path, sample_rate, channels), capture_output=True, check=False)
     if proc.returncode != 0 and not proc.stdout:
         raise CoverError(ErrorCode.INPUT_NOT_AUDIO,
                          f"{path.name} could not be decoded as audio: {_first_line(proc.stderr)}")
@@ -64,8 +68,7 @@ def decode_to_wav(path: Path, out: Path, sample_rate: int, channels: int, max_fr
     block (memory stays that of one block whatever the length). Stops reading after ``max_frames``
     plus one block, so an over-long file is not decoded to its end."""
     require_ffmpeg()
-    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-vn", "-f", "f32le",
-           "-acodec", "pcm_f32le", "-ac", str(channels), "-ar", str(sample_rate), "pipe:1"]
+    cmd = _decode_command(path, sample_rate, channels)
     block_bytes = block_frames * channels * 4
     peak = 0.0
     with tempfile.TemporaryFile() as stderr, WavWriter(out, sample_rate, channels) as writer:
@@ -103,9 +106,9 @@ def _first_line(stderr: bytes) -> str:
 
 def write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> Path:
     """Write ``[channels, samples]`` (or ``[samples]``) float32 as a 32-bit float WAV."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = np.asarray(audio, dtype=np.float32)
-    wavfile.write(path, sample_rate, data.T if data.ndim == 2 else data)
+    with WavWriter(path, sample_rate, data.shape[0] if data.ndim == 2 else 1) as writer:
+        writer.write(data)
     return path
 
 
