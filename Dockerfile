@@ -1,8 +1,9 @@
 # The job image (and the dispatcher's code), one Python layer for both variants:
 #   docker build --target cpu -t cover-job:cpu .   # Cloud Run Job executions (CPU)
 #   docker build --target gpu -t cover-job:gpu .   # the GPU runner (long-running subscriber)
-# The Python layer installs exactly what `make test` installs: `pip install .` from pyproject.toml,
-# whose pins are the only place versions live. PyPI's torch 2.13.0 wheel for Linux carries the CUDA
+# The Python layer installs what `make test` installs for the job: `pip install '.[job]'` from
+# pyproject.toml, whose pins are the only place versions live (the HTTP functions install the core
+# alone: see cloudbuild.yaml). job/devkit, tests/ and bench/ are left out (.dockerignore). PyPI's torch 2.13.0 wheel for Linux carries the CUDA
 # runtime libraries, so the same layer runs on CPU and, with an NVIDIA driver on the host, on GPU.
 FROM python:3.11-slim-bookworm AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
@@ -16,8 +17,12 @@ COPY shared shared
 COPY job job
 COPY dispatcher dispatcher
 COPY schemas schemas
-RUN pip install --upgrade "pip>=23" && pip install . \
+RUN pip install --upgrade "pip>=23" && pip install '.[job]' \
  && useradd --create-home --uid 10001 cover && mkdir -p /models /tmp/work && chown cover /models /tmp/work
+# No weights in the image by default: a runner syncs the bucket's models/ prefix into /models at start.
+# Baking a model store in stays possible: --build-arg MODELS=<folder in the build context>.
+ARG MODELS=infra/no-models
+COPY --chown=cover ${MODELS} /models
 USER cover
 
 FROM base AS cpu

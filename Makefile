@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test bench serve setup system-deps pubsub-emulator clean
+.PHONY: run test test-fast lint bench serve setup system-deps pubsub-emulator clean
 
 system-deps:  ## Debian's ffmpeg (ffmpeg + ffprobe)
 	@command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 || \
@@ -19,7 +19,7 @@ pubsub-emulator:  ## the Pub/Sub emulator of the Google Cloud CLI (needs Google'
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip>=23"
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[job,test]'
 	touch $(STAMP)
 
 setup: system-deps $(STAMP)
@@ -30,12 +30,20 @@ run: setup  ## prepare demo models and song, render a cover, print its path and 
 test: setup pubsub-emulator  ## the whole suite (starts the emulator and an S3 server itself)
 	$(BIN)/python -m pytest
 
+test-fast: setup  ## the inner loop: everything but the tests marked slow (under 5 minutes here)
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: setup  ## ruff (lint and format) and mypy, as CI runs them
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
 serve: setup pubsub-emulator  ## the local stack: emulator, local storage, dispatcher on :8080, a worker
-	$(BIN)/python -m job.stack
+	$(BIN)/python -m job.devkit.stack
 
 bench: setup
 	$(BIN)/python -m bench.convert
 	$(BIN)/python -m bench.pipeline
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) .venv-dispatcher out .pytest_cache

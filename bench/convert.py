@@ -12,16 +12,17 @@ CPUs with native bf16).
 from __future__ import annotations
 
 import argparse
-from datetime import date
 import platform
 import resource
 import time
+from datetime import date
 from pathlib import Path
 
 import torch
 
-from job import demo
-from job.rvc.engine import ConversionOptions, VoiceConverter
+from job.devkit import demo
+from job.render.rvc.engine import ConversionOptions, VoiceConverter
+from shared.model_store import ModelStore
 
 WORK = Path(__file__).parent / ".work"
 RESULTS = Path(__file__).parent / "RESULTS-convert.md"
@@ -44,8 +45,9 @@ def run(device: str, seconds: float, method: str, precision: str, kernels: str) 
     models = WORK / "models"
     demo.write_models(models, size="real")
     vocals, _ = demo.demo_song(seconds, seed=1)
-    converter = VoiceConverter(models, device=device, precision=precision, kernels=kernels)
-    voice = converter.load_voice(demo.DEMO_VOICE)
+    store = ModelStore(models)
+    converter = VoiceConverter(store, device=device, precision=precision, kernels=kernels)
+    voice = converter.load_voice(store.voice(demo.DEMO_VOICE))
     options = ConversionOptions(f0_method=method)
     converter.convert(vocals[:, : 44100 * 2], 44100, voice, options)  # load and warm up
     if device.startswith("cuda"):
@@ -56,9 +58,15 @@ def run(device: str, seconds: float, method: str, precision: str, kernels: str) 
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
-    return {"device": f"{device} {str(converter.synth_dtype).removeprefix('torch.')} {kernels}", "wall": wall, "cpu": time.process_time() - cpu0, "rtf": wall / seconds,
-            **result.times.model_dump(), "synthesised": result.synthesised_s,
-            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "device": f"{device} {str(converter.synth_dtype).removeprefix('torch.')} {kernels}",
+        "wall": wall,
+        "cpu": time.process_time() - cpu0,
+        "rtf": wall / seconds,
+        **result.times.model_dump(),
+        "synthesised": result.synthesised_s,
+        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def main() -> None:
@@ -75,13 +83,24 @@ def main() -> None:
     variants = [("fp32", "reference"), ("fp32", "fast"), ("auto", "fast")]
     rows = [run(d, args.seconds, args.f0_method, p, k) for d in devices for p, k in variants]
     head = ["device", "content s", "pitch s", "retrieval s", "synthesis s", "wall s", "CPU s", "RTF", "peak RSS MB"]
-    lines = [f"# Conversion benchmark ({date.today().isoformat()})", "",
-             f"RVC conversion, v2 48 kHz real-size voice, {args.seconds:.0f} s of vocals, f0 {args.f0_method}; "
-             "peak RSS is the process's maximum so far (rows run in one process)", "",
-             f"machine: {machine()}", "", f"command: `python -m bench.convert --seconds {args.seconds:g}`", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += [f"| {r['device']} | {r['content']:.2f} | {r['pitch']:.2f} | {r['retrieval']:.2f} | {r['synthesis']:.2f} "
-              f"| {r['wall']:.2f} | {r['cpu']:.2f} | {r['rtf']:.3f} | {r['rss_mb']:.0f} |" for r in rows]
+    lines = [
+        f"# Conversion benchmark ({date.today().isoformat()})",
+        "",
+        f"RVC conversion, v2 48 kHz real-size voice, {args.seconds:.0f} s of vocals, f0 {args.f0_method}; "
+        "peak RSS is the process's maximum so far (rows run in one process)",
+        "",
+        f"machine: {machine()}",
+        "",
+        f"command: `python -m bench.convert --seconds {args.seconds:g}`",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    lines += [
+        f"| {r['device']} | {r['content']:.2f} | {r['pitch']:.2f} | {r['retrieval']:.2f} | {r['synthesis']:.2f} "
+        f"| {r['wall']:.2f} | {r['cpu']:.2f} | {r['rtf']:.3f} | {r['rss_mb']:.0f} |"
+        for r in rows
+    ]
     table = "\n".join(lines) + "\n"
     print("\n" + table)
     RESULTS.write_text(table)

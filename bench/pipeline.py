@@ -11,7 +11,7 @@ real formats. Rows:
 * convert: 60 s of vocals, the engine with every optimisation off (fp32, reference kernels) and as
   shipped;
 * cover: the whole pipeline (fetch, separate, convert, mix) per song length;
-* second voice: convert + mix on cached stems.
+* second voice: a whole cover (``Pipeline.render``) whose stems are in the stem cache.
 
 Prints one table and writes it, with the date and the machine, to ``bench/RESULTS.md``.
 """
@@ -35,7 +35,7 @@ REFERENCE_SONG_S = 210  # the issue's 3.5-minute song: separation and second-voi
 
 
 def _song(seconds: int) -> Path:
-    from job.demo import write_demo_song
+    from job.devkit.demo import write_demo_song
 
     path = WORK / "songs" / f"song-{seconds}s.wav"
     if not path.is_file():
@@ -51,48 +51,69 @@ def _settings(precision: str = "auto", kernels: str = "fast"):
 
 def row(kind: str, seconds: int, variant: str) -> dict:
     """One measurement, in this process."""
-    from job import demo
+    from job.devkit import demo
 
     demo.write_models(WORK / "models", size="real")
     song = _song(seconds)
     start, cpu0 = time.perf_counter(), time.process_time()
     if kind == "separate" and variant == "demucs-cli":
         out = Path(tempfile.mkdtemp(dir=WORK))
-        subprocess.run([sys.executable, "-m", "demucs", "--repo", str(WORK / "models" / "separation"), "-n",
-                        "htdemucs", "--two-stems", "vocals", "-o", str(out), str(song)], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "demucs",
+                "--repo",
+                str(WORK / "models" / "separation"),
+                "-n",
+                "htdemucs",
+                "--two-stems",
+                "vocals",
+                "-o",
+                str(out),
+                str(song),
+            ],
+            check=True,
+            capture_output=True,
+        )
         child = resource.getrusage(resource.RUSAGE_CHILDREN)
         wall = time.perf_counter() - start
         return {"wall": wall, "cpu": child.ru_utime + child.ru_stime, "rss_mb": child.ru_maxrss / 1024}
-    from job.pipeline import CoverOptions, Pipeline
+    from job.render.pipeline import Pipeline
+    from job.render.stems import StemCache
+    from shared.options import SeparationOptions
+    from shared.storage import LocalStorage
 
-    pipeline = Pipeline(_settings("fp32", "reference") if variant == "reference" else _settings())
+    settings = _settings("fp32", "reference") if variant == "reference" else _settings()
+    # only the second-voice row uses a stem cache (its own, emptied first): every other row separates
+    cache = StemCache(LocalStorage(Path(tempfile.mkdtemp(dir=WORK)))) if kind == "second-voice" else None
+    pipeline = Pipeline(settings, stem_cache=cache)
+    voice = pipeline.store.voice(demo.DEMO_VOICE)
     if kind == "separate":
         with pipeline.workdir() as work:
             fetched = pipeline.fetch(song, work)
             start, cpu0 = time.perf_counter(), time.process_time()
-            pipeline.separate(fetched, work / "stems", CoverOptions().separation)
+            pipeline.separate(fetched, work / "stems", SeparationOptions())
     elif kind == "convert":
         vocals, _ = demo.demo_song(seconds, seed=1)
-        voice = pipeline.converter.load_voice(demo.DEMO_VOICE)
+        loaded = pipeline.converter.load_voice(voice)
         pipeline.converter.content_encoder(), pipeline.converter.rmvpe()
         start, cpu0 = time.perf_counter(), time.process_time()
-        pipeline.converter.convert(vocals, 44100, voice)
+        pipeline.converter.convert(vocals, 44100, loaded)
     elif kind == "cover":
-        out = WORK / "tmp" / f"cover-{seconds}.mp3"
-        pipeline.render(song, demo.DEMO_VOICE, out)
-    elif kind == "second-voice":
-        from job.convert import convert_vocals
-        from job.mix import mix
-
+        pipeline.render(song, voice, WORK / "tmp" / f"cover-{seconds}.mp3")
+    elif kind == "second-voice":  # the stems of an earlier voice's cover are in the cache
         with pipeline.workdir() as work:
-            stems = pipeline.separate(pipeline.fetch(song, work), work / "stems", CoverOptions().separation)
-            start, cpu0 = time.perf_counter(), time.process_time()
-            converted = convert_vocals(pipeline.converter, stems.vocals, demo.DEMO_VOICE, work / "v.wav")
-            mix(stems.no_vocals, converted.path, work / "c.mp3", voice_name=demo.DEMO_VOICE)
+            pipeline.separate(pipeline.fetch(song, work), work / "stems", SeparationOptions())
+        start, cpu0 = time.perf_counter(), time.process_time()
+        result = pipeline.render(song, voice, WORK / "tmp" / f"second-voice-{seconds}.mp3")
+        assert result.stems_cached
     wall = time.perf_counter() - start
-    return {"wall": wall, "cpu": time.process_time() - cpu0,
-            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "wall": wall,
+        "cpu": time.process_time() - cpu0,
+        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def machine() -> str:
@@ -120,20 +141,34 @@ def main() -> None:
     plan += [("cover", s, "auto") for s in lengths] + [("second-voice", song, "auto")]
     rows = []
     for kind, seconds, variant in plan:
-        proc = subprocess.run([sys.executable, "-m", "bench.pipeline", "--row", f"{kind}:{seconds}:{variant}"],
-                              capture_output=True, text=True, env={**os.environ, "COVER_LOG_LEVEL": "ERROR"})
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.pipeline", "--row", f"{kind}:{seconds}:{variant}"],
+            check=False,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "COVER_LOG_LEVEL": "ERROR"},
+        )
         if proc.returncode != 0:
             print(proc.stderr[-2000:], file=sys.stderr)
             continue
         result = json.loads(proc.stdout.strip().splitlines()[-1])
-        rows.append({"what": kind, "variant": variant, "audio_s": seconds, **result,
-                     "rtf": result["wall"] / seconds})
+        rows.append({"what": kind, "variant": variant, "audio_s": seconds, **result, "rtf": result["wall"] / seconds})
         print(f"{kind:<13} {variant:<11} {seconds:>4} s: {result['wall']:.1f} s", file=sys.stderr, flush=True)
-    lines = [f"# Benchmark results ({date.today().isoformat()})", "", f"machine: {machine()}", "",
-             "command: `python -m bench.pipeline --songs " + args.songs + "`", "",
-             "| what | variant | audio s | wall s | RTF | CPU s | peak RSS MB |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['what']} | {r['variant']} | {r['audio_s']} | {r['wall']:.1f} | {r['rtf']:.3f} | "
-              f"{r['cpu']:.1f} | {r['rss_mb']:.0f} |" for r in rows]
+    lines = [
+        f"# Benchmark results ({date.today().isoformat()})",
+        "",
+        f"machine: {machine()}",
+        "",
+        "command: `python -m bench.pipeline --songs " + args.songs + "`",
+        "",
+        "| what | variant | audio s | wall s | RTF | CPU s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['what']} | {r['variant']} | {r['audio_s']} | {r['wall']:.1f} | {r['rtf']:.3f} | "
+        f"{r['cpu']:.1f} | {r['rss_mb']:.0f} |"
+        for r in rows
+    ]
     table = "\n".join(lines) + "\n"
     print(table)
     RESULTS.write_text(table)

@@ -22,9 +22,9 @@ from shared.bus import EventBus
 from shared.covers import resolve
 from shared.errors import CoverError, ErrorCode
 from shared.events import FAILED, CoverCompleted, CoverFailed, CoverStatus, now, parse_request
+from shared.model_store import ModelStore
 from shared.settings import Settings
 from shared.storage import Keys, Storage, make_storage
-from shared.registry import VoiceRegistry
 
 log = logging.getLogger("melodia.dispatcher")
 
@@ -37,7 +37,7 @@ class Services:
         self.storage: Storage = make_storage(settings)
         self.bus = EventBus(settings)
         self.keys = Keys(settings.song_key_template)
-        self.voices = VoiceRegistry(settings.models_dir, self.storage)
+        self.models = ModelStore(settings.models_dir, self.storage)
         self.jobs_client: Any = None
 
     def jobs(self):
@@ -59,27 +59,37 @@ def _json(body: Any, status: int = 200, content_type: str = "application/json") 
 
 def problem(status: int, code: ErrorCode | str, detail: str) -> Response:
     code_value = code.value if isinstance(code, ErrorCode) else code
-    return _json({"type": f"https://melodia-cover.dev/errors/{code_value}", "title": code_value.replace(".", " "),
-                  "status": status, "detail": detail, "code": code_value}, status, "application/problem+json")
+    return _json(
+        {
+            "type": f"https://melodia-cover.dev/errors/{code_value}",
+            "title": code_value.replace(".", " "),
+            "status": status,
+            "detail": detail,
+            "code": code_value,
+        },
+        status,
+        "application/problem+json",
+    )
 
 
 def _submit(request: Request) -> Response:
     svc = services()
     try:
         cover_request = parse_request(request.get_data())
-        cid, _ = resolve(svc.storage, svc.keys, svc.voices, cover_request)
+        cid, _ = resolve(svc.storage, svc.keys, svc.models, cover_request)
     except CoverError as error:
         return problem(_STATUS_FOR.get(error.code, 400), error.code, error.message)
     manifest = svc.storage.get_bytes(Keys.manifest(cid))
     status_url = f"{svc.settings.public_base_url.rstrip('/')}/covers/{cid}"
     if manifest is not None:
-        return _json({"cover_id": cid, "state": "completed", "status_url": status_url,
-                      "completed": json.loads(manifest)}, 200)
+        return _json(
+            {"cover_id": cid, "state": "completed", "status_url": status_url, "completed": json.loads(manifest)}, 200
+        )
     queued = CoverStatus(cover_id=cid, state="queued", updated_at=now())
     svc.storage.put_bytes(Keys.status(cid), queued.model_dump_json().encode(), if_absent=True)
     try:
         svc.bus.publish_request(cover_request, cid)
-    except Exception as exc:  # noqa: BLE001 - the caller must learn the request was not queued
+    except Exception as exc:
         log.exception("publish failed")
         return problem(503, ErrorCode.INTERNAL, f"could not queue the request: {type(exc).__name__}")
     return _json({"cover_id": cid, "state": "queued", "status_url": status_url}, 202)
@@ -104,7 +114,7 @@ def http(request: Request) -> Response:
     if path == "/cover" and request.method == "POST":
         return _submit(request)
     if path == "/models" and request.method == "GET":
-        return _json({"models": [v.model_dump(mode="json") for v in services().voices.list()]})
+        return _json({"models": [v.model_dump(mode="json") for v in services().models.voices()]})
     if path.startswith("/covers/") and request.method == "GET":
         return _cover_status(path.removeprefix("/covers/"))
     if path == "/healthz":
@@ -130,17 +140,20 @@ def trigger(request: Request) -> Response:
     try:
         parse_request(data)
     except CoverError as error:
-        failed = CoverFailed(code=error.code, message=error.message, retryable=False, attempt=1,
-                             runner="trigger")
+        failed = CoverFailed(code=error.code, message=error.message, retryable=False, attempt=1, runner="trigger")
         svc.bus.publish_event(FAILED, failed, None, event_id=f"{message.get('messageId', 'unknown')}.failed")
         return Response(status=204)
     from google.cloud import run_v2
 
-    Overrides = run_v2.RunJobRequest.Overrides
+    overrides_type = run_v2.RunJobRequest.Overrides
     job_request = run_v2.RunJobRequest(
         name=svc.settings.cloud_run_job,
-        overrides=Overrides(container_overrides=[Overrides.ContainerOverride(
-            env=[run_v2.EnvVar(name="COVER_REQUEST", value=data.decode())])]))
+        overrides=overrides_type(
+            container_overrides=[
+                overrides_type.ContainerOverride(env=[run_v2.EnvVar(name="COVER_REQUEST", value=data.decode())])
+            ]
+        ),
+    )
     try:
         svc.jobs().run_job(request=job_request)
     except Exception as exc:  # noqa: BLE001 - any failure means: not accepted, let Pub/Sub retry

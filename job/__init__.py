@@ -1,1 +1,2 @@
-"""The cover pipeline: fetch -> separate -> convert -> mix, and its entry points."""
+"""The job: the pipeline (``render``), the service that runs it (``service``), the command line
+(``cli``) and development tooling (``devkit``)."""

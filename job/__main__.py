@@ -1,5 +1,5 @@
 import sys
 
-from job.runner import main
+from job.service.entry import main
 
 sys.exit(main())

@@ -1,1 +1,2 @@
-"""Contracts shared by the dispatcher and the job: errors, settings, voice metadata, safe loading."""
+"""Contracts and plumbing shared by the dispatcher and the job, torch-free: events, options,
+errors, settings, storage, the bus, the model store."""

@@ -19,7 +19,7 @@ class EventBus:
 
     @cached_property
     def publisher(self):
-        from google.cloud import pubsub_v1
+        from google.cloud import pubsub_v1  # type: ignore[attr-defined]  # namespace package, untyped
 
         return pubsub_v1.PublisherClient()
 
@@ -30,9 +30,17 @@ class EventBus:
         data, attributes = to_message(REQUESTED, request, subject=cover_id)
         return self.publisher.publish(self.topic(self.settings.requests_topic), data, **attributes).result(timeout_s)
 
-    def publish_event(self, event_type: str, data: BaseModel, cover_id: str | None, event_id: str | None = None,
-                      timeout_s: float = 30.0) -> str:
+    def publish_event(
+        self,
+        event_type: str,
+        data: BaseModel,
+        cover_id: str | None,
+        event_id: str | None = None,
+        timeout_s: float = 30.0,
+    ) -> str:
         payload, attributes = to_message(event_type, data, subject=cover_id, event_id=event_id)
-        message_id = self.publisher.publish(self.topic(self.settings.events_topic), payload, **attributes).result(timeout_s)
+        message_id = self.publisher.publish(self.topic(self.settings.events_topic), payload, **attributes).result(
+            timeout_s
+        )
         log.info('{"event": "%s", "cover_id": "%s", "message_id": "%s"}', event_type, cover_id, message_id)
         return message_id

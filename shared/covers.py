@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from shared.errors import CoverError, ErrorCode
 from shared.events import CoverRequest, cover_id
+from shared.model_store import ModelStore
 from shared.storage import Keys, Storage
-from shared.registry import VoiceRegistry
 from shared.voices import VoiceInfo
 
 
@@ -17,8 +17,7 @@ def song_identity(storage: Storage, keys: Keys, song_id: str) -> str:
     return f"{storage.bucket}/{head.key}@{head.etag}"
 
 
-def resolve(storage: Storage, keys: Keys, voices: VoiceRegistry, request: CoverRequest) -> tuple[str, VoiceInfo]:
+def resolve(storage: Storage, keys: Keys, models: ModelStore, request: CoverRequest) -> tuple[str, VoiceInfo]:
     """(cover id, voice) of a request, or :class:`CoverError` (unknown voice, missing song)."""
-    info = voices.info(request.voice_model)
-    return cover_id(song_identity(storage, keys, request.song_id), info.name, info.model_version,
-                    request.options), info
+    info = models.voice_info(request.voice_model)
+    return cover_id(song_identity(storage, keys, request.song_id), info.name, info.model_version, request.options), info

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -96,30 +96,46 @@ class CoverStatus(BaseModel):
 
 
 EVENT_MODELS: dict[str, type[BaseModel]] = {
-    REQUESTED: CoverRequest, PROGRESS: CoverProgress, COMPLETED: CoverCompleted, FAILED: CoverFailed,
+    REQUESTED: CoverRequest,
+    PROGRESS: CoverProgress,
+    COMPLETED: CoverCompleted,
+    FAILED: CoverFailed,
 }
 
 
 def cover_id(song_identity: str, voice: str, voice_version: str, options: RequestOptions) -> str:
     """Deterministic id of a cover: what determines its output, hashed."""
-    canonical = json.dumps({"song": song_identity, "voice": voice, "voice_version": voice_version,
-                            "options": options.model_dump(mode="json"), "pipeline": PIPELINE_VERSION},
-                           sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(
+        {
+            "song": song_identity,
+            "voice": voice,
+            "voice_version": voice_version,
+            "options": options.model_dump(mode="json"),
+            "pipeline": PIPELINE_VERSION,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
 def now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
-def to_message(event_type: str, data: BaseModel, subject: str | None = None,
-               event_id: str | None = None) -> tuple[bytes, dict[str, str]]:
+def to_message(
+    event_type: str, data: BaseModel, subject: str | None = None, event_id: str | None = None
+) -> tuple[bytes, dict[str, str]]:
     """(data bytes, attributes) of a Pub/Sub message carrying this CloudEvent."""
     payload = data.model_dump(mode="json")
     attributes = {
-        "ce-specversion": "1.0", "ce-type": event_type, "ce-source": SOURCE,
-        "ce-id": event_id or str(uuid.uuid4()), "ce-time": now().isoformat(),
-        "content-type": "application/json", "type": event_type,
+        "ce-specversion": "1.0",
+        "ce-type": event_type,
+        "ce-source": SOURCE,
+        "ce-id": event_id or str(uuid.uuid4()),
+        "ce-time": now().isoformat(),
+        "content-type": "application/json",
+        "type": event_type,
     }
     if subject:
         attributes["ce-subject"] = subject

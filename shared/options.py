@@ -1,4 +1,5 @@
-"""What a caller may choose about a cover: conversion knobs (the names RVC users know) and format.
+"""What a caller may choose about a cover: conversion knobs (the names RVC users know), separation
+and mix settings, and the output formats. One home for each list.
 
 Pure data, shared by the command line, the dispatcher and the job.
 """
@@ -27,22 +28,84 @@ class OutputFormat(str, Enum):
     WAV = "wav"
 
 
+class FormatSpec(BaseModel):
+    """How one output format is written and served."""
+
+    extension: str
+    content_type: str
+    muxer: str = Field(description="FFmpeg's output format (-f).")
+    codec: dict[str, str] = Field(description="FFmpeg's codec arguments, without the leading dash.")
+    sample_rate: int
+
+
+FORMATS: dict[OutputFormat, FormatSpec] = {
+    OutputFormat.MP3: FormatSpec(
+        extension="mp3",
+        content_type="audio/mpeg",
+        muxer="mp3",
+        codec={"c:a": "libmp3lame", "q:a": "0"},
+        sample_rate=44100,
+    ),
+    OutputFormat.OPUS: FormatSpec(
+        extension="opus",
+        content_type="audio/ogg",
+        muxer="ogg",
+        codec={"c:a": "libopus", "b:a": "160k"},
+        sample_rate=48000,
+    ),
+    OutputFormat.M4A: FormatSpec(
+        extension="m4a", content_type="audio/mp4", muxer="ipod", codec={"c:a": "aac", "b:a": "256k"}, sample_rate=44100
+    ),
+    OutputFormat.FLAC: FormatSpec(
+        extension="flac", content_type="audio/flac", muxer="flac", codec={"c:a": "flac"}, sample_rate=44100
+    ),
+    OutputFormat.WAV: FormatSpec(
+        extension="wav", content_type="audio/wav", muxer="wav", codec={"c:a": "pcm_s24le"}, sample_rate=44100
+    ),
+}
+
+
+def format_for(path: str, default: OutputFormat = OutputFormat.MP3) -> OutputFormat:
+    """The output format a file name asks for by its extension (``default`` when it names none)."""
+    suffix = path.rsplit(".", 1)[-1].lower() if "." in path.rsplit("/", 1)[-1] else ""
+    return next((f for f, spec in FORMATS.items() if spec.extension == suffix), default)
+
+
 class ConversionOptions(BaseModel):
     """The knobs RVC users know, with their usual defaults."""
 
     model_config = ConfigDict(extra="forbid")
 
     pitch: int | Literal["auto"] = Field(0, description="Semitones, or 'auto' (whole octaves to the voice's range).")
-    f0_method: F0Method = F0Method.RMVPE
+    f0_method: F0Method = Field(F0Method.RMVPE, description="Pitch tracker for the sung melody.")
     index_rate: float = Field(0.75, ge=0, le=1, description="How much retrieved features replace the singer's.")
     filter_radius: int = Field(3, ge=0, le=7, description="Median-filter width for the pitch track (>= 3 applies).")
     rms_mix_rate: float = Field(0.25, ge=0, le=1, description="1: keep the output's loudness envelope; 0: the input's.")
     protect: float = Field(0.33, ge=0, le=0.5, description="Protect unvoiced consonants and breaths (0.5: off).")
     seed: int = Field(0, description="Seed of the prior's noise and the NSF excitation.")
-    speaker: int = Field(0, ge=0)
+    speaker: int = Field(0, ge=0, description="Speaker id, for voices trained on several speakers.")
 
 
 class RequestOptions(ConversionOptions):
     """Conversion options plus the output format: what a cover request may set."""
 
     format: OutputFormat = OutputFormat.MP3
+
+
+class SeparationOptions(BaseModel):
+    """How Demucs splits the song (every field changes the stems, so all are in the stem cache key)."""
+
+    model: str = Field("htdemucs", description="Demucs model or bag name.")
+    segment: float | None = Field(None, gt=0, description="Chunk length in seconds; None: the model's own.")
+    overlap: float = Field(0.25, ge=0, lt=1, description="Overlap between chunks.")
+    shifts: int = Field(0, ge=0, le=10, description="Random-shift averaging passes (0: deterministic).")
+
+
+class MixOptions(BaseModel):
+    """How the converted vocals and the instrumental become the cover."""
+
+    vocals_gain_db: float = Field(0.0, ge=-30, le=30, description="Gain on the converted vocals, dB.")
+    instrumental_gain_db: float = Field(0.0, ge=-30, le=30, description="Gain on the instrumental, dB.")
+    loudness_lufs: float = Field(-14.0, ge=-40, le=-5, description="Integrated loudness target.")
+    true_peak_dbtp: float = Field(-1.0, ge=-9, le=0, description="True-peak ceiling.")
+    format: OutputFormat = Field(OutputFormat.MP3, description="Output format.")

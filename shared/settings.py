@@ -17,13 +17,22 @@ class Settings(BaseSettings):
 
     models_dir: Path = Field(DEFAULT_CACHE / "models", description="The local model store.")
     work_dir: Path = Field(DEFAULT_CACHE / "work", description="Scratch space for renders.")
+    stem_cache_dir: Path = Field(
+        DEFAULT_CACHE / "stems", description="The command line's stem cache (the service keeps stems in the bucket)."
+    )
     max_duration_s: float = Field(900.0, gt=0, description="Longest accepted song, seconds.")
     max_download_bytes: int = Field(500 * 2**20, gt=0, description="Largest accepted download.")
     device: str = Field("auto", description="'auto', 'cpu' or a torch device such as 'cuda:0'.")
-    precision: str = Field("auto", pattern="^(auto|fp32|bf16)$",
-                           description="Compute type of Demucs and the RVC decoder: auto (bf16 on CPUs with native bf16), fp32, bf16.")
-    kernels: str = Field("fast", pattern="^(fast|reference)$",
-                         description="fast (channels-last layouts, tiled decoder) or reference (plain conv1d, untiled).")
+    precision: str = Field(
+        "auto",
+        pattern="^(auto|fp32|bf16)$",
+        description="Compute type of Demucs and the RVC decoder: auto (bf16 on CPUs with native bf16), fp32, bf16.",
+    )
+    kernels: str = Field(
+        "fast",
+        pattern="^(fast|reference)$",
+        description="fast (channels-last layouts, tiled decoder) or reference (plain conv1d, untiled).",
+    )
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
     allow_hub_download: bool = Field(
         False, description="Let Demucs fetch a named model from its public repo if not in the store."
@@ -49,11 +58,17 @@ class Settings(BaseSettings):
 
     # the worker
     runner: str = Field("local", description="Name of this runner in events (e.g. 'cloud-run-cpu', 'gpu-1').")
-    lease_s: float = Field(600.0, gt=0, description="A render's claim on its cover lapses this long after its last renewal.")
+    lease_s: float = Field(
+        600.0, gt=0, description="A render's claim on its cover lapses this long after its last renewal."
+    )
     busy_retry_s: float = Field(10.0, ge=0, description="Wait before handing back a request another runner renders.")
-    max_attempts: int = Field(5, ge=1, description="Retryable failures give up (cover.failed) after this many attempts.")
-    cloud_run_job: str = Field("projects/melodia-local/locations/europe-west1/jobs/cover-job",
-                               description="Full name of the Cloud Run Job the push trigger executes.")
+    max_attempts: int = Field(
+        5, ge=1, description="Retryable failures give up (cover.failed) after this many attempts."
+    )
+    cloud_run_job: str = Field(
+        "projects/melodia-local/locations/europe-west1/jobs/cover-job",
+        description="Full name of the Cloud Run Job the push trigger executes.",
+    )
 
 
 @lru_cache(maxsize=1)

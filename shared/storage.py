@@ -10,12 +10,18 @@ Keys (all under the bucket):
 | what | key |
 | --- | --- |
 | source songs (the Catalog's) | ``songs/{song_id}`` (``COVER_SONG_KEY_TEMPLATE``) |
-| cached stems | ``stems/{audio_sha256}/{separator_hash}/{vocals,no_vocals}.wav`` |
+| cached stems (content-addressed, see below) | ``stems/{audio_sha256}/{separation_key}/{vocals,no_vocals}.wav`` |
 | covers | ``covers/{cover_id}.{ext}`` |
 | per-cover manifests (the completed event's data) | ``manifests/{cover_id}.json`` |
 | per-cover status (queued / running / failed) | ``status/{cover_id}.json`` |
 | render claims | ``claims/{cover_id}/{generation:06d}.json`` |
 | voice models | ``voices/{name}/{model.pth, model.index, voice.json}`` |
+| base models (separation, HuBERT, RMVPE), manifest | ``models/{path in the store}``, ``models/manifest.json`` |
+
+``separation_key`` is the first 16 hex digits of the sha256 of every setting that changes the stems'
+numbers: the separation model's name and the sha256 of its files, segment, overlap, shifts, the
+resolved precision (fp32/bf16) and the kernels (:class:`job.render.stems.StemKey`). The device is
+not part of it, so CPU and GPU runners with the same precision share stems; a model swap changes it.
 """
 
 from __future__ import annotations
@@ -46,8 +52,8 @@ class Keys:
         return self.song_template.format(song_id=song_id)
 
     @staticmethod
-    def stem(audio_sha256: str, separator: str, name: str) -> str:
-        return f"stems/{audio_sha256}/{separator}/{name}.wav"
+    def stem(audio_sha256: str, separation_key: str, name: str) -> str:
+        return f"stems/{audio_sha256}/{separation_key}/{name}.wav"
 
     @staticmethod
     def cover(cover_id: str, ext: str) -> str:
@@ -69,6 +75,14 @@ class Keys:
     def voice(name: str, file: str) -> str:
         return f"voices/{name}/{file}"
 
+    @staticmethod
+    def model(relative: str) -> str:
+        return f"models/{relative}"
+
+    @staticmethod
+    def models_manifest() -> str:
+        return "models/manifest.json"
+
 
 class Storage(ABC):
     bucket: str
@@ -83,8 +97,7 @@ class Storage(ABC):
     def upload_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> ObjectInfo: ...
 
     @abstractmethod
-    def put_bytes(self, key: str, data: bytes, content_type: str = "application/json",
-                  if_absent: bool = False) -> bool:
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/json", if_absent: bool = False) -> bool:
         """Write ``data``; with ``if_absent``, only if no object has the key (returns False then)."""
 
     @abstractmethod
@@ -163,25 +176,39 @@ class LocalStorage(Storage):
 
     def list(self, prefix: str) -> list[str]:
         base = self.root
-        return sorted(str(p.relative_to(base)) for p in base.glob(f"{prefix}**/*")
-                      if p.is_file() and not p.name.startswith(".part-"))
+        return sorted(
+            str(p.relative_to(base))
+            for p in base.glob(f"{prefix}**/*")
+            if p.is_file() and not p.name.startswith(".part-")
+        )
 
     def url(self, key: str) -> str:
         return self._path(key).as_uri()
 
 
 class S3Storage(Storage):
-    def __init__(self, bucket: str, endpoint: str | None, region: str, access_key: str | None,
-                 secret_key: str | None, url_expiry_s: int = 7 * 24 * 3600) -> None:
+    def __init__(
+        self,
+        bucket: str,
+        endpoint: str | None,
+        region: str,
+        access_key: str | None,
+        secret_key: str | None,
+        url_expiry_s: int = 7 * 24 * 3600,
+    ) -> None:
         import boto3
         from botocore.config import Config
 
         self.bucket = bucket
         self.url_expiry_s = url_expiry_s
-        self.client = boto3.client("s3", endpoint_url=endpoint, region_name=region, aws_access_key_id=access_key,
-                                   aws_secret_access_key=secret_key,
-                                   config=Config(retries={"max_attempts": 5, "mode": "standard"},
-                                                 max_pool_connections=32))
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name=region,
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
+            config=Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=32),
+        )
 
     def _missing(self, exc: Exception) -> bool:
         code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
@@ -245,12 +272,19 @@ class S3Storage(Storage):
         return sorted(keys)
 
     def url(self, key: str) -> str:
-        return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": key},
-                                                  ExpiresIn=self.url_expiry_s)
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.url_expiry_s
+        )
 
 
 def make_storage(settings: Settings) -> Storage:
     if settings.storage == "s3":
-        return S3Storage(settings.bucket, settings.s3_endpoint, settings.s3_region, settings.s3_access_key_id,
-                         settings.s3_secret_access_key, settings.url_expiry_s)
+        return S3Storage(
+            settings.bucket,
+            settings.s3_endpoint,
+            settings.s3_region,
+            settings.s3_access_key_id,
+            settings.s3_secret_access_key,
+            settings.url_expiry_s,
+        )
     return LocalStorage(settings.storage_dir, settings.bucket)

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from job import demo
-from job.audio import MIX_SAMPLE_RATE, write_wav
+from job.devkit import demo
+from job.render.audio import MIX_SAMPLE_RATE, write_wav
 
 
 @pytest.fixture(scope="session")
@@ -24,20 +24,27 @@ def store(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def converter(store):
-    from job.rvc.engine import VoiceConverter
+    from job.render.rvc.engine import VoiceConverter
+    from shared.model_store import ModelStore
 
-    return VoiceConverter(store, device="cpu")
+    return VoiceConverter(ModelStore(store), device="cpu")
 
 
-@pytest.fixture()
+@pytest.fixture
 def env(store, tmp_path) -> dict[str, str]:
     """Environment for running the ``cover`` command against the test store."""
-    return {**os.environ, "COVER_MODELS_DIR": str(store), "COVER_WORK_DIR": str(tmp_path / "work")}
+    return {
+        **os.environ,
+        "COVER_MODELS_DIR": str(store),
+        "COVER_WORK_DIR": str(tmp_path / "work"),
+        "COVER_STEM_CACHE_DIR": str(tmp_path / "stems"),
+    }
 
 
 def run_cover(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "job.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "job.cli.main", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def sung_tone(seconds: float, f0: float = 220.0, sample_rate: int = 16000, vibrato: float = 0.0) -> np.ndarray:
@@ -49,7 +56,7 @@ def sung_tone(seconds: float, f0: float = 220.0, sample_rate: int = 16000, vibra
     return (0.3 * tone / np.max(np.abs(tone))).astype(np.float32)
 
 
-@pytest.fixture()
+@pytest.fixture
 def song(tmp_path) -> Path:
     vocals, inst = demo.demo_song(6.0)
     return write_wav(tmp_path / "song.wav", np.clip(vocals + inst, -1, 1), MIX_SAMPLE_RATE)

@@ -8,18 +8,18 @@ import os
 import zipfile
 
 import pytest
-import torch
 
-from job import demo
-from job.audio import decode
-from job.mix import measure_loudness
+from job.devkit import demo
+from job.render.audio import decode
+from job.render.ffmpeg import measure_loudness
 from tests.conftest import run_cover
 
 
 def test_make_renders_a_cover_and_reports_timings(env, song, tmp_path):
     out = tmp_path / "cover.mp3"
-    proc = run_cover(["make", str(song), "--voice", demo.DEMO_VOICE, "-o", str(out), "--f0-method", "pm", "--json"],
-                     env)
+    proc = run_cover(
+        ["make", str(song), "--voice", demo.DEMO_VOICE, "-o", str(out), "--f0-method", "pm", "--json"], env
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert set(report["timings"]) == {"fetch", "separate", "convert", "mix"}
@@ -28,32 +28,91 @@ def test_make_renders_a_cover_and_reports_timings(env, song, tmp_path):
     assert measure_loudness(out)[0] == pytest.approx(-14.0, abs=0.5)
 
 
+@pytest.mark.slow
+def test_a_second_voice_on_the_same_song_takes_its_stems_from_the_cache(env, store, song, tmp_path):
+    own = tmp_path / "models"
+    own.mkdir()
+    for part in ("separation", "base"):
+        os.symlink(store / part, own / part)
+    for name, seed in (("alto", 1), ("tenor", 2)):
+        demo.write_voice(own / "voices" / name, name=name, size="tiny", seed=seed)
+    env = {**env, "COVER_MODELS_DIR": str(own)}
+    runs = {}
+    for voice in ("alto", "tenor"):
+        proc = run_cover(
+            ["make", str(song), "--voice", voice, "-o", str(tmp_path / f"{voice}.mp3"), "--f0-method", "pm"], env
+        )
+        assert proc.returncode == 0, proc.stderr
+        runs[voice] = proc.stdout
+    assert "stems separated" in runs["alto"] and "stems from the cache (separation skipped)" in runs["tenor"]
+    assert "separate" in runs["tenor"]  # the stage still reports its (short) time
+    # another separation setting is another cache entry: separated again
+    proc = run_cover(
+        [
+            "make",
+            str(song),
+            "--voice",
+            "tenor",
+            "-o",
+            str(tmp_path / "t2.mp3"),
+            "--f0-method",
+            "pm",
+            "--overlap",
+            "0.5",
+            "--json",
+        ],
+        env,
+    )
+    assert proc.returncode == 0 and json.loads(proc.stdout)["stems_cached"] is False
+
+
 def test_text_output_shows_progress_and_a_summary(env, song, tmp_path):
-    proc = run_cover(["make", str(song), "--voice", demo.DEMO_VOICE, "-o", str(tmp_path / "c.wav"),
-                      "--f0-method", "pm"], env)
+    proc = run_cover(
+        ["make", str(song), "--voice", demo.DEMO_VOICE, "-o", str(tmp_path / "c.wav"), "--f0-method", "pm"], env
+    )
     assert proc.returncode == 0, proc.stderr
     assert "cover:" in proc.stdout and "total" in proc.stdout and "separate" in proc.stdout
     assert "convert" in proc.stderr and "100%" in proc.stderr  # per-stage progress bars
 
 
+@pytest.mark.slow
 def test_single_stages(env, song, tmp_path):
     proc = run_cover(["separate", str(song), "-o", str(tmp_path / "stems"), "--json"], env)
     assert proc.returncode == 0, proc.stderr
     vocals = json.loads(proc.stdout)["vocals"]
-    proc = run_cover(["convert", vocals, "--voice", demo.DEMO_VOICE, "-o", str(tmp_path / "v.wav"),
-                      "--f0-method", "harvest", "--pitch", "auto", "--json"], env)
+    proc = run_cover(
+        [
+            "convert",
+            vocals,
+            "--voice",
+            demo.DEMO_VOICE,
+            "-o",
+            str(tmp_path / "v.wav"),
+            "--f0-method",
+            "harvest",
+            "--pitch",
+            "auto",
+            "--json",
+        ],
+        env,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["sample_rate"] == 48000 and report["pitch_shift"] % 12 == 0
 
 
-@pytest.mark.parametrize(("make_input", "code", "status"), [
-    (lambda p: p / "missing.mp3", "input.not_found", 3),
-    (lambda p: (p / "t.mp3").write_text("not audio at all\n" * 10) and p / "t.mp3", "input.not_audio", 3),
-    (lambda p: (p / "e.wav").touch() or p / "e.wav", "input.empty", 3),
-])
+@pytest.mark.parametrize(
+    ("make_input", "code", "status"),
+    [
+        (lambda p: p / "missing.mp3", "input.not_found", 3),
+        (lambda p: (p / "t.mp3").write_text("not audio at all\n" * 10) and p / "t.mp3", "input.not_audio", 3),
+        (lambda p: (p / "e.wav").touch() or p / "e.wav", "input.empty", 3),
+    ],
+)
 def test_bad_songs_get_a_readable_error_and_status(env, tmp_path, make_input, code, status):
-    proc = run_cover(["make", str(make_input(tmp_path)), "--voice", demo.DEMO_VOICE, "-o", str(tmp_path / "o.mp3")], env)
+    proc = run_cover(
+        ["make", str(make_input(tmp_path)), "--voice", demo.DEMO_VOICE, "-o", str(tmp_path / "o.mp3")], env
+    )
     assert proc.returncode == status
     assert f"[{code}]" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o.mp3").exists()
@@ -72,7 +131,7 @@ def test_models_list(env):
     assert [v["name"] for v in voices] == [demo.DEMO_VOICE] and voices[0]["untrained_demo"] is True
 
 
-@pytest.fixture()
+@pytest.fixture
 def own_store(tmp_path, store):
     """A store of our own for tests that add voices (shares the session's base models by link)."""
     root = tmp_path / "store"
@@ -115,8 +174,10 @@ def test_add_malicious_pth_runs_nothing(env, own_store, tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
     # written by a separate interpreter so this test's own process never defines the payload
-    code = (f"import os, torch\nclass P:\n    def __reduce__(self): return (os.system, ('touch {marker}',))\n"
-            f"torch.save({{'weight': {{}}, 'config': [], 'x': P()}}, {str(evil)!r})\n")
+    code = (
+        f"import os, torch\nclass P:\n    def __reduce__(self): return (os.system, ('touch {marker}',))\n"
+        f"torch.save({{'weight': {{}}, 'config': [], 'x': P()}}, {str(evil)!r})\n"
+    )
     import subprocess
     import sys
 
@@ -125,4 +186,11 @@ def test_add_malicious_pth_runs_nothing(env, own_store, tmp_path):
     proc = run_cover(["models", "add", str(evil)], {**env, "COVER_MODELS_DIR": str(own_store)})
     assert proc.returncode == 4 and "[model.unsafe]" in proc.stderr
     assert not marker.exists()
-    assert torch.load  # the loader is torch's weights-only unpickler, not a stub
+    assert [p.name for p in (own_store / "voices").iterdir()] == []  # nothing added, nothing staged
+    # the payload is live: an unsafe load (in a throwaway interpreter) does run it
+    subprocess.run(
+        [sys.executable, "-c", f"import torch; torch.load({str(evil)!r}, weights_only=False)"],
+        capture_output=True,
+        check=False,
+    )
+    assert marker.exists()

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from job.audio import write_wav
-from job.fetch import fetch
+from job.render.audio import write_wav
+from job.render.fetch import fetch
 from shared.errors import CoverError, ErrorCode
 
 
@@ -62,12 +62,13 @@ def test_over_long_file(tmp_path, song):
 
 def test_file_without_an_audio_stream(tmp_path):
     image = tmp_path / "cover.png"
-    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "color=c=red:s=16x16", "-frames:v", "1",
-                    str(image)], check=True)
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "color=c=red:s=16x16", "-frames:v", "1", str(image)], check=True
+    )
     assert _code(image, tmp_path / "w") is ErrorCode.INPUT_NO_AUDIO_STREAM
 
 
-@pytest.fixture()
+@pytest.fixture
 def http_root(tmp_path):
     root = tmp_path / "site"
     root.mkdir()

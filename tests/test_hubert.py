@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import HubertConfig, HubertModel
 
-from job.rvc.content import load_content_encoder
+from job.render.rvc.content import load_content_encoder
 
 # transformers name -> fairseq name (the inverse of what the loader maps), to write a fairseq file
 TO_FAIRSEQ = [
@@ -66,11 +66,18 @@ class _ForeignModules:
                 sys.modules[name] = module
 
 
-@pytest.fixture()
+@pytest.fixture
 def hf_model():
     torch.manual_seed(0)
-    config = HubertConfig(hidden_size=48, num_hidden_layers=12, num_attention_heads=4, intermediate_size=32,
-                          conv_dim=(16,) * 7, num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=4)
+    config = HubertConfig(
+        hidden_size=48,
+        num_hidden_layers=12,
+        num_attention_heads=4,
+        intermediate_size=32,
+        conv_dim=(16,) * 7,
+        num_conv_pos_embeddings=8,
+        num_conv_pos_embedding_groups=4,
+    )
     return HubertModel(config).eval()
 
 
@@ -82,8 +89,13 @@ def test_fairseq_checkpoint_gives_the_same_features(tmp_path, hf_model):
     marker = tmp_path / "pwned"
     with _ForeignModules() as (DictConfig, AnyNode):
         cfg = DictConfig({"model": DictConfig({"encoder_attention_heads": AnyNode(4), "_name": AnyNode("hubert")})})
-        checkpoint = {"args": argparse.Namespace(arch="hubert"), "cfg": cfg, "model": state,
-                      "optimizer_history": [], "extra_state": {}}
+        checkpoint = {
+            "args": argparse.Namespace(arch="hubert"),
+            "cfg": cfg,
+            "model": state,
+            "optimizer_history": [],
+            "extra_state": {},
+        }
         path = tmp_path / "hubert_base.pt"
         torch.save(checkpoint, path)
     assert "omegaconf" not in sys.modules and "fairseq" not in sys.modules

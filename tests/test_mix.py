@@ -7,10 +7,12 @@ import subprocess
 import numpy as np
 import pytest
 
-from job import demo
-from job.audio import MIX_SAMPLE_RATE, decode, write_wav
-from job.fetch import probe
-from job.mix import MixOptions, OutputFormat, measure_loudness, mix
+from job.devkit import demo
+from job.render.audio import MIX_SAMPLE_RATE, decode, write_wav
+from job.render.fetch import probe
+from job.render.ffmpeg import measure_loudness
+from job.render.mix import mix
+from shared.options import MixOptions, OutputFormat
 
 SNR_DB_MIN = 40.0  # output vs. input mix, after removing the loudness gain
 LOUDNESS_TOLERANCE_LU = 0.5
@@ -20,8 +22,11 @@ LOUDNESS_TOLERANCE_LU = 0.5
 def stems(tmp_path_factory):
     folder = tmp_path_factory.mktemp("stems")
     vocals, inst = demo.demo_song(12.0, seed=3)
-    return (write_wav(folder / "vocals.wav", vocals, MIX_SAMPLE_RATE),
-            write_wav(folder / "no_vocals.wav", inst, MIX_SAMPLE_RATE), vocals + inst)
+    return (
+        write_wav(folder / "vocals.wav", vocals, MIX_SAMPLE_RATE),
+        write_wav(folder / "no_vocals.wav", inst, MIX_SAMPLE_RATE),
+        vocals + inst,
+    )
 
 
 def test_true_stems_and_identity_conversion_give_back_the_mix(stems, tmp_path):
@@ -57,6 +62,9 @@ def test_mono_vocals_at_another_rate_are_aligned_to_the_instrumental(stems, tmp_
     result = mix(inst, vocals48, tmp_path / "c.flac", MixOptions(format=OutputFormat.FLAC))
     out, _ = decode(result.path, MIX_SAMPLE_RATE, 2)
     assert out.shape[1] == 12 * MIX_SAMPLE_RATE  # vocals padded to the instrumental's length
-    channels = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "stream=channels", "-of", "csv=p=0",
-                               str(result.path)], capture_output=True, text=True).stdout.strip()
+    channels = subprocess.run(
+        ["ffprobe", "-v", "error", "-show_entries", "stream=channels", "-of", "csv=p=0", str(result.path)],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     assert channels == "2"

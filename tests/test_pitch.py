@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from job.rvc import pitch
+from job.render.rvc import pitch
 from shared.options import F0Method
 from tests.conftest import sung_tone
 

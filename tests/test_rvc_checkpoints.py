@@ -8,9 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from job.rvc.checkpoint import CONTENT_DIM, STANDARD_CONFIGS, build_synthesizer, read_checkpoint, write_checkpoint
-from job.rvc.engine import ConversionOptions
-from job.rvc.synthesizer import SynthConfig, Synthesizer
+from job.render.rvc.checkpoint import (
+    CONTENT_DIM,
+    STANDARD_CONFIGS,
+    build_synthesizer,
+    read_checkpoint,
+    write_checkpoint,
+)
+from job.render.rvc.engine import ConversionOptions
+from job.render.rvc.synthesizer import SynthConfig, Synthesizer
 from shared.errors import CoverError, ErrorCode
 from tests.conftest import CodeRunningPayload, sung_tone
 
@@ -23,8 +29,10 @@ def _write(tmp_path, version, sr, f0):
     return write_checkpoint(model, version, tmp_path / f"{version}-{sr}-{int(f0)}.pth")
 
 
-@pytest.mark.parametrize(("version", "sr", "f0"), VARIANTS, ids=[f"{v}-{sr // 1000}k-{'f0' if f else 'nof0'}"
-                                                                for v, sr, f in VARIANTS])
+@pytest.mark.parametrize(
+    ("version", "sr", "f0"), VARIANTS, ids=[f"{v}-{sr // 1000}k-{'f0' if f else 'nof0'}" for v, sr, f in VARIANTS]
+)
+@pytest.mark.slow
 def test_every_standard_variant_loads_strictly_and_converts(tmp_path, converter, version, sr, f0):
     path = _write(tmp_path, version, sr, f0)
     raw = torch.load(path, weights_only=True)
@@ -39,7 +47,7 @@ def test_every_standard_variant_loads_strictly_and_converts(tmp_path, converter,
     assert np.isfinite(out.audio).all() and np.abs(out.audio).max() > 0
 
 
-@pytest.fixture()
+@pytest.fixture
 def v2_raw(tmp_path):
     return torch.load(_write(tmp_path, "v2", 40000, True), weights_only=True)
 

@@ -10,8 +10,9 @@ import textwrap
 import numpy as np
 import pytest
 
-from job import demo
-from job.rvc.engine import ConversionOptions, plan_chunks
+from job.devkit import demo
+from job.render.rvc.engine import ConversionOptions, plan_chunks
+from shared.model_store import ModelStore
 from tests.conftest import sung_tone
 
 FAST = ConversionOptions(f0_method="pm")
@@ -19,7 +20,7 @@ FAST = ConversionOptions(f0_method="pm")
 
 @pytest.fixture(scope="module")
 def voice(converter):
-    return converter.load_voice(demo.DEMO_VOICE)
+    return converter.load_voice(converter.store.voice(demo.DEMO_VOICE))
 
 
 @pytest.mark.parametrize(("rate", "samples"), [(44100, 44100 * 3 + 17), (16000, 16000 * 2 + 5), (22050, 50_001)])
@@ -44,7 +45,7 @@ def test_silence_is_skipped_not_synthesised(converter, voice):
     gap = np.concatenate([sung_tone(1.0), np.zeros(16000 * 3, np.float32), sung_tone(1.0)])
     out = converter.convert(gap, 16000, voice, FAST)
     assert out.chunks == 2 and out.synthesised_s < 3.0
-    middle = out.audio[int(1.5 * 48000):int(3.5 * 48000)]
+    middle = out.audio[int(1.5 * 48000) : int(3.5 * 48000)]
     assert not middle.any()
 
 
@@ -57,21 +58,36 @@ def test_long_audio_is_cut_into_bounded_chunks_at_quiet_points():
 
 
 def test_index_rate_and_protect_change_the_result(converter, voice):
-    audio = sung_tone(1.0)
-    base = converter.convert(audio, 16000, voice, ConversionOptions(f0_method="pm", index_rate=0.0))
+    # a sung phrase, a breath of noise (unvoiced: where protect acts), and the phrase again
+    rng = np.random.default_rng(0)
+    audio = np.concatenate([sung_tone(0.6), 0.05 * rng.standard_normal(6400).astype(np.float32), sung_tone(0.6)])
+
+    def convert(**options):
+        return converter.convert(audio, 16000, voice, ConversionOptions(f0_method="pm", **options)).audio
+
+    base = convert(index_rate=0.0)
     retrieved = converter.convert(audio, 16000, voice, ConversionOptions(f0_method="pm", index_rate=1.0))
-    assert not np.allclose(base.audio, retrieved.audio)
+    assert not np.allclose(base, retrieved.audio)
     assert retrieved.times.retrieval > 0
+    # protect blends the singer's own features back in on unvoiced frames: it only matters when
+    # retrieval replaced them, and 0.5 switches it off
+    protected, unprotected = convert(index_rate=1.0, protect=0.0), convert(index_rate=1.0, protect=0.5)
+    assert not np.allclose(protected, unprotected)
+    assert not np.allclose(unprotected, retrieved.audio)  # the default (0.33) protects too
+    assert np.allclose(convert(index_rate=0.0, protect=0.0), base, atol=1e-6)  # nothing retrieved: nothing to protect
 
 
+@pytest.mark.slow
 def test_ten_minutes_convert_with_bounded_peak_memory(store):
     script = textwrap.dedent(f"""
         import json, resource, sys
         import numpy as np
-        from job.rvc.engine import VoiceConverter, ConversionOptions
+        from pathlib import Path
+        from job.render.rvc.engine import VoiceConverter, ConversionOptions
+        from shared.model_store import ModelStore
         sys.path.insert(0, "."); from tests.conftest import sung_tone
-        vc = VoiceConverter({str(store)!r}, device="cpu")
-        voice = vc.load_voice("demo-voice")
+        vc = VoiceConverter(ModelStore(Path({str(store)!r})), device="cpu")
+        voice = vc.load_voice(vc.store.voice("demo-voice"))
         minutes = float(sys.argv[1])
         phrase = np.concatenate([sung_tone(8.0), np.zeros(16000, np.float32)])
         audio = np.tile(phrase, int(minutes * 60 / 9) + 1)[: int(minutes * 60 * 16000)]
@@ -106,16 +122,17 @@ BF16_TOLERANCE_DB = 1.5  # measured 1.04 dB on this machine (README, 'Precision'
 BF16_MIN_CORRELATION = 0.98
 
 
+@pytest.mark.slow
 def test_bf16_synthesis_stays_within_tolerance_of_fp32(store, tmp_path):
     """The CPU's default path (fast kernels, bf16 where the CPU has native bf16) against the
     reference path (fp32, plain conv1d, untiled), on a real-size v2 48k voice and the same seed."""
-    from job.rvc.engine import VoiceConverter
+    from job.render.rvc.engine import VoiceConverter
 
     demo.write_voice(tmp_path / "v", size="real", with_index=False)
     audio = sung_tone(6.0, 220.0, vibrato=0.01)  # long enough for the decoder's tiles
     outputs = {}
     for precision, kernels in (("fp32", "reference"), ("bf16", "fast")):
-        vc = VoiceConverter(store, device="cpu", precision=precision, kernels=kernels)
+        vc = VoiceConverter(ModelStore(store), device="cpu", precision=precision, kernels=kernels)
         voice = vc.load_voice_file(tmp_path / "v" / "model.pth")
         outputs[precision] = vc.convert(audio, 16000, voice, ConversionOptions(f0_method="pm", seed=3)).audio
     distance = log_spectral_distance_db(outputs["fp32"], outputs["bf16"])
@@ -130,8 +147,8 @@ def test_tiled_decoder_matches_the_whole_decode():
     """The decoder runs in fixed-size tiles with context margins; the seams must not show."""
     import torch
 
-    from job.rvc import generator as gen
-    from job.rvc.synthesizer import SynthConfig, Synthesizer
+    from job.render.rvc import generator as gen
+    from job.render.rvc.synthesizer import SynthConfig, Synthesizer
 
     torch.manual_seed(0)
     synth = Synthesizer(SynthConfig.from_list(demo.tiny_config("v2", 48000)), 768, True).eval()
@@ -152,7 +169,7 @@ def test_fast_kernels_follow_reloaded_weights():
     """The fast layout keeps 2-D copies of the weights; loading other weights must replace them."""
     import torch
 
-    from job.rvc.synthesizer import SynthConfig, Synthesizer
+    from job.render.rvc.synthesizer import SynthConfig, Synthesizer
 
     config = SynthConfig.from_list(demo.tiny_config("v2", 48000))
     torch.manual_seed(0)

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from job import demo
-from job.audio import read_wav
-from job.fetch import fetch
-from job.separate import SeparationOptions, Separator, load_package
+from job.devkit import demo
+from job.render.audio import read_wav
+from job.render.fetch import fetch
+from job.render.separate import Separator, load_package
 from shared.errors import CoverError, ErrorCode
+from shared.model_store import ModelStore
+from shared.options import SeparationOptions
 from tests.conftest import CodeRunningPayload
 
 
 def test_stems_have_the_song_length_and_layout(store, song, tmp_path):
     fetched = fetch(song, tmp_path / "w")
     seen = []
-    stems = Separator(store, SeparationOptions(device="cpu")).separate(fetched.wav, tmp_path / "stems", seen.append)
+    stems = Separator(ModelStore(store), SeparationOptions(), "cpu").separate(
+        fetched.wav, tmp_path / "stems", seen.append
+    )
     vocals, rate = read_wav(stems.vocals)
     no_vocals, _ = read_wav(stems.no_vocals)
     mix, _ = read_wav(fetched.wav)
@@ -32,7 +37,7 @@ def test_streamed_separation_equals_demucs_whole_song_split(store, overlap):
     """Our segment loop (bounded memory) gives what Demucs' apply_model gives on the whole song."""
     from demucs.apply import apply_model
 
-    separator = Separator(store, SeparationOptions(device="cpu", overlap=overlap), precision="fp32")
+    separator = Separator(ModelStore(store), SeparationOptions(overlap=overlap), "cpu", precision="fp32")
     segment = int(separator.model.samplerate * float(separator._models()[0][0].segment))
     mix = np.random.default_rng(0).standard_normal((2, int(2.7 * segment))).astype(np.float32) * 0.1
     blocks = list(separator.blocks(mix))
@@ -53,6 +58,7 @@ def test_streamed_separation_equals_demucs_whole_song_split(store, overlap):
 BF16_MIN_SDR_DB = 40.0  # measured 47.6 dB on the real-size htdemucs (README, "Performance")
 
 
+@pytest.mark.slow
 def test_bf16_separation_stays_within_tolerance_of_fp32(tmp_path):
     """The default on CPUs with native bf16 (autocast, channels-last) against fp32 reference
     kernels, on a real-size htdemucs and one segment of noise-like music."""
@@ -60,17 +66,43 @@ def test_bf16_separation_stays_within_tolerance_of_fp32(tmp_path):
     mix = np.random.default_rng(1).standard_normal((2, 44100 * 7)).astype(np.float32) * 0.2
     outputs = {}
     for precision, kernels in (("fp32", "reference"), ("bf16", "fast")):
-        separator = Separator(tmp_path / "models", SeparationOptions(device="cpu"), precision=precision, kernels=kernels)
+        separator = Separator(
+            ModelStore(tmp_path / "models"), SeparationOptions(), "cpu", precision=precision, kernels=kernels
+        )
         outputs[precision] = separator.separate_array(mix)
-    for fp32, bf16 in zip(outputs["fp32"], outputs["bf16"]):
+    for fp32, bf16 in zip(outputs["fp32"], outputs["bf16"], strict=True):
         sdr = 10 * np.log10(np.sum(fp32.astype(np.float64) ** 2) / np.sum((fp32 - bf16).astype(np.float64) ** 2))
         print(f"bf16 vs fp32 separation: SDR {sdr:.1f} dB")
         assert BF16_MIN_SDR_DB < sdr < 200  # close, and the bf16 path really ran
 
 
+def test_the_stem_key_follows_the_model_files_and_the_arithmetic(store, tmp_path):
+    own = tmp_path / "models"
+    shutil.copytree(store / "separation", own / "separation")
+    models = ModelStore(own)
+
+    def key(options: SeparationOptions | None = None, **compute) -> str:
+        separator = Separator(models, options, "cpu", **{"precision": "fp32", **compute})
+        return separator.stem_key("ab").separation_key
+
+    base = key()
+    assert key() == base  # deterministic, and computed without loading Demucs
+    different = {
+        key(precision="bf16"),
+        key(kernels="reference"),
+        key(SeparationOptions(overlap=0.5)),
+        key(SeparationOptions(shifts=1)),
+        key(SeparationOptions(segment=1.5)),
+    }
+    assert base not in different and len(different) == 5
+    assert "device" not in Separator(models, device="cpu").stem_key("ab").model_dump()
+    demo.write_demucs(own / "separation", size="tiny", seed=1)  # a model swap: new weights, new checksum
+    assert key() != base
+
+
 def test_unknown_separator_says_how_to_get_it(store):
     with pytest.raises(CoverError) as info:
-        Separator(store, SeparationOptions(model="mdx_extra"))
+        Separator(ModelStore(store), SeparationOptions(model="mdx_extra"))
     assert info.value.code is ErrorCode.MODEL_MISSING and "COVER_ALLOW_HUB_DOWNLOAD" in info.value.message
 
 

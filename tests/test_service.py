@@ -17,13 +17,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
+import jsonschema
 import numpy as np
 import pytest
 import requests
 
-from job import demo
+from job.devkit import demo
+from job.devkit.stack import free_port, start, start_pubsub_emulator, start_s3, stop, wait_for_port
 from shared.events import COMPLETED, FAILED, REQUESTED, CoverRequest, to_message
-from job.stack import free_port, start, start_pubsub_emulator, start_s3, stop, wait_for_port
+
+pytestmark = pytest.mark.slow  # the emulator, an S3 server and worker processes: minutes
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = {"f0_method": "pm", "format": "mp3"}
@@ -62,17 +65,28 @@ class Stack:
             self.publisher.create_topic(name=topic)
         self.worker_sub = self.subscription(self.requests_topic, f"workers-{tag}")
         self.catalog_sub = self.subscription(self.events_topic, f"catalog-{tag}")
-        self.s3 = boto3.client("s3", endpoint_url=s3, region_name="us-east-1", aws_access_key_id="test",
-                               aws_secret_access_key="test")
+        self.s3 = boto3.client(
+            "s3", endpoint_url=s3, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test"
+        )
         self.s3.create_bucket(Bucket=self.bucket)
-        self.env = {**os.environ, "PUBSUB_EMULATOR_HOST": emulator, "COVER_STORAGE": "s3", "COVER_BUCKET": self.bucket,
-                    "COVER_S3_ENDPOINT": s3, "COVER_S3_REGION": "us-east-1", "COVER_S3_ACCESS_KEY_ID": "test",
-                    "COVER_S3_SECRET_ACCESS_KEY": "test", "COVER_PROJECT": self.project,
-                    "COVER_REQUESTS_TOPIC": self.requests_topic.rsplit("/", 1)[1],
-                    "COVER_EVENTS_TOPIC": self.events_topic.rsplit("/", 1)[1],
-                    "COVER_REQUESTS_SUBSCRIPTION": self.worker_sub.rsplit("/", 1)[1],
-                    "COVER_MODELS_DIR": str(models), "COVER_WORK_DIR": str(tmp / "work"),
-                    "COVER_BUSY_RETRY_S": "1", "COVER_LOG_LEVEL": "INFO"}
+        self.env = {
+            **os.environ,
+            "PUBSUB_EMULATOR_HOST": emulator,
+            "COVER_STORAGE": "s3",
+            "COVER_BUCKET": self.bucket,
+            "COVER_S3_ENDPOINT": s3,
+            "COVER_S3_REGION": "us-east-1",
+            "COVER_S3_ACCESS_KEY_ID": "test",
+            "COVER_S3_SECRET_ACCESS_KEY": "test",
+            "COVER_PROJECT": self.project,
+            "COVER_REQUESTS_TOPIC": self.requests_topic.rsplit("/", 1)[1],
+            "COVER_EVENTS_TOPIC": self.events_topic.rsplit("/", 1)[1],
+            "COVER_REQUESTS_SUBSCRIPTION": self.worker_sub.rsplit("/", 1)[1],
+            "COVER_MODELS_DIR": str(models),
+            "COVER_WORK_DIR": str(tmp / "work"),
+            "COVER_BUSY_RETRY_S": "1",
+            "COVER_LOG_LEVEL": "INFO",
+        }
         self.procs: list[subprocess.Popen] = []
         self.url = ""
 
@@ -84,10 +98,19 @@ class Stack:
     def put_song(self, song_id: str, path: Path) -> None:
         self.s3.upload_file(str(path), self.bucket, f"songs/{song_id}")
 
-    def start_dispatcher(self) -> str:
+    def start_dispatcher(self, bin_dir: Path | None = None) -> str:
         port = free_port()
-        cmd = [str(Path(sys.executable).parent / "functions-framework"), "--source", str(ROOT / "dispatcher/main.py"),
-               "--target", "http", "--port", str(port), "--host", "127.0.0.1"]
+        cmd = [
+            str((bin_dir or Path(sys.executable).parent) / "functions-framework"),
+            "--source",
+            str(ROOT / "dispatcher/main.py"),
+            "--target",
+            "http",
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+        ]
         env = {**self.env, "COVER_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}", "PYTHONPATH": str(ROOT)}
         self.procs.append(start(cmd, self.tmp / "dispatcher.log", env))
         wait_for_port(port, 60, self.procs[-1])
@@ -109,13 +132,16 @@ class Stack:
         deadline = time.monotonic() + timeout
         sub = subscription or self.catalog_sub
         while time.monotonic() < deadline and not until(got):
-            response = self.subscriber.pull(subscription=sub, max_messages=50, timeout=10,
-                                            return_immediately=False)
+            response = self.subscriber.pull(subscription=sub, max_messages=50, timeout=10, return_immediately=False)
             if response.received_messages:
                 self.subscriber.acknowledge(subscription=sub, ack_ids=[m.ack_id for m in response.received_messages])
             for item in response.received_messages:
-                got.append((item.message.attributes["ce-type"], {**json.loads(item.message.data),
-                                                                 "_attributes": dict(item.message.attributes)}))
+                got.append(
+                    (
+                        item.message.attributes["ce-type"],
+                        {**json.loads(item.message.data), "_attributes": dict(item.message.attributes)},
+                    )
+                )
         return got
 
     def close(self) -> None:
@@ -127,18 +153,25 @@ def of_type(events, kind):
     return [data for t, data in events if t == kind]
 
 
-@pytest.fixture()
+@pytest.fixture
 def stack(emulator, s3, store, tmp_path):
     stack = Stack(emulator, s3, store, tmp_path)
     vocals, inst = demo.demo_song(5.0)
-    from job.audio import write_wav
+    from job.render.audio import write_wav
 
     stack.put_song("song-1", write_wav(tmp_path / "song.wav", np.clip(vocals + inst, -1, 1), 44100))
     yield stack
     stack.close()
 
 
+def assert_matches_schema(event_type: str, event: dict) -> None:
+    """The event's data validates against its published JSON Schema (what the Catalog codes against)."""
+    schema = json.loads((ROOT / "schemas" / f"{event_type}.schema.json").read_text())
+    jsonschema.validate({k: v for k, v in event.items() if k != "_attributes"}, schema)
+
+
 def _check_against_bucket(stack: Stack, completed: dict) -> None:
+    assert_matches_schema(COMPLETED, completed)
     body = stack.s3.get_object(Bucket=completed["bucket"], Key=completed["key"])["Body"].read()
     assert len(body) == completed["size_bytes"]
     assert hashlib.sha256(body).hexdigest() == completed["sha256"]
@@ -169,10 +202,12 @@ def test_post_cover_to_completed_event(stack):
 
 def test_dispatcher_answers_problem_json(stack):
     url = stack.start_dispatcher()
-    cases = [(b"{not json", 400, "options.invalid"),
-             (json.dumps({"song_id": "song-1"}).encode(), 400, "options.invalid"),
-             (json.dumps({"song_id": "song-1", "voice_model": "nobody"}).encode(), 404, "voice.unknown"),
-             (json.dumps({"song_id": "nope", "voice_model": demo.DEMO_VOICE}).encode(), 404, "input.not_found")]
+    cases = [
+        (b"{not json", 400, "options.invalid"),
+        (json.dumps({"song_id": "song-1"}).encode(), 400, "options.invalid"),
+        (json.dumps({"song_id": "song-1", "voice_model": "nobody"}).encode(), 404, "voice.unknown"),
+        (json.dumps({"song_id": "nope", "voice_model": demo.DEMO_VOICE}).encode(), 404, "input.not_found"),
+    ]
     for body, status, code in cases:
         answer = requests.post(f"{url}/cover", data=body, headers={"Content-Type": "application/json"})
         assert answer.status_code == status and answer.headers["Content-Type"] == "application/problem+json"
@@ -223,7 +258,9 @@ def test_bad_messages_fail_with_their_own_code_once(stack, tmp_path):
         "options.invalid": [b"\x00not json at all", json.dumps({"song": "x"}).encode()],
         "voice.unknown": [json.dumps({"song_id": "song-1", "voice_model": "nobody"}).encode()],
         "input.not_found": [json.dumps({"song_id": "missing", "voice_model": demo.DEMO_VOICE}).encode()],
-        "input.not_audio": [json.dumps({"song_id": "text-song", "voice_model": demo.DEMO_VOICE, "options": FAST}).encode()],
+        "input.not_audio": [
+            json.dumps({"song_id": "text-song", "voice_model": demo.DEMO_VOICE, "options": FAST}).encode()
+        ],
     }
     for payloads in bad.values():
         for payload in payloads:
@@ -235,6 +272,8 @@ def test_bad_messages_fail_with_their_own_code_once(stack, tmp_path):
     codes = sorted(f["code"] for f in failed)
     assert codes == sorted(c for c, payloads in bad.items() for _ in payloads)
     assert all(f["retryable"] is False and f["attempt"] == 1 and f["message"] for f in failed)
+    for event in failed:
+        assert_matches_schema(FAILED, event)
 
 
 def test_second_voice_reuses_the_cached_stems(stack, store, tmp_path):
@@ -249,7 +288,8 @@ def test_second_voice_reuses_the_cached_stems(stack, store, tmp_path):
     done = of_type(stack.events(lambda got: of_type(got, COMPLETED)), COMPLETED)
     assert done[0]["stems_cached"] is False
     stop(first)
-    shutil.rmtree(own / "separation")  # from here on, separating anything would fail
+    for package in (own / "separation").glob("*.th"):  # from here on, loading Demucs would fail (its
+        package.write_bytes(b"damaged")  # checksum no longer matches), while the cache key stays the same
     # a fresh subscription: the emulator holds a cancelled stream's next message for ~100 s
     second_sub = stack.subscription(stack.requests_topic, f"workers-b-{uuid.uuid4().hex[:6]}")
     stack.start_worker("cpu-2", COVER_MODELS_DIR=str(own), COVER_REQUESTS_SUBSCRIPTION=second_sub.rsplit("/", 1)[1])
@@ -259,6 +299,89 @@ def test_second_voice_reuses_the_cached_stems(stack, store, tmp_path):
     second = of_type(events, COMPLETED)[0]
     assert second["voice_model"] == "tenor" and second["stems_cached"] is True
     assert second["sha256"] != done[0]["sha256"]
+
+
+def test_a_runner_with_an_empty_model_folder_syncs_from_the_bucket_and_refuses_a_corrupted_file(stack, store, tmp_path):
+    """The bucket holds models/ (with its manifest) and voices/, filled by `cover models push`; a
+    runner starting from an empty model folder syncs them, checks every hash, and renders."""
+    push = subprocess.run(
+        [sys.executable, "-m", "job.cli.main", "models", "push", "--json"],
+        env={**stack.env, "COVER_MODELS_DIR": str(store)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert push.returncode == 0, push.stderr
+    keys = {o["Key"] for o in stack.s3.list_objects_v2(Bucket=stack.bucket, MaxKeys=1000)["Contents"]}
+    assert {k.split("/")[0] for k in keys} == {"models", "voices", "songs"}
+    assert "models/manifest.json" in keys and f"voices/{demo.DEMO_VOICE}/voice.json" in keys
+
+    empty = tmp_path / "runner-models"
+    stack.start_worker("fresh", COVER_MODELS_DIR=str(empty))
+    stack.publish_request(json.dumps({"song_id": "song-1", "voice_model": demo.DEMO_VOICE, "options": FAST}).encode())
+    events = stack.events(lambda got: of_type(got, COMPLETED) or of_type(got, FAILED))
+    assert not of_type(events, FAILED), of_type(events, FAILED)
+    _check_against_bucket(stack, of_type(events, COMPLETED)[0])
+    synced = sorted(p.relative_to(empty).as_posix() for p in empty.rglob("*") if p.is_file())
+    manifest = json.loads(stack.s3.get_object(Bucket=stack.bucket, Key="models/manifest.json")["Body"].read())
+    assert set(manifest["files"]) <= set(synced) and f"voices/{demo.DEMO_VOICE}/model.pth" in synced
+
+    # the bucket's pitch model is corrupted: a runner starting empty refuses it and uses nothing
+    stack.s3.put_object(Bucket=stack.bucket, Key="models/base/rmvpe.pt", Body=b"corrupted")
+    other = tmp_path / "other-models"
+    request = json.dumps({"song_id": "song-1", "voice_model": demo.DEMO_VOICE, "options": {**FAST, "seed": 9}})
+    proc = subprocess.run(
+        [sys.executable, "-m", "job", "run"],
+        env={**stack.env, "COVER_MODELS_DIR": str(other), "COVER_REQUEST": request},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]  # failed for good: no Cloud Run retry
+    failed = of_type(stack.events(lambda got: of_type(got, FAILED)), FAILED)
+    assert failed[0]["code"] == "model.hash_mismatch" and "base/rmvpe.pt" in failed[0]["message"]
+    assert not [p for p in other.rglob("*") if p.is_file()]  # nothing half-synced
+    serve = subprocess.run(
+        [sys.executable, "-m", "job", "serve"],
+        env={**stack.env, "COVER_MODELS_DIR": str(other)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert serve.returncode == 1 and "model.hash_mismatch" in serve.stderr  # a GPU runner will not start
+
+
+@pytest.fixture(scope="session")
+def dispatcher_venv() -> Path:
+    """A virtual environment with only the core dependencies (`pip install .`, no extras): what the
+    HTTP functions are deployed with. Rebuilt when pyproject.toml changes."""
+    venv = ROOT / ".venv-dispatcher"
+    stamp = venv / "pyproject.sha256"
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if not stamp.is_file() or stamp.read_text() != digest:
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", str(ROOT)], check=True, timeout=900)
+        stamp.write_text(digest)
+    return venv / "bin"
+
+
+def test_the_dispatcher_imports_and_answers_without_torch(stack, dispatcher_venv):
+    """The HTTP functions install only the core dependencies: no torch, numpy or demucs there."""
+    for heavy in ("torch", "numpy", "demucs", "transformers"):
+        probe = subprocess.run([str(dispatcher_venv / "python"), "-c", f"import {heavy}"], capture_output=True)
+        assert probe.returncode != 0, f"{heavy} is installed in the dispatcher's environment"
+    url = stack.start_dispatcher(dispatcher_venv)
+    assert requests.get(f"{url}/healthz").json() == {"ok": True}
+    assert [m["name"] for m in requests.get(f"{url}/models").json()["models"]] == [demo.DEMO_VOICE]
+    answer = requests.post(f"{url}/cover", json={"song_id": "song-1", "voice_model": demo.DEMO_VOICE})
+    assert answer.status_code == 202, answer.text
+    cover_id = answer.json()["cover_id"]
+    assert requests.get(f"{url}/covers/{cover_id}").json()["state"] == "queued"
+    bad = requests.post(f"{url}/cover", json={"song_id": "song-1", "voice_model": "nobody"})
+    assert bad.status_code == 404 and bad.headers["Content-Type"] == "application/problem+json"
+    queued = stack.subscriber.pull(subscription=stack.worker_sub, max_messages=1, timeout=30)
+    assert queued.received_messages[0].message.attributes["cover_id"] == cover_id
 
 
 class FakeJobsClient:
@@ -290,8 +413,11 @@ def _serve_trigger(stack, client):
             os.environ[key] = value
     app = functions_framework.create_app(target="trigger", source=str(ROOT / "dispatcher/main.py"))
     # functions-framework loads the source as its own module: hand the fake to that module's services
-    loaded = [m for m in list(sys.modules.values())
-              if getattr(m, "__file__", None) == str(ROOT / "dispatcher/main.py") and hasattr(m, "services")]
+    loaded = [
+        m
+        for m in list(sys.modules.values())
+        if getattr(m, "__file__", None) == str(ROOT / "dispatcher/main.py") and hasattr(m, "services")
+    ]
     for module in {id(m): m for m in [*loaded, dispatcher_main]}.values():
         module.services.cache_clear()
         module.services().jobs_client = client
@@ -305,8 +431,10 @@ def test_trigger_starts_a_job_execution_with_the_request(stack):
     server, url = _serve_trigger(stack, client)
     try:
         data = json.dumps({"song_id": "song-1", "voice_model": demo.DEMO_VOICE}).encode()
-        envelope = {"message": {"data": base64.b64encode(data).decode(), "messageId": "1"},
-                    "subscription": "projects/p/subscriptions/trigger"}
+        envelope = {
+            "message": {"data": base64.b64encode(data).decode(), "messageId": "1"},
+            "subscription": "projects/p/subscriptions/trigger",
+        }
         assert requests.post(url, json=envelope).status_code == 204
         call = client.calls[0]
         assert call.name == "projects/melodia-local/locations/europe-west1/jobs/cover-job"
@@ -332,8 +460,9 @@ def test_a_burst_of_1000_requests_loses_none(stack):
 
     def post(i: int) -> tuple[int, float, str]:
         start = time.perf_counter()
-        answer = session.post(f"{url}/cover", json={"song_id": "song-1", "voice_model": demo.DEMO_VOICE,
-                                                    "options": {**FAST, "seed": i}})
+        answer = session.post(
+            f"{url}/cover", json={"song_id": "song-1", "voice_model": demo.DEMO_VOICE, "options": {**FAST, "seed": i}}
+        )
         return answer.status_code, time.perf_counter() - start, answer.json().get("cover_id", "")
 
     started = time.perf_counter()
@@ -341,14 +470,19 @@ def test_a_burst_of_1000_requests_loses_none(stack):
         results = list(pool.map(post, range(1000)))
     elapsed = time.perf_counter() - started
     latencies = sorted(r[1] for r in results)
-    print(f"\nburst: 1000 requests in {elapsed:.1f} s = {1000 / elapsed:.0f} req/s; "
-          f"p50 {latencies[499] * 1000:.0f} ms, p99 {latencies[989] * 1000:.0f} ms")
+    print(
+        f"\nburst: 1000 requests in {elapsed:.1f} s = {1000 / elapsed:.0f} req/s; "
+        f"p50 {latencies[499] * 1000:.0f} ms, p99 {latencies[989] * 1000:.0f} ms"
+    )
     assert all(status == 202 for status, _, _ in results)
     expected = {cid for _, _, cid in results}
     assert len(expected) == 1000
     seen: set[str] = set()
-    stack.events(lambda got: (seen.update(d["_attributes"].get("cover_id", "") for _, d in got) or
-                              expected <= seen), timeout=180, subscription=probe_sub)
+    stack.events(
+        lambda got: seen.update(d["_attributes"].get("cover_id", "") for _, d in got) or expected <= seen,
+        timeout=180,
+        subscription=probe_sub,
+    )
     assert expected <= seen
 
 
@@ -357,11 +491,23 @@ def test_cloud_run_job_entry_point_reads_the_request_from_its_environment(stack)
     `gcloud run jobs execute --update-env-vars COVER_REQUEST=...`) runs it."""
     good = json.dumps({"song_id": "song-1", "voice_model": demo.DEMO_VOICE, "options": FAST})
     for request in (good, "not json"):
-        proc = subprocess.run([sys.executable, "-m", "job", "run"], env={**stack.env, "COVER_REQUEST": request},
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "job", "run"],
+            env={**stack.env, "COVER_REQUEST": request},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]  # finished either way: no Cloud Run retry
     events = stack.events(lambda got: of_type(got, COMPLETED) and of_type(got, FAILED))
     _check_against_bucket(stack, of_type(events, COMPLETED)[0])
     assert of_type(events, FAILED)[0]["code"] == "options.invalid"
-    assert subprocess.run([sys.executable, "-m", "job", "run"], env={**stack.env, "COVER_REQUEST": ""},
-                          capture_output=True, timeout=120).returncode == 2
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "job", "run"],
+            env={**stack.env, "COVER_REQUEST": ""},
+            capture_output=True,
+            timeout=120,
+        ).returncode
+        == 2
+    )

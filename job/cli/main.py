@@ -1,0 +1,456 @@
+"""The ``cover`` command line.
+
+Exit statuses: 0 success; 2 usage error; 3 bad input (song, voice name, options);
+4 a model is missing, corrupt, unsafe or mismatched; 5 internal error. With ``--json`` the
+result (or ``{"error": {...}}``) is printed as one JSON object on standard output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from job.cli.flags import HelpFormatter, add_model_flags, model_from_args
+from shared.errors import EXIT_INTERNAL, CoverError, ErrorCode
+from shared.model_store import ModelStore
+from shared.options import ConversionOptions, MixOptions, OutputFormat, SeparationOptions, format_for
+from shared.settings import Settings
+
+if TYPE_CHECKING:
+    from job.render.pipeline import CoverOptions, Pipeline
+
+
+class StageBars:
+    """One progress bar per stage on standard error (silent when ``enabled`` is False)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bars: dict[str, Any] = {}
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = tqdm(
+                total=100,
+                desc=f"{stage:<9}",
+                unit="%",
+                file=sys.stderr,
+                bar_format="{desc} {bar} {percentage:3.0f}% {elapsed}",
+            )
+        bar.n = round(100 * fraction)
+        bar.refresh()
+        if fraction >= 1.0:
+            bar.close()
+
+    def stage(self, name: str) -> Callable[[float], None]:
+        return lambda fraction: self(name, fraction)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "models_dir", None):
+        overrides["models_dir"] = Path(args.models_dir)
+    if getattr(args, "device", None):
+        overrides["device"] = args.device
+    settings = Settings(**overrides)
+    if settings.threads:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+    return settings
+
+
+def _pipeline(args: argparse.Namespace, settings: Settings) -> Pipeline:
+    from job.render.pipeline import Pipeline
+    from job.render.stems import StemCache
+    from shared.storage import LocalStorage
+
+    cache = None if getattr(args, "no_stem_cache", False) else StemCache(LocalStorage(settings.stem_cache_dir))
+    return Pipeline(settings, ModelStore(settings.models_dir), cache)
+
+
+def _cover_options(args: argparse.Namespace, output: str) -> CoverOptions:
+    from job.render.pipeline import CoverOptions
+
+    mix = model_from_args(MixOptions, args, exclude={"format"})
+    mix.format = OutputFormat(args.format) if getattr(args, "format", None) else format_for(output)
+    return CoverOptions(
+        conversion=model_from_args(ConversionOptions, args),
+        separation=model_from_args(SeparationOptions, args),
+        mix=mix,
+    )
+
+
+def _print_summary(title: str, output: Path, timings: dict[str, float], extra: list[str]) -> None:
+    print(f"{title}: {output}")
+    for line in extra:
+        print(f"  {line}")
+    for stage, seconds in timings.items():
+        print(f"  {stage:<9} {seconds:7.2f} s")
+    print(f"  {'total':<9} {sum(timings.values()):7.2f} s")
+
+
+def _emit(args: argparse.Namespace, payload: dict[str, Any], human: Callable[[], Any]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(payload, default=str))
+    else:
+        human()
+
+
+def _stems_line(cached: bool) -> str:
+    return "stems from the cache (separation skipped)" if cached else "stems separated (now in the stem cache)"
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def cmd_make(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    pipeline = _pipeline(args, settings)
+    voice = pipeline.store.voice(args.voice)  # an unknown voice fails before any work
+    options = _cover_options(args, args.output)
+    result = pipeline.render(args.song, voice, Path(args.output), options, StageBars(not args.json))
+    _emit(
+        args,
+        {
+            "output": str(result.output),
+            "voice": result.voice,
+            "timings": result.timings,
+            "stems_cached": result.stems_cached,
+            "duration_s": result.mix.duration_s,
+            "loudness_lufs": result.mix.loudness_lufs,
+            "true_peak_dbtp": result.mix.true_peak_dbtp,
+            "pitch_shift": result.conversion.pitch_shift,
+            "parts": result.conversion.parts.model_dump(),
+        },
+        lambda: _print_summary(
+            "cover",
+            result.output,
+            result.timings,
+            [
+                f"voice {result.voice}, pitch shift {result.conversion.pitch_shift:+d} semitones",
+                _stems_line(result.stems_cached),
+                f"{result.mix.duration_s:.1f} s, {result.mix.loudness_lufs:.1f} LUFS, "
+                f"true peak {result.mix.true_peak_dbtp:.1f} dBTP",
+            ],
+        ),
+    )
+    return 0
+
+
+def cmd_separate(args: argparse.Namespace) -> int:
+    from job.render.timing import StageTimer
+
+    settings = _settings(args)
+    pipeline = _pipeline(args, settings)
+    bars = StageBars(not args.json)
+    timer = StageTimer()
+    out_dir = Path(args.output)
+    with pipeline.workdir() as work:
+        with timer("fetch"):
+            song = pipeline.fetch(args.song, work)
+        with timer("separate"):
+            stems, cached = pipeline.separate(
+                song, out_dir, model_from_args(SeparationOptions, args), bars.stage("separate")
+            )
+    _emit(
+        args,
+        {
+            "vocals": str(stems.vocals),
+            "no_vocals": str(stems.no_vocals),
+            "stems_cached": cached,
+            "timings": timer.timings,
+        },
+        lambda: _print_summary(
+            "stems",
+            out_dir,
+            timer.timings,
+            [f"vocals    {stems.vocals}", f"no_vocals {stems.no_vocals}", _stems_line(cached)],
+        ),
+    )
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from job.render.timing import StageTimer
+
+    settings = _settings(args)
+    pipeline = _pipeline(args, settings)
+    voice = pipeline.store.voice(args.voice)
+    bars = StageBars(not args.json)
+    timer = StageTimer()
+    with pipeline.workdir() as work:
+        with timer("fetch"):
+            song = pipeline.fetch(args.vocals, work)
+        with timer("convert"):
+            result = pipeline.convert(
+                song.wav, voice, Path(args.output), model_from_args(ConversionOptions, args), bars.stage("convert")
+            )
+    _emit(
+        args,
+        {
+            "output": str(result.path),
+            "timings": timer.timings,
+            "parts": result.parts.model_dump(),
+            "pitch_shift": result.pitch_shift,
+            "sample_rate": result.sample_rate,
+        },
+        lambda: _print_summary(
+            "converted vocals",
+            result.path,
+            timer.timings,
+            [f"{result.duration_s:.1f} s at {result.sample_rate} Hz, pitch shift {result.pitch_shift:+d}"],
+        ),
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from job.devkit import demo
+    from job.render.pipeline import CoverOptions
+
+    settings = _settings(args)
+    start = time.perf_counter()
+    if not args.json:
+        print(f"preparing demo models in {settings.models_dir} (random weights, real formats)", file=sys.stderr)
+    demo.write_models(settings.models_dir, size=args.size)
+    song = demo.write_demo_song(settings.work_dir / "demo-song.wav", seconds=args.seconds)
+    prepare = time.perf_counter() - start
+    pipeline = _pipeline(args, settings)
+    out = Path(args.output)
+    options = CoverOptions()
+    options.mix.format = format_for(args.output)
+    result = pipeline.render(song, pipeline.store.voice(demo.DEMO_VOICE), out, options, StageBars(not args.json))
+    timings = {"prepare": prepare, **result.timings}
+    _emit(
+        args,
+        {"output": str(out), "song": str(song), "timings": timings, "stems_cached": result.stems_cached},
+        lambda: _print_summary(
+            "demo cover",
+            out,
+            timings,
+            [
+                f"song {song} ({result.song.duration_s:.0f} s)",
+                _stems_line(result.stems_cached),
+                "the demo voice is untrained (random weights): expect noise, not singing",
+            ],
+        ),
+    )
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    voices = ModelStore(_settings(args).models_dir).local_voices()
+    if args.json:
+        print(json.dumps([v.model_dump(mode="json") for v in voices]))
+    elif not voices:
+        print("no voices installed; add one with: cover models add FILE_OR_URL")
+    else:
+        for v in voices:
+            flags = (
+                ("pitch" if v.f0 else "no-pitch")
+                + (", index" if v.has_index else "")
+                + (", UNTRAINED DEMO" if v.untrained_demo else "")
+            )
+            print(f"{v.name:<24} {v.rvc_version} {v.sample_rate // 1000}k  {flags}  {v.display_name}")
+    return 0
+
+
+def cmd_models_add(args: argparse.Namespace) -> int:
+    from job.cli.voices import add_voice
+
+    info = add_voice(ModelStore(_settings(args).models_dir), args.source, args.name, args.replace)
+    _emit(
+        args,
+        info.model_dump(mode="json"),
+        lambda: print(
+            f"added voice {info.name} ({info.rvc_version}, {info.sample_rate} Hz, "
+            f"{'with' if info.has_index else 'no'} index)"
+        ),
+    )
+    return 0
+
+
+def cmd_models_verify(args: argparse.Namespace) -> int:
+    from job.cli.voices import verify_store
+
+    reports = verify_store(ModelStore(_settings(args).models_dir), args.names)
+    _emit(
+        args,
+        {"voices": [r.model_dump() for r in reports]},
+        lambda: [print(f"{r.name:<24} {'ok' if r.ok else 'FAILED: ' + '; '.join(r.problems)}") for r in reports],
+    )
+    if any(not r.ok for r in reports):
+        return 4
+    return 0
+
+
+def _bucket_store(args: argparse.Namespace) -> ModelStore:
+    from shared.storage import make_storage
+
+    settings = _settings(args)
+    return ModelStore(settings.models_dir, make_storage(settings))
+
+
+def cmd_models_push(args: argparse.Namespace) -> int:
+    store = _bucket_store(args)
+    manifest = store.push()
+    voices = [v.name for v in store.local_voices()]
+    _emit(
+        args,
+        {"files": sorted(manifest.files), "voices": voices},
+        lambda: print(
+            f"pushed {len(manifest.files)} base-model files and {len(voices)} voices "
+            f"to {store.storage.bucket if store.storage else '?'}"
+        ),
+    )
+    return 0
+
+
+def cmd_models_pull(args: argparse.Namespace) -> int:
+    store = _bucket_store(args)
+    report = store.sync()
+    names = args.voices or [v.name for v in store.voices()]
+    for name in names:
+        store.voice(name)
+    _emit(
+        args,
+        {**report.model_dump(), "voices": names},
+        lambda: print(
+            f"base models: {len(report.downloaded)} downloaded, {len(report.unchanged)} unchanged, "
+            f"{len(report.removed)} removed; voices in the store: {', '.join(names) or 'none'}"
+        ),
+    )
+    return 0
+
+
+# --- parser ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+
+    formatter = HelpFormatter
+    parser = argparse.ArgumentParser(prog="cover", description="AI covers on one machine.", formatter_class=formatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--models-dir", help="model store (default: $COVER_MODELS_DIR or the user cache)")
+    common.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: $COVER_DEVICE or auto)")
+    common.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    cache = argparse.ArgumentParser(add_help=False)
+    cache.add_argument(
+        "--no-stem-cache",
+        action="store_true",
+        help="separate again even when the stems are cached ($COVER_STEM_CACHE_DIR)",
+    )
+    conv = argparse.ArgumentParser(add_help=False)
+    add_model_flags(conv, ConversionOptions, "conversion")
+    sep = argparse.ArgumentParser(add_help=False)
+    add_model_flags(sep, SeparationOptions, "separation", rename={"model": "separator"})
+
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("make", parents=[common, cache, conv, sep], help="render a cover", formatter_class=formatter)
+    p.add_argument("song", help="audio file or http(s) URL")
+    p.add_argument("--voice", required=True, help="voice name (see `cover models list`)")
+    p.add_argument("-o", "--output", required=True, help="the cover's file")
+    add_model_flags(p, MixOptions, "mix", exclude={"format"})
+    p.add_argument(
+        "--format",
+        choices=[f.value for f in OutputFormat],
+        help="output format (default: from the output's extension, else mp3)",
+    )
+    p.set_defaults(func=cmd_make)
+
+    p = sub.add_parser(
+        "separate",
+        parents=[common, cache, sep],
+        help="split a song into vocals and no_vocals",
+        formatter_class=formatter,
+    )
+    p.add_argument("song", help="audio file or http(s) URL")
+    p.add_argument("-o", "--output", required=True, help="folder for vocals.wav and no_vocals.wav")
+    p.set_defaults(func=cmd_separate)
+
+    p = sub.add_parser(
+        "convert", parents=[common, conv], help="convert a vocals file with a voice", formatter_class=formatter
+    )
+    p.add_argument("vocals", help="audio file of vocals alone")
+    p.add_argument("--voice", required=True, help="voice name (see `cover models list`)")
+    p.add_argument("-o", "--output", required=True, help="WAV file")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "demo", parents=[common, cache], help="write demo models and song, render a cover", formatter_class=formatter
+    )
+    p.add_argument("-o", "--output", default="demo-cover.mp3", help="the cover's file")
+    p.add_argument("--seconds", type=float, default=30.0, help="length of the generated demo song")
+    p.add_argument("--size", choices=["real", "tiny"], default="real", help="model sizes (tiny: for tests)")
+    p.set_defaults(func=cmd_demo)
+
+    models = sub.add_parser("models", help="manage the model store").add_subparsers(
+        dest="models_command", required=True
+    )
+    p = models.add_parser("list", parents=[common], help="list the local voices")
+    p.set_defaults(func=cmd_models_list)
+    p = models.add_parser(
+        "add", parents=[common], help="add a .pth, a folder or a .zip (path or URL)", formatter_class=formatter
+    )
+    p.add_argument("source", help="a .pth, a folder or a .zip, as a path or an http(s) URL")
+    p.add_argument("--name", help="the voice's name (default: from the file name)")
+    p.add_argument("--replace", action="store_true", help="replace a voice of the same name")
+    p.set_defaults(func=cmd_models_add)
+    p = models.add_parser("verify", parents=[common], help="check hashes and loadability")
+    p.add_argument("names", nargs="*", help="voices to check (default: all)")
+    p.set_defaults(func=cmd_models_verify)
+    p = models.add_parser(
+        "push", parents=[common], help="upload the local store to the bucket (models/ with its manifest, voices/)"
+    )
+    p.set_defaults(func=cmd_models_push)
+    p = models.add_parser(
+        "pull",
+        parents=[common],
+        help="make the local base models equal to the bucket's, and fetch voices (hash-checked)",
+    )
+    p.add_argument("voices", nargs="*", help="voices to fetch (default: every voice in the bucket)")
+    p.set_defaults(func=cmd_models_pull)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=os.environ.get("COVER_LOG_LEVEL", "WARNING"),
+        format='{"level":"%(levelname)s","logger":"%(name)s","message":"%(message)s"}',
+    )
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CoverError as exc:
+        _report_error(args, exc)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        _report_error(args, CoverError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
+        if os.environ.get("COVER_DEBUG"):
+            raise
+        return EXIT_INTERNAL
+
+
+def _report_error(args: argparse.Namespace, exc: CoverError) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps({"error": {"code": exc.code.value, "message": exc.message, "retryable": exc.retryable}}))
+    print(f"cover: error: {exc.message} [{exc.code.value}]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Audio I/O through FFmpeg, and the pipeline's audio constants.
+
+Arrays are float32, shaped ``[channels, samples]``, values in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel
+from scipy.io import wavfile
+
+from job.render.ffmpeg import decode_command, last_line, require_ffmpeg
+from shared.errors import CoverError, ErrorCode
+
+MIX_SAMPLE_RATE = 44100  # Demucs' rate; the instrumental and the final mix use it.
+CONTENT_SAMPLE_RATE = 16000  # HuBERT and every pitch tracker work at 16 kHz.
+SILENCE_DBFS = -70.0  # a file whose peak stays below this is "pure silence".
+
+
+def decode(path: Path, sample_rate: int, channels: int) -> tuple[np.ndarray, str]:
+    """Decode any FFmpeg-readable file to ``[channels, samples]`` float32.
+
+    Returns the samples and FFmpeg's error output (empty when the stream decoded cleanly).
+    """
+    require_ffmpeg()
+    proc = subprocess.run(decode_command(path, sample_rate, channels), capture_output=True, check=False)
+    if proc.returncode != 0 and not proc.stdout:
+        raise CoverError(
+            ErrorCode.INPUT_NOT_AUDIO, f"{path.name} could not be decoded as audio: {last_line(proc.stderr)}"
+        )
+    audio = np.frombuffer(proc.stdout, dtype=np.float32)
+    audio = audio[: len(audio) - len(audio) % channels].reshape(-1, channels).T.copy()
+    return audio, proc.stderr.decode(errors="replace").strip()
+
+
+class Decoded(BaseModel):
+    """What :func:`decode_to_wav` wrote: length, peak before clipping, FFmpeg's error output."""
+
+    frames: int
+    peak: float
+    errors: str
+
+    @property
+    def peak_dbfs(self) -> float:
+        return 20.0 * float(np.log10(self.peak)) if self.peak > 0 else float("-inf")
+
+
+def decode_to_wav(
+    path: Path, out: Path, sample_rate: int, channels: int, max_frames: int | None = None, block_frames: int = 1 << 18
+) -> Decoded:
+    """Decode any FFmpeg-readable file into the float WAV ``out``, clipped to [-1, 1], block by
+    block (memory stays that of one block whatever the length). Stops reading after ``max_frames``
+    plus one block, so an over-long file is not decoded to its end."""
+    require_ffmpeg()
+    cmd = decode_command(path, sample_rate, channels)
+    block_bytes = block_frames * channels * 4
+    peak = 0.0
+    with tempfile.TemporaryFile() as stderr, WavWriter(out, sample_rate, channels) as writer:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr)
+        assert proc.stdout is not None
+        pending = b""
+        while True:
+            chunk = proc.stdout.read(block_bytes)
+            if not chunk:
+                break
+            data = pending + chunk
+            usable = len(data) - len(data) % (channels * 4)
+            pending = data[usable:]
+            block = np.frombuffer(data[:usable], dtype=np.float32).reshape(-1, channels).T
+            if block.size:
+                peak = max(peak, float(np.max(np.abs(block))))
+                writer.write(np.clip(block, -1.0, 1.0))
+            if max_frames is not None and writer.frames > max_frames:
+                proc.kill()
+                break
+        proc.stdout.close()
+        code = proc.wait()
+        stderr.seek(0)
+        errors = stderr.read()
+        if code != 0 and writer.frames == 0:
+            raise CoverError(
+                ErrorCode.INPUT_NOT_AUDIO, f"{path.name} could not be decoded as audio: {last_line(errors)}"
+            )
+        return Decoded(frames=writer.frames, peak=peak, errors=errors.decode(errors="replace").strip())
+
+
+def write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> Path:
+    """Write ``[channels, samples]`` (or ``[samples]``) float32 as a 32-bit float WAV."""
+    data = np.asarray(audio, dtype=np.float32)
+    with WavWriter(path, sample_rate, data.shape[0] if data.ndim == 2 else 1) as writer:
+        writer.write(data)
+    return path
+
+
+class WavWriter:
+    """A 32-bit float WAV written block by block (``[channels, samples]`` blocks), so a stem never
+    has to be whole in memory; the RIFF sizes are filled in on close.
+
+    Kept over libsndfile (``soundfile.SoundFile``): writing 3.7 minutes of stereo float in 64k-frame
+    blocks took 0.18-0.24 s here against 0.40-0.53 s through soundfile (5 runs each, README)."""
+
+    _HEADER = struct.Struct("<4sI4s4sIHHIIHHH4sII4sI")  # RIFF, fmt (18 bytes), fact, data
+
+    def __init__(self, path: Path, sample_rate: int, channels: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.sample_rate, self.channels = path, sample_rate, channels
+        self.frames = 0
+        self._file = open(path, "wb")  # noqa: SIM115 - closed by close() / the with-block
+        self._file.write(self._header())
+
+    def _header(self) -> bytes:
+        data_bytes = self.frames * self.channels * 4
+        if data_bytes + self._HEADER.size > 0xFFFFFFFF:
+            raise CoverError(ErrorCode.INTERNAL, f"{self.path.name}: over 4 GiB, too long for a WAV file")
+        return self._HEADER.pack(
+            b"RIFF",
+            self._HEADER.size - 8 + data_bytes,
+            b"WAVE",
+            b"fmt ",
+            18,
+            3,
+            self.channels,
+            self.sample_rate,
+            self.sample_rate * self.channels * 4,
+            self.channels * 4,
+            32,
+            0,
+            b"fact",
+            4,
+            self.frames,
+            b"data",
+            data_bytes,
+        )
+
+    def write(self, block: np.ndarray) -> None:
+        block = np.asarray(block, dtype=np.float32).reshape(self.channels, -1)
+        self._file.write(np.ascontiguousarray(block.T).tobytes())
+        self.frames += block.shape[1]
+
+    def close(self) -> Path:
+        if not self._file.closed:
+            self._file.seek(0)
+            self._file.write(self._header())
+            self._file.close()
+        return self.path
+
+    def __enter__(self) -> WavWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_wav(path: Path, mmap: bool = False) -> tuple[np.ndarray, int]:
+    """Read a WAV written by :func:`write_wav` (or any PCM WAV) as ``[channels, samples]``.
+    ``mmap`` (float WAVs only): a read-only view of the file, paged in as it is read."""
+    sample_rate, data = wavfile.read(path, mmap=mmap)
+    if mmap and data.dtype == np.float32:
+        return (data[None] if data.ndim == 1 else data.T), int(sample_rate)
+    if data.dtype.kind == "i":
+        data = data.astype(np.float32) / np.iinfo(data.dtype).max
+    data = np.asarray(data, dtype=np.float32)
+    return (data[None] if data.ndim == 1 else data.T).copy(), int(sample_rate)

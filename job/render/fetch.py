@@ -1,0 +1,136 @@
+"""Stage 1, fetch: bring a song into the work folder and check that it is usable audio.
+
+Limits (all raise :class:`CoverError` with the code in brackets):
+
+* the source must exist [input.not_found] and be non-empty [input.empty];
+* ffprobe must recognise it [input.not_audio] and find an audio stream [input.no_audio_stream];
+* it must decode to the length its header announces (within 2 %) [input.truncated];
+* its peak must rise above -70 dBFS [input.silent];
+* it must be at most ``max_duration_s`` long, 15 minutes by default [input.too_long];
+* a download must answer 2xx [input.download_failed] and stay under ``max_download_bytes``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from urllib.parse import urlparse
+
+import requests
+from pydantic import BaseModel
+
+from job.render.audio import MIX_SAMPLE_RATE, SILENCE_DBFS, decode_to_wav
+from job.render.ffmpeg import probe
+from shared.errors import CoverError, ErrorCode
+from shared.hashing import sha256_of
+
+
+class SongAudio(BaseModel):
+    """A fetched, validated song: the original file and its decoded 44.1 kHz stereo WAV."""
+
+    source: str
+    original: Path
+    wav: Path
+    duration_s: float
+    sample_rate: int
+    channels: int
+    codec: str
+    sha256: str
+
+
+def is_url(source: str) -> bool:
+    return urlparse(source).scheme in ("http", "https")
+
+
+def download(url: str, dest: Path, max_bytes: int, timeout_s: float = 60.0) -> Path:
+    """Stream ``url`` to ``dest``; a partial download never stays behind."""
+    tmp = dest.with_suffix(dest.suffix + ".part")
+    try:
+        with requests.get(url, stream=True, timeout=timeout_s) as response:
+            if response.status_code >= 400:
+                raise CoverError(
+                    ErrorCode.INPUT_DOWNLOAD_FAILED,
+                    f"download of {url} answered HTTP {response.status_code}",
+                    retryable=response.status_code >= 500,
+                )
+            size = 0
+            with open(tmp, "wb") as out:
+                for block in response.iter_content(1 << 16):
+                    size += len(block)
+                    if size > max_bytes:
+                        raise CoverError(ErrorCode.INPUT_TOO_LONG, f"download of {url} exceeds {max_bytes} bytes")
+                    out.write(block)
+    except requests.RequestException as exc:
+        tmp.unlink(missing_ok=True)
+        raise CoverError(ErrorCode.INPUT_DOWNLOAD_FAILED, f"download of {url} failed: {exc}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(dest)
+    return dest
+
+
+def _duration(info: dict) -> float | None:
+    for value in (info["stream"].get("duration"), info["format"].get("duration")):
+        try:
+            if value is not None:
+                return float(value)
+        except ValueError:
+            continue
+    return None
+
+
+def fetch(
+    source: str | Path, work_dir: Path, max_duration_s: float = 900.0, max_download_bytes: int = 500 * 2**20
+) -> SongAudio:
+    """Copy or download ``source`` into ``work_dir``, validate it, and decode it once."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    source_str = str(source)
+    if is_url(source_str):
+        suffix = Path(urlparse(source_str).path).suffix or ".audio"
+        original = download(source_str, work_dir / f"source{suffix}", max_download_bytes)
+    else:
+        path = Path(source_str).expanduser()
+        if not path.is_file():
+            raise CoverError(ErrorCode.INPUT_NOT_FOUND, f"song not found: {path}")
+        original = work_dir / f"source{path.suffix}"
+        if path.resolve() != original.resolve():
+            shutil.copyfile(path, original)
+    if original.stat().st_size == 0:
+        raise CoverError(ErrorCode.INPUT_EMPTY, f"{Path(source_str).name} is empty (0 bytes)")
+
+    label = Path(urlparse(source_str).path).name if is_url(source_str) else Path(source_str).name
+    info = probe(original, label)
+    announced = _duration(info)
+    if announced is not None and announced > max_duration_s:
+        raise CoverError(
+            ErrorCode.INPUT_TOO_LONG, f"the song lasts {announced:.0f} s; the limit is {max_duration_s:.0f} s"
+        )
+    wav = work_dir / "song.wav"
+    max_frames = int(max_duration_s * MIX_SAMPLE_RATE)
+    decoded_audio = decode_to_wav(original, wav, MIX_SAMPLE_RATE, 2, max_frames=max_frames)
+    decoded, errors = decoded_audio.frames / MIX_SAMPLE_RATE, decoded_audio.errors
+    if decoded_audio.frames == 0:
+        raise CoverError(ErrorCode.INPUT_EMPTY, f"{label} decodes to no audio samples")
+    if decoded_audio.frames > max_frames:
+        raise CoverError(ErrorCode.INPUT_TOO_LONG, f"the song lasts over {max_duration_s:.0f} s, the limit")
+    if announced is not None and decoded < 0.98 * announced - 0.05:
+        raise CoverError(
+            ErrorCode.INPUT_TRUNCATED,
+            f"the file announces {announced:.2f} s but only {decoded:.2f} s decode; it looks truncated",
+        )
+    if decoded_audio.peak_dbfs < SILENCE_DBFS:
+        raise CoverError(ErrorCode.INPUT_SILENT, "the song is silent (peak below -70 dBFS)")
+    if errors and "Invalid data" in errors and announced is None:
+        raise CoverError(ErrorCode.INPUT_TRUNCATED, f"{label} is damaged: {errors.splitlines()[0]}")
+    stream = info["stream"]
+    return SongAudio(
+        source=source_str,
+        original=original,
+        wav=wav,
+        duration_s=decoded,
+        sample_rate=int(stream.get("sample_rate", 0) or 0),
+        channels=int(stream.get("channels", 0) or 0),
+        codec=str(stream.get("codec_name", "")),
+        sha256=sha256_of(original),
+    )

@@ -1,0 +1,166 @@
+"""The whole cover: fetch -> separate -> convert -> mix. The only place the stages are sequenced.
+
+The worker, the command line and the benchmark all call :meth:`Pipeline.render` (or one of its
+stages). One :class:`Pipeline` keeps its models loaded, so a long-running runner renders many songs
+without reloading anything. With a :class:`~job.render.stems.StemCache`, separation is skipped for
+a song whose stems were made before with the same model and settings.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from job.render.convert import ConversionOptions, ConvertedVocals, VoiceConverter, convert_vocals
+from job.render.fetch import SongAudio, fetch
+from job.render.mix import MixResult, mix
+from job.render.separate import Separator
+from job.render.stems import StemCache, Stems
+from job.render.timing import StageTimer
+from shared.model_store import ModelStore, ResolvedVoice
+from shared.options import MixOptions, SeparationOptions
+from shared.settings import Settings
+
+STAGES = ("fetch", "separate", "convert", "mix")
+StageProgress = Callable[[str, float], None]
+
+
+class CoverOptions(BaseModel):
+    conversion: ConversionOptions = Field(default_factory=ConversionOptions)
+    separation: SeparationOptions = Field(default_factory=SeparationOptions)
+    mix: MixOptions = Field(default_factory=MixOptions)
+
+
+class CoverResult(BaseModel):
+    output: Path
+    voice: str
+    song: SongAudio
+    mix: MixResult
+    conversion: ConvertedVocals
+    stems_cached: bool
+    timings: dict[str, float]
+
+    @property
+    def total_s(self) -> float:
+        return sum(self.timings.values())
+
+
+class Pipeline:
+    def __init__(
+        self, settings: Settings, store: ModelStore | None = None, stem_cache: StemCache | None = None
+    ) -> None:
+        self.settings = settings
+        self.store = store or ModelStore(settings.models_dir)
+        self.stem_cache = stem_cache
+        self.converter = VoiceConverter(
+            self.store, settings.device, precision=settings.precision, kernels=settings.kernels
+        )
+        self._separators: dict[str, Separator] = {}
+
+    def separator(self, options: SeparationOptions) -> Separator:
+        key = options.model_dump_json()
+        if key not in self._separators:
+            self._separators[key] = Separator(
+                self.store,
+                options,
+                self.settings.device,
+                self.settings.allow_hub_download,
+                self.settings.precision,
+                self.settings.kernels,
+            )
+        return self._separators[key]
+
+    @contextmanager
+    def workdir(self) -> Iterator[Path]:
+        self.settings.work_dir.mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix="cover-", dir=self.settings.work_dir))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    # --- the stages ----------------------------------------------------------------------------
+    def fetch(self, song: str | Path, work: Path) -> SongAudio:
+        return fetch(song, work, self.settings.max_duration_s, self.settings.max_download_bytes)
+
+    def separate(
+        self,
+        song: SongAudio,
+        out_dir: Path,
+        options: SeparationOptions,
+        progress: Callable[[float], None] | None = None,
+    ) -> tuple[Stems, bool]:
+        """The song's stems in ``out_dir`` and whether they came from the stem cache."""
+        separator = self.separator(options)
+        key = separator.stem_key(song.sha256)
+        if self.stem_cache is not None:
+            cached = self.stem_cache.get(key, out_dir, song.sample_rate or 44100)
+            if cached is not None:
+                if progress:
+                    progress(1.0)
+                return cached, True
+        stems = separator.separate(song.wav, out_dir, progress)
+        if self.stem_cache is not None:
+            self.stem_cache.put(key, stems)
+        return stems, False
+
+    def convert(
+        self,
+        vocals: Path,
+        voice: ResolvedVoice,
+        out: Path,
+        options: ConversionOptions,
+        progress: Callable[[float], None] | None = None,
+    ) -> ConvertedVocals:
+        return convert_vocals(self.converter, vocals, voice, out, options, progress)
+
+    # --- the whole cover -----------------------------------------------------------------------
+    def render(
+        self,
+        song: str | Path,
+        voice: ResolvedVoice,
+        out: Path,
+        options: CoverOptions | None = None,
+        progress: StageProgress | None = None,
+        title: str | None = None,
+    ) -> CoverResult:
+        """Render a cover of ``song`` (a file or URL) sung by ``voice`` into ``out``."""
+        options = options or CoverOptions()
+        report = progress or (lambda stage, fraction: None)
+        timer = StageTimer()
+        with self.workdir() as work:
+            with timer("fetch"):
+                fetched = self.fetch(song, work)
+            report("fetch", 1.0)
+            with timer("separate"):
+                stems, cached = self.separate(
+                    fetched, work / "stems", options.separation, lambda f: report("separate", f)
+                )
+            with timer("convert"):
+                converted = self.convert(
+                    stems.vocals, voice, work / "converted.wav", options.conversion, lambda f: report("convert", f)
+                )
+            with timer("mix"):
+                mixed = mix(
+                    stems.no_vocals,
+                    converted.path,
+                    Path(out),
+                    options.mix,
+                    voice_name=voice.name,
+                    title=title or f"{Path(str(song)).stem} ({voice.info.display_name} cover)",
+                )
+            report("mix", 1.0)
+        return CoverResult(
+            output=Path(out),
+            voice=voice.name,
+            song=fetched,
+            mix=mixed,
+            conversion=converted,
+            stems_cached=cached,
+            timings=timer.timings,
+        )

@@ -1,0 +1,350 @@
+"""The conversion engine: content + pitch + retrieval + synthesis over audio of any length.
+
+Long audio is cut into bounded chunks at its quietest points (memory stays flat), each chunk is
+converted with half a second of real context on both sides, and neighbouring chunks crossfade
+over 40 ms. Stretches of silence are not synthesised at all. The output has exactly
+``round(len(input) * voice_rate / input_rate)`` samples.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel
+from scipy.signal import butter, resample_poly, sosfiltfilt
+
+from job.render.compute import release_freed_memory, resolve_device, resolve_kernels, resolve_precision
+from job.render.rvc import pitch as pitch_mod
+from job.render.rvc.checkpoint import build_synthesizer, read_checkpoint
+from job.render.rvc.content import HOP as CONTENT_HOP
+from job.render.rvc.content import ContentEncoder, load_content_encoder
+from job.render.rvc.retrieval import FeatureIndex
+from job.render.rvc.rmvpe import RMVPE
+from job.render.rvc.synthesizer import Synthesizer
+from shared.errors import CoverError, ErrorCode
+from shared.model_store import ModelStore, ResolvedVoice
+from shared.options import ConversionOptions, F0Method
+from shared.voices import VoiceInfo
+
+SR = 16000
+CONTEXT = 25 * CONTENT_HOP  # 0.5 s of context either side of a chunk
+CROSSFADE = 2 * CONTENT_HOP  # 40 ms crossfade (20 ms each side of a cut)
+SILENCE_RMS_DB = -60.0  # 10 ms frames quieter than this are silence
+MIN_GAP_S = 0.5  # shorter silences are synthesised through
+REGION_PAD_S = 0.1
+HIGHPASS_HZ = 48.0
+
+ProgressFn = Callable[[float], None]
+
+
+class PartTimes(BaseModel):
+    content: float = 0.0
+    pitch: float = 0.0
+    retrieval: float = 0.0
+    synthesis: float = 0.0
+
+
+@dataclass
+class Voice:
+    name: str
+    synth: Synthesizer
+    version: str
+    f0: bool
+    sample_rate: int
+    index: FeatureIndex | None = None
+    info: VoiceInfo | None = None
+
+
+@dataclass
+class ConversionResult:
+    audio: np.ndarray  # [samples] float32 at sample_rate
+    sample_rate: int
+    pitch_shift: int
+    times: PartTimes
+    chunks: int
+    synthesised_s: float
+    extra: dict = field(default_factory=dict)
+
+
+def to_16k(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Mono float32 at 16 kHz (polyphase resampling)."""
+    mono = audio.mean(axis=0) if audio.ndim == 2 else audio
+    if sample_rate != SR:
+        g = np.gcd(SR, sample_rate)
+        mono = resample_poly(mono, SR // g, sample_rate // g)
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def plan_chunks(x: np.ndarray, max_chunk_s: float) -> list[tuple[int, int]]:
+    """[(start, end)] in 16 kHz samples, multiples of 320, covering the non-silent parts."""
+    frames = len(x) // 160
+    if frames == 0:
+        return []
+    rms = np.sqrt(np.mean(x[: frames * 160].reshape(frames, 160).astype(np.float64) ** 2, axis=1) + 1e-20)
+    loud = 20 * np.log10(rms) > SILENCE_RMS_DB
+    regions: list[list[int]] = []
+    gap = int(MIN_GAP_S * 100)
+    for i in map(int, np.flatnonzero(loud)):
+        if regions and i - regions[-1][1] <= gap:
+            regions[-1][1] = i + 1
+        else:
+            regions.append([i, i + 1])
+    pad = int(REGION_PAD_S * 100)
+    max_frames = int(max_chunk_s * 100)
+    chunks: list[tuple[int, int]] = []
+    for first, last in regions:
+        start, end = max(0, first - pad), min(frames, last + pad)
+        while end - start > max_frames:  # cut at the quietest 10 ms in the last half of the window
+            lo = start + max_frames // 2
+            cut = lo + int(np.argmin(rms[lo : start + max_frames]))
+            chunks.append((start, cut))
+            start = cut
+        chunks.append((start, end))
+    hop2 = CONTENT_HOP // 160  # frames per 320 samples
+    aligned: list[tuple[int, int]] = []
+    for start, end in chunks:
+        a, b = (start // hop2) * hop2 * 160, -(-end // hop2) * hop2 * 160
+        if aligned and a < aligned[-1][1]:
+            a = aligned[-1][1]
+        if b > a:
+            aligned.append((int(a), int(b)))
+    return aligned
+
+
+def frame_rms(x: np.ndarray, sample_rate: int) -> np.ndarray:
+    """RMS over 1 s windows centred every 0.5 s (frame k at k * 0.5 s), computed block by block."""
+    hop = sample_rate // 2
+    n_hops = -(-len(x) // hop)
+    sums = np.zeros(n_hops + 1, dtype=np.float64)
+    block = 512 * hop
+    for start in range(0, len(x), block):
+        seg = x[start : start + block].astype(np.float64)
+        seg = np.pad(seg, (0, -len(seg) % hop))
+        sums[start // hop : start // hop + len(seg) // hop] = np.square(seg).reshape(-1, hop).sum(axis=1)
+    windows = sums + np.concatenate([[0.0], sums[:-1]])  # hops k-1 and k around centre k
+    return np.sqrt(windows / (2 * hop)).astype(np.float32)
+
+
+def mix_rms(out: np.ndarray, out_rate: int, source: np.ndarray, source_rate: int, rate: float) -> None:
+    """RVC's ``rms_mix_rate``: give ``out`` (in place) the source's loudness envelope to the power
+    1 - rate; rate 1 keeps the output's own envelope."""
+    src, res = frame_rms(source, source_rate), np.maximum(frame_rms(out, out_rate), 1e-6)
+    k = min(len(src), len(res))
+    gain = (src[:k].astype(np.float64) ** (1 - rate)) * (res[:k].astype(np.float64) ** (rate - 1))
+    hop = out_rate // 2
+    block = 1 << 20
+    for start in range(0, len(out), block):
+        positions = np.arange(start, min(len(out), start + block)) / hop
+        out[start : start + block] *= np.interp(positions, np.arange(k), gain).astype(np.float32)
+
+
+class VoiceConverter:
+    """Holds the shared models (content encoder, RMVPE) and loaded voices between conversions."""
+
+    def __init__(
+        self,
+        store: ModelStore,
+        device: str = "auto",
+        max_chunk_s: float = 20.0,
+        precision: str = "auto",
+        kernels: str = "fast",
+    ) -> None:
+        self.store = store
+        self.device = resolve_device(device)
+        self.synth_dtype = resolve_precision(precision, self.device)
+        self.fast_kernels = resolve_kernels(kernels)
+        self.max_chunk_s = max_chunk_s
+        self._content: ContentEncoder | None = None
+        self._rmvpe: RMVPE | None = None
+        self._voices: dict[tuple[str, float], Voice] = {}
+
+    # --- shared models -------------------------------------------------------------------------
+    def content_encoder(self) -> ContentEncoder:
+        if self._content is None:
+            self._content = load_content_encoder(self.store.content_encoder()).to(self.device)
+        return self._content
+
+    def rmvpe(self) -> RMVPE:
+        if self._rmvpe is None:
+            self._rmvpe = RMVPE.load(self.store.pitch_model(), self.device)
+        return self._rmvpe
+
+    # --- voices --------------------------------------------------------------------------------
+    def load_voice_file(self, pth: Path, index: Path | None = None, info: VoiceInfo | None = None) -> Voice:
+        key = (str(pth), pth.stat().st_mtime if pth.exists() else 0.0)
+        if key not in self._voices:
+            ckpt = read_checkpoint(pth)
+            synth = build_synthesizer(ckpt, pth.name).to(self.device)
+            feature_index = FeatureIndex.load(index) if index is not None and index.is_file() else None
+            if feature_index is not None and feature_index.dim != synth.content_dim:
+                raise CoverError(
+                    ErrorCode.MODEL_MISMATCH,
+                    f"{pth.parent.name}'s index holds {feature_index.dim}-dim features; "
+                    f"the voice takes {synth.content_dim}",
+                )
+            self._voices[key] = Voice(
+                name=info.name if info else pth.stem,
+                synth=synth,
+                version=ckpt.version,
+                f0=ckpt.f0,
+                sample_rate=ckpt.config.sr,
+                index=feature_index,
+                info=info,
+            )
+        return self._voices[key]
+
+    def load_voice(self, voice: ResolvedVoice) -> Voice:
+        return self.load_voice_file(voice.model_path, voice.index_path, voice.info)
+
+    # --- parts ---------------------------------------------------------------------------------
+    def track_pitch(self, x: np.ndarray, method: F0Method, filter_radius: int) -> np.ndarray:
+        if method is F0Method.RMVPE:
+            f0 = self.rmvpe().f0(x)
+        elif method in (F0Method.CREPE, F0Method.CREPE_TINY):
+            f0 = pitch_mod.track_crepe(x, "full" if method is F0Method.CREPE else "tiny", str(self.device))
+        elif method is F0Method.HARVEST:
+            f0 = pitch_mod.track_harvest(x)
+        else:
+            f0 = pitch_mod.track_pm(x)
+        return pitch_mod.smooth(pitch_mod.fit_length(f0, len(x) // 160 + 1), filter_radius)
+
+    def _segment(self, x: np.ndarray, a: int, b: int) -> np.ndarray:
+        lo, hi = a - CONTEXT, b + CONTEXT
+        seg = x[max(0, lo) : min(len(x), hi)]
+        return np.pad(seg, (max(0, -lo), max(0, hi - len(x))))
+
+    # --- the whole conversion ------------------------------------------------------------------
+    def convert(
+        self,
+        audio: np.ndarray,
+        sample_rate: int,
+        voice: Voice,
+        options: ConversionOptions | None = None,
+        progress: ProgressFn | None = None,
+    ) -> ConversionResult:
+        options = options or ConversionOptions()
+        times = PartTimes()
+        out_len = round(audio.shape[-1] * voice.sample_rate / sample_rate)
+        x = to_16k(audio, sample_rate)
+        n_in = len(x)
+        x = np.pad(x, (0, -len(x) % CONTENT_HOP))
+        x = (
+            sosfiltfilt(butter(5, HIGHPASS_HZ, btype="high", fs=SR, output="sos"), x).astype(np.float32)
+            if len(x) > 60
+            else x
+        )
+        chunks = plan_chunks(x, self.max_chunk_s)
+        ratio = voice.sample_rate / SR
+        upp = voice.synth.upp
+
+        pitch_share = 0.15 if voice.f0 else 0.0  # of the progress bar: pitch pass, then synthesis
+        t0 = time.perf_counter()
+        f0s: list[np.ndarray | None] = []
+        for i, (a, b) in enumerate(chunks):
+            f0s.append(
+                self.track_pitch(self._segment(x, a, b), options.f0_method, options.filter_radius) if voice.f0 else None
+            )
+            if progress and voice.f0:
+                progress(pitch_share * (i + 1) / len(chunks))
+        times.pitch += time.perf_counter() - t0
+        if options.pitch == "auto":
+            central = [f[CONTEXT // 160 : -(CONTEXT // 160)] for f in f0s if f is not None]
+            singer = pitch_mod.median_voiced(np.concatenate(central)) if central else None
+            semitones = pitch_mod.auto_shift(singer, voice.info.vocal_range_hz if voice.info else None)
+        else:
+            semitones = int(options.pitch)
+
+        out = np.zeros(int(len(x) * ratio) + upp, dtype=np.float32)
+        xf_out = int(CROSSFADE * ratio)
+        half = CROSSFADE // 2
+        encoder = self.content_encoder() if chunks else None
+        if encoder is not None and encoder.hidden_size != 768 and voice.version == "v2":
+            raise CoverError(
+                ErrorCode.MODEL_MISMATCH, f"v2 voices need 768-dim HuBERT features, not {encoder.hidden_size}"
+            )
+        synthesised = 0
+        for i, ((a, b), f0) in enumerate(zip(chunks, f0s, strict=True)):
+            assert encoder is not None  # there are chunks
+            seg = self._segment(x, a, b)
+            wav = torch.from_numpy(seg).to(self.device)[None]
+            t0 = time.perf_counter()
+            feats = encoder.features(F.pad(wav, (40, 40)), voice.version)[0]  # [len/320, D]
+            times.content += time.perf_counter() - t0
+            if feats.shape[-1] != voice.synth.content_dim:
+                raise CoverError(
+                    ErrorCode.MODEL_MISMATCH,
+                    f"content features are {feats.shape[-1]}-dim; the voice takes {voice.synth.content_dim}",
+                )
+            t0 = time.perf_counter()
+            feats0 = feats
+            if voice.index is not None and options.index_rate > 0:
+                blended = voice.index.blend(feats.float().cpu().numpy(), options.index_rate)
+                feats = torch.from_numpy(blended).to(self.device)
+            times.retrieval += time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            frames = 2 * feats.shape[0]
+            phone = feats.repeat_interleave(2, dim=0)[None]
+            pitch = pitchf = None
+            if voice.f0 and f0 is not None:
+                f = pitch_mod.shift(f0[:frames], semitones)
+                pitchf = torch.from_numpy(f).to(self.device)[None]
+                pitch = torch.from_numpy(pitch_mod.coarse(f.copy())).to(self.device)[None]
+                if options.protect < 0.5:
+                    mask = torch.where(pitchf > 0, 1.0, options.protect)[..., None]
+                    phone = phone * mask + feats0.repeat_interleave(2, dim=0)[None] * (1 - mask)
+            generator = torch.Generator(device=self.device).manual_seed(options.seed * 1_000_003 + int(a))
+            with torch.inference_mode():
+                y = (
+                    voice.synth.infer(
+                        phone,
+                        pitch,
+                        pitchf,
+                        options.speaker,
+                        generator,
+                        decoder_dtype=self.synth_dtype,
+                        fast=self.fast_kernels,
+                    )[0]
+                    .cpu()
+                    .numpy()
+                )
+            times.synthesis += time.perf_counter() - t0
+            synthesised += b - a
+
+            # keep [a - 20 ms, b + 20 ms] and crossfade with the neighbours
+            lo = int((CONTEXT - half) * ratio)
+            piece = y[lo : lo + int((b - a + CROSSFADE) * ratio)].copy()
+            ramp = np.linspace(0.0, 1.0, xf_out, dtype=np.float32)
+            piece[:xf_out] *= ramp[: len(piece[:xf_out])]
+            piece[-xf_out:] *= ramp[::-1][-len(piece[-xf_out:]) :]
+            start = int((a - half) * ratio)
+            if start < 0:
+                piece, start = piece[-start:], 0
+            end = min(len(out), start + len(piece))
+            out[start:end] += piece[: end - start]
+            release_freed_memory()
+            if progress:
+                progress(pitch_share + (1 - pitch_share) * (i + 1) / len(chunks))
+
+        out = out[:out_len]
+        if len(out) < out_len:
+            out = np.pad(out, (0, out_len - len(out)))
+        if options.rms_mix_rate < 1 and chunks:
+            mix_rms(out, voice.sample_rate, x[:n_in], SR, options.rms_mix_rate)
+        np.clip(out, -1, 1, out=out)
+        if progress:
+            progress(1.0)
+        return ConversionResult(
+            audio=out,
+            sample_rate=voice.sample_rate,
+            pitch_shift=semitones,
+            times=times,
+            chunks=len(chunks),
+            synthesised_s=synthesised / SR,
+        )

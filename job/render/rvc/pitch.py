@@ -1,0 +1,93 @@
+"""Pitch (f0) tracking, shifting and quantising, as RVC voices expect it.
+
+Every tracker returns f0 in Hz on a 10 ms grid of 16 kHz audio (one value per 160 samples),
+0 where unvoiced. Methods: ``rmvpe`` (default), ``crepe`` / ``crepe-tiny`` (torchcrepe's shipped
+weights), ``harvest`` (WORLD) and ``pm`` (Praat autocorrelation).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.signal import medfilt
+
+SAMPLE_RATE = 16000
+HOP = 160
+F0_MIN, F0_MAX = 50.0, 1100.0
+_MEL_MIN = 1127.0 * np.log(1.0 + F0_MIN / 700.0)
+_MEL_MAX = 1127.0 * np.log(1.0 + F0_MAX / 700.0)
+
+
+def fit_length(f0: np.ndarray, frames: int) -> np.ndarray:
+    """Trim or zero-pad (centred, as for Praat's shorter track) to ``frames`` values."""
+    if len(f0) >= frames:
+        return f0[:frames]
+    left = (frames - len(f0)) // 2
+    return np.pad(f0, (left, frames - len(f0) - left))
+
+
+def track_crepe(audio: np.ndarray, model: str = "full", device: str = "cpu") -> np.ndarray:
+    import torch
+    import torchcrepe
+
+    x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None]
+    f0, periodicity = torchcrepe.predict(
+        x, SAMPLE_RATE, HOP, F0_MIN, F0_MAX, model, batch_size=512, device=device, return_periodicity=True, pad=True
+    )
+    periodicity = torchcrepe.filter.median(periodicity, 3)
+    f0 = torchcrepe.filter.mean(f0, 3)
+    f0[periodicity < 0.1] = 0
+    return f0[0].cpu().numpy().astype(np.float32)
+
+
+def track_harvest(audio: np.ndarray) -> np.ndarray:
+    import pyworld
+
+    x = audio.astype(np.float64)
+    f0, t = pyworld.harvest(x, fs=SAMPLE_RATE, f0_floor=F0_MIN, f0_ceil=F0_MAX, frame_period=10)
+    return pyworld.stonemask(x, f0, t, SAMPLE_RATE).astype(np.float32)
+
+
+def track_pm(audio: np.ndarray) -> np.ndarray:
+    import parselmouth
+
+    sound = parselmouth.Sound(audio.astype(np.float64), SAMPLE_RATE)
+    pitch = sound.to_pitch_ac(
+        time_step=HOP / SAMPLE_RATE, voicing_threshold=0.6, pitch_floor=F0_MIN, pitch_ceiling=F0_MAX
+    )
+    return np.nan_to_num(pitch.selected_array["frequency"]).astype(np.float32)
+
+
+def smooth(f0: np.ndarray, filter_radius: int) -> np.ndarray:
+    """Median filter of width ``filter_radius`` (made odd) when it is 3 or more; keeps silences."""
+    if filter_radius < 3:
+        return f0
+    width = filter_radius if filter_radius % 2 else filter_radius + 1
+    return medfilt(f0, width).astype(np.float32)
+
+
+def shift(f0: np.ndarray, semitones: float) -> np.ndarray:
+    return (f0 * 2.0 ** (semitones / 12.0)).astype(np.float32)
+
+
+def coarse(f0: np.ndarray) -> np.ndarray:
+    """Hz -> the 1..255 mel-scale bins the pitch embedding takes (1 = unvoiced)."""
+    mel = 1127.0 * np.log(1.0 + f0 / 700.0)
+    voiced = mel > 0
+    mel[voiced] = (mel[voiced] - _MEL_MIN) * 254.0 / (_MEL_MAX - _MEL_MIN) + 1.0
+    return np.rint(np.clip(mel, 1.0, 255.0)).astype(np.int64)
+
+
+def median_voiced(f0: np.ndarray) -> float | None:
+    voiced = f0[f0 > 0]
+    return float(np.median(voiced)) if voiced.size >= 10 else None
+
+
+def auto_shift(singer_median_hz: float | None, voice_range_hz: tuple[float, float] | None) -> int:
+    """Semitones (a whole number of octaves) that bring the singer's median pitch nearest to the
+    centre (geometric mean) of the voice's typical range. Whole octaves keep the song's key, so the
+    converted vocals still fit the instrumental; 0 when either pitch is unknown."""
+    if not singer_median_hz or not voice_range_hz:
+        return 0
+    centre = float(np.sqrt(voice_range_hz[0] * voice_range_hz[1]))
+    octaves = int(np.round(np.log2(centre / singer_median_hz)))
+    return 12 * max(-2, min(2, octaves))

@@ -1,0 +1,298 @@
+"""Stage 2, separate: Demucs splits a song into ``vocals`` and ``no_vocals``.
+
+Models come from the store's ``separation/`` folder, in Demucs' own local-repo layout: a bag
+``NAME.yaml`` (``models: [SIG, ...]``, optional ``weights`` and ``segment``) and one package
+``SIG-CHECKSUM.th`` per model, where CHECKSUM is the start of the file's sha256. Packages are
+loaded without running pickled code (:mod:`job.render.safe_load`), allowing only Demucs' model
+classes. With ``allow_download`` a name missing from the store is fetched the normal Demucs way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+import yaml
+
+from job.render.audio import MIX_SAMPLE_RATE, WavWriter, read_wav
+from job.render.compute import resolve_device, resolve_kernels, resolve_precision
+from job.render.safe_load import load_with_inert_objects
+from job.render.stems import StemKey, Stems
+from shared.errors import CoverError, ErrorCode
+from shared.hashing import sha256_of
+from shared.model_store import ModelStore
+from shared.options import SeparationOptions
+
+ProgressFn = Callable[[float], None]
+
+
+def _demucs_classes() -> dict[tuple[str, str], Any]:
+    from demucs.demucs import Demucs
+    from demucs.hdemucs import HDemucs
+    from demucs.htdemucs import HTDemucs
+
+    return {
+        ("demucs.demucs", "Demucs"): Demucs,
+        ("demucs.hdemucs", "HDemucs"): HDemucs,
+        ("demucs.htdemucs", "HTDemucs"): HTDemucs,
+    }
+
+
+def _find_package(folder: Path, sig: str) -> Path:
+    exact = folder / f"{sig}.th"
+    if exact.is_file():
+        return exact
+    matches = sorted(folder.glob(f"{sig}-*.th"))
+    if not matches:
+        raise CoverError(ErrorCode.MODEL_MISSING, f"Demucs model {sig} is not in {folder}")
+    return matches[0]
+
+
+def _checksum_in_name(path: Path) -> str | None:
+    """Demucs names a package ``SIG-CHECKSUM.th``, CHECKSUM being the start of its sha256."""
+    return path.stem.rsplit("-", 1)[1] if "-" in path.stem else None
+
+
+def load_package(path: Path) -> Any:
+    """Load one Demucs package (``klass``, ``args``, ``kwargs``, ``state``) safely and strictly."""
+    checksum = _checksum_in_name(path)
+    if checksum is not None:
+        digest = sha256_of(path)
+        if not digest.startswith(checksum):
+            raise CoverError(
+                ErrorCode.MODEL_HASH_MISMATCH,
+                f"{path.name}: sha256 starts {digest[: len(checksum)]}, expected {checksum}",
+            )
+    package = load_with_inert_objects(path, allowed=_demucs_classes())
+    try:
+        klass, args, kwargs, state = package["klass"], package["args"], package["kwargs"], package["state"]
+    except (KeyError, TypeError):
+        raise CoverError(ErrorCode.MODEL_CORRUPT, f"{path.name} is not a Demucs package") from None
+    if klass not in _demucs_classes().values():
+        raise CoverError(ErrorCode.MODEL_UNSAFE, f"{path.name} names a model class that is not Demucs'")
+    try:
+        model = klass(*args, **kwargs)
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    except (RuntimeError, TypeError) as exc:
+        raise CoverError(ErrorCode.MODEL_MISMATCH, f"{path.name} does not fit its architecture: {exc}") from None
+    return model.eval()
+
+
+def _packages(name: str, store: ModelStore, allow_download: bool) -> tuple[dict[str, Any] | None, list[Path]]:
+    """(the bag file's contents or None, the package files) of a separation model in the store."""
+    folder = store.separation_dir
+    bag_file = folder / f"{name}.yaml"
+    if bag_file.is_file():
+        bag = yaml.safe_load(bag_file.read_text())
+        return bag, [_find_package(folder, sig) for sig in bag["models"]]
+    if folder.is_dir() and (list(folder.glob(f"{name}.th")) or list(folder.glob(f"{name}-*.th"))):
+        return None, [_find_package(folder, name)]
+    if allow_download:
+        return None, []
+    raise store.missing(
+        f"the separation model '{name}'", bag_file, "or set COVER_ALLOW_HUB_DOWNLOAD=1 to let Demucs download it"
+    )
+
+
+def separation_model_digest(name: str, store: ModelStore, allow_download: bool = False) -> str:
+    """What identifies a separation model's weights, without loading them: the bag file and each
+    package's checksum (from its Demucs name ``SIG-CHECKSUM.th``, verified when it loads; the whole
+    file's sha256 for a package named without one)."""
+    bag, packages = _packages(name, store, allow_download)
+    if not packages:
+        return f"demucs-repo:{name}"
+    ids = [f"{p.name}:{_checksum_in_name(p) or sha256_of(p)}" for p in packages]
+    return hashlib.sha256(json.dumps({"bag": bag, "packages": ids}, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def load_separator_model(name: str, store: ModelStore, allow_download: bool = False) -> Any:
+    """A Demucs model or bag by name from the store (or from Demucs' repo if allowed)."""
+    from demucs.apply import BagOfModels
+
+    bag, packages = _packages(name, store, allow_download)
+    if not packages:
+        from demucs.pretrained import get_model
+
+        return get_model(name).eval()
+    models = [load_package(path) for path in packages]
+    if bag is None:
+        return models[0]
+    return BagOfModels(models, bag.get("weights"), bag.get("segment")).eval()
+
+
+@lru_cache(maxsize=4)
+def _cached_model(name: str, root: str, allow_download: bool, digest: str) -> Any:
+    """One loaded copy per model; ``digest`` in the key, so a model replaced on disk is loaded anew."""
+    return load_separator_model(name, ModelStore(Path(root)), allow_download)
+
+
+def _mono_stats(mix: np.ndarray, block: int = 1 << 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (unbiased) standard deviation of the mono downmix, read block by block: Demucs
+    normalises the whole song by them."""
+    n = mix.shape[-1]
+    total = squares = 0.0
+    for start in range(0, n, block):
+        mono = np.asarray(mix[:, start : start + block], dtype=np.float64).mean(axis=0)
+        total += float(mono.sum())
+        squares += float(np.square(mono).sum())
+    mean = total / max(n, 1)
+    var = max(squares - n * mean * mean, 0.0) / max(n - 1, 1)
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(max(var**0.5, 1e-8), dtype=torch.float32)
+
+
+class Separator:
+    """Splits songs into vocals and instrumental. Identifies its model's weights at once (for the
+    stem cache key) and loads them on the first separation, then keeps them loaded."""
+
+    def __init__(
+        self,
+        store: ModelStore,
+        options: SeparationOptions | None = None,
+        device: str = "auto",
+        allow_download: bool = False,
+        precision: str = "auto",
+        kernels: str = "fast",
+    ) -> None:
+        self.options = options or SeparationOptions()
+        self.device = resolve_device(device)
+        self.dtype = resolve_precision(precision, self.device)
+        self.kernels = kernels
+        self.fast = resolve_kernels(kernels)
+        self.store, self.allow_download = store, allow_download
+        self.model_sha256 = separation_model_digest(self.options.model, store, allow_download)
+        self._model: Any = None
+
+    @property
+    def model(self) -> Any:
+        """The Demucs model or ``BagOfModels`` (``sources``, ``samplerate``, ``segment``, ``models``, ``weights``)."""
+        if self._model is None:
+            model = _cached_model(self.options.model, str(self.store.root), self.allow_download, self.model_sha256)
+            model.to(self.device)
+            # 2-D convolution weights channels-last (fast): the same numbers from faster kernels
+            model.to(memory_format=torch.channels_last if self.fast else torch.contiguous_format)
+            if "vocals" not in model.sources:
+                raise CoverError(ErrorCode.MODEL_MISMATCH, f"model {self.options.model} has no vocals source")
+            self._model = model
+        return self._model
+
+    def stem_key(self, audio_sha256: str) -> StemKey:
+        """What determines this separator's stems of a song (the device does not)."""
+        return StemKey(
+            audio_sha256=audio_sha256,
+            model=self.options.model,
+            model_sha256=self.model_sha256,
+            segment=self.options.segment,
+            overlap=self.options.overlap,
+            shifts=self.options.shifts,
+            precision="bf16" if self.dtype == torch.bfloat16 else "fp32",
+            kernels=self.kernels,
+        )
+
+    def _models(self) -> tuple[list[Any], list[list[float]]]:
+        """The bag's models and their per-source weights (one model, weight 1, when not a bag)."""
+        models = list(getattr(self.model, "models", [self.model]))
+        weights = getattr(self.model, "weights", None) or [[1.0] * len(self.model.sources) for _ in models]
+        return models, [list(map(float, w)) for w in weights]
+
+    def blocks(self, mix: np.ndarray, progress: ProgressFn | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``[2, samples]`` at 44.1 kHz -> (vocals, no_vocals) blocks, in order, covering the song.
+
+        Demucs' split scheme, run by us so memory stays that of one segment: the song, normalised
+        by its overall mean and std, is cut into segments of the model's length every
+        ``(1 - overlap) * segment`` samples; each output sample is the triangle-weighted average of
+        the segments that cover it, so a stride of output is final once the segment starting there
+        is in, and leaves as a block. With ``shifts`` (random time shifts averaged over the whole
+        song), or a bag whose models differ in segment length, the song is separated in one piece by
+        Demucs' ``apply_model`` (memory then grows with the song).
+        """
+        from demucs.apply import TensorChunk, apply_model
+
+        mean, std = _mono_stats(mix)
+        vocal = list(self.model.sources).index("vocals")
+        models, weights = self._models()
+        seconds = {float(self.options.segment or m.segment) for m in models}
+        if self.options.shifts or len(seconds) > 1:
+            wav = ((torch.from_numpy(np.asarray(mix, dtype=np.float32)) - mean) / std)[None]
+            with torch.inference_mode(), self._autocast():
+                out = apply_model(
+                    self.model,
+                    wav,
+                    shifts=self.options.shifts,
+                    split=True,
+                    overlap=self.options.overlap,
+                    device=self.device,
+                    segment=self.options.segment,
+                )[0].float()
+            yield self._stems(out, vocal, mean, std)
+            if progress:
+                progress(1.0)
+            return
+
+        per_source = torch.tensor(weights)  # [models, sources]
+        per_source = (per_source / per_source.sum(0)).to(self.device)
+        length = mix.shape[-1]
+        segment = int(self.model.samplerate * seconds.pop())
+        stride = max(1, int((1 - self.options.overlap) * segment))
+        ramp = torch.cat([torch.arange(1, segment // 2 + 1), torch.arange(segment - segment // 2, 0, -1)]).float()
+        ramp = ramp / ramp.max()
+        acc = torch.zeros(len(self.model.sources), 2, segment)  # output from sample `offset` on
+        weight_sum = torch.zeros(segment)
+        offsets = range(0, length, stride)
+        for done, offset in enumerate(offsets, start=1):
+            # the segment with the song around it that Demucs' padding may reach (half a segment
+            # before, to the segment's end after), normalised; zeros only beyond the song's ends
+            lo, hi = max(0, offset - segment), min(length, offset + 2 * segment)
+            window = (torch.from_numpy(np.array(mix[:, lo:hi], dtype=np.float32)) - mean) / std
+            chunk = TensorChunk(window[None], offset - lo, segment)
+            with torch.inference_mode(), self._autocast():
+                parts = [
+                    apply_model(m, chunk, shifts=0, split=False, device=self.device, segment=self.options.segment)[0]
+                    .float()
+                    .mul(per_source[i][:, None, None])
+                    for i, m in enumerate(models)
+                ]
+                estimate = cast(torch.Tensor, sum(parts)).cpu()
+            n = estimate.shape[-1]
+            acc[..., :n] += ramp[:n] * estimate
+            weight_sum[:n] += ramp[:n]
+            final = min(stride, length - offset)
+            yield self._stems(acc[..., :final] / weight_sum[:final], vocal, mean, std)
+            acc = torch.cat([acc[..., final:], torch.zeros(*acc.shape[:-1], final)], dim=-1)
+            weight_sum = torch.cat([weight_sum[final:], torch.zeros(final)])
+            if progress:
+                progress(done / len(offsets))
+
+    def _autocast(self) -> torch.autocast:
+        """bf16 autocast when the precision asks for it (convolutions and matmuls in bf16; the
+        STFT, norms and softmax stay fp32)."""
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    @staticmethod
+    def _stems(out: torch.Tensor, vocal: int, mean: torch.Tensor, std: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        out = out * std + mean
+        vocals = out[vocal]
+        return vocals.numpy(), (out.sum(0) - vocals).numpy()
+
+    def separate_array(self, mix: np.ndarray, progress: ProgressFn | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``[2, samples]`` at 44.1 kHz -> (vocals, no_vocals), both ``[2, samples]``, whole."""
+        parts = list(self.blocks(mix, progress))
+        return np.concatenate([p[0] for p in parts], axis=-1), np.concatenate([p[1] for p in parts], axis=-1)
+
+    def separate(self, song_wav: Path, out_dir: Path, progress: ProgressFn | None = None) -> Stems:
+        mix, rate = read_wav(song_wav, mmap=True)
+        if rate != MIX_SAMPLE_RATE or mix.shape[0] != 2:
+            raise CoverError(ErrorCode.INTERNAL, f"separator expects 44.1 kHz stereo, got {rate} Hz x {mix.shape[0]}")
+        with (
+            WavWriter(out_dir / "vocals.wav", rate, 2) as vocals,
+            WavWriter(out_dir / "no_vocals.wav", rate, 2) as no_vocals,
+        ):
+            for vocal_block, rest_block in self.blocks(mix, progress):
+                vocals.write(vocal_block)
+                no_vocals.write(rest_block)
+        return Stems(vocals=vocals.path, no_vocals=no_vocals.path, sample_rate=rate)

@@ -1,0 +1,68 @@
+"""The stem cache: separated stems kept by what determines their numbers, so a second voice on the
+same song skips separation.
+
+A cache is a :class:`shared.storage.Storage`: the bucket for the service (runners share stems), a
+local folder for the command line (``COVER_STEM_CACHE_DIR``). Keys are
+``stems/{audio_sha256}/{separation_key}/{vocals,no_vocals}.wav`` (the key table in
+:mod:`shared.storage`). A stem pair is visible only once both files are stored; ``no_vocals`` is
+written last and looked up first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from shared.storage import Keys, Storage
+
+log = logging.getLogger("melodia.stems")
+
+STEM_NAMES = ("vocals", "no_vocals")
+
+
+class Stems(BaseModel):
+    vocals: Path
+    no_vocals: Path
+    sample_rate: int
+
+
+class StemKey(BaseModel):
+    """Everything that changes the stems' numbers: the audio, the model's files and the settings of
+    the separation, and the arithmetic (precision, kernels). Not the device."""
+
+    audio_sha256: str
+    model: str
+    model_sha256: str
+    segment: float | None
+    overlap: float
+    shifts: int
+    precision: str
+    kernels: str
+
+    @property
+    def separation_key(self) -> str:
+        settings = self.model_dump_json(exclude={"audio_sha256"})
+        return hashlib.sha256(settings.encode()).hexdigest()[:16]
+
+    def object_key(self, name: str) -> str:
+        return Keys.stem(self.audio_sha256, self.separation_key, name)
+
+
+class StemCache:
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    def get(self, key: StemKey, out_dir: Path, sample_rate: int) -> Stems | None:
+        """The cached stems copied into ``out_dir``, or None when they are not (all) cached."""
+        if any(self.storage.head(key.object_key(name)) is None for name in reversed(STEM_NAMES)):
+            return None
+        paths = {name: self.storage.download(key.object_key(name), out_dir / f"{name}.wav") for name in STEM_NAMES}
+        log.info("stems from the cache: %s", key.object_key("*"))
+        return Stems(sample_rate=sample_rate, **paths)
+
+    def put(self, key: StemKey, stems: Stems) -> None:
+        for name in STEM_NAMES:
+            self.storage.upload_file(key.object_key(name), getattr(stems, name), "audio/wav")

@@ -1,0 +1,64 @@
+"""Render claims: a lease on a cover id, so two runners never render one cover at once.
+
+A claim is a generation object ``claims/{cover_id}/{generation}.json`` created with a conditional
+write (exactly one creator wins each generation). Its holder renews it by rewriting its own object
+with a later expiry. A claim whose expiry has passed (its runner crashed) is taken over by creating
+the next generation; the old holder notices the newer generation at its next renewal and stops.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from shared.storage import Keys, Storage
+
+
+class Claim:
+    def __init__(self, storage: Storage, cover_id: str, runner: str, lease_s: float) -> None:
+        self.storage = storage
+        self.cover_id = cover_id
+        self.runner = runner
+        self.lease_s = lease_s
+        self.token = uuid.uuid4().hex
+        self.generation: int | None = None
+
+    def _generations(self) -> list[int]:
+        prefix = f"claims/{self.cover_id}/"
+        return sorted(
+            int(k[len(prefix) :].split(".")[0])
+            for k in self.storage.list(prefix)
+            if k[len(prefix) :].split(".")[0].isdigit()
+        )
+
+    def _body(self, expires_at: float) -> bytes:
+        return json.dumps({"runner": self.runner, "token": self.token, "expires_at": expires_at}).encode()
+
+    def acquire(self) -> bool:
+        generations = self._generations()
+        latest = generations[-1] if generations else -1
+        if latest >= 0:
+            raw = self.storage.get_bytes(Keys.claim(self.cover_id, latest))
+            held = json.loads(raw) if raw else {"expires_at": 0}
+            if held["expires_at"] > time.time():
+                return False
+        generation = latest + 1
+        if self.storage.put_bytes(
+            Keys.claim(self.cover_id, generation), self._body(time.time() + self.lease_s), if_absent=True
+        ):
+            self.generation = generation
+            return True
+        return False
+
+    def renew(self) -> bool:
+        """Extend the lease; False when another runner has taken the cover over."""
+        if self.generation is None or any(g > self.generation for g in self._generations()):
+            return False
+        self.storage.put_bytes(Keys.claim(self.cover_id, self.generation), self._body(time.time() + self.lease_s))
+        return True
+
+    def release(self) -> None:
+        if self.generation is not None and not any(g > self.generation for g in self._generations()):
+            self.storage.put_bytes(Keys.claim(self.cover_id, self.generation), self._body(0.0))
+        self.generation = None

@@ -1,0 +1,231 @@
+"""The job's request handler: one ``cover.requested`` message in, one cover and one answer out.
+
+Every entry point (a Cloud Run Job execution, the GPU runner's subscriber, the local stack) calls
+:meth:`Worker.handle`. It answers ACK (done: completed, or failed for good with ``cover.failed``)
+or RETRY (let Pub/Sub / Cloud Run deliver it again: another runner holds the cover, or a
+retryable error). Idempotent: a cover that exists is answered from its manifest, so duplicate
+deliveries give the same ``cover.completed`` (same event id, same content).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from enum import Enum
+
+from job.render.pipeline import CoverOptions, Pipeline
+from job.render.stems import StemCache
+from job.render.timing import StageTimer
+from job.service.leases import Claim
+from shared.bus import EventBus
+from shared.covers import resolve
+from shared.errors import CoverError, ErrorCode
+from shared.events import (
+    COMPLETED,
+    FAILED,
+    PROGRESS,
+    CoverCompleted,
+    CoverFailed,
+    CoverProgress,
+    CoverRequest,
+    CoverStatus,
+    now,
+    parse_request,
+)
+from shared.hashing import sha256_of
+from shared.model_store import ModelStore, ResolvedVoice
+from shared.options import FORMATS, ConversionOptions, MixOptions
+from shared.settings import Settings
+from shared.storage import Keys, Storage, make_storage
+
+log = logging.getLogger("melodia.worker")
+
+
+class Outcome(str, Enum):
+    ACK = "ack"
+    RETRY = "retry"
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        storage: Storage | None = None,
+        bus: EventBus | None = None,
+        pipeline: Pipeline | None = None,
+    ) -> None:
+        self.settings = settings
+        self.storage = storage or make_storage(settings)
+        self.bus = bus or EventBus(settings)
+        self.keys = Keys(settings.song_key_template)
+        self.models = ModelStore(settings.models_dir, self.storage)
+        self._pipeline = pipeline
+        self._models_synced = False
+
+    def prepare(self) -> None:
+        """Sync the base models from the bucket (once per process), before the first request."""
+        if not self._models_synced:
+            self.models.sync()
+            self._models_synced = True
+
+    @property
+    def pipeline(self) -> Pipeline:
+        if self._pipeline is None:  # models load once per process, then stay
+            self._pipeline = Pipeline(self.settings, self.models, StemCache(self.storage))
+        return self._pipeline
+
+    # --- status and events ---------------------------------------------------------------------
+    def _status(self, cid: str, state: str, **fields) -> None:
+        status = CoverStatus(cover_id=cid, state=state, updated_at=now(), **fields)
+        self.storage.put_bytes(Keys.status(cid), status.model_dump_json().encode())
+
+    def _fail(self, error: CoverError, request: CoverRequest | None, cid: str | None, attempt: int) -> Outcome:
+        failed = CoverFailed(
+            cover_id=cid,
+            song_id=request.song_id if request else None,
+            voice_model=request.voice_model if request else None,
+            code=error.code,
+            message=error.message,
+            retryable=error.retryable,
+            attempt=attempt,
+            runner=self.settings.runner,
+        )
+        self.bus.publish_event(FAILED, failed, cid, event_id=f"{cid or 'request'}.failed.{attempt}.{time.time_ns()}")
+        if cid:
+            self._status(cid, "failed", error=failed)
+        log.warning(
+            json.dumps({"event": "cover.failed", "cover_id": cid, "code": error.code.value, "message": error.message})
+        )
+        return Outcome.ACK
+
+    def _publish_completed(self, completed: CoverCompleted) -> None:
+        self.bus.publish_event(COMPLETED, completed, completed.cover_id, event_id=f"{completed.cover_id}.completed")
+
+    # --- the request ---------------------------------------------------------------------------
+    def handle(self, data: bytes, attempt: int = 1) -> Outcome:
+        request: CoverRequest | None = None
+        cid: str | None = None
+        claim: Claim | None = None
+        try:
+            request = parse_request(data)
+            cid, info = resolve(self.storage, self.keys, self.models, request)
+            existing = self.storage.get_bytes(Keys.manifest(cid))
+            if existing is not None:
+                self._publish_completed(CoverCompleted.model_validate_json(existing))
+                return Outcome.ACK
+            self.prepare()
+            voice = self.models.localise(info)  # the voice's files, synced from the bucket when they differ
+            claim = Claim(self.storage, cid, self.settings.runner, self.settings.lease_s)
+            if not claim.acquire():
+                log.info(json.dumps({"event": "cover.busy", "cover_id": cid}))
+                time.sleep(self.settings.busy_retry_s)
+                return Outcome.RETRY
+            completed = self._render_claimed(request, cid, voice, claim)
+            if not self.storage.put_bytes(Keys.manifest(cid), completed.model_dump_json().encode(), if_absent=True):
+                completed = CoverCompleted.model_validate_json(self.storage.get_bytes(Keys.manifest(cid)) or b"")
+            self._status(cid, "completed", completed=completed)
+            self._publish_completed(completed)
+            return Outcome.ACK
+        except CoverError as error:
+            if claim is not None:
+                claim.release()
+            if error.retryable and attempt < self.settings.max_attempts:
+                return Outcome.RETRY
+            return self._fail(error, request, cid, attempt)
+        except Exception as exc:
+            log.exception("render failed")
+            if claim is not None:
+                claim.release()
+            if attempt < self.settings.max_attempts:
+                return Outcome.RETRY
+            return self._fail(CoverError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"), request, cid, attempt)
+
+    def _render_claimed(self, request: CoverRequest, cid: str, voice: ResolvedVoice, claim: Claim) -> CoverCompleted:
+        stop = threading.Event()
+        lost = threading.Event()
+
+        def keep_lease() -> None:
+            while not stop.wait(self.settings.lease_s / 3):
+                if not claim.renew():
+                    lost.set()
+                    return
+
+        renewer = threading.Thread(target=keep_lease, daemon=True)
+        renewer.start()
+        try:
+            return self.render(request, cid, voice, lost)
+        finally:
+            stop.set()
+
+    def render(
+        self, request: CoverRequest, cid: str, voice: ResolvedVoice, lost: threading.Event | None = None
+    ) -> CoverCompleted:
+        """Download the song, render it, upload the cover; the completed event's data."""
+        last = {"t": 0.0}
+
+        def progress(stage: str, fraction: float) -> None:
+            if lost is not None and lost.is_set():
+                raise CoverError(ErrorCode.INTERNAL, "another runner took this cover over", retryable=True)
+            if fraction < 1.0 and time.monotonic() - last["t"] < 2.0:
+                return
+            last["t"] = time.monotonic()
+            self.bus.publish_event(
+                PROGRESS,
+                CoverProgress(
+                    cover_id=cid,
+                    song_id=request.song_id,
+                    voice_model=request.voice_model,
+                    stage=stage,
+                    progress=round(fraction, 3),
+                    runner=self.settings.runner,
+                ),
+                cid,
+            )
+            self._status(cid, "running", stage=stage, progress=round(fraction, 3))
+
+        options = request.options
+        spec = FORMATS[options.format]
+        cover_options = CoverOptions(
+            conversion=ConversionOptions(**options.model_dump(exclude={"format"})),
+            mix=MixOptions(format=options.format),
+        )
+        timer = StageTimer()
+        with self.pipeline.workdir() as work:
+            with timer("download"):
+                song = self.storage.download(self.keys.song(request.song_id), work / "song")
+            result = self.pipeline.render(
+                song,
+                voice,
+                work / f"cover.{spec.extension}",
+                cover_options,
+                progress,
+                title=f"{request.song_id} ({voice.info.display_name} cover)",
+            )
+            key = Keys.cover(cid, spec.extension)
+            with timer("upload"):
+                digest = sha256_of(result.output)
+                stored = self.storage.upload_file(key, result.output, spec.content_type)
+        timings = {"download": timer.timings["download"], **result.timings, "upload": timer.timings["upload"]}
+        return CoverCompleted(
+            cover_id=cid,
+            song_id=request.song_id,
+            voice_model=voice.name,
+            voice_version=voice.info.model_version,
+            options=options,
+            bucket=self.storage.bucket,
+            key=key,
+            url=self.storage.url(key),
+            format=options.format,
+            content_type=spec.content_type,
+            duration_s=result.mix.duration_s,
+            size_bytes=stored.size,
+            sha256=digest,
+            loudness_lufs=result.mix.loudness_lufs,
+            true_peak_dbtp=result.mix.true_peak_dbtp,
+            timings={k: round(v, 3) for k, v in timings.items()},
+            stems_cached=result.stems_cached,
+            runner=self.settings.runner,
+            completed_at=now(),
+        )
