@@ -20,4 +20,9 @@ def song_identity(storage: Storage, keys: Keys, song_id: str) -> str:
 def resolve(storage: Storage, keys: Keys, models: ModelStore, request: CoverRequest) -> tuple[str, VoiceInfo]:
     """(cover id, voice) of a request, or :class:`CoverError` (unknown voice, missing song)."""
     info = models.voice_info(request.voice_model)
+    if request.options.speaker >= info.speakers:
+        raise CoverError(
+            ErrorCode.OPTIONS_INVALID,
+            f"speaker {request.options.speaker} is out of range: voice '{info.name}' has {info.speakers}",
+        )
     return cover_id(song_identity(storage, keys, request.song_id), info.name, info.model_version, request.options), info

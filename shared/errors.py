@@ -18,6 +18,8 @@ class ErrorCode(str, Enum):
     INPUT_TRUNCATED = "input.truncated"
     INPUT_SILENT = "input.silent"
     INPUT_TOO_LONG = "input.too_long"
+    INPUT_TOO_SHORT = "input.too_short"
+    INPUT_URL_REFUSED = "input.url_refused"
     INPUT_DOWNLOAD_FAILED = "input.download_failed"
     VOICE_UNKNOWN = "voice.unknown"
     MODEL_MISSING = "model.missing"

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.errors import CoverError, ErrorCode
+from shared.names import SONG_ID_MAX_LENGTH, SONG_ID_PATTERN, VOICE_NAME_PATTERN
 from shared.options import OutputFormat, RequestOptions
 
 SOURCE = "//melodia-cover"
@@ -26,7 +27,6 @@ REQUESTED = "cover.requested"
 PROGRESS = "cover.progress"
 COMPLETED = "cover.completed"
 FAILED = "cover.failed"
-SONG_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,200}$"
 
 
 class CoverRequest(BaseModel):
@@ -34,8 +34,13 @@ class CoverRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    song_id: str = Field(pattern=SONG_ID_PATTERN, description="The Catalog's song id.")
-    voice_model: str = Field(min_length=1, max_length=64)
+    song_id: str = Field(
+        pattern=SONG_ID_PATTERN,
+        max_length=SONG_ID_MAX_LENGTH,
+        description="The Catalog's song id: /-separated segments of letters, digits, '.', '_', '-', "
+        "each starting with a letter or digit (no empty, '.' or '..' segment).",
+    )
+    voice_model: str = Field(pattern=VOICE_NAME_PATTERN, description="A voice name, as GET /models lists them.")
     options: RequestOptions = Field(default_factory=RequestOptions)
 
 

@@ -7,7 +7,7 @@ Pure data, shared by the command line, the dispatcher and the job.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -76,14 +76,18 @@ class ConversionOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    pitch: int | Literal["auto"] = Field(0, description="Semitones, or 'auto' (whole octaves to the voice's range).")
+    pitch: Annotated[int, Field(ge=-24, le=24)] | Literal["auto"] = Field(
+        0, description="Semitones (-24 to 24), or 'auto' (whole octaves to the voice's range)."
+    )
     f0_method: F0Method = Field(F0Method.RMVPE, description="Pitch tracker for the sung melody.")
     index_rate: float = Field(0.75, ge=0, le=1, description="How much retrieved features replace the singer's.")
     filter_radius: int = Field(3, ge=0, le=7, description="Median-filter width for the pitch track (>= 3 applies).")
     rms_mix_rate: float = Field(0.25, ge=0, le=1, description="1: keep the output's loudness envelope; 0: the input's.")
     protect: float = Field(0.33, ge=0, le=0.5, description="Protect unvoiced consonants and breaths (0.5: off).")
-    seed: int = Field(0, description="Seed of the prior's noise and the NSF excitation.")
-    speaker: int = Field(0, ge=0, description="Speaker id, for voices trained on several speakers.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the prior's noise and the NSF excitation.")
+    speaker: int = Field(
+        0, ge=0, le=1023, description="Speaker id, for voices trained on several (below the voice's `speakers`)."
+    )
 
 
 class RequestOptions(ConversionOptions):

@@ -22,6 +22,12 @@ class Settings(BaseSettings):
     )
     max_duration_s: float = Field(900.0, gt=0, description="Longest accepted song, seconds.")
     max_download_bytes: int = Field(500 * 2**20, gt=0, description="Largest accepted download.")
+    download_deadline_s: float = Field(300.0, gt=0, description="Longest a whole download may take.")
+    allow_http_urls: bool = Field(False, description="Accept plain http URLs for songs and voices (https always).")
+    url_allow_networks: list[str] = Field(
+        default_factory=list,
+        description='Networks besides the public internet URLs may reach, e.g. ["127.0.0.1/32"] (development, tests).',
+    )
     device: str = Field("auto", description="'auto', 'cpu' or a torch device such as 'cuda:0'.")
     precision: str = Field(
         "auto",

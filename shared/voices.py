@@ -7,21 +7,23 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 
 from shared.hashing import sha256_of
+from shared.names import FILE_NAME_PATTERN, VOICE_NAME_PATTERN
 
 VOICE_FILE = "voice.json"
 MODEL_FILE = "model.pth"
 INDEX_FILE = "model.index"
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+NAME_PATTERN = re.compile(VOICE_NAME_PATTERN)
+FileName = Annotated[str, StringConstraints(pattern=FILE_NAME_PATTERN)]
 
 
 class FileDigest(BaseModel):
-    sha256: str
-    size: int
+    sha256: str = Field(pattern="^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
 
 
 class VoiceInfo(BaseModel):
@@ -39,7 +41,10 @@ class VoiceInfo(BaseModel):
     license: str = "unknown"
     consent: str = Field("", description="Who consented to this voice being modelled, and how.")
     untrained_demo: bool = Field(False, description="True for the random-weight demo voice.")
-    files: dict[str, FileDigest]
+    speakers: int = Field(1, ge=1, le=1024, description="How many speakers the model was trained on.")
+    files: dict[FileName, FileDigest] = Field(
+        description="Every file of the voice (base names only) and its digest; synced files are checked against it."
+    )
 
     @property
     def model_version(self) -> str:

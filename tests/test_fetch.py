@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from job.render.audio import write_wav
+from job.render.download import UrlPolicy
 from job.render.fetch import fetch
 from shared.errors import CoverError, ErrorCode
 
@@ -61,11 +62,17 @@ def test_over_long_file(tmp_path, song):
 
 
 def test_file_without_an_audio_stream(tmp_path):
-    image = tmp_path / "cover.png"
+    video = tmp_path / "clip.mp4"  # an allowed container holding only a picture
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "color=c=red:s=16x16:d=1", "-c:v", "mpeg4", str(video)],
+        check=True,
+    )
+    assert _code(video, tmp_path / "w") is ErrorCode.INPUT_NO_AUDIO_STREAM
+    image = tmp_path / "cover.png"  # not an audio container at all
     subprocess.run(
         ["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "color=c=red:s=16x16", "-frames:v", "1", str(image)], check=True
     )
-    assert _code(image, tmp_path / "w") is ErrorCode.INPUT_NO_AUDIO_STREAM
+    assert _code(image, tmp_path / "w2") is ErrorCode.INPUT_NOT_AUDIO
 
 
 @pytest.fixture
@@ -82,7 +89,8 @@ def http_root(tmp_path):
 def test_url_download_and_404(http_root, song, tmp_path):
     root, base = http_root
     (root / "song.wav").write_bytes(song.read_bytes())
-    got = fetch(f"{base}/song.wav", tmp_path / "w")
+    policy = UrlPolicy.model_validate({"allow_http": True, "allow_networks": ["127.0.0.1/32"]})
+    got = fetch(f"{base}/song.wav", tmp_path / "w", policy=policy)
     assert got.duration_s == pytest.approx(6.0, abs=1e-3)
-    assert _code(f"{base}/missing.wav", tmp_path / "w2") is ErrorCode.INPUT_DOWNLOAD_FAILED
+    assert _code(f"{base}/missing.wav", tmp_path / "w2", policy=policy) is ErrorCode.INPUT_DOWNLOAD_FAILED
     assert not list((tmp_path / "w2").glob("*.part"))

@@ -24,7 +24,10 @@ M = TypeVar("M", bound=BaseModel)
 
 def _parser_for(annotation: Any) -> tuple[Callable[[str], Any], list[str] | None]:
     """(argparse ``type``, ``choices``) for a field's annotation."""
+    if typing.get_origin(annotation) is typing.Annotated:  # constraints are the model's to check
+        return _parser_for(typing.get_args(annotation)[0])
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    args = [typing.get_args(a)[0] if typing.get_origin(a) is typing.Annotated else a for a in args]
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType) and len(args) == 1:
         return _parser_for(args[0])

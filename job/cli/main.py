@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from job.cli.flags import HelpFormatter, add_model_flags, model_from_args
 from shared.errors import EXIT_INTERNAL, CoverError, ErrorCode
 from shared.model_store import ModelStore
+from shared.names import printable
 from shared.options import ConversionOptions, MixOptions, OutputFormat, SeparationOptions, format_for
 from shared.settings import Settings
 
@@ -263,14 +264,17 @@ def cmd_models_list(args: argparse.Namespace) -> int:
                 + (", index" if v.has_index else "")
                 + (", UNTRAINED DEMO" if v.untrained_demo else "")
             )
-            print(f"{v.name:<24} {v.rvc_version} {v.sample_rate // 1000}k  {flags}  {v.display_name}")
+            print(f"{v.name:<24} {v.rvc_version} {v.sample_rate // 1000}k  {flags}  {printable(v.display_name)}")
     return 0
 
 
 def cmd_models_add(args: argparse.Namespace) -> int:
-    from job.cli.voices import add_voice
+    from job.cli.voices import MAX_VOICE_BYTES, add_voice
+    from job.render.download import UrlPolicy
 
-    info = add_voice(ModelStore(_settings(args).models_dir), args.source, args.name, args.replace)
+    settings = _settings(args)
+    policy = UrlPolicy.from_settings(settings, MAX_VOICE_BYTES)
+    info = add_voice(ModelStore(settings.models_dir), args.source, args.name, args.replace, policy=policy)
     _emit(
         args,
         info.model_dump(mode="json"),

@@ -13,15 +13,16 @@ import shutil
 import tempfile
 import zipfile
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 
-from job.render.fetch import download, is_url
+from job.render.download import UrlPolicy, download, is_url
 from job.render.rvc.checkpoint import build_synthesizer, read_checkpoint
 from job.render.rvc.retrieval import FeatureIndex
 from shared.errors import CoverError, ErrorCode
 from shared.model_store import ModelStore
+from shared.names import safe_file_name
 from shared.voices import INDEX_FILE, MODEL_FILE, VOICE_FILE, VoiceInfo, digest_of, slugify
 
 MAX_VOICE_BYTES = 2 * 2**30  # a zip may not unpack to more than this
@@ -51,7 +52,7 @@ def _unzip(archive: Path, dest: Path) -> list[Path]:
                 )
             out = []
             for i, member in enumerate(members):
-                target = dest / str(i) / Path(member.filename).name  # our own paths: no traversal
+                target = dest / str(i) / safe_file_name(member.filename, f"member-{i}")  # inside dest/i
                 target.parent.mkdir()
                 with zf.open(member) as src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst)
@@ -61,11 +62,10 @@ def _unzip(archive: Path, dest: Path) -> list[Path]:
         raise CoverError(ErrorCode.MODEL_CORRUPT, f"{archive.name} is not a valid zip archive") from None
 
 
-def _gather(source: str, scratch: Path) -> tuple[Path, Path | None, str]:
+def _gather(source: str, scratch: Path, policy: UrlPolicy) -> tuple[Path, Path | None, str]:
     """Locate (model.pth, model.index or None, default name) for ``source``."""
     if is_url(source):
-        name = Path(urlparse(source).path).name or "voice"
-        local = download(source, scratch / name, MAX_VOICE_BYTES)
+        local = download(source, scratch / safe_file_name(urlsplit(source).path, "voice.pth"), policy)
     else:
         local = Path(source).expanduser()
         if not local.exists():
@@ -93,11 +93,12 @@ def add_voice(
     name: str | None = None,
     replace: bool = False,
     vocal_range_hz: tuple[float, float] | None = None,
+    policy: UrlPolicy | None = None,
 ) -> VoiceInfo:
     store.voices_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=store.voices_dir, prefix=".incoming-") as tmp:
         scratch = Path(tmp)
-        pth, index, default_name = _gather(source, scratch)
+        pth, index, default_name = _gather(source, scratch, policy or UrlPolicy(max_bytes=MAX_VOICE_BYTES))
         voice_name = slugify(name or default_name)
         if store.voice_folder(voice_name).exists() and not replace:
             raise CoverError(ErrorCode.OPTIONS_INVALID, f"voice '{voice_name}' already exists (use --replace)")
@@ -124,6 +125,7 @@ def add_voice(
             f0=ckpt.f0,
             has_index=index is not None,
             vocal_range_hz=vocal_range_hz,
+            speakers=ckpt.config.spk_embed_dim,
             files=files,
         )
         (staged / VOICE_FILE).write_text(info.model_dump_json(indent=2))

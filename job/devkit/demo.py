@@ -77,6 +77,7 @@ def write_voice(
         license="CC0-1.0",
         consent="No person's voice: random weights.",
         untrained_demo=True,
+        speakers=SynthConfig.from_list(config).spk_embed_dim,
         files=files,
     )
     (folder / VOICE_FILE).write_text(info.model_dump_json(indent=2))

@@ -14,7 +14,7 @@ import numpy as np
 from pydantic import BaseModel
 from scipy.io import wavfile
 
-from job.render.ffmpeg import decode_command, last_line, require_ffmpeg
+from job.render.ffmpeg import decode_command, last_line, require_ffmpeg, spawn
 from shared.errors import CoverError, ErrorCode
 
 MIX_SAMPLE_RATE = 44100  # Demucs' rate; the instrumental and the final mix use it.
@@ -28,14 +28,13 @@ def decode(path: Path, sample_rate: int, channels: int) -> tuple[np.ndarray, str
     Returns the samples and FFmpeg's error output (empty when the stream decoded cleanly).
     """
     require_ffmpeg()
-    proc = subprocess.run(decode_command(path, sample_rate, channels), capture_output=True, check=False)
-    if proc.returncode != 0 and not proc.stdout:
-        raise CoverError(
-            ErrorCode.INPUT_NOT_AUDIO, f"{path.name} could not be decoded as audio: {last_line(proc.stderr)}"
-        )
-    audio = np.frombuffer(proc.stdout, dtype=np.float32)
+    proc = spawn(decode_command(path, sample_rate, channels), subprocess.PIPE, subprocess.PIPE)
+    stdout, stderr = proc.communicate()
+    if proc.returncode != 0 and not stdout:
+        raise CoverError(ErrorCode.INPUT_NOT_AUDIO, f"{path.name} could not be decoded as audio: {last_line(stderr)}")
+    audio = np.frombuffer(stdout, dtype=np.float32)
     audio = audio[: len(audio) - len(audio) % channels].reshape(-1, channels).T.copy()
-    return audio, proc.stderr.decode(errors="replace").strip()
+    return audio, stderr.decode(errors="replace").strip()
 
 
 class Decoded(BaseModel):
@@ -61,7 +60,7 @@ def decode_to_wav(
     block_bytes = block_frames * channels * 4
     peak = 0.0
     with tempfile.TemporaryFile() as stderr, WavWriter(out, sample_rate, channels) as writer:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr)
+        proc = spawn(cmd, subprocess.PIPE, stderr)
         assert proc.stdout is not None
         pending = b""
         while True:

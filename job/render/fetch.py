@@ -6,23 +6,29 @@ Limits (all raise :class:`CoverError` with the code in brackets):
 * ffprobe must recognise it [input.not_audio] and find an audio stream [input.no_audio_stream];
 * it must decode to the length its header announces (within 2 %) [input.truncated];
 * its peak must rise above -70 dBFS [input.silent];
-* it must be at most ``max_duration_s`` long, 15 minutes by default [input.too_long];
-* a download must answer 2xx [input.download_failed] and stay under ``max_download_bytes``.
+* it must be at most ``max_duration_s`` long, 15 minutes by default [input.too_long], and at
+  least :data:`MIN_DURATION_S` [input.too_short];
+* a URL must pass the download guard [input.url_refused], answer 2xx in time
+  [input.download_failed] and stay under ``max_download_bytes`` [input.too_long]
+  (:mod:`job.render.download`).
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlsplit
 
-import requests
 from pydantic import BaseModel
 
 from job.render.audio import MIX_SAMPLE_RATE, SILENCE_DBFS, decode_to_wav
+from job.render.download import UrlPolicy, download, is_url, redact
 from job.render.ffmpeg import probe
 from shared.errors import CoverError, ErrorCode
 from shared.hashing import sha256_of
+from shared.names import safe_file_name
+
+MIN_DURATION_S = 1.0  # shorter "songs" pass a probe but leave nothing to separate or mix
 
 
 class SongAudio(BaseModel):
@@ -38,38 +44,6 @@ class SongAudio(BaseModel):
     sha256: str
 
 
-def is_url(source: str) -> bool:
-    return urlparse(source).scheme in ("http", "https")
-
-
-def download(url: str, dest: Path, max_bytes: int, timeout_s: float = 60.0) -> Path:
-    """Stream ``url`` to ``dest``; a partial download never stays behind."""
-    tmp = dest.with_suffix(dest.suffix + ".part")
-    try:
-        with requests.get(url, stream=True, timeout=timeout_s) as response:
-            if response.status_code >= 400:
-                raise CoverError(
-                    ErrorCode.INPUT_DOWNLOAD_FAILED,
-                    f"download of {url} answered HTTP {response.status_code}",
-                    retryable=response.status_code >= 500,
-                )
-            size = 0
-            with open(tmp, "wb") as out:
-                for block in response.iter_content(1 << 16):
-                    size += len(block)
-                    if size > max_bytes:
-                        raise CoverError(ErrorCode.INPUT_TOO_LONG, f"download of {url} exceeds {max_bytes} bytes")
-                    out.write(block)
-    except requests.RequestException as exc:
-        tmp.unlink(missing_ok=True)
-        raise CoverError(ErrorCode.INPUT_DOWNLOAD_FAILED, f"download of {url} failed: {exc}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(dest)
-    return dest
-
-
 def _duration(info: dict) -> float | None:
     for value in (info["stream"].get("duration"), info["format"].get("duration")):
         try:
@@ -81,14 +55,14 @@ def _duration(info: dict) -> float | None:
 
 
 def fetch(
-    source: str | Path, work_dir: Path, max_duration_s: float = 900.0, max_download_bytes: int = 500 * 2**20
+    source: str | Path, work_dir: Path, max_duration_s: float = 900.0, policy: UrlPolicy | None = None
 ) -> SongAudio:
     """Copy or download ``source`` into ``work_dir``, validate it, and decode it once."""
     work_dir.mkdir(parents=True, exist_ok=True)
     source_str = str(source)
     if is_url(source_str):
-        suffix = Path(urlparse(source_str).path).suffix or ".audio"
-        original = download(source_str, work_dir / f"source{suffix}", max_download_bytes)
+        suffix = Path(safe_file_name(urlsplit(source_str).path, "song")).suffix or ".audio"
+        original = download(source_str, work_dir / f"source{suffix}", policy or UrlPolicy())
     else:
         path = Path(source_str).expanduser()
         if not path.is_file():
@@ -99,7 +73,7 @@ def fetch(
     if original.stat().st_size == 0:
         raise CoverError(ErrorCode.INPUT_EMPTY, f"{Path(source_str).name} is empty (0 bytes)")
 
-    label = Path(urlparse(source_str).path).name if is_url(source_str) else Path(source_str).name
+    label = redact(source_str) if is_url(source_str) else Path(source_str).name
     info = probe(original, label)
     announced = _duration(info)
     if announced is not None and announced > max_duration_s:
@@ -114,6 +88,10 @@ def fetch(
         raise CoverError(ErrorCode.INPUT_EMPTY, f"{label} decodes to no audio samples")
     if decoded_audio.frames > max_frames:
         raise CoverError(ErrorCode.INPUT_TOO_LONG, f"the song lasts over {max_duration_s:.0f} s, the limit")
+    if decoded < MIN_DURATION_S:
+        raise CoverError(
+            ErrorCode.INPUT_TOO_SHORT, f"the song lasts {decoded:.2f} s; the minimum is {MIN_DURATION_S:.0f} s"
+        )
     if announced is not None and decoded < 0.98 * announced - 0.05:
         raise CoverError(
             ErrorCode.INPUT_TRUNCATED,

@@ -1,22 +1,65 @@
 """FFmpeg and ffprobe, the one way the project runs them: plain argument lists through subprocess.
 
 Every command starts from :data:`FFMPEG` or :data:`FFPROBE` (no stdin, no banner, errors only), so
-options that must hold for every invocation are added in one place.
+options that must hold for every invocation are added in one place. Inputs are untrusted:
+
+* every input is opened with :func:`input_args`: only the ``file`` and ``pipe`` protocols and only
+  the demuxers of :data:`AUDIO_DEMUXERS`, so a "song" that is an HLS playlist, a concat list or any
+  other container that opens further files or URLs is refused (``input.not_audio``);
+* every process runs under an address-space limit (:data:`MEMORY_LIMIT_BYTES`) and a CPU-time limit
+  (:data:`CPU_LIMIT_S`), and ffprobe under a wall-clock timeout (:data:`PROBE_TIMEOUT_S`).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import resource
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from shared.errors import CoverError, ErrorCode
 
 FFMPEG = ["ffmpeg", "-nostdin", "-hide_banner", "-v", "error"]
 FFPROBE = ["ffprobe", "-v", "error"]
+PROTOCOLS = "file,pipe"
+# audio containers only (FFmpeg's demuxer names; "mov" covers mp4/m4a, "matroska" covers webm, "ogg" opus)
+AUDIO_DEMUXERS = "mp3,wav,w64,flac,ogg,mov,mp4,m4a,3gp,3g2,mj2,aac,matroska,webm,aiff,wv,caf"
+MEMORY_LIMIT_BYTES = 2 * 2**30  # address space of one FFmpeg process
+CPU_LIMIT_S = 900  # CPU seconds of one FFmpeg process (a 15-minute song decodes in seconds)
+PROBE_TIMEOUT_S = 30.0
+
+
+def input_args(path: Path) -> list[str]:
+    """``-i path`` with the protocol and demuxer allow-lists in front of it."""
+    return ["-protocol_whitelist", PROTOCOLS, "-format_whitelist", AUDIO_DEMUXERS, "-i", str(path)]
+
+
+def spawn(
+    cmd: list[str], stdout: int | BinaryIO | None = None, stderr: int | BinaryIO | None = None
+) -> subprocess.Popen:
+    """Start an FFmpeg tool under the memory and CPU-time limits (set on the child by pid, which is
+    safe in threaded programs where ``preexec_fn`` is not)."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
+    try:
+        resource.prlimit(proc.pid, resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
+        resource.prlimit(proc.pid, resource.RLIMIT_CPU, (CPU_LIMIT_S, CPU_LIMIT_S))
+    except (ProcessLookupError, OSError):
+        pass  # it has already exited
+    return proc
+
+
+def _run(cmd: list[str], timeout: float | None = None) -> subprocess.CompletedProcess[bytes]:
+    proc = spawn(cmd, subprocess.PIPE, subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise CoverError(ErrorCode.INPUT_NOT_AUDIO, f"{cmd[0]} gave no answer within {timeout:.0f} s") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def require_ffmpeg() -> None:
@@ -38,7 +81,7 @@ def run(args: list[str], verbose: bool = False) -> bytes:
     were validated before any stage calls this."""
     require_ffmpeg()
     cmd = [*FFMPEG[:-2], "-v", "info", *args] if verbose else [*FFMPEG, *args]
-    proc = subprocess.run(cmd, capture_output=True, check=False)
+    proc = _run(cmd)
     if proc.returncode != 0:
         raise CoverError(ErrorCode.INTERNAL, f"ffmpeg failed: {proc.stderr.decode(errors='replace')[-600:]}")
     return proc.stderr
@@ -46,31 +89,17 @@ def run(args: list[str], verbose: bool = False) -> bytes:
 
 def decode_command(path: Path, sample_rate: int, channels: int) -> list[str]:
     """FFmpeg decoding ``path`` to raw interleaved float32 on stdout."""
-    return [
-        *FFMPEG,
-        "-i",
-        str(path),
-        "-vn",
-        "-f",
-        "f32le",
-        "-c:a",
-        "pcm_f32le",
-        "-ac",
-        str(channels),
-        "-ar",
-        str(sample_rate),
-        "pipe:1",
-    ]
+    output = ["-vn", "-f", "f32le", "-c:a", "pcm_f32le", "-ac", str(channels), "-ar", str(sample_rate), "pipe:1"]
+    return [*FFMPEG, *input_args(path), *output]
 
 
 def probe(path: Path, label: str | None = None) -> dict[str, Any]:
     """ffprobe's JSON for the file's first audio stream (``stream``) and its container (``format``)."""
     label = label or path.name
     require_ffmpeg()
-    proc = subprocess.run(
-        [*FFPROBE, "-print_format", "json", "-show_format", "-show_streams", str(path)],
-        capture_output=True,
-        check=False,
+    guard = ["-protocol_whitelist", PROTOCOLS, "-format_whitelist", AUDIO_DEMUXERS]
+    proc = _run(
+        [*FFPROBE, *guard, "-print_format", "json", "-show_format", "-show_streams", str(path)], PROBE_TIMEOUT_S
     )
     if proc.returncode != 0:
         raise CoverError(ErrorCode.INPUT_NOT_AUDIO, f"{label} is not an audio file FFmpeg can read")
@@ -94,4 +123,4 @@ def ebur128_summary(stderr: bytes) -> tuple[float, float]:
 
 def measure_loudness(path: Path) -> tuple[float, float]:
     """Integrated loudness (LUFS) and true peak (dBTP) of a file, by FFmpeg's ``ebur128`` meter."""
-    return ebur128_summary(run(["-i", str(path), "-af", "ebur128=peak=true", "-f", "null", "-"], verbose=True))
+    return ebur128_summary(run([*input_args(path), "-af", "ebur128=peak=true", "-f", "null", "-"], verbose=True))

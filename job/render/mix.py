@@ -62,7 +62,7 @@ def mix(
     n_samples = int(info.get("duration_ts") or 0)
     if int(info.get("sample_rate", 0)) != MIX_SAMPLE_RATE or n_samples <= 0:
         raise CoverError(ErrorCode.INTERNAL, "the instrumental must be a 44.1 kHz WAV")
-    inputs = ["-i", str(instrumental), "-i", str(vocals)]
+    inputs = [*ffmpeg.input_args(instrumental), *ffmpeg.input_args(vocals)]
     graph = _mixed(n_samples, options)
     input_i, input_tp = ffmpeg.ebur128_summary(
         ffmpeg.run(

@@ -17,6 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from job.render.convert import ConversionOptions, ConvertedVocals, VoiceConverter, convert_vocals
+from job.render.download import UrlPolicy
 from job.render.fetch import SongAudio, fetch
 from job.render.mix import MixResult, mix
 from job.render.separate import Separator
@@ -86,7 +87,7 @@ class Pipeline:
 
     # --- the stages ----------------------------------------------------------------------------
     def fetch(self, song: str | Path, work: Path) -> SongAudio:
-        return fetch(song, work, self.settings.max_duration_s, self.settings.max_download_bytes)
+        return fetch(song, work, self.settings.max_duration_s, UrlPolicy.from_settings(self.settings))
 
     def separate(
         self,

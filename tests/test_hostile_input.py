@@ -1,0 +1,346 @@
+"""Hostile input, written as the attacks: each refused with its stable code, nothing written outside
+its place, nothing run. Network: loopback only; guards against other addresses are tested by their
+refusal before any connection (an IP literal needs no name lookup, ``localhost`` comes from
+/etc/hosts)."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import posixpath
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from job.devkit import demo
+from job.render.download import UrlPolicy, download
+from job.render.fetch import fetch
+from shared.errors import CoverError, ErrorCode
+from shared.events import parse_request
+from shared.model_store import ModelStore
+from shared.names import FILE_NAME_PATTERN, printable, safe_file_name
+from shared.storage import Keys, LocalStorage
+from tests.conftest import run_cover
+
+LOOPBACK_OK = UrlPolicy.model_validate({"allow_http": True, "allow_networks": ["127.0.0.1/32"]})  # the test servers
+
+
+def code_of(call) -> ErrorCode:
+    with pytest.raises(CoverError) as info:
+        call()
+    return info.value.code
+
+
+# --- identifiers --------------------------------------------------------------------------------
+
+TRAVERSALS = [
+    "x/../../covers/abc.mp3",
+    "../manifests/x.json",
+    "a//b",
+    "/etc/passwd",
+    "a/./b",
+    "a/",
+    ".hidden",
+    "a\\..\\b",
+    "songs/%2e%2e/x",
+    "a\x00b",
+    "é",
+    "x" * 201,
+    "",
+]
+
+
+@pytest.mark.parametrize("song_id", TRAVERSALS)
+def test_a_song_id_that_could_leave_its_prefix_is_refused(song_id):
+    body = json.dumps({"song_id": song_id, "voice_model": "demo-voice"}).encode()
+    assert code_of(lambda: parse_request(body)) is ErrorCode.OPTIONS_INVALID
+
+
+@pytest.mark.parametrize("voice", ["../x", "Demo-Voice", "a/b", "-x", "x" * 65])
+def test_a_voice_name_that_is_not_a_slug_is_refused(voice):
+    body = json.dumps({"song_id": "song-1", "voice_model": voice}).encode()
+    assert code_of(lambda: parse_request(body)) is ErrorCode.OPTIONS_INVALID
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(min_size=1, max_size=80))
+def test_every_accepted_song_id_stays_under_songs(song_id):
+    """Property of the request parser and the key builder: whatever parses names a key that is its
+    own normal form, under ``songs/``."""
+    try:
+        request = parse_request(json.dumps({"song_id": song_id, "voice_model": "v"}).encode())
+    except CoverError as exc:
+        assert exc.code is ErrorCode.OPTIONS_INVALID  # noqa: PT017 - a property test: most inputs are refused
+        return
+    key = Keys().song(request.song_id)
+    assert key.startswith("songs/") and posixpath.normpath(key) == key and ".." not in key.split("/")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=120))
+def test_any_outside_file_name_becomes_a_base_name(name):
+    safe = safe_file_name(name, "default")
+    assert re.match(FILE_NAME_PATTERN, safe) and "/" not in safe and safe not in (".", "..")
+
+
+@pytest.mark.parametrize(
+    ("options", "what"),
+    [
+        ({"pitch": 25}, "pitch"),
+        ({"pitch": -25}, "pitch"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**32}, "seed"),
+        ({"speaker": 5000}, "speaker"),
+        ({"index_rate": 2}, "index_rate"),
+        ({"pitch": "high"}, "pitch"),
+    ],
+)
+def test_numeric_options_are_bounded_in_the_schema(options, what):
+    body = json.dumps({"song_id": "s", "voice_model": "v", "options": options}).encode()
+    with pytest.raises(CoverError) as info:
+        parse_request(body)
+    assert info.value.code is ErrorCode.OPTIONS_INVALID and what in info.value.message
+
+
+def test_a_speaker_beyond_the_voice_is_refused_when_the_request_is_resolved(tmp_path):
+    from shared.covers import resolve
+
+    bucket = LocalStorage(tmp_path / "bucket")
+    bucket.put_bytes("songs/s", b"x")
+    info = demo.write_voice(tmp_path / "models" / "voices" / "v", name="v", size="tiny")
+    assert info.speakers == 4  # the tiny config's speaker embedding
+    request = parse_request(json.dumps({"song_id": "s", "voice_model": "v", "options": {"speaker": 4}}).encode())
+    assert (
+        code_of(lambda: resolve(bucket, Keys(), ModelStore(tmp_path / "models"), request)) is ErrorCode.OPTIONS_INVALID
+    )
+
+
+# --- voice files from the bucket ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("escaping", ["../../escape.txt", "/abs/escape.txt", "..", "sub/escape.txt"])
+def test_a_bucket_voice_json_naming_an_escaping_file_is_refused_and_writes_nothing(tmp_path, escaping):
+    bucket = LocalStorage(tmp_path / "bucket")
+    digest = {"sha256": "0" * 64, "size": 3}
+    evil = {
+        "name": "evil",
+        "display_name": "Evil",
+        "rvc_version": "v2",
+        "sample_rate": 48000,
+        "f0": True,
+        "has_index": False,
+        "files": {"model.pth": digest, escaping: digest},
+    }
+    bucket.put_bytes(Keys.voice("evil", "voice.json"), json.dumps(evil).encode())
+    bucket.put_bytes(Keys.voice("evil", "model.pth"), b"abc", "application/octet-stream")
+    bucket.put_bytes(Keys.voice("evil", escaping.lstrip("/")) if ".." not in escaping else "voices/x", b"pwn")
+    models = ModelStore(tmp_path / "runner" / "models", bucket)
+    assert code_of(lambda: models.voice("evil")) is ErrorCode.MODEL_CORRUPT
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and "bucket" not in p.parts]
+    assert written == []  # nothing staged, nothing escaped
+
+
+def test_a_zip_entry_that_climbs_out_lands_inside(env, tmp_path):
+    import zipfile
+
+    demo.write_voice(tmp_path / "src", name="x", size="tiny")
+    archive = tmp_path / "climb.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(tmp_path / "src" / "model.pth", "../../../../climbed.pth")
+    own = tmp_path / "store"
+    proc = run_cover(["models", "add", str(archive)], {**env, "COVER_MODELS_DIR": str(own)})
+    assert proc.returncode == 0, proc.stderr
+    assert not list(tmp_path.parent.rglob("climbed.pth"))  # placed inside the staging folder, then stored
+    assert (own / "voices" / "climb" / "model.pth").is_file()
+
+
+def test_control_characters_in_a_display_name_are_not_printed(env, tmp_path):
+    own = tmp_path / "store"
+    info = demo.write_voice(own / "voices" / "loud", name="loud", size="tiny")
+    voice_json = own / "voices" / "loud" / "voice.json"
+    voice_json.write_text(
+        info.model_copy(update={"display_name": "Loud\x1b[2J\x1b]0;pwned\x07 voice"}).model_dump_json()
+    )
+    proc = run_cover(["models", "list"], {**env, "COVER_MODELS_DIR": str(own)})
+    assert proc.returncode == 0 and "Loud" in proc.stdout and "\x1b" not in proc.stdout and "\x07" not in proc.stdout
+    assert printable("a\tb\x1b[0m") == "ab[0m"
+
+
+# --- media ----------------------------------------------------------------------------------------
+
+
+def _tone(path: Path, seconds: float = 3.0) -> Path:
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", f"sine=f=440:d={seconds}", str(path)], check=True)
+    return path
+
+
+@pytest.mark.parametrize(
+    "playlist",
+    [
+        "#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nsecret.wav\n#EXT-X-ENDLIST\n",
+        "#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nfile:{secret}\n#EXT-X-ENDLIST\n",
+        "ffconcat version 1.0\nfile secret.wav\n",
+    ],
+)
+def test_a_song_that_is_a_playlist_naming_a_local_file_is_refused(tmp_path, playlist):
+    secret = _tone(tmp_path / "secret.wav")
+    song = tmp_path / "song.mp3"
+    song.write_text(playlist.format(secret=secret))
+    assert code_of(lambda: fetch(song, tmp_path / "work")) is ErrorCode.INPUT_NOT_AUDIO
+    assert not (tmp_path / "work" / "song.wav").exists()
+
+
+def test_a_song_a_few_samples_long_is_too_short(tmp_path):
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "sine=f=440:d=0.001", str(tmp_path / "blip.wav")], check=True
+    )
+    assert code_of(lambda: fetch(tmp_path / "blip.wav", tmp_path / "w")) is ErrorCode.INPUT_TOO_SHORT
+
+
+# --- URLs -----------------------------------------------------------------------------------------
+
+
+class _Server:
+    """A loopback HTTP server that records what it was asked; ``routes`` maps a path to a handler."""
+
+    def __init__(self, routes):
+        seen = self.seen = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                seen.append(self.path)
+                routes.get(self.path.split("?")[0], lambda h: h.send_error(404))(self)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.fixture
+def server():
+    def redirect(target):
+        def handle(h):
+            h.send_response(302)
+            h.send_header("Location", target)
+            h.end_headers()
+
+        return handle
+
+    def trickle(h):
+        h.send_response(200)
+        h.send_header("Content-Length", "1000")
+        h.end_headers()
+        for _ in range(1000):
+            h.wfile.write(b"x")
+            h.wfile.flush()
+            time.sleep(0.5)
+
+    def ok(h):
+        h.send_response(200)
+        h.send_header("Content-Length", "5")
+        h.end_headers()
+        h.wfile.write(b"hello")
+
+    srv = _Server(
+        {
+            "/ok": ok,
+            "/trickle": trickle,
+            "/to-metadata": redirect("http://169.254.169.254/latest/meta-data/"),
+            "/to-private": redirect("http://10.1.2.3/x"),
+            "/to-loopback6": redirect("http://[::1]:9/x"),
+            "/to-ok": redirect("/ok"),
+        }
+    )
+    yield srv
+    srv.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:{port}/ok",
+        "http://localhost:{port}/ok",
+        "http://[::1]:{port}/ok",
+        "http://[::ffff:127.0.0.1]:{port}/ok",
+        "https://127.0.0.1:{port}/ok",
+    ],
+)
+def test_loopback_urls_are_refused_before_connecting(server, tmp_path, url):
+    target = url.format(port=server.port)
+    assert code_of(lambda: download(target, tmp_path / "f", UrlPolicy(allow_http=True))) is ErrorCode.INPUT_URL_REFUSED
+    assert server.seen == [] and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254/latest/meta-data/",
+        "https://[fd00:ec2::254]/",
+        "https://10.0.0.1/x",
+        "https://192.168.1.1/x",
+        "https://172.16.0.1/x",
+        "https://[fe80::1]/x",
+        "https://224.0.0.1/x",
+        "https://0.0.0.0/x",
+        "https://[::]/x",
+        "ftp://1.1.1.1/x",
+        "file:///etc/passwd",
+        "gopher://1.1.1.1/",
+        "https://user:pw@1.1.1.1/x",
+        "http://1.1.1.1/plain-http-not-allowed",
+    ],
+)
+def test_private_metadata_and_odd_scheme_urls_are_refused_by_classification(tmp_path, url):
+    """Refused before any socket exists: these addresses are never contacted, not even to prove it."""
+    assert code_of(lambda: download(url, tmp_path / "f", UrlPolicy())) is ErrorCode.INPUT_URL_REFUSED
+
+
+def test_the_metadata_address_stays_refused_when_its_network_is_allowed(tmp_path):
+    policy = UrlPolicy.model_validate({"allow_http": True, "allow_networks": ["169.254.0.0/16", "fd00::/8"]})
+    for url in ("http://169.254.169.254/latest/meta-data/", "http://[fd00:ec2::254]/"):
+        assert code_of(lambda u=url: download(u, tmp_path / "f", policy)) is ErrorCode.INPUT_URL_REFUSED
+
+
+@pytest.mark.parametrize("path", ["/to-metadata", "/to-private", "/to-loopback6"])
+def test_each_redirect_hop_is_checked_again(server, tmp_path, path):
+    """The first hop is the allowed test server; where it redirects is not allowed, and is refused
+    before any connection to it."""
+    code = code_of(lambda: download(f"http://127.0.0.1:{server.port}{path}", tmp_path / "f", LOOPBACK_OK))
+    assert code is ErrorCode.INPUT_URL_REFUSED and server.seen == [path]
+    assert not list(tmp_path.iterdir())
+
+
+def test_redirects_within_the_rules_are_followed(server, tmp_path):
+    got = download(f"http://127.0.0.1:{server.port}/to-ok?token=secret", tmp_path / "f", LOOPBACK_OK)
+    assert got.read_bytes() == b"hello" and server.seen == ["/to-ok?token=secret", "/ok"]
+
+
+def test_a_server_trickling_bytes_is_cut_off_at_the_deadline(server, tmp_path):
+    start = time.monotonic()
+    policy = LOOPBACK_OK.model_copy(update={"deadline_s": 2.0})
+    with pytest.raises(CoverError) as info:
+        download(f"http://127.0.0.1:{server.port}/trickle?token=secret", tmp_path / "f", policy)
+    assert info.value.code is ErrorCode.INPUT_DOWNLOAD_FAILED and time.monotonic() - start < 6
+    assert "secret" not in info.value.message  # no query strings in messages
+    assert not list(tmp_path.iterdir())  # no partial file
+
+
+def test_a_download_over_the_size_limit_stops(server, tmp_path):
+    policy = LOOPBACK_OK.model_copy(update={"max_bytes": 3})
+    assert (
+        code_of(lambda: download(f"http://127.0.0.1:{server.port}/ok", tmp_path / "f", policy))
+        is ErrorCode.INPUT_TOO_LONG
+    )
+    assert not list(tmp_path.iterdir())
