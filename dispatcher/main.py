@@ -3,8 +3,11 @@
     functions-framework --source dispatcher/main.py --target http --port 8080
     functions-framework --source dispatcher/main.py --target trigger --port 8081
 
-API: ``POST /cover``, ``GET /models``, ``GET /covers/{cover_id}``, ``GET /healthz``. Errors are
-``application/problem+json`` (RFC 7807) with the stable ``code`` of :mod:`shared.errors`.
+API: ``POST /cover``, ``GET /models``, ``GET /covers/{cover_id}``, ``GET /healthz``,
+``GET /openapi.json`` (the contract, :mod:`dispatcher.api`). Every error is
+``application/problem+json`` (RFC 7807) with a stable ``code``: the codes of :mod:`shared.errors`,
+``route.unknown`` (404), ``route.method_not_allowed`` (405), ``request.too_large`` (413, bodies
+over 64 KiB), ``request.unsupported_media_type`` (415), ``cover.unknown`` (404).
 """
 
 from __future__ import annotations
@@ -12,16 +15,30 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
 import functions_framework
 from flask import Request, Response
+from pydantic import BaseModel, ValidationError
 
+from dispatcher.api import (
+    COVER_ID_PATTERN,
+    MAX_REQUEST_BYTES,
+    PROBLEM_TYPE,
+    Accepted,
+    Health,
+    ModelList,
+    Problem,
+    PushEnvelope,
+    document,
+)
 from shared.bus import EventBus
-from shared.covers import resolve
+from shared.covers import resolve, served
 from shared.errors import CoverError, ErrorCode
-from shared.events import FAILED, CoverCompleted, CoverFailed, CoverStatus, now, parse_request
+from shared.events import FAILED, CoverCompleted, CoverFailed, CoverStatus, failure_event_id, now, parse_request
 from shared.model_store import ModelStore
 from shared.settings import Settings
 from shared.storage import Keys, Storage, make_storage
@@ -57,34 +74,41 @@ def _json(body: Any, status: int = 200, content_type: str = "application/json") 
     return Response(json.dumps(body, default=str), status=status, content_type=content_type)
 
 
+def _model(body: BaseModel, status: int = 200) -> Response:
+    return Response(body.model_dump_json(), status=status, content_type="application/json")
+
+
 def problem(status: int, code: ErrorCode | str, detail: str) -> Response:
     code_value = code.value if isinstance(code, ErrorCode) else code
-    return _json(
-        {
-            "type": f"https://melodia-cover.dev/errors/{code_value}",
-            "title": code_value.replace(".", " "),
-            "status": status,
-            "detail": detail,
-            "code": code_value,
-        },
-        status,
-        "application/problem+json",
+    body = Problem(
+        type=f"https://melodia-cover.dev/errors/{code_value}",
+        title=code_value.replace(".", " "),
+        status=status,
+        detail=detail,
+        code=code_value,
     )
+    return Response(body.model_dump_json(), status=status, content_type=PROBLEM_TYPE)
 
 
 def _submit(request: Request) -> Response:
     svc = services()
+    if request.mimetype != "application/json":
+        return problem(415, "request.unsupported_media_type", "the body must be application/json")
+    if (request.content_length or 0) > MAX_REQUEST_BYTES:
+        return problem(413, "request.too_large", f"a request body is at most {MAX_REQUEST_BYTES} bytes")
+    body = request.stream.read(MAX_REQUEST_BYTES + 1)
+    if len(body) > MAX_REQUEST_BYTES:
+        return problem(413, "request.too_large", f"a request body is at most {MAX_REQUEST_BYTES} bytes")
     try:
-        cover_request = parse_request(request.get_data())
+        cover_request = parse_request(body)
         cid, _ = resolve(svc.storage, svc.keys, svc.models, cover_request)
     except CoverError as error:
         return problem(_STATUS_FOR.get(error.code, 400), error.code, error.message)
     manifest = svc.storage.get_bytes(Keys.manifest(cid))
     status_url = f"{svc.settings.public_base_url.rstrip('/')}/covers/{cid}"
     if manifest is not None:
-        return _json(
-            {"cover_id": cid, "state": "completed", "status_url": status_url, "completed": json.loads(manifest)}, 200
-        )
+        completed = served(CoverCompleted.model_validate_json(manifest), svc.storage)
+        return _model(Accepted(cover_id=cid, state="completed", status_url=status_url, completed=completed))
     queued = CoverStatus(cover_id=cid, state="queued", updated_at=now())
     svc.storage.put_bytes(Keys.status(cid), queued.model_dump_json().encode(), if_absent=True)
     try:
@@ -92,34 +116,59 @@ def _submit(request: Request) -> Response:
     except Exception as exc:
         log.exception("publish failed")
         return problem(503, ErrorCode.INTERNAL, f"could not queue the request: {type(exc).__name__}")
-    return _json({"cover_id": cid, "state": "queued", "status_url": status_url}, 202)
+    return _model(Accepted(cover_id=cid, state="queued", status_url=status_url), 202)
 
 
 def _cover_status(cid: str) -> Response:
     svc = services()
+    if not re.match(COVER_ID_PATTERN, cid):
+        return problem(404, "cover.unknown", "a cover id is 32 hexadecimal digits")
     manifest = svc.storage.get_bytes(Keys.manifest(cid))
     if manifest is not None:
-        completed = CoverCompleted.model_validate_json(manifest)
-        status = CoverStatus(cover_id=cid, state="completed", completed=completed, updated_at=completed.completed_at)
-        return _json(status.model_dump(mode="json"))
+        completed = served(CoverCompleted.model_validate_json(manifest), svc.storage)
+        return _model(
+            CoverStatus(cover_id=cid, state="completed", completed=completed, updated_at=completed.completed_at)
+        )
     raw = svc.storage.get_bytes(Keys.status(cid))
     if raw is None:
         return problem(404, "cover.unknown", f"no cover {cid}")
-    return _json(json.loads(raw))
+    return _model(CoverStatus.model_validate_json(raw))
+
+
+def _models() -> Response:
+    return _model(ModelList(models=services().models.voices()))
+
+
+ROUTES: dict[str, dict[str, Callable[[Request], Response]]] = {
+    "/cover": {"POST": _submit},
+    "/models": {"GET": lambda _: _models()},
+    "/healthz": {"GET": lambda _: _model(Health(ok=True))},
+    "/openapi.json": {"GET": lambda _: _json(document())},
+}
 
 
 @functions_framework.http
 def http(request: Request) -> Response:
+    """The API. Every answer that is not a success is problem+json, whatever went wrong."""
     path = request.path.rstrip("/") or "/"
-    if path == "/cover" and request.method == "POST":
-        return _submit(request)
-    if path == "/models" and request.method == "GET":
-        return _json({"models": [v.model_dump(mode="json") for v in services().models.voices()]})
-    if path.startswith("/covers/") and request.method == "GET":
-        return _cover_status(path.removeprefix("/covers/"))
-    if path == "/healthz":
-        return _json({"ok": True})
-    return problem(404, "route.unknown", f"{request.method} {request.path} is not an endpoint")
+    try:
+        if path.startswith("/covers/") and path.count("/") == 2:
+            handlers: dict[str, Callable[[Request], Response]] = {
+                "GET": lambda _: _cover_status(path.removeprefix("/covers/"))
+            }
+        else:
+            handlers = ROUTES.get(path, {})
+        if not handlers:
+            return problem(404, "route.unknown", f"{path[:100]} is not an endpoint")
+        handler = handlers.get(request.method)
+        if handler is None:
+            answer = problem(405, "route.method_not_allowed", f"{request.method} is not allowed on {path[:100]}")
+            answer.headers["Allow"] = ", ".join(handlers)
+            return answer
+        return handler(request)
+    except Exception:
+        log.exception("request failed")
+        return problem(500, ErrorCode.INTERNAL, "the request failed on our side; it is safe to retry")
 
 
 @functions_framework.http
@@ -131,17 +180,18 @@ def trigger(request: Request) -> Response:
     with ``cover.failed`` here and acknowledged: no execution is spent on it.
     """
     svc = services()
-    envelope = request.get_json(silent=True) or {}
-    message = envelope.get("message") or {}
     try:
-        data = base64.b64decode(message.get("data", ""), validate=True)
-    except (ValueError, TypeError):
-        data = b""
+        envelope = PushEnvelope.model_validate_json(request.get_data())
+        data = base64.b64decode(envelope.message.data, validate=True)
+    except (ValidationError, ValueError):
+        envelope, data = None, request.get_data()[:MAX_REQUEST_BYTES]
     try:
+        if envelope is None:
+            raise CoverError(ErrorCode.OPTIONS_INVALID, "the push is not a Pub/Sub envelope with base64 data")
         parse_request(data)
-    except CoverError as error:
+    except CoverError as error:  # it can never be processed: answer it, and acknowledge it
         failed = CoverFailed(code=error.code, message=error.message, retryable=False, attempt=1, runner="trigger")
-        svc.bus.publish_event(FAILED, failed, None, event_id=f"{message.get('messageId', 'unknown')}.failed")
+        svc.bus.publish_event(FAILED, failed, None, event_id=failure_event_id(None, data))
         return Response(status=204)
     from google.cloud import run_v2
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from shared.errors import CoverError, ErrorCode
-from shared.events import CoverRequest, cover_id
+from shared.events import CoverCompleted, CoverRequest, cover_id
 from shared.model_store import ModelStore
 from shared.storage import Keys, Storage
 from shared.voices import VoiceInfo
@@ -26,3 +26,9 @@ def resolve(storage: Storage, keys: Keys, models: ModelStore, request: CoverRequ
             f"speaker {request.options.speaker} is out of range: voice '{info.name}' has {info.speakers}",
         )
     return cover_id(song_identity(storage, keys, request.song_id), info.name, info.model_version, request.options), info
+
+
+def served(completed: CoverCompleted, storage: Storage) -> CoverCompleted:
+    """A stored cover as it is served: its download URL signed now (URLs are never stored, so none
+    is served after it expires)."""
+    return completed.model_copy(update={"url": storage.url(completed.key)})

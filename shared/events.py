@@ -63,7 +63,10 @@ class CoverCompleted(BaseModel):
     options: RequestOptions
     bucket: str
     key: str
-    url: str
+    url: str = Field(
+        description="A presigned download URL, signed when the event is published or the status "
+        "served (never stored); empty in the stored manifest."
+    )
     format: OutputFormat
     content_type: str
     duration_s: float
@@ -124,6 +127,14 @@ def cover_id(song_identity: str, voice: str, voice_version: str, options: Reques
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
+def failure_event_id(cover_id: str | None, data: bytes) -> str:
+    """The ``ce-id`` of a final ``cover.failed``: one per cover (or, before a cover id is known, per
+    request message), the same on every runner and redelivery, distinct across facts."""
+    if cover_id:
+        return f"{cover_id}.failed"
+    return f"request-{hashlib.sha256(data).hexdigest()[:32]}.failed"
+
+
 def now() -> datetime:
     return datetime.now(UTC)
 
@@ -155,8 +166,8 @@ def parse_request(data: bytes) -> CoverRequest:
     """A ``cover.requested`` payload, or :class:`CoverError` (``options.invalid``) saying what is wrong."""
     try:
         body: Any = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise CoverError(ErrorCode.OPTIONS_INVALID, "the request is not JSON") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise CoverError(ErrorCode.OPTIONS_INVALID, "the request is not JSON (or nests too deeply)") from None
     if isinstance(body, dict) and "data" in body and "specversion" in body:  # structured-mode CloudEvent
         body = body["data"]
     try:

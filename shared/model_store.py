@@ -27,7 +27,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -231,16 +232,29 @@ class ModelStore:
         return self._read_voice(folder)
 
     def voices(self) -> list[VoiceInfo]:
-        """Every voice, local and in the bucket (the bucket's ``voice.json`` wins)."""
-        found = {v.name: v for v in self.local_voices()}
+        """Every usable voice, local and in the bucket (the bucket's ``voice.json`` wins). A voice
+        whose ``voice.json`` is broken is logged and left out, so one bad file hides only itself."""
+        found: dict[str, VoiceInfo] = {}
+        if self.voices_dir.is_dir():
+            for folder in sorted(self.voices_dir.iterdir()):
+                if (folder / VOICE_FILE).is_file():
+                    self._collect(found, folder.name, partial(self._read_voice, folder))
         if self.storage is not None:
             for key in self.storage.list(f"{VOICES_DIR}/"):
                 parts = key.split("/")
                 if len(parts) == 3 and parts[2] == VOICE_FILE:
-                    remote = self._remote_voice(parts[1])
-                    if remote is not None:
-                        found[remote.name] = remote
+                    self._collect(found, parts[1], partial(self._remote_voice, parts[1]))
         return [found[name] for name in sorted(found)]
+
+    @staticmethod
+    def _collect(found: dict[str, VoiceInfo], name: str, read: Callable[[], VoiceInfo | None]) -> None:
+        try:
+            info = read()
+        except CoverError as error:
+            log.warning("voice %r left out: %s", name, error.message)
+            return
+        if info is not None:
+            found[info.name] = info
 
     def voice_info(self, name: str) -> VoiceInfo:
         """A voice's ``voice.json`` only (what a request's cover id needs): the bucket's, else the local one."""

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from platformdirs import user_cache_dir
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_CACHE = Path(user_cache_dir("melodia-cover"))
@@ -50,8 +50,8 @@ class Settings(BaseSettings):
     bucket: str = Field("melodia-covers", description="Bucket name (s3).")
     s3_endpoint: str | None = Field(None, description="S3 API endpoint, e.g. https://ACCOUNT.r2.cloudflarestorage.com.")
     s3_region: str = Field("auto", description="Region ('auto' for R2).")
-    s3_access_key_id: str | None = None
-    s3_secret_access_key: str | None = None
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = Field(None, description="Never printed: repr shows '**********'.")
     song_key_template: str = Field("songs/{song_id}", description="Where the Catalog stores source songs.")
     url_expiry_s: int = Field(7 * 24 * 3600, gt=0, description="Lifetime of presigned cover URLs.")
 

@@ -279,12 +279,13 @@ class S3Storage(Storage):
 
 def make_storage(settings: Settings) -> Storage:
     if settings.storage == "s3":
+        key_id, secret = settings.s3_access_key_id, settings.s3_secret_access_key
         return S3Storage(
             settings.bucket,
             settings.s3_endpoint,
             settings.s3_region,
-            settings.s3_access_key_id,
-            settings.s3_secret_access_key,
+            key_id.get_secret_value() if key_id else None,
+            secret.get_secret_value() if secret else None,
             settings.url_expiry_s,
         )
     return LocalStorage(settings.storage_dir, settings.bucket)

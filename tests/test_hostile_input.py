@@ -344,3 +344,118 @@ def test_a_download_over_the_size_limit_stops(server, tmp_path):
         is ErrorCode.INPUT_TOO_LONG
     )
     assert not list(tmp_path.iterdir())
+
+
+# --- model files ------------------------------------------------------------------------------------
+
+
+def _voice_file(tmp_path: Path, **changes) -> Path:
+    """A tiny real v2 voice with ``changes`` applied to its raw checkpoint dict."""
+    import torch
+
+    demo.write_voice(tmp_path / "v", name="v", size="tiny", with_index=False)
+    raw = torch.load(tmp_path / "v" / "model.pth", weights_only=True)
+    for key, change in changes.items():
+        raw[key] = change(raw[key])
+    torch.save(raw, tmp_path / "evil.pth")
+    return tmp_path / "evil.pth"
+
+
+def _load_voice(path: Path) -> None:
+    from job.render.rvc.checkpoint import build_synthesizer, read_checkpoint
+
+    build_synthesizer(read_checkpoint(path), path.name)
+
+
+@pytest.mark.parametrize(("field", "value"), [(3, 1_000_000), (6, 10_000), (13, 2**20), (12, [64] * 20), (16, 10**9)])
+def test_a_voice_declaring_an_oversized_architecture_is_corrupt_before_any_allocation(tmp_path, field, value):
+    def declare(config):
+        config = list(config)
+        config[field] = value
+        return config
+
+    path = _voice_file(tmp_path, config=declare)
+    started = time.monotonic()
+    assert code_of(lambda: _load_voice(path)) is ErrorCode.MODEL_CORRUPT
+    assert time.monotonic() - started < 10  # refused, not allocated
+
+
+def test_a_tensor_view_declaring_gigabytes_over_one_float_is_corrupt(tmp_path):
+    import torch
+
+    def inflate(weight):
+        weight["enc_p.emb_phone.weight"] = torch.zeros(1).expand(100_000, 100_000)  # 40 GB declared, 4 bytes held
+        return weight
+
+    assert code_of(lambda: _load_voice(_voice_file(tmp_path, weight=inflate))) is ErrorCode.MODEL_CORRUPT
+
+
+def test_an_index_declaring_more_vectors_than_its_file_holds_is_corrupt(tmp_path):
+    import struct
+
+    from job.render.rvc.retrieval import FeatureIndex
+
+    demo.write_voice(tmp_path / "v", name="v", size="tiny")
+    data = bytearray((tmp_path / "v" / "model.index").read_bytes())
+    struct.pack_into("<q", data, 8, 10**12)  # ntotal: a trillion vectors
+    (tmp_path / "huge.index").write_bytes(bytes(data))
+    assert code_of(lambda: FeatureIndex.load(tmp_path / "huge.index")) is ErrorCode.MODEL_CORRUPT
+
+
+def test_a_demucs_package_declaring_more_than_it_holds_is_corrupt(tmp_path):
+    import torch
+
+    from job.render.safe_load import load_with_inert_objects
+    from job.render.separate import _demucs_classes, load_package
+
+    demo.write_demucs(tmp_path / "sep", size="tiny")
+    original = next((tmp_path / "sep").glob("*.th"))
+    package = load_with_inert_objects(original, allowed=_demucs_classes())
+    for kwargs in ({**package["kwargs"], "channels": 1_000_000}, {**package["kwargs"], "channels": 8}):
+        torch.save({**package, "kwargs": kwargs}, tmp_path / "evil.th")
+        assert code_of(lambda: load_package(tmp_path / "evil.th")) is ErrorCode.MODEL_CORRUPT
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_fuzzed_voice_files_fail_only_with_model_codes(tmp_path_factory, data):
+    """Coverage-style fuzzing of the model importer: truncations and byte flips of a real voice."""
+    tmp = tmp_path_factory.mktemp("fuzz")
+    demo.write_voice(tmp / "v", name="v", size="tiny", with_index=False)
+    raw = bytearray((tmp / "v" / "model.pth").read_bytes())
+    cut = data.draw(st.integers(1, len(raw)))
+    flips = data.draw(st.lists(st.tuples(st.integers(0, len(raw) - 1), st.integers(0, 255)), max_size=8))
+    for position, value in flips:
+        raw[position] = value
+    (tmp / "fuzzed.pth").write_bytes(bytes(raw[:cut]))
+    try:
+        _load_voice(tmp / "fuzzed.pth")
+    except CoverError as exc:
+        assert exc.code.value.startswith("model.")  # noqa: PT017 - fuzzing: any model.* code is an answer
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.data())
+def test_fuzzed_media_fails_only_with_input_codes(tmp_path_factory, data):
+    """Fuzzing of the media probe and decoder: truncations and byte flips of a real mp3."""
+    tmp = tmp_path_factory.mktemp("media")
+    raw = bytearray(_tone(tmp / "tone.mp3", 1.5).read_bytes())
+    cut = data.draw(st.integers(0, len(raw)))
+    for position, value in data.draw(
+        st.lists(st.tuples(st.integers(0, len(raw) - 1), st.integers(0, 255)), max_size=16)
+    ):
+        raw[position] = value
+    (tmp / "fuzzed.mp3").write_bytes(bytes(raw[:cut]))
+    try:
+        fetch(tmp / "fuzzed.mp3", tmp / "work")
+    except CoverError as exc:
+        assert exc.code.value.startswith("input.")  # noqa: PT017 - fuzzing: any input.* code is an answer
+
+
+def test_the_s3_secret_never_shows_in_a_repr():
+    from shared.settings import Settings
+
+    settings = Settings(s3_secret_access_key="hunter2-secret", s3_access_key_id="AKIDEXAMPLE")
+    assert "hunter2" not in repr(settings) and "hunter2" not in str(settings.model_dump())
+    assert settings.s3_secret_access_key is not None
+    assert settings.s3_secret_access_key.get_secret_value() == "hunter2-secret"

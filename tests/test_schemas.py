@@ -29,3 +29,14 @@ def test_a_request_message_validates_against_its_published_schema():
     assert attributes["ce-type"] == attributes["type"] == "cover.requested" and attributes["cover_id"] == "abc"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"song_id": "s-1"}, schema)
+
+
+def test_the_openapi_document_matches_the_models():
+    from dispatcher import api
+
+    assert api.main(["--check"]) == 0, "run: python -m dispatcher.api"
+    document = api.document()
+    assert document["openapi"] == "3.1.0"
+    request_schema = document["components"]["schemas"]["CoverRequest"]
+    published = json.loads((schemas.SCHEMA_DIR / "cover.requested.schema.json").read_text())
+    assert request_schema["properties"]["song_id"] == published["properties"]["song_id"]

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -207,12 +208,71 @@ def test_dispatcher_answers_problem_json(stack):
         (json.dumps({"song_id": "song-1"}).encode(), 400, "options.invalid"),
         (json.dumps({"song_id": "song-1", "voice_model": "nobody"}).encode(), 404, "voice.unknown"),
         (json.dumps({"song_id": "nope", "voice_model": demo.DEMO_VOICE}).encode(), 404, "input.not_found"),
+        (b"[" * 100_000 + b"]" * 100_000, 413, "request.too_large"),
+        (b"[" * 30_000 + b"]" * 30_000, 400, "options.invalid"),  # nesting deeper than the parser goes
+        (
+            json.dumps({"song_id": "x/../../covers/a.mp3", "voice_model": demo.DEMO_VOICE}).encode(),
+            400,
+            "options.invalid",
+        ),
     ]
     for body, status, code in cases:
         answer = requests.post(f"{url}/cover", data=body, headers={"Content-Type": "application/json"})
         assert answer.status_code == status and answer.headers["Content-Type"] == "application/problem+json"
         assert answer.json()["code"] == code and answer.json()["status"] == status
-    assert requests.get(f"{url}/covers/unknown").status_code == 404
+    odd = [
+        ("post", "/cover", {"data": b"song_id=1", "headers": {"Content-Type": "text/plain"}}, 415),
+        ("get", "/cover", {}, 405),
+        ("delete", "/models", {}, 405),
+        ("get", "/nowhere", {}, 404),
+        ("get", "/covers/unknown", {}, 404),
+        ("get", "/covers/../../etc/passwd", {}, 404),
+        ("get", "/covers/" + "0" * 32, {}, 404),
+        ("get", "/covers/%00", {}, 404),
+        ("put", "/openapi.json", {}, 405),
+    ]
+    for method, path, kwargs, status in odd:
+        answer = requests.request(method, f"{url}{path}", **kwargs)
+        assert answer.status_code == status, (method, path, answer.text)
+        assert answer.headers["Content-Type"] == "application/problem+json", (method, path)
+    assert requests.get(f"{url}/cover").headers["Allow"] == "POST"
+    # one broken voice.json hides only itself
+    stack.s3.put_object(Bucket=stack.bucket, Key="voices/broken/voice.json", Body=b"{not json")
+    models = requests.get(f"{url}/models")
+    assert models.status_code == 200 and [m["name"] for m in models.json()["models"]] == [demo.DEMO_VOICE]
+    assert requests.get(f"{url}/openapi.json").json()["openapi"] == "3.1.0"
+
+
+def test_the_served_api_keeps_its_published_contract(stack):
+    """schemathesis against GET /openapi.json: generated requests, bounded in number; no 5xx, and
+    every answer's status, content type and body as the document says."""
+    url = stack.start_dispatcher()
+    checks = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "schemathesis"),
+            "run",
+            f"{url}/openapi.json",
+            "--checks",
+            checks,
+            "--max-examples",
+            "25",
+            "--seed",
+            "1",
+            "--request-timeout",
+            "30",
+            "--generation-deterministic",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**stack.env, "NO_COLOR": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    cases = re.search(r"(\d+) generated, (\d+) passed", proc.stdout)
+    operations = re.search(r"Selected: (\d+)/(\d+)\s+Tested: (\d+)", proc.stdout)
+    assert operations and operations[1] == operations[2] == operations[3] != "0", proc.stdout[-2000:]
+    assert cases and int(cases[1]) == int(cases[2]) > 100, proc.stdout[-2000:]
 
 
 def test_catalog_publishing_directly_and_duplicates_with_two_workers(stack):
@@ -226,7 +286,8 @@ def test_catalog_publishing_directly_and_duplicates_with_two_workers(stack):
     completed = of_type(events, COMPLETED)
     assert len(completed) == 2
     first, second = ({k: v for k, v in c.items() if k != "_attributes"} for c in completed)
-    assert first == second  # the same answer, not two renders
+    # the same answer, not two renders; only the download URL is signed anew at each publication
+    assert {k: v for k, v in first.items() if k != "url"} == {k: v for k, v in second.items() if k != "url"}
     assert completed[0]["_attributes"]["ce-id"] == completed[1]["_attributes"]["ce-id"]
     cover_id = first["cover_id"]
     claims = stack.s3.list_objects_v2(Bucket=stack.bucket, Prefix=f"claims/{cover_id}/").get("KeyCount", 0)
@@ -444,9 +505,14 @@ def test_trigger_starts_a_job_execution_with_the_request(stack):
         assert requests.post(url, json=envelope).status_code == 503  # Pub/Sub will redeliver
         garbage = {"message": {"data": base64.b64encode(b"nope").decode(), "messageId": "2"}}
         assert requests.post(url, json=garbage).status_code == 204  # answered with cover.failed instead
+        for malformed in ([1, 2], {"message": {"data": "not base64!"}}, "text", {"message": 5}):
+            assert requests.post(url, json=malformed).status_code == 204  # acknowledged: it can never work
         assert len(client.calls) == 2
-        failed = of_type(stack.events(lambda got: of_type(got, FAILED), timeout=60), FAILED)
-        assert failed[0]["code"] == "options.invalid"
+        assert requests.post(url, json=garbage).status_code == 204  # the same message again
+        failed = of_type(stack.events(lambda got: len(of_type(got, FAILED)) >= 6, timeout=60), FAILED)
+        assert {f["code"] for f in failed} == {"options.invalid"}
+        ids = [f["_attributes"]["ce-id"] for f in failed]
+        assert ids.count(ids[0]) == 2 and len(set(ids)) == 5  # one id per fact, stable across redelivery
     finally:
         server.shutdown()
 

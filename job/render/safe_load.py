@@ -125,14 +125,39 @@ LOAD_ERRORS = (
 )
 
 
+def check_tensors(obj: Any, name: str, depth: int = 0) -> None:
+    """Refuse tensors that claim more elements than their storage holds (stride tricks: a view of a
+    few bytes declaring gigabytes, which the first copy would allocate)."""
+    if depth > 32:
+        return
+    if isinstance(obj, torch.Tensor):
+        needed = (obj.storage_offset() + obj.numel()) * obj.element_size()
+        if obj.numel() and needed > obj.untyped_storage().nbytes():
+            raise CoverError(
+                ErrorCode.MODEL_CORRUPT, f"{name} holds a tensor of shape {tuple(obj.shape)} over a smaller storage"
+            )
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            check_tensors(value, name, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            check_tensors(value, name, depth + 1)
+    elif isinstance(obj, Inert):
+        check_tensors(obj.state, name, depth + 1)
+
+
 def load_weights_only(path: Path) -> Any:
     """Load a checkpoint that must hold only tensors, containers and primitives."""
     path = Path(path)
     _check_file(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise CoverError(ErrorCode.MODEL_CORRUPT, f"{path.name} declares more data than memory holds") from None
     except LOAD_ERRORS as exc:
         raise _describe(path, exc) from None
+    check_tensors(loaded, path.name)
+    return loaded
 
 
 def load_with_inert_objects(path: Path, allowed: dict[tuple[str, str], Any] | None = None) -> Any:
@@ -144,6 +169,10 @@ def load_with_inert_objects(path: Path, allowed: dict[tuple[str, str], Any] | No
     path = Path(path)
     _check_file(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_pickle_module(allowed or {}))
+        loaded = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_pickle_module(allowed or {}))
+    except MemoryError:
+        raise CoverError(ErrorCode.MODEL_CORRUPT, f"{path.name} declares more data than memory holds") from None
     except LOAD_ERRORS as exc:
         raise _describe(path, exc) from None
+    check_tensors(loaded, path.name)
+    return loaded

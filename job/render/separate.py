@@ -76,12 +76,33 @@ def load_package(path: Path) -> Any:
         raise CoverError(ErrorCode.MODEL_CORRUPT, f"{path.name} is not a Demucs package") from None
     if klass not in _demucs_classes().values():
         raise CoverError(ErrorCode.MODEL_UNSAFE, f"{path.name} names a model class that is not Demucs'")
+    _check_declared_size(path, klass, args, kwargs, state)
     try:
         model = klass(*args, **kwargs)
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     except (RuntimeError, TypeError) as exc:
         raise CoverError(ErrorCode.MODEL_MISMATCH, f"{path.name} does not fit its architecture: {exc}") from None
     return model.eval()
+
+
+DEMUCS_MAX_SETTING = 1 << 16  # no Demucs setting (channels, depth, nfft, layers...) comes near this
+
+
+def _check_declared_size(path: Path, klass: Any, args: Any, kwargs: Any, state: Any) -> None:
+    """The package's declared architecture, built on the ``meta`` device (shapes, no memory), must
+    hold exactly as many parameters as its state: a declaration of gigabytes is ``model.corrupt``
+    before anything is allocated."""
+    numbers = [v for v in (kwargs or {}).values() if isinstance(v, int) and not isinstance(v, bool)]
+    if any(abs(v) > DEMUCS_MAX_SETTING for v in numbers) or not isinstance(state, dict):
+        raise CoverError(ErrorCode.MODEL_CORRUPT, f"{path.name} declares settings no Demucs model has")
+    try:
+        with torch.device("meta"):
+            declared = sum(t.numel() for t in klass(*args, **kwargs).state_dict().values())
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise CoverError(ErrorCode.MODEL_MISMATCH, f"{path.name} does not fit its architecture: {exc}") from None
+    held = sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
+    if declared != held:
+        raise CoverError(ErrorCode.MODEL_CORRUPT, f"{path.name} declares {declared} parameters but holds {held}")
 
 
 def _packages(name: str, store: ModelStore, allow_download: bool) -> tuple[dict[str, Any] | None, list[Path]]:

@@ -20,7 +20,7 @@ from job.render.stems import StemCache
 from job.render.timing import StageTimer
 from job.service.leases import Claim
 from shared.bus import EventBus
-from shared.covers import resolve
+from shared.covers import resolve, served
 from shared.errors import CoverError, ErrorCode
 from shared.events import (
     COMPLETED,
@@ -31,6 +31,7 @@ from shared.events import (
     CoverProgress,
     CoverRequest,
     CoverStatus,
+    failure_event_id,
     now,
     parse_request,
 )
@@ -81,7 +82,9 @@ class Worker:
         status = CoverStatus(cover_id=cid, state=state, updated_at=now(), **fields)
         self.storage.put_bytes(Keys.status(cid), status.model_dump_json().encode())
 
-    def _fail(self, error: CoverError, request: CoverRequest | None, cid: str | None, attempt: int) -> Outcome:
+    def _fail(
+        self, error: CoverError, request: CoverRequest | None, cid: str | None, attempt: int, data: bytes
+    ) -> Outcome:
         failed = CoverFailed(
             cover_id=cid,
             song_id=request.song_id if request else None,
@@ -92,7 +95,7 @@ class Worker:
             attempt=attempt,
             runner=self.settings.runner,
         )
-        self.bus.publish_event(FAILED, failed, cid, event_id=f"{cid or 'request'}.failed.{attempt}.{time.time_ns()}")
+        self.bus.publish_event(FAILED, failed, cid, event_id=failure_event_id(cid, data))
         if cid:
             self._status(cid, "failed", error=failed)
         log.warning(
@@ -101,7 +104,10 @@ class Worker:
         return Outcome.ACK
 
     def _publish_completed(self, completed: CoverCompleted) -> None:
-        self.bus.publish_event(COMPLETED, completed, completed.cover_id, event_id=f"{completed.cover_id}.completed")
+        """Publish the cover (as stored, its URL signed now): same ``ce-id`` on every replay."""
+        self.bus.publish_event(
+            COMPLETED, served(completed, self.storage), completed.cover_id, event_id=f"{completed.cover_id}.completed"
+        )
 
     # --- the request ---------------------------------------------------------------------------
     def handle(self, data: bytes, attempt: int = 1) -> Outcome:
@@ -133,14 +139,15 @@ class Worker:
                 claim.release()
             if error.retryable and attempt < self.settings.max_attempts:
                 return Outcome.RETRY
-            return self._fail(error, request, cid, attempt)
+            return self._fail(error, request, cid, attempt, data)
         except Exception as exc:
             log.exception("render failed")
             if claim is not None:
                 claim.release()
             if attempt < self.settings.max_attempts:
                 return Outcome.RETRY
-            return self._fail(CoverError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"), request, cid, attempt)
+            internal = CoverError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            return self._fail(internal, request, cid, attempt, data)
 
     def _render_claimed(self, request: CoverRequest, cid: str, voice: ResolvedVoice, claim: Claim) -> CoverCompleted:
         stop = threading.Event()
@@ -216,7 +223,7 @@ class Worker:
             options=options,
             bucket=self.storage.bucket,
             key=key,
-            url=self.storage.url(key),
+            url="",  # signed when served, never stored (shared.covers.served)
             format=options.format,
             content_type=spec.content_type,
             duration_s=result.mix.duration_s,

@@ -132,11 +132,81 @@ def read_checkpoint(path: Path) -> VoiceCheckpoint:
     return parse_checkpoint(load_weights_only(Path(path)), Path(path).name)
 
 
+# what a sane RVC config declares, at most (the standard ones: 192/768 channels, 6 layers, 4-5 upsamplers)
+CONFIG_LIMITS = {
+    "channels": 4096,
+    "layers": 64,
+    "heads": 64,
+    "kernel": 64,
+    "upsamplers": 8,
+    "rate": 64,
+    "speakers": 1024,
+    "sample_rate": 96000,
+}
+
+
+def _check_bounds(config: SynthConfig, name: str) -> None:
+    """Refuse a config whose declared sizes no real voice has (``model.corrupt``), before anything
+    is built from it."""
+    c, limits = config, CONFIG_LIMITS
+    checks = [
+        (
+            max(
+                c.spec_channels,
+                c.inter_channels,
+                c.hidden_channels,
+                c.filter_channels,
+                c.upsample_initial_channel,
+                c.gin_channels,
+            ),
+            limits["channels"],
+            "channels",
+        ),
+        (c.n_layers, limits["layers"], "layers"),
+        (c.n_heads, limits["heads"], "attention heads"),
+        (max([c.kernel_size, *c.resblock_kernel_sizes, *c.upsample_kernel_sizes]), limits["kernel"], "kernel size"),
+        (max(len(c.upsample_rates), len(c.resblock_kernel_sizes)), limits["upsamplers"], "upsampling stages"),
+        (
+            max([*c.upsample_rates, *(d for ds in c.resblock_dilation_sizes for d in ds)]),
+            limits["rate"],
+            "upsampling rate or dilation",
+        ),
+        (c.spk_embed_dim, limits["speakers"], "speakers"),
+        (c.sr, limits["sample_rate"], "sample rate"),
+    ]
+    for value, limit, what in checks:
+        if value > limit:
+            raise CoverError(ErrorCode.MODEL_CORRUPT, f"{name} declares {value} {what}; a voice has at most {limit}")
+    values = [
+        c.spec_channels,
+        c.inter_channels,
+        c.hidden_channels,
+        c.filter_channels,
+        c.n_heads,
+        c.n_layers,
+        c.kernel_size,
+        c.upsample_initial_channel,
+        c.spk_embed_dim,
+        c.gin_channels,
+        c.sr,
+        *c.upsample_rates,
+        *c.upsample_kernel_sizes,
+        *c.resblock_kernel_sizes,
+    ]
+    if min(values) < 1 or c.hidden_channels % max(c.n_heads, 1):
+        raise CoverError(ErrorCode.MODEL_CORRUPT, f"{name} declares sizes no network has")
+
+
 def build_synthesizer(ckpt: VoiceCheckpoint, name: str = "checkpoint") -> Synthesizer:
-    """Instantiate the network and load the weights strictly, weight norm folded away."""
-    model = Synthesizer(ckpt.config, CONTENT_DIM[ckpt.version], ckpt.f0)
+    """Instantiate the network and load the weights strictly, weight norm folded away.
+
+    The declared architecture is checked against sane bounds, then built on the ``meta`` device
+    (shapes only, no memory) and compared with the checkpoint's tensors; only a checkpoint whose
+    tensors fit it exactly gets a real network, so no declaration can allocate more than the file holds."""
+    _check_bounds(ckpt.config, name)
+    with torch.device("meta"):
+        expected = Synthesizer(ckpt.config, CONTENT_DIM[ckpt.version], ckpt.f0).state_dict()
     state = {k: v.float() for k, v in fold_weight_norm(ckpt.weight).items()}
-    expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = [
@@ -159,6 +229,7 @@ def build_synthesizer(ckpt: VoiceCheckpoint, name: str = "checkpoint") -> Synthe
             f"{name} does not fit the RVC {ckpt.version} {'pitch' if ckpt.f0 else 'no-pitch'} "
             f"architecture of its config: {details}",
         )
+    model = Synthesizer(ckpt.config, CONTENT_DIM[ckpt.version], ckpt.f0)
     model.load_state_dict(state, strict=True)
     return model.eval()
 

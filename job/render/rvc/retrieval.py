@@ -6,6 +6,7 @@ averaged with inverse-squared-distance weights and blended in with ``index_rate`
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ class FeatureIndex:
     def load(cls, path: Path) -> FeatureIndex:
         import faiss
 
+        _check_header(Path(path))
         try:
             index = faiss.read_index(str(path))
             vectors = index.reconstruct_n(0, index.ntotal)
@@ -49,6 +51,29 @@ class FeatureIndex:
         weights /= weights.sum(axis=1, keepdims=True)
         retrieved = np.einsum("fk,fkd->fd", weights, self.vectors[ids])
         return (index_rate * retrieved + (1.0 - index_rate) * features).astype(np.float32)
+
+
+MAX_DIM = 4096
+
+
+def _check_header(path: Path) -> None:
+    """An index declares its dimension and vector count in its header (faiss' layout: fourcc, d as
+    int32, ntotal as int64); the vectors must fit in the file, or faiss would allocate what the
+    header claims: ``model.corrupt`` before reading."""
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(16)
+        size = path.stat().st_size
+    except OSError as exc:
+        raise CoverError(ErrorCode.MODEL_CORRUPT, f"{path.name} is unreadable: {exc}") from None
+    if len(header) < 16:
+        raise CoverError(ErrorCode.MODEL_CORRUPT, f"{path.name} is too short to be a faiss index")
+    dim, total = struct.unpack_from("<i", header, 4)[0], struct.unpack_from("<q", header, 8)[0]
+    if not 0 < dim <= MAX_DIM or total < 0 or total * dim * 4 > size:
+        raise CoverError(
+            ErrorCode.MODEL_CORRUPT,
+            f"{path.name} declares {total} vectors of {dim} dimensions, more than its {size} bytes hold",
+        )
 
 
 def build_index(vectors: np.ndarray, path: Path, n_list: int | None = None) -> Path:
