@@ -171,6 +171,39 @@ def http(request: Request) -> Response:
         return problem(500, ErrorCode.INTERNAL, "the request failed on our side; it is safe to retry")
 
 
+GOOGLE_ISSUERS = ("accounts.google.com", "https://accounts.google.com")
+
+
+def _verify_push(request: Request, settings: Settings) -> Response | None:
+    """With ``COVER_PUSH_AUDIENCE`` set, a push must carry Pub/Sub's OIDC token for that audience,
+    issued by Google (and, with ``COVER_PUSH_SERVICE_ACCOUNT``, for that verified service account):
+    401 otherwise (403 for another account), so nobody else can start job executions."""
+    if not settings.push_audience:
+        return None
+    header = request.headers.get("Authorization", "")
+    if not header.startswith("Bearer "):
+        return problem(401, "auth.missing", "a push must carry its OIDC token")
+    try:
+        from google.auth.transport import requests as google_requests
+        from google.oauth2 import id_token
+
+        claims = id_token.verify_token(
+            header.removeprefix("Bearer "),
+            google_requests.Request(),
+            audience=settings.push_audience,
+            certs_url=settings.push_certs_url,
+        )
+    except Exception as exc:  # noqa: BLE001 - any failure to verify is a refusal
+        log.warning(json.dumps({"event": "push.refused", "reason": type(exc).__name__}))
+        return problem(401, "auth.invalid", "the push token is not valid for this function")
+    if claims.get("iss") not in GOOGLE_ISSUERS:
+        return problem(401, "auth.invalid", "the push token was not issued by Google")
+    account = settings.push_service_account
+    if account and (claims.get("email") != account or not claims.get("email_verified")):
+        return problem(403, "auth.forbidden", "the push token names another service account")
+    return None
+
+
 @functions_framework.http
 def trigger(request: Request) -> Response:
     """Pub/Sub push of ``cover.requested`` -> one Cloud Run Job execution with the request in its env.
@@ -180,6 +213,9 @@ def trigger(request: Request) -> Response:
     with ``cover.failed`` here and acknowledged: no execution is spent on it.
     """
     svc = services()
+    refused = _verify_push(request, svc.settings)
+    if refused is not None:
+        return refused
     try:
         envelope = PushEnvelope.model_validate_json(request.get_data())
         data = base64.b64decode(envelope.message.data, validate=True)

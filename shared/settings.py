@@ -61,6 +61,15 @@ class Settings(BaseSettings):
     events_topic: str = Field("cover-events")
     requests_subscription: str = Field("cover-requests-gpu", description="The GPU runner's subscription.")
     public_base_url: str = Field("http://127.0.0.1:8080", description="Base of status URLs in 202 answers.")
+    push_audience: str | None = Field(
+        None, description="When set, the trigger accepts only pushes whose OIDC token has this audience."
+    )
+    push_service_account: str | None = Field(
+        None, description="When set, the push token must name this (verified) service account."
+    )
+    push_certs_url: str = Field(
+        "https://www.googleapis.com/oauth2/v1/certs", description="Google's token certificates."
+    )
 
     # the worker
     runner: str = Field("local", description="Name of this runner in events (e.g. 'cloud-run-cpu', 'gpu-1').")

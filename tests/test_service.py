@@ -517,6 +517,105 @@ def test_trigger_starts_a_job_execution_with_the_request(stack):
         server.shutdown()
 
 
+def test_the_trigger_verifies_the_push_token_when_configured(stack, monkeypatch):
+    """Pub/Sub's OIDC token, checked as Google's would be, with our own key and a loopback
+    certificate endpoint standing in for Google's (no traffic leaves the machine)."""
+    import datetime as dt
+    import http.server
+    import threading
+
+    import google.auth.crypt
+    import google.auth.jwt
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    def keypair():
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test")])
+        now_ = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(1)
+            .not_valid_before(now_ - dt.timedelta(days=1))
+            .not_valid_after(now_ + dt.timedelta(days=1))
+            .sign(key, hashes.SHA256())
+        )
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        return pem, cert.public_bytes(serialization.Encoding.PEM).decode()
+
+    (good_key, good_cert), (other_key, _) = keypair(), keypair()
+    certs = json.dumps({"k1": good_cert}).encode()
+
+    class Certs(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(certs)
+
+        def log_message(self, *args):
+            pass
+
+    cert_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Certs)
+    threading.Thread(target=cert_server.serve_forever, daemon=True).start()
+    audience, account = "https://trigger.example/push", "push@melodia-test.iam.gserviceaccount.com"
+    stack.env.update(
+        {
+            "COVER_PUSH_AUDIENCE": audience,
+            "COVER_PUSH_SERVICE_ACCOUNT": account,
+            "COVER_PUSH_CERTS_URL": f"http://127.0.0.1:{cert_server.server_address[1]}/certs",
+        }
+    )
+    for name in ("COVER_PUSH_AUDIENCE", "COVER_PUSH_SERVICE_ACCOUNT", "COVER_PUSH_CERTS_URL"):
+        monkeypatch.setenv(name, stack.env[name])
+
+    def token(key=good_key, **claims):
+        now_ = int(time.time())
+        payload = {
+            "iss": "https://accounts.google.com",
+            "aud": audience,
+            "email": account,
+            "email_verified": True,
+            "sub": "1",
+            "iat": now_,
+            "exp": now_ + 300,
+            **claims,
+        }
+        signer = google.auth.crypt.RSASigner.from_string(key, key_id="k1")
+        return {"Authorization": "Bearer " + google.auth.jwt.encode(signer, payload).decode()}
+
+    client = FakeJobsClient()
+    server, url = _serve_trigger(stack, client)
+    try:
+        data = json.dumps({"song_id": "song-1", "voice_model": demo.DEMO_VOICE}).encode()
+        envelope = {"message": {"data": base64.b64encode(data).decode(), "messageId": "9"}}
+        refused = [
+            ({}, 401),
+            (token(aud="https://elsewhere.example/"), 401),
+            (token(key=other_key), 401),
+            (token(iss="https://evil.example"), 401),
+            (token(exp=int(time.time()) - 600), 401),
+            (token(email="intruder@evil.iam.gserviceaccount.com"), 403),
+            (token(email_verified=False), 403),
+        ]
+        for headers, status in refused:
+            answer = requests.post(url, json=envelope, headers=headers)
+            assert answer.status_code == status and answer.headers["Content-Type"] == "application/problem+json"
+        assert client.calls == []  # nothing was started by a refused push
+        assert requests.post(url, json=envelope, headers=token()).status_code == 204
+        assert len(client.calls) == 1
+    finally:
+        server.shutdown()
+        cert_server.shutdown()
+
+
 def test_a_burst_of_1000_requests_loses_none(stack):
     url = stack.start_dispatcher()
     probe_sub = stack.subscription(stack.requests_topic, f"probe-{uuid.uuid4().hex[:6]}", ack_deadline=60)
