@@ -459,3 +459,22 @@ def test_the_s3_secret_never_shows_in_a_repr():
     assert "hunter2" not in repr(settings) and "hunter2" not in str(settings.model_dump())
     assert settings.s3_secret_access_key is not None
     assert settings.s3_secret_access_key.get_secret_value() == "hunter2-secret"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\x80\x02cposix\nsystem\nq\x00.",
+        b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00\xff.",
+        b"PK\x03\x04" + b"\x00" * 40,
+    ],
+)
+def test_a_refused_checkpoint_never_advises_turning_safe_loading_off(tmp_path, payload):
+    from job.render.safe_load import load_weights_only
+
+    path = tmp_path / "odd.pth"
+    path.write_bytes(payload)
+    with pytest.raises(CoverError) as info:
+        load_weights_only(path)
+    assert info.value.code in (ErrorCode.MODEL_UNSAFE, ErrorCode.MODEL_CORRUPT)
+    assert "weights_only" not in info.value.message and "trust the source" not in info.value.message

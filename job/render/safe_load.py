@@ -97,9 +97,15 @@ def _describe(path: Path, exc: Exception) -> CoverError:
             f"{path.name} holds Python objects that would run code when loaded; it was refused "
             "and nothing in it was executed",
         )
+    # torch's weights-only errors open with advice to turn safe loading off: never pass that on
+    reasons = [
+        line.removeprefix("WeightsUnpickler error:").strip()
+        for line in text.splitlines()
+        if line.strip() and "weights_only" not in line and not line.startswith("Weights only load failed")
+    ]
     return CoverError(
         ErrorCode.MODEL_CORRUPT,
-        f"{path.name} is not a readable checkpoint: {text.splitlines()[0] if text else type(exc).__name__}",
+        f"{path.name} is not a readable checkpoint: {reasons[0] if reasons else type(exc).__name__}",
     )
 
 
