@@ -304,7 +304,8 @@ def test_killed_worker_leaves_nothing_visible_and_the_redelivery_completes(stack
     doomed.wait(10)
     assert stack.s3.list_objects_v2(Bucket=stack.bucket, Prefix="covers/").get("KeyCount", 0) == 0
     stack.start_worker("rescuer", COVER_LEASE_S="4")
-    events = stack.events(lambda got: of_type(got, COMPLETED), timeout=240)
+    # the emulator may hold a killed stream's message ~100 s before redelivering it; then a render
+    events = stack.events(lambda got: of_type(got, COMPLETED), timeout=480)
     completed = of_type(events, COMPLETED)
     assert len(completed) == 1 and completed[0]["runner"] == "rescuer"
     _check_against_bucket(stack, completed[0])
