@@ -152,18 +152,23 @@ def check_tensors(obj: Any, name: str, depth: int = 0) -> None:
         check_tensors(obj.state, name, depth + 1)
 
 
-def load_weights_only(path: Path) -> Any:
-    """Load a checkpoint that must hold only tensors, containers and primitives."""
+def _load(path: Path, **options: Any) -> Any:
+    """``torch.load`` with our checks around it: the file, the errors, the tensors' real sizes."""
     path = Path(path)
     _check_file(path)
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(path, map_location="cpu", **options)
     except MemoryError:
         raise CoverError(ErrorCode.MODEL_CORRUPT, f"{path.name} declares more data than memory holds") from None
     except LOAD_ERRORS as exc:
         raise _describe(path, exc) from None
     check_tensors(loaded, path.name)
     return loaded
+
+
+def load_weights_only(path: Path) -> Any:
+    """Load a checkpoint that must hold only tensors, containers and primitives."""
+    return _load(path, weights_only=True)
 
 
 def load_with_inert_objects(path: Path, allowed: dict[tuple[str, str], Any] | None = None) -> Any:
@@ -172,13 +177,4 @@ def load_with_inert_objects(path: Path, allowed: dict[tuple[str, str], Any] | No
     ``allowed`` maps ``(module, name)`` to real objects that may be instantiated (for example the
     Demucs model classes, whose constructors only build modules).
     """
-    path = Path(path)
-    _check_file(path)
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_pickle_module(allowed or {}))
-    except MemoryError:
-        raise CoverError(ErrorCode.MODEL_CORRUPT, f"{path.name} declares more data than memory holds") from None
-    except LOAD_ERRORS as exc:
-        raise _describe(path, exc) from None
-    check_tensors(loaded, path.name)
-    return loaded
+    return _load(path, weights_only=False, pickle_module=_pickle_module(allowed or {}))
