@@ -33,10 +33,13 @@ test: setup pubsub-emulator  ## the whole suite (starts the emulator and an S3 s
 test-fast: setup  ## the inner loop: everything but the tests marked slow (under 5 minutes here)
 	$(BIN)/python -m pytest -m "not slow"
 
-lint: setup  ## ruff (lint and format) and mypy, as CI runs them
+lint: setup  ## ruff (lint and format), mypy, hadolint, yamllint and shellcheck, as CI runs them
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/yamllint -s cloudbuild.yaml .hadolint.yaml .yamllint.yaml
+	$(BIN)/shellcheck .ci/run
 
 serve: setup pubsub-emulator  ## the local stack: emulator, local storage, dispatcher on :8080, a worker
 	$(BIN)/python -m job.devkit.stack

@@ -39,11 +39,13 @@ from shared.bus import EventBus
 from shared.covers import resolve, served
 from shared.errors import CoverError, ErrorCode
 from shared.events import FAILED, CoverCompleted, CoverFailed, CoverStatus, failure_event_id, now, parse_request
+from shared.logs import fields, set_trace, setup_logging
 from shared.model_store import ModelStore
 from shared.settings import Settings
 from shared.storage import Keys, Storage, make_storage
 
 log = logging.getLogger("melodia.dispatcher")
+setup_logging()
 
 _STATUS_FOR = {ErrorCode.VOICE_UNKNOWN: 404, ErrorCode.INPUT_NOT_FOUND: 404, ErrorCode.OPTIONS_INVALID: 400}
 
@@ -152,6 +154,7 @@ def http(request: Request) -> Response:
     """The API. Every answer that is not a success is problem+json, whatever went wrong."""
     path = request.path.rstrip("/") or "/"
     try:
+        set_trace(request.headers.get("X-Cloud-Trace-Context"), services().settings.project)
         if path.startswith("/covers/") and path.count("/") == 2:
             handlers: dict[str, Callable[[Request], Response]] = {
                 "GET": lambda _: _cover_status(path.removeprefix("/covers/"))
@@ -194,7 +197,7 @@ def _verify_push(request: Request, settings: Settings) -> Response | None:
             certs_url=settings.push_certs_url,
         )
     except Exception as exc:  # noqa: BLE001 - any failure to verify is a refusal
-        log.warning(json.dumps({"event": "push.refused", "reason": type(exc).__name__}))
+        log.warning("push refused", extra=fields(event="push.refused", reason=type(exc).__name__))
         return problem(401, "auth.invalid", "the push token is not valid for this function")
     if claims.get("iss") not in GOOGLE_ISSUERS:
         return problem(401, "auth.invalid", "the push token was not issued by Google")
@@ -243,6 +246,6 @@ def trigger(request: Request) -> Response:
     try:
         svc.jobs().run_job(request=job_request)
     except Exception as exc:  # noqa: BLE001 - any failure means: not accepted, let Pub/Sub retry
-        log.warning(json.dumps({"event": "run_job.failed", "error": str(exc)[:300]}))
+        log.warning("run_job failed", extra=fields(event="run_job.failed", error=str(exc)[:300]))
         return problem(503, ErrorCode.INTERNAL, f"the job execution was not accepted: {type(exc).__name__}")
     return Response(status=204)

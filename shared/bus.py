@@ -8,6 +8,7 @@ from functools import cached_property
 from pydantic import BaseModel
 
 from shared.events import REQUESTED, CoverRequest, to_message
+from shared.logs import fields
 from shared.settings import Settings
 
 log = logging.getLogger("melodia.bus")
@@ -42,5 +43,5 @@ class EventBus:
         message_id = self.publisher.publish(self.topic(self.settings.events_topic), payload, **attributes).result(
             timeout_s
         )
-        log.info('{"event": "%s", "cover_id": "%s", "message_id": "%s"}', event_type, cover_id, message_id)
+        log.info("event published", extra=fields(event=event_type, cover_id=cover_id, message_id=message_id))
         return message_id

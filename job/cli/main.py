@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from job.cli.flags import HelpFormatter, add_model_flags, model_from_args
 from shared.errors import EXIT_INTERNAL, CoverError, ErrorCode
+from shared.logs import setup_logging
 from shared.model_store import ModelStore
 from shared.names import printable
 from shared.options import ConversionOptions, MixOptions, OutputFormat, SeparationOptions, format_for
@@ -430,10 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=os.environ.get("COVER_LOG_LEVEL", "WARNING"),
-        format='{"level":"%(levelname)s","logger":"%(name)s","message":"%(message)s"}',
-    )
+    setup_logging("WARNING")
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -23,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from job.service.worker import Outcome, Worker
 from shared.errors import CoverError
+from shared.logs import fields, setup_logging
 from shared.settings import Settings
 
 log = logging.getLogger("melodia.runner")
@@ -31,7 +31,7 @@ log = logging.getLogger("melodia.runner")
 def run_once(settings: Settings) -> int:
     raw = os.environ.get("COVER_REQUEST")
     if not raw:
-        print("COVER_REQUEST is not set", file=sys.stderr)
+        log.error("COVER_REQUEST is not set: nothing to render", extra=fields(event="request.missing"))
         return 2
     attempt = int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0")) + 1
     outcome = Worker(settings).handle(raw.encode(), attempt)
@@ -62,7 +62,7 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
     flow = pubsub_v1.types.FlowControl(max_messages=1, max_lease_duration=4 * 3600)
     scheduler = ThreadScheduler(ThreadPoolExecutor(max_workers=1))
     future = subscriber.subscribe(path, callback, flow_control=flow, scheduler=scheduler)
-    log.info(json.dumps({"event": "runner.started", "subscription": path, "runner": settings.runner}))
+    log.info("runner started", extra=fields(event="runner.started", subscription=path, runner=settings.runner))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
@@ -73,11 +73,11 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
         future.cancel()  # stops pulling; the render in hand completes and is acked
         scheduler.shutdown(await_msg_callbacks=True)
         subscriber.close()
-        log.info(json.dumps({"event": "runner.stopped"}))
+        log.info("runner stopped", extra=fields(event="runner.stopped", runner=settings.runner))
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("COVER_LOG_LEVEL", "INFO"), format="%(message)s")
+    setup_logging("INFO")
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv else "run"
     settings = Settings()
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             serve(settings)
         except CoverError as error:  # the runner cannot work at all (its models do not sync)
-            log.error(json.dumps({"event": "runner.failed", "code": error.code.value, "message": error.message}))
+            log.error(error.message, extra=fields(event="runner.failed", code=error.code.value))
             return 1
         return 0
     print("usage: python -m job [run|serve]", file=sys.stderr)

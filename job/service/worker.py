@@ -9,7 +9,6 @@ deliveries give the same ``cover.completed`` (same event id, same content).
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -36,6 +35,7 @@ from shared.events import (
     parse_request,
 )
 from shared.hashing import sha256_of
+from shared.logs import fields
 from shared.model_store import ModelStore, ResolvedVoice
 from shared.options import FORMATS, ConversionOptions, MixOptions
 from shared.settings import Settings
@@ -99,7 +99,15 @@ class Worker:
         if cid:
             self._status(cid, "failed", error=failed)
         log.warning(
-            json.dumps({"event": "cover.failed", "cover_id": cid, "code": error.code.value, "message": error.message})
+            error.message,
+            extra=fields(
+                event="cover.failed",
+                cover_id=cid,
+                code=error.code.value,
+                song_id=failed.song_id,
+                voice=failed.voice_model,
+                attempt=attempt,
+            ),
         )
         return Outcome.ACK
 
@@ -125,7 +133,7 @@ class Worker:
             voice = self.models.localise(info)  # the voice's files, synced from the bucket when they differ
             claim = Claim(self.storage, cid, self.settings.runner, self.settings.lease_s)
             if not claim.acquire():
-                log.info(json.dumps({"event": "cover.busy", "cover_id": cid}))
+                log.info("another runner holds this cover", extra=fields(event="cover.busy", cover_id=cid))
                 time.sleep(self.settings.busy_retry_s)
                 return Outcome.RETRY
             completed = self._render_claimed(request, cid, voice, claim)
@@ -141,7 +149,7 @@ class Worker:
                 return Outcome.RETRY
             return self._fail(error, request, cid, attempt, data)
         except Exception as exc:
-            log.exception("render failed")
+            log.exception("render failed", extra=fields(event="cover.error", cover_id=cid))
             if claim is not None:
                 claim.release()
             if attempt < self.settings.max_attempts:
