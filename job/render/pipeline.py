@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from job.render.audio import MIX_SAMPLE_RATE
 from job.render.convert import ConversionOptions, ConvertedVocals, VoiceConverter, convert_vocals
 from job.render.download import UrlPolicy
 from job.render.fetch import SongAudio, fetch
@@ -100,7 +101,7 @@ class Pipeline:
         separator = self.separator(options)
         key = separator.stem_key(song.sha256)
         if self.stem_cache is not None:
-            cached = self.stem_cache.get(key, out_dir, song.sample_rate or 44100)
+            cached = self.stem_cache.get(key, out_dir, MIX_SAMPLE_RATE)  # stems are always at the mix rate
             if cached is not None:
                 if progress:
                     progress(1.0)
