@@ -1,12 +1,14 @@
-# The job image (and the dispatcher's code), one Python layer for both variants:
-#   docker build --target cpu -t cover-job:cpu .   # Cloud Run Job executions (CPU)
-#   docker build --target gpu -t cover-job:gpu .   # the GPU runner (long-running subscriber)
+# The job image (and the dispatcher's code), in two variants that differ only in their torch build:
+#   docker build --target cpu -t cover-job:cpu .                        # Cloud Run Job executions (CPU)
+#   docker build --target gpu --build-arg TORCH=cuda -t cover-job:gpu .   # the GPU runner (subscriber)
 # The Python layers install what `make test` installs for the job: the core and `job` requirements
 # of pyproject.toml, whose pins are the only place versions live (the HTTP functions install the
 # core alone: see cloudbuild.yaml). The dependency layer comes before the source, so a code change
-# does not reinstall torch. job/devkit, tests/ and bench/ are left out (.dockerignore). PyPI's torch
-# 2.13.0 wheel for Linux carries the CUDA runtime libraries, so the same layer runs on CPU and, with
-# an NVIDIA driver on the host, on GPU.
+# does not reinstall torch. job/devkit, tests/ and bench/ are left out (.dockerignore).
+# torch: TORCH=cpu (the default) takes the CPU-only build from PyTorch's CPU index (torch
+# 2.13.0+cpu, the build the tests run: 754 MB installed); TORCH=cuda takes PyPI's Linux wheel, which
+# is the CUDA build and pulls NVIDIA's runtime libraries (several GB; README, "GPU runner").
+ARG TORCH=cpu
 FROM python:3.11.7-slim-bookworm AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     COVER_MODELS_DIR=/models COVER_WORK_DIR=/tmp/work
@@ -15,10 +17,23 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY pyproject.toml README.md ./
-# the dependency layer: pyproject.toml's pinned core and `job` requirements, before any source
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 print('\n'.join(p['dependencies'] + p['optional-dependencies']['job']))" > /tmp/requirements.txt \
- && pip install --no-cache-dir pip==26.3 && pip install --no-cache-dir -r /tmp/requirements.txt
+ && pip install --no-cache-dir pip==26.3
+
+# the dependency layer: torch first (its build decides the variant), then pyproject.toml's pinned
+# core and `job` requirements (torch==2.13.0 is then already met), before any source
+FROM base AS deps-cpu
+RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
+ && pip install --no-cache-dir -r /tmp/requirements.txt
+
+FROM base AS deps-cuda
+RUN pip install --no-cache-dir -r /tmp/requirements.txt
+
+# one of the two stages above, by name (hadolint takes the stage name for an untagged image)
+# hadolint ignore=DL3006
+FROM deps-${TORCH} AS app
+WORKDIR /app
 COPY shared shared
 COPY job job
 COPY dispatcher dispatcher
@@ -31,11 +46,12 @@ ARG MODELS=infra/no-models
 COPY --chown=cover ${MODELS} /models
 USER 10001
 
-FROM base AS cpu
+FROM app AS cpu
 ENV COVER_DEVICE=cpu COVER_RUNNER=cloud-run-cpu
 # one request from COVER_REQUEST (set by the trigger's override or `gcloud run jobs execute --update-env-vars`)
 CMD ["python", "-m", "job", "run"]
 
-FROM base AS gpu
+FROM app AS gpu
 ENV COVER_DEVICE=cuda COVER_RUNNER=gpu-runner
+# COVER_IN_FLIGHT=0: requests in flight chosen from the card's memory (README, "GPU runner")
 CMD ["python", "-m", "job", "serve"]

@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test test-fast lint bench serve setup system-deps pubsub-emulator clean
+.PHONY: run test test-fast lint bench bench-gpu gpu-runner serve setup system-deps pubsub-emulator clean
 
 system-deps:  ## Debian's ffmpeg (ffmpeg + ffprobe)
 	@command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 || \
@@ -39,7 +39,7 @@ lint: setup  ## ruff (lint and format), mypy, hadolint, yamllint and shellcheck,
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/yamllint -s cloudbuild.yaml .hadolint.yaml .yamllint.yaml
-	$(BIN)/shellcheck .ci/run
+	$(BIN)/shellcheck .ci/run infra/gpu-runner.sh
 
 serve: setup pubsub-emulator  ## the local stack: emulator, local storage, dispatcher on :8080, a worker
 	$(BIN)/python -m job.devkit.stack
@@ -47,6 +47,12 @@ serve: setup pubsub-emulator  ## the local stack: emulator, local storage, dispa
 bench: setup
 	$(BIN)/python -m bench.convert
 	$(BIN)/python -m bench.pipeline
+
+bench-gpu: setup  ## the GPU benchmark (bench/gpu.py): on a machine with a GPU, one command
+	$(BIN)/python -m bench.gpu
+
+gpu-runner:  ## start a GPU runner on this machine (infra/gpu-runner.sh: credentials from the environment)
+	bash infra/gpu-runner.sh
 
 clean:
 	rm -rf $(VENV) .venv-dispatcher out .pytest_cache

@@ -31,8 +31,11 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="'auto', 'cpu' or a torch device such as 'cuda:0'.")
     precision: str = Field(
         "auto",
-        pattern="^(auto|fp32|bf16)$",
-        description="Compute type of Demucs and the RVC decoder: auto (bf16 on CPUs with native bf16), fp32, bf16.",
+        pattern="^(auto|fp32|bf16|fp16)$",
+        description=(
+            "Compute type of Demucs and the RVC decoder: auto (bf16 on CPUs with native bf16 and on GPUs that "
+            "have it, fp16 on older GPUs, fp32 elsewhere), fp32, bf16, fp16."
+        ),
     )
     kernels: str = Field(
         "fast",
@@ -40,6 +43,25 @@ class Settings(BaseSettings):
         description="fast (channels-last layouts, tiled decoder) or reference (plain conv1d, untiled).",
     )
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
+    separate_batch: int = Field(
+        0, ge=0, le=64, description="Demucs segments per network call; 0: 1 on the CPU, 8 on a GPU."
+    )
+    convert_batch: int = Field(
+        0, ge=0, le=64, description="Conversion chunks per decoder call; 0: 1 on the CPU, 8 on a GPU."
+    )
+    in_flight: int = Field(
+        0,
+        ge=0,
+        le=32,
+        description=(
+            "Requests a runner (python -m job serve) holds at once; 0: 1 on the CPU, on a GPU one per 12 GiB "
+            "of its memory, 1 to 4. The heavy stages (separate, convert) take turns on the device."
+        ),
+    )
+    heavy_slots: int = Field(
+        1, ge=1, le=8, description="Heavy stages (separate, convert) allowed on the device at once, across requests."
+    )
+    health_interval_s: float = Field(60.0, gt=0, description="A runner logs a health line this often.")
     allow_hub_download: bool = Field(
         False, description="Let Demucs fetch a named model from its public repo if not in the store."
     )

@@ -32,12 +32,13 @@ def test_stems_have_the_song_length_and_layout(store, song, tmp_path):
     assert np.isfinite(vocals).all() and np.abs(vocals).max() > 0
 
 
-@pytest.mark.parametrize("overlap", [0.25, 0.6])
-def test_streamed_separation_equals_demucs_whole_song_split(store, overlap):
-    """Our segment loop (bounded memory) gives what Demucs' apply_model gives on the whole song."""
+@pytest.mark.parametrize(("overlap", "batch"), [(0.25, 1), (0.6, 1), (0.6, 3)])
+def test_streamed_separation_equals_demucs_whole_song_split(store, overlap, batch):
+    """Our segment loop (bounded memory), one segment per call or several in a batch (the GPU's
+    way), gives what Demucs' apply_model gives on the whole song."""
     from demucs.apply import apply_model
 
-    separator = Separator(ModelStore(store), SeparationOptions(overlap=overlap), "cpu", precision="fp32")
+    separator = Separator(ModelStore(store), SeparationOptions(overlap=overlap), "cpu", precision="fp32", batch=batch)
     segment = int(separator.model.samplerate * float(separator._models()[0][0].segment))
     mix = np.random.default_rng(0).standard_normal((2, int(2.7 * segment))).astype(np.float32) * 0.1
     blocks = list(separator.blocks(mix))

@@ -677,3 +677,32 @@ def test_cloud_run_job_entry_point_reads_the_request_from_its_environment(stack)
         ).returncode
         == 2
     )
+
+
+def test_a_runner_holds_its_in_flight_limit_and_finishes_them_when_stopped(stack):
+    """``COVER_IN_FLIGHT=2``: two requests render at once (the second starts before the first is
+    done), a third waits; SIGTERM stops pulling, both requests in hand complete, the process exits
+    0 having started nothing more, and the health line reports what it held."""
+    runner = stack.start_worker("gpu-1", COVER_IN_FLIGHT="2", COVER_HEALTH_INTERVAL_S="1")
+    requests_ = [
+        CoverRequest(song_id="song-1", voice_model=demo.DEMO_VOICE, options={**FAST, "pitch": pitch})
+        for pitch in (0, 3, 5)
+    ]
+    for request in requests_:
+        stack.publish_request(*to_message(REQUESTED, request))
+
+    def started(got) -> set[str]:
+        return {d["cover_id"] for d in of_type(got, "cover.progress")}
+
+    events = stack.events(lambda got: len(started(got)) >= 2 or of_type(got, COMPLETED), timeout=240)
+    assert len(started(events)) == 2 and not of_type(events, COMPLETED)  # two at once, the third waiting
+    runner.send_signal(signal.SIGTERM)
+    events += stack.events(lambda got: len(of_type(got, COMPLETED)) >= 2, timeout=240)
+    assert runner.wait(120) == 0
+    events += stack.events(lambda got: False, timeout=5)
+    completed = {c["cover_id"] for c in of_type(events, COMPLETED)}
+    assert completed == started(events) and len(completed) == 2  # what it held, and nothing after the stop
+    log = (stack.tmp / "gpu-1.log").read_text()
+    health = [json.loads(line) for line in log.splitlines() if '"runner.health"' in line]
+    assert health and max(h["in_flight"] for h in health) == 2 and all(h["limit"] == 2 for h in health)
+    assert '"runner.stopped"' in log

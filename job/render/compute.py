@@ -12,7 +12,10 @@ import torch
 
 from shared.errors import CoverError, ErrorCode
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+GPU_BATCH = 8  # Demucs segments / conversion chunks per call on a GPU (``batch_size``)
+GIB_PER_REQUEST = 12  # a GPU runner admits one request per this much GPU memory (``in_flight``)
 KERNELS = ("fast", "reference")
 
 
@@ -34,13 +37,40 @@ def native_bf16(device: torch.device) -> bool:
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     """The compute type of the heavy networks (Demucs, the RVC decoder). ``auto``: bfloat16 on
-    CPUs with native bf16, float32 elsewhere (older CPUs emulate bf16 slowly; GPUs keep fp32 until
-    measured on one). Tolerances against fp32 are tested (README, "Performance")."""
+    CPUs with native bf16 and on GPUs that have it (Ampere and later), float16 on older GPUs,
+    float32 elsewhere (older CPUs emulate bf16 slowly). Tolerances against fp32 are tested (README,
+    "Performance"; the GPU's own errors in bench/RESULTS-gpu.md)."""
     if precision not in PRECISIONS:
-        raise CoverError(ErrorCode.OPTIONS_INVALID, f"precision must be auto, fp32 or bf16, not {precision!r}")
+        raise CoverError(ErrorCode.OPTIONS_INVALID, f"precision must be auto, fp32, bf16 or fp16, not {precision!r}")
     if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if native_bf16(device) else torch.float32
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """``fp32``, ``bf16`` or ``fp16``: how settings, cache keys and reports name a compute type."""
+    return _NAMES[dtype]
+
+
+def batch_size(setting: int, device: torch.device) -> int:
+    """Segments or chunks per network call: the setting, or (0) 1 on the CPU, where a batch only
+    adds memory, and :data:`GPU_BATCH` on a GPU, where one call must carry enough work to fill it."""
+    if setting:
+        return setting
+    return 1 if device.type == "cpu" else GPU_BATCH
+
+
+def requests_in_flight(setting: int, device: torch.device) -> int:
+    """How many requests a runner holds at once: the setting, or (0) 1 on the CPU and one per
+    :data:`GIB_PER_REQUEST` of GPU memory on a GPU, between 1 and 4."""
+    if setting:
+        return setting
+    if device.type != "cuda":
+        return 1
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    return max(1, min(4, int(total // GIB_PER_REQUEST)))
 
 
 def resolve_kernels(kernels: str) -> bool:

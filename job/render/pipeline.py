@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,12 +62,34 @@ class Pipeline:
         self.store = store or ModelStore(settings.models_dir)
         self.stem_cache = stem_cache
         self.converter = VoiceConverter(
-            self.store, settings.device, precision=settings.precision, kernels=settings.kernels
+            self.store,
+            settings.device,
+            precision=settings.precision,
+            kernels=settings.kernels,
+            batch=settings.convert_batch,
         )
         self._separators: dict[str, Separator] = {}
+        # Several requests may render at once (a runner's ``in_flight``); the heavy stages take
+        # turns on the device, ``heavy_slots`` at a time, while the others fetch, mix and upload.
+        self.heavy = threading.BoundedSemaphore(settings.heavy_slots)
+        self._loading = threading.Lock()  # one separator per options, whichever request asks first
 
     def separator(self, options: SeparationOptions) -> Separator:
         key = options.model_dump_json()
+        with self._loading:
+            return self._separator(key, options)
+
+    @contextmanager
+    def device_turn(self, timer: StageTimer | None = None) -> Iterator[None]:
+        """Hold one of the device's ``heavy_slots`` for a heavy stage;
+        the wait is timed as ``device_wait``."""
+        started = time.perf_counter()
+        with self.heavy:
+            if timer is not None:
+                timer.timings["device_wait"] = timer.timings.get("device_wait", 0.0) + time.perf_counter() - started
+            yield
+
+    def _separator(self, key: str, options: SeparationOptions) -> Separator:
         if key not in self._separators:
             self._separators[key] = Separator(
                 self.store,
@@ -74,6 +98,7 @@ class Pipeline:
                 self.settings.allow_hub_download,
                 self.settings.precision,
                 self.settings.kernels,
+                self.settings.separate_batch,
             )
         return self._separators[key]
 
@@ -139,11 +164,11 @@ class Pipeline:
             with timer("fetch"):
                 fetched = self.fetch(song, work)
             report("fetch", 1.0)
-            with timer("separate"):
+            with self.device_turn(timer), timer("separate"):
                 stems, cached = self.separate(
                     fetched, work / "stems", options.separation, lambda f: report("separate", f)
                 )
-            with timer("convert"):
+            with self.device_turn(timer), timer("convert"):
                 converted = self.convert(
                     stems.vocals, voice, work / "converted.wav", options.conversion, lambda f: report("convert", f)
                 )

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 import yaml
 
 from job.render.audio import MIX_SAMPLE_RATE, WavWriter, read_wav
-from job.render.compute import resolve_device, resolve_kernels, resolve_precision
+from job.render.compute import batch_size, precision_name, resolve_device, resolve_kernels, resolve_precision
 from job.render.safe_load import load_with_inert_objects
 from job.render.stems import StemKey, Stems
 from shared.errors import CoverError, ErrorCode
@@ -179,19 +180,26 @@ class Separator:
         allow_download: bool = False,
         precision: str = "auto",
         kernels: str = "fast",
+        batch: int = 0,
     ) -> None:
         self.options = options or SeparationOptions()
         self.device = resolve_device(device)
+        self.batch = batch_size(batch, self.device)
         self.dtype = resolve_precision(precision, self.device)
         self.kernels = kernels
         self.fast = resolve_kernels(kernels)
         self.store, self.allow_download = store, allow_download
         self.model_sha256 = separation_model_digest(self.options.model, store, allow_download)
         self._model: Any = None
+        self._loading = threading.Lock()
 
     @property
     def model(self) -> Any:
         """The Demucs model or ``BagOfModels`` (``sources``, ``samplerate``, ``segment``, ``models``, ``weights``)."""
+        with self._loading:
+            return self._load()
+
+    def _load(self) -> Any:
         if self._model is None:
             model = _cached_model(self.options.model, str(self.store.root), self.allow_download, self.model_sha256)
             model.to(self.device)
@@ -211,7 +219,7 @@ class Separator:
             segment=self.options.segment,
             overlap=self.options.overlap,
             shifts=self.options.shifts,
-            precision="bf16" if self.dtype == torch.bfloat16 else "fp32",
+            precision=precision_name(self.dtype),
             kernels=self.kernels,
         )
 
@@ -232,7 +240,7 @@ class Separator:
         song), or a bag whose models differ in segment length, the song is separated in one piece by
         Demucs' ``apply_model`` (memory then grows with the song).
         """
-        from demucs.apply import TensorChunk, apply_model
+        from demucs.apply import apply_model
 
         mean, std = _mono_stats(mix)
         vocal = list(self.model.sources).index("vocals")
@@ -265,29 +273,63 @@ class Separator:
         acc = torch.zeros(len(self.model.sources), 2, segment)  # output from sample `offset` on
         weight_sum = torch.zeros(segment)
         offsets = range(0, length, stride)
-        for done, offset in enumerate(offsets, start=1):
-            # the segment with the song around it that Demucs' padding may reach (half a segment
-            # before, to the segment's end after), normalised; zeros only beyond the song's ends
+        done = 0
+        for first in range(0, len(offsets), self.batch):
+            estimates = self._estimate(mix, offsets[first : first + self.batch], segment, mean, std, per_source)
+            for offset, estimate in zip(offsets[first : first + self.batch], estimates, strict=True):
+                n = estimate.shape[-1]
+                acc[..., :n] += ramp[:n] * estimate
+                weight_sum[:n] += ramp[:n]
+                final = min(stride, length - offset)
+                yield self._stems(acc[..., :final] / weight_sum[:final], vocal, mean, std)
+                acc = torch.cat([acc[..., final:], torch.zeros(*acc.shape[:-1], final)], dim=-1)
+                weight_sum = torch.cat([weight_sum[final:], torch.zeros(final)])
+                done += 1
+                if progress:
+                    progress(done / len(offsets))
+
+    def _estimate(
+        self,
+        mix: np.ndarray,
+        offsets: range,
+        segment: int,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        per_source: torch.Tensor,
+    ) -> list[torch.Tensor]:
+        """The weighted sources ``[sources, 2, n]`` of the segments starting at ``offsets``, in one
+        network call per model (a batch): each segment padded with the song around it exactly as
+        Demucs' ``apply_model`` pads one (zeros only beyond the song's ends), then trimmed back."""
+        from demucs.apply import TensorChunk
+        from demucs.htdemucs import HTDemucs
+        from demucs.utils import center_trim
+
+        length = mix.shape[-1]
+        chunks = []
+        for offset in offsets:
+            # the segment with the song around it that the padding may reach (half a segment
+            # before, to the segment's end after), normalised
             lo, hi = max(0, offset - segment), min(length, offset + 2 * segment)
             window = (torch.from_numpy(np.array(mix[:, lo:hi], dtype=np.float32)) - mean) / std
-            chunk = TensorChunk(window[None], offset - lo, segment)
+            chunks.append(TensorChunk(window[None], offset - lo, segment))
+        models, _ = self._models()
+        total: list[torch.Tensor] = [torch.zeros(0)] * len(chunks)
+        for i, model in enumerate(models):
+            if isinstance(model, HTDemucs) and self.options.segment is not None:
+                valid = [int(self.options.segment * model.samplerate)] * len(chunks)
+            elif hasattr(model, "valid_length"):
+                valid = [model.valid_length(c.length) for c in chunks]
+            else:
+                valid = [c.length for c in chunks]
             with torch.inference_mode(), self._autocast():
-                parts = [
-                    apply_model(m, chunk, shifts=0, split=False, device=self.device, segment=self.options.segment)[0]
-                    .float()
-                    .mul(per_source[i][:, None, None])
-                    for i, m in enumerate(models)
-                ]
-                estimate = cast(torch.Tensor, sum(parts)).cpu()
-            n = estimate.shape[-1]
-            acc[..., :n] += ramp[:n] * estimate
-            weight_sum[:n] += ramp[:n]
-            final = min(stride, length - offset)
-            yield self._stems(acc[..., :final] / weight_sum[:final], vocal, mean, std)
-            acc = torch.cat([acc[..., final:], torch.zeros(*acc.shape[:-1], final)], dim=-1)
-            weight_sum = torch.cat([weight_sum[final:], torch.zeros(final)])
-            if progress:
-                progress(done / len(offsets))
+                for target in sorted(set(valid)):  # one call per padded length (all but the last share one)
+                    members = [j for j, v in enumerate(valid) if v == target]
+                    batch = torch.cat([chunks[j].padded(target) for j in members]).to(self.device)
+                    out = model(batch).float() * per_source[i][:, None, None]
+                    for k, j in enumerate(members):
+                        part = center_trim(out[k], chunks[j].length).cpu()
+                        total[j] = part if i == 0 else total[j] + part
+        return total
 
     def _autocast(self) -> torch.autocast:
         """bf16 autocast when the precision asks for it (convolutions and matmuls in bf16; the

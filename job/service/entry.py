@@ -6,9 +6,10 @@
   the request is finished (completed, or failed for good after publishing ``cover.failed``),
   1 when a retry can help (Cloud Run retries the task).
 * ``python -m job serve``: the GPU runner, a long-running streaming-pull subscriber on
-  ``COVER_REQUESTS_SUBSCRIPTION``: one render at a time, models kept loaded, lease extension by the
-  client library while a render runs, graceful stop on SIGTERM (the render in hand finishes).
-  Outbound connections only.
+  ``COVER_REQUESTS_SUBSCRIPTION``: up to ``COVER_IN_FLIGHT`` requests at once (the heavy stages
+  take turns on the device), models kept loaded, lease extension by the client library while a
+  render runs, a ``runner.health`` line every ``COVER_HEALTH_INTERVAL_S``, graceful stop on
+  SIGTERM (every request in hand finishes). Outbound connections only.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from job.service.worker import Outcome, Worker
@@ -38,42 +40,108 @@ def run_once(settings: Settings) -> int:
     return 0 if outcome is Outcome.ACK else 1
 
 
+class RunnerHealth:
+    """What a runner has in hand and has done, logged every ``health_interval_s`` as ``runner.health``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = self.done = self.retried = 0
+        self._lock = threading.Lock()
+
+    def started(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+
+    def finished(self, outcome: Outcome) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            if outcome is Outcome.ACK:
+                self.done += 1
+            else:
+                self.retried += 1
+
+    def line(self) -> dict:
+        with self._lock:
+            line = {"in_flight": self.in_flight, "limit": self.limit, "done": self.done, "retried": self.retried}
+        return {**line, **gpu_memory()}
+
+
+def gpu_memory() -> dict:
+    """GPU memory in MiB (in use, reserved by torch's allocator, peak in use, the card's total), or
+    nothing without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    mib = 2**20
+    return {
+        "gpu_allocated_mib": round(torch.cuda.memory_allocated() / mib),
+        "gpu_reserved_mib": round(torch.cuda.memory_reserved() / mib),
+        "gpu_peak_mib": round(torch.cuda.max_memory_allocated() / mib),
+        "gpu_total_mib": round(torch.cuda.get_device_properties(0).total_memory / mib),
+    }
+
+
 def serve(settings: Settings, stop: threading.Event | None = None) -> None:
+    """Pull requests until ``stop`` (or SIGTERM / SIGINT), holding up to ``in_flight`` at once.
+
+    On stop, pulling ends and every request in hand is rendered, answered and acknowledged before
+    the process exits; messages the client library had not handed over go back to Pub/Sub."""
     from google.cloud import pubsub_v1  # type: ignore[attr-defined]  # namespace package, untyped
     from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
 
+    from job.render.compute import requests_in_flight, resolve_device
+
     worker = Worker(settings)
     worker.prepare()  # the base models, synced from the bucket before the first request
+    limit = requests_in_flight(settings.in_flight, resolve_device(settings.device))
+    health = RunnerHealth(limit)
     subscriber = pubsub_v1.SubscriberClient()
     path = subscriber.subscription_path(settings.project, settings.requests_subscription)
     attempts: dict[str, int] = {}
+    attempts_lock = threading.Lock()
     stop = stop or threading.Event()
 
     def callback(message) -> None:
-        attempts[message.message_id] = attempts.get(message.message_id, 0) + 1
-        attempt = message.delivery_attempt or attempts[message.message_id]
-        outcome = worker.handle(message.data, attempt)
+        with attempts_lock:
+            attempts[message.message_id] = attempts.get(message.message_id, 0) + 1
+            attempt = message.delivery_attempt or attempts[message.message_id]
+        health.started()
+        outcome = Outcome.RETRY
+        try:
+            outcome = worker.handle(message.data, attempt)
+        finally:
+            health.finished(outcome)
         if outcome is Outcome.ACK:
             message.ack()
-            attempts.pop(message.message_id, None)
+            with attempts_lock:
+                attempts.pop(message.message_id, None)
         else:
             message.nack()
 
-    flow = pubsub_v1.types.FlowControl(max_messages=1, max_lease_duration=4 * 3600)
-    scheduler = ThreadScheduler(ThreadPoolExecutor(max_workers=1))
+    flow = pubsub_v1.types.FlowControl(max_messages=limit, max_lease_duration=4 * 3600)
+    scheduler = ThreadScheduler(ThreadPoolExecutor(max_workers=limit, thread_name_prefix="render"))
     future = subscriber.subscribe(path, callback, flow_control=flow, scheduler=scheduler)
-    log.info("runner started", extra=fields(event="runner.started", subscription=path, runner=settings.runner))
+    log.info(
+        "runner started",
+        extra=fields(event="runner.started", subscription=path, runner=settings.runner, in_flight=limit),
+    )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    next_health = time.monotonic()
     try:
         while not stop.wait(0.5):
             if future.done():
                 future.result()  # surface a broken stream
+            if time.monotonic() >= next_health:
+                next_health = time.monotonic() + settings.health_interval_s
+                log.info("runner health", extra=fields(event="runner.health", runner=settings.runner, **health.line()))
     finally:
-        future.cancel()  # stops pulling; the render in hand completes and is acked
+        log.info("runner stopping", extra=fields(event="runner.stopping", runner=settings.runner, **health.line()))
+        future.cancel()  # stops pulling; the renders in hand complete and are acked
         scheduler.shutdown(await_msg_callbacks=True)
         subscriber.close()
-        log.info("runner stopped", extra=fields(event="runner.stopped", runner=settings.runner))
+        log.info("runner stopped", extra=fields(event="runner.stopped", runner=settings.runner, **health.line()))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,18 +64,21 @@ class Worker:
         self.models = ModelStore(settings.models_dir, self.storage)
         self._pipeline = pipeline
         self._models_synced = False
+        self._lock = threading.Lock()  # requests in flight share the pipeline and the model store
 
     def prepare(self) -> None:
         """Sync the base models from the bucket (once per process), before the first request."""
-        if not self._models_synced:
-            self.models.sync()
-            self._models_synced = True
+        with self._lock:
+            if not self._models_synced:
+                self.models.sync()
+                self._models_synced = True
 
     @property
     def pipeline(self) -> Pipeline:
-        if self._pipeline is None:  # models load once per process, then stay
-            self._pipeline = Pipeline(self.settings, self.models, StemCache(self.storage))
-        return self._pipeline
+        with self._lock:
+            if self._pipeline is None:  # models load once per process, then stay
+                self._pipeline = Pipeline(self.settings, self.models, StemCache(self.storage))
+            return self._pipeline
 
     # --- status and events ---------------------------------------------------------------------
     def _status(self, cid: str, state: str, **fields) -> None:
@@ -130,7 +133,8 @@ class Worker:
                 self._publish_completed(CoverCompleted.model_validate_json(existing))
                 return Outcome.ACK
             self.prepare()
-            voice = self.models.localise(info)  # the voice's files, synced from the bucket when they differ
+            with self._lock:
+                voice = self.models.localise(info)  # the voice's files, synced from the bucket when they differ
             claim = Claim(self.storage, cid, self.settings.runner, self.settings.lease_s)
             if not claim.acquire():
                 log.info("another runner holds this cover", extra=fields(event="cover.busy", cover_id=cid))

@@ -8,6 +8,7 @@ over 40 ms. Stretches of silence are not synthesised at all. The output has exac
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,13 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from scipy.signal import butter, resample_poly, sosfiltfilt
 
-from job.render.compute import release_freed_memory, resolve_device, resolve_kernels, resolve_precision
+from job.render.compute import (
+    batch_size,
+    release_freed_memory,
+    resolve_device,
+    resolve_kernels,
+    resolve_precision,
+)
 from job.render.rvc import pitch as pitch_mod
 from job.render.rvc.checkpoint import build_synthesizer, read_checkpoint
 from job.render.rvc.content import HOP as CONTENT_HOP
@@ -154,30 +161,39 @@ class VoiceConverter:
         max_chunk_s: float = 20.0,
         precision: str = "auto",
         kernels: str = "fast",
+        batch: int = 0,
     ) -> None:
         self.store = store
         self.device = resolve_device(device)
+        self.batch = batch_size(batch, self.device)
         self.synth_dtype = resolve_precision(precision, self.device)
         self.fast_kernels = resolve_kernels(kernels)
         self.max_chunk_s = max_chunk_s
         self._content: ContentEncoder | None = None
         self._rmvpe: RMVPE | None = None
         self._voices: dict[tuple[str, float], Voice] = {}
+        self._loading = threading.RLock()  # requests in flight share the loaded models
 
     # --- shared models -------------------------------------------------------------------------
     def content_encoder(self) -> ContentEncoder:
-        if self._content is None:
-            self._content = load_content_encoder(self.store.content_encoder()).to(self.device)
-        return self._content
+        with self._loading:
+            if self._content is None:
+                self._content = load_content_encoder(self.store.content_encoder()).to(self.device)
+            return self._content
 
     def rmvpe(self) -> RMVPE:
-        if self._rmvpe is None:
-            self._rmvpe = RMVPE.load(self.store.pitch_model(), self.device)
-        return self._rmvpe
+        with self._loading:
+            if self._rmvpe is None:
+                self._rmvpe = RMVPE.load(self.store.pitch_model(), self.device)
+            return self._rmvpe
 
     # --- voices --------------------------------------------------------------------------------
     def load_voice_file(self, pth: Path, index: Path | None = None, info: VoiceInfo | None = None) -> Voice:
         key = (str(pth), pth.stat().st_mtime if pth.exists() else 0.0)
+        with self._loading:
+            return self._load_voice(key, pth, index, info)
+
+    def _load_voice(self, key: tuple[str, float], pth: Path, index: Path | None, info: VoiceInfo | None) -> Voice:
         if key not in self._voices:
             ckpt = read_checkpoint(pth)
             synth = build_synthesizer(ckpt, pth.name).to(self.device)
@@ -213,6 +229,28 @@ class VoiceConverter:
         else:
             f0 = pitch_mod.track_pm(x)
         return pitch_mod.smooth(pitch_mod.fit_length(f0, len(x) // 160 + 1), filter_radius)
+
+    def _decode(
+        self, synth: Synthesizer, priors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+    ) -> list[np.ndarray]:
+        """The decoder over several chunks' latents in one call: each padded at its end to the
+        longest (latent and excitation zero there), the outputs cut back to each chunk's length.
+        The decoder sees about 7 frames each way and every chunk ends in half a second of context
+        that is dropped, so a chunk's kept audio is what it would be alone (tested)."""
+        upp = synth.upp
+        lengths = [z.shape[-1] for z, _, _ in priors]
+        longest = max(lengths)
+        z = torch.cat([F.pad(p[0], (0, longest - n)) for p, n in zip(priors, lengths, strict=True)])
+        sources = [p[2] for p in priors if p[2] is not None]
+        source = (
+            torch.cat([F.pad(s, (0, (longest - n) * upp)) for s, n in zip(sources, lengths, strict=True)])
+            if len(sources) == len(priors)
+            else None
+        )
+        g = priors[0][1].expand(len(priors), -1, -1)
+        y = synth.dec.decode(z, g, source, self.synth_dtype, self.fast_kernels, tiled=self.device.type == "cpu")
+        audio = y[:, 0].float().cpu().numpy()
+        return [audio[k, : n * upp] for k, n in enumerate(lengths)]
 
     def _segment(self, x: np.ndarray, a: int, b: int) -> np.ndarray:
         lo, hi = a - CONTEXT, b + CONTEXT
@@ -269,68 +307,67 @@ class VoiceConverter:
                 ErrorCode.MODEL_MISMATCH, f"v2 voices need 768-dim HuBERT features, not {encoder.hidden_size}"
             )
         synthesised = 0
-        for i, ((a, b), f0) in enumerate(zip(chunks, f0s, strict=True)):
+        for first in range(0, len(chunks), self.batch):
             assert encoder is not None  # there are chunks
-            seg = self._segment(x, a, b)
-            wav = torch.from_numpy(seg).to(self.device)[None]
-            t0 = time.perf_counter()
-            feats = encoder.features(F.pad(wav, (40, 40)), voice.version)[0]  # [len/320, D]
-            times.content += time.perf_counter() - t0
-            if feats.shape[-1] != voice.synth.content_dim:
-                raise CoverError(
-                    ErrorCode.MODEL_MISMATCH,
-                    f"content features are {feats.shape[-1]}-dim; the voice takes {voice.synth.content_dim}",
-                )
-            t0 = time.perf_counter()
-            feats0 = feats
-            if voice.index is not None and options.index_rate > 0:
-                blended = voice.index.blend(feats.float().cpu().numpy(), options.index_rate)
-                feats = torch.from_numpy(blended).to(self.device)
-            times.retrieval += time.perf_counter() - t0
+            group = range(first, min(len(chunks), first + self.batch))
+            priors = []
+            for i in group:
+                (a, b), f0 = chunks[i], f0s[i]
+                seg = self._segment(x, a, b)
+                wav = torch.from_numpy(seg).to(self.device)[None]
+                t0 = time.perf_counter()
+                feats = encoder.features(F.pad(wav, (40, 40)), voice.version)[0]  # [len/320, D]
+                times.content += time.perf_counter() - t0
+                if feats.shape[-1] != voice.synth.content_dim:
+                    raise CoverError(
+                        ErrorCode.MODEL_MISMATCH,
+                        f"content features are {feats.shape[-1]}-dim; the voice takes {voice.synth.content_dim}",
+                    )
+                t0 = time.perf_counter()
+                feats0 = feats
+                if voice.index is not None and options.index_rate > 0:
+                    blended = voice.index.blend(feats.float().cpu().numpy(), options.index_rate)
+                    feats = torch.from_numpy(blended).to(self.device)
+                times.retrieval += time.perf_counter() - t0
+
+                t0 = time.perf_counter()
+                frames = 2 * feats.shape[0]
+                phone = feats.repeat_interleave(2, dim=0)[None]
+                pitch = pitchf = None
+                if voice.f0 and f0 is not None:
+                    f = pitch_mod.shift(f0[:frames], semitones)
+                    pitchf = torch.from_numpy(f).to(self.device)[None]
+                    pitch = torch.from_numpy(pitch_mod.coarse(f.copy())).to(self.device)[None]
+                    if options.protect < 0.5:
+                        mask = torch.where(pitchf > 0, 1.0, options.protect)[..., None]
+                        phone = phone * mask + feats0.repeat_interleave(2, dim=0)[None] * (1 - mask)
+                generator = torch.Generator(device=self.device).manual_seed(options.seed * 1_000_003 + int(a))
+                with torch.inference_mode():
+                    priors.append(voice.synth.prior(phone, pitch, pitchf, options.speaker, generator))
+                times.synthesis += time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            frames = 2 * feats.shape[0]
-            phone = feats.repeat_interleave(2, dim=0)[None]
-            pitch = pitchf = None
-            if voice.f0 and f0 is not None:
-                f = pitch_mod.shift(f0[:frames], semitones)
-                pitchf = torch.from_numpy(f).to(self.device)[None]
-                pitch = torch.from_numpy(pitch_mod.coarse(f.copy())).to(self.device)[None]
-                if options.protect < 0.5:
-                    mask = torch.where(pitchf > 0, 1.0, options.protect)[..., None]
-                    phone = phone * mask + feats0.repeat_interleave(2, dim=0)[None] * (1 - mask)
-            generator = torch.Generator(device=self.device).manual_seed(options.seed * 1_000_003 + int(a))
             with torch.inference_mode():
-                y = (
-                    voice.synth.infer(
-                        phone,
-                        pitch,
-                        pitchf,
-                        options.speaker,
-                        generator,
-                        decoder_dtype=self.synth_dtype,
-                        fast=self.fast_kernels,
-                    )[0]
-                    .cpu()
-                    .numpy()
-                )
+                ys = self._decode(voice.synth, priors)
             times.synthesis += time.perf_counter() - t0
-            synthesised += b - a
 
-            # keep [a - 20 ms, b + 20 ms] and crossfade with the neighbours
-            lo = int((CONTEXT - half) * ratio)
-            piece = y[lo : lo + int((b - a + CROSSFADE) * ratio)].copy()
-            ramp = np.linspace(0.0, 1.0, xf_out, dtype=np.float32)
-            piece[:xf_out] *= ramp[: len(piece[:xf_out])]
-            piece[-xf_out:] *= ramp[::-1][-len(piece[-xf_out:]) :]
-            start = int((a - half) * ratio)
-            if start < 0:
-                piece, start = piece[-start:], 0
-            end = min(len(out), start + len(piece))
-            out[start:end] += piece[: end - start]
+            for i, y in zip(group, ys, strict=True):
+                a, b = chunks[i]
+                synthesised += b - a
+                # keep [a - 20 ms, b + 20 ms] and crossfade with the neighbours
+                lo = int((CONTEXT - half) * ratio)
+                piece = y[lo : lo + int((b - a + CROSSFADE) * ratio)].copy()
+                ramp = np.linspace(0.0, 1.0, xf_out, dtype=np.float32)
+                piece[:xf_out] *= ramp[: len(piece[:xf_out])]
+                piece[-xf_out:] *= ramp[::-1][-len(piece[-xf_out:]) :]
+                start = int((a - half) * ratio)
+                if start < 0:
+                    piece, start = piece[-start:], 0
+                end = min(len(out), start + len(piece))
+                out[start:end] += piece[: end - start]
             release_freed_memory()
             if progress:
-                progress(pitch_share + (1 - pitch_share) * (i + 1) / len(chunks))
+                progress(pitch_share + (1 - pitch_share) * group.stop / len(chunks))
 
         out = out[:out_len]
         if len(out) < out_len:

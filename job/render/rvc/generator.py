@@ -174,22 +174,41 @@ class Generator(nn.Module):
         dtype: torch.dtype = torch.float32,
         fast: bool = True,
     ) -> torch.Tensor:
-        """Latent [B, C, frames] (+ f0 [B, frames]) -> float32 waveform [B, 1, frames * upp].
+        """Latent [B, C, frames] (+ f0 [B, frames]) -> float32 waveform [B, 1, frames * upp]:
+        :meth:`source`, then :meth:`decode`."""
+        return self.decode(x, g, self.source(f0, generator), dtype, fast)
+
+    def source(self, f0: torch.Tensor | None, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """The NSF excitation [B, 1, frames * upp] for ``f0`` [B, frames] (None without NSF), made
+        for the whole chunk at once so the phase is continuous."""
+        if self.m_source is None:
+            return None
+        assert f0 is not None, "an NSF decoder needs f0"
+        return self.m_source(f0, self.upp, generator)
+
+    def decode(
+        self,
+        x: torch.Tensor,
+        g: torch.Tensor,
+        source: torch.Tensor | None,
+        dtype: torch.dtype = torch.float32,
+        fast: bool = True,
+        tiled: bool = True,
+    ) -> torch.Tensor:
+        """Latent [B, C, frames] (+ excitation [B, 1, frames * upp]) -> float32 waveform
+        [B, 1, frames * upp].
 
         ``fast`` runs the layers in the channels-last 2-D layout with weights and activations in
         ``dtype``, in tiles (below); otherwise the plain conv1d path runs on the whole chunk (the
         reference the fast path is tested against), under autocast when ``dtype`` is not float32.
 
-        Runs in tiles of ``TILE_FRAMES`` with ``TILE_MARGIN`` frames of context either side (the
-        decoder sees about 7 frames each way), every tile the same shape: peak memory stays that of
-        one tile, and the convolution kernels built for that shape are reused for the whole song.
+        ``tiled`` (the CPU's way) runs in tiles of ``TILE_FRAMES`` with ``TILE_MARGIN`` frames of
+        context either side (the decoder sees about 7 frames each way), every tile the same shape:
+        peak memory stays that of one tile, and the convolution kernels built for that shape are
+        reused for the whole song. A GPU takes the whole batch in one call instead.
         """
-        source = None
-        if self.m_source is not None:
-            assert f0 is not None, "an NSF decoder needs f0"
-            source = self.m_source(f0, self.upp, generator)  # whole chunk: the phase is continuous
         frames = x.shape[-1]
-        if not fast or frames <= TILE_FRAMES + 2 * TILE_MARGIN:
+        if not fast or not tiled or frames <= TILE_FRAMES + 2 * TILE_MARGIN:
             return self._decode(x, g, source, dtype, fast)
         pieces = []
         span = TILE_FRAMES + 2 * TILE_MARGIN

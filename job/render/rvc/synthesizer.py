@@ -122,6 +122,24 @@ class Synthesizer(nn.Module):
     def upp(self) -> int:
         return self.dec.upp
 
+    def prior(
+        self,
+        phone: torch.Tensor,
+        pitch: torch.Tensor | None,
+        pitchf: torch.Tensor | None,
+        speaker: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Everything before the decoder: the latent ``z`` [B, inter, frames], the speaker
+        embedding ``g`` [1, gin, 1] and the NSF excitation [B, 1, frames * upp] (None without
+        pitch), drawing the random numbers in the reference's order from ``generator``."""
+        g = self.emb_g(torch.tensor([speaker], device=phone.device)).unsqueeze(-1)
+        m_p, logs_p = self.enc_p(phone, pitch)
+        noise = torch.randn(m_p.shape, generator=generator, device=m_p.device, dtype=m_p.dtype)
+        z_p = m_p + torch.exp(logs_p) * noise * NOISE_SCALE
+        z = self.flow.reverse(z_p, g)
+        return z, g, self.dec.source(pitchf if self.f0 else None, generator)
+
     def infer(
         self,
         phone: torch.Tensor,
@@ -136,9 +154,5 @@ class Synthesizer(nn.Module):
         -> audio [B, frames * upp]. The decoder (about 95 % of the compute) runs in
         ``decoder_dtype`` and, with ``fast``, in its channels-last layout (see generator.py); the
         encoder and flow stay in float32."""
-        g = self.emb_g(torch.tensor([speaker], device=phone.device)).unsqueeze(-1)
-        m_p, logs_p = self.enc_p(phone, pitch)
-        noise = torch.randn(m_p.shape, generator=generator, device=m_p.device, dtype=m_p.dtype)
-        z_p = m_p + torch.exp(logs_p) * noise * NOISE_SCALE
-        z = self.flow.reverse(z_p, g)
-        return self.dec(z, g, pitchf if self.f0 else None, generator, decoder_dtype, fast)[:, 0]
+        z, g, source = self.prior(phone, pitch, pitchf, speaker, generator)
+        return self.dec.decode(z, g, source, decoder_dtype, fast)[:, 0]
