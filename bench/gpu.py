@@ -81,6 +81,18 @@ def card() -> str:
 
 def precision_rows(device: str, size: str, seconds: int = EXCERPT_S) -> list[dict]:
     """Each approximation against the exact path on this device (same models, same input)."""
+    import torch
+
+    # the fp32 rows turn TF32 off for the process (compute.resolve_precision); the rows after
+    # these must run as a runner would, with the defaults
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        return _precision_rows(device, size, seconds)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _precision_rows(device: str, size: str, seconds: int) -> list[dict]:
     import numpy as np
 
     from job.devkit import demo

@@ -36,16 +36,23 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """The compute type of the heavy networks (Demucs, the RVC decoder). ``auto``: bfloat16 on
-    CPUs with native bf16 and on GPUs that have it (Ampere and later), float16 on older GPUs,
-    float32 elsewhere (older CPUs emulate bf16 slowly). Tolerances against fp32 are tested (README,
-    "Performance"; the GPU's own errors in bench/RESULTS-gpu.md)."""
+    """The compute type of the heavy networks (Demucs, the RVC decoder). ``auto``: float16 on a
+    GPU (on an H200 its error against fp32 was 4 to 15 times smaller than bf16's at the same
+    speed, and it is what RVC itself runs on GPUs), bfloat16 on CPUs with native bf16, float32
+    elsewhere (older CPUs emulate bf16 slowly). Tolerances against fp32 are tested (README,
+    "Performance"; the GPU's own errors in bench/RESULTS-gpu.md).
+
+    ``fp32`` on a GPU also turns TF32 off for the process (convolutions and matmuls), so the
+    exact path is exact there too."""
     if precision not in PRECISIONS:
         raise CoverError(ErrorCode.OPTIONS_INVALID, f"precision must be auto, fp32, bf16 or fp16, not {precision!r}")
     if precision == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.float16
         return torch.bfloat16 if native_bf16(device) else torch.float32
+    if precision == "fp32" and device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 

@@ -1,30 +1,38 @@
-"""Stage 4, mix: converted vocals over the instrumental, loudness-normalised and encoded (FFmpeg).
+"""Stage 4, mix: converted vocals over the instrumental, loudness-normalised, encoded once.
 
 The vocals are resampled to the instrumental's rate, made stereo, padded or trimmed to exactly its
-length (no offset), and both stems get their gain. Loudness (EBU R128): the mix is measured, then
-encoded with the gain that brings it to the target (default -14 LUFS integrated) through a
-look-ahead limiter run at 4x the sample rate, so inter-sample peaks stay under the ceiling (default
--1 dBTP, the limiter sits 0.5 dB lower). The encoded file is measured with FFmpeg's ``ebur128``
-meter; if it misses the target by more than 0.3 LU (heavy limiting) or a lossy codec overshot the
-ceiling, it is encoded again with corrected gain (at most 6 passes). Where no limiting is needed
-the result is the mix times one gain. The file is tagged as an AI-generated cover with the voice
+length (no offset), and both stems get their gain; the sum is the mix. Loudness (EBU R128) and the
+true peak are measured in numpy (:mod:`job.render.loudness`); the mix gets the gain that brings it
+to the target (default -14 LUFS integrated), and where that would push a true peak over the
+ceiling (default -1 dBTP), the look-ahead limiter (:mod:`job.render.limiter`) holds the peaks 0.5
+dB under it. Measured after limiting and before encoding: if heavy limiting ate loudness, the
+gain is corrected and the limiter run again (cheap, in memory), so the file is normally encoded
+once. A lossy or resampled format is measured again after encoding (FFmpeg's ``ebur128``) and
+encoded again with a lower ceiling only if the codec overshot it. Where no limiting is needed the
+result is the mix times one gain. The file is tagged as an AI-generated cover with the voice
 model's name, and appears at its path only when complete.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
 from pydantic import BaseModel
+from scipy.signal import resample_poly
 
 from job.render import ffmpeg
-from job.render.audio import MIX_SAMPLE_RATE
+from job.render.audio import MIX_SAMPLE_RATE, decode, read_wav, write_wav
+from job.render.limiter import limiter_gain
+from job.render.loudness import integrated_lufs, peak_envelope
 from shared.errors import CoverError, ErrorCode
 from shared.options import FORMATS, MixOptions, OutputFormat
 
-LOUDNESS_TOLERANCE_LU = 0.3  # another pass runs when the result misses the target by more
+LOUDNESS_TOLERANCE_LU = 0.3  # the gain is corrected when the limited mix misses the target by more
 TRUE_PEAK_MARGIN_DB = 0.5  # the limiter's ceiling sits this far below the true-peak target
 MAX_PASSES = 6  # dense, heavily limited material (a 5 s test mix) needed 5
+LOSSLESS = {OutputFormat.WAV, OutputFormat.FLAC}
 
 
 class MixResult(BaseModel):
@@ -37,15 +45,39 @@ class MixResult(BaseModel):
     normalisation: str  # "linear" (gain only) or "limited" (the true-peak limiter engaged)
 
 
-def _mixed(n_samples: int, options: MixOptions) -> str:
-    """The filter graph mixing input 0 (instrumental) and input 1 (vocals) into ``[mix]``."""
-    stereo = "aformat=sample_fmts=fltp:channel_layouts=stereo"
-    return (
-        f"[0:a]{stereo},atrim=end_sample={n_samples},volume={options.instrumental_gain_db}dB[inst];"
-        f"[1:a]aresample={MIX_SAMPLE_RATE},{stereo},apad=whole_len={n_samples},atrim=end_sample={n_samples},"
-        f"asetpts=N/SR/TB,volume={options.vocals_gain_db}dB[voc];"
-        "[inst][voc]amix=inputs=2:duration=first:normalize=0[mix]"
-    )
+def _stereo(audio: np.ndarray) -> np.ndarray:
+    if audio.shape[0] == 1:
+        return np.repeat(audio, 2, axis=0)
+    if audio.shape[0] != 2:
+        raise CoverError(ErrorCode.INTERNAL, f"a stem has {audio.shape[0]} channels; 1 or 2 expected")
+    return audio
+
+
+def _read(path: Path, rate: int | None = None) -> tuple[np.ndarray, int]:
+    """``[channels, samples]`` of a stem: WAVs as they are (memory-mapped when float), anything
+    else decoded by FFmpeg at ``rate``."""
+    try:
+        return read_wav(path, mmap=True)
+    except ValueError:  # not a WAV scipy reads
+        audio, _ = decode(path, rate or MIX_SAMPLE_RATE, 2)
+        return audio, rate or MIX_SAMPLE_RATE
+
+
+def mixed(instrumental: Path, vocals: Path, options: MixOptions) -> np.ndarray:
+    """``[2, samples]`` float32 at :data:`MIX_SAMPLE_RATE`: the stems with their gains, summed,
+    exactly as long as the instrumental."""
+    inst, rate = _read(instrumental)
+    if rate != MIX_SAMPLE_RATE or inst.shape[-1] == 0:
+        raise CoverError(ErrorCode.INTERNAL, "the instrumental must be 44.1 kHz audio")
+    voc, voc_rate = _read(vocals, MIX_SAMPLE_RATE)
+    if voc_rate != MIX_SAMPLE_RATE:
+        g = math.gcd(MIX_SAMPLE_RATE, voc_rate)
+        voc = resample_poly(voc, MIX_SAMPLE_RATE // g, voc_rate // g, axis=-1).astype(np.float32)
+    n = inst.shape[-1]
+    out = _stereo(inst) * np.float32(10 ** (options.instrumental_gain_db / 20))
+    voc = _stereo(voc)[:, :n]
+    out[:, : voc.shape[-1]] += voc * np.float32(10 ** (options.vocals_gain_db / 20))
+    return out
 
 
 def mix(
@@ -58,20 +90,11 @@ def mix(
 ) -> MixResult:
     """Mix ``vocals`` over ``instrumental`` into ``out`` (written atomically)."""
     options = options or MixOptions()
-    info = ffmpeg.probe(instrumental)["stream"]
-    n_samples = int(info.get("duration_ts") or 0)
-    if int(info.get("sample_rate", 0)) != MIX_SAMPLE_RATE or n_samples <= 0:
-        raise CoverError(ErrorCode.INTERNAL, "the instrumental must be a 44.1 kHz WAV")
-    inputs = [*ffmpeg.input_args(instrumental), *ffmpeg.input_args(vocals)]
-    graph = _mixed(n_samples, options)
-    input_i, input_tp = ffmpeg.ebur128_summary(
-        ffmpeg.run(
-            [*inputs, "-filter_complex", f"{graph};[mix]ebur128=peak=true[out]", "-map", "[out]", "-f", "null", "-"],
-            verbose=True,
-        )
-    )
+    audio = mixed(instrumental, vocals, options)
+    input_i = integrated_lufs(audio, MIX_SAMPLE_RATE)
     if input_i == float("-inf"):
         raise CoverError(ErrorCode.INTERNAL, "the mix is silent; nothing to normalise")
+    envelope = peak_envelope(audio)  # scales with any gain: measured once
 
     spec = FORMATS[options.format]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -91,39 +114,52 @@ def mix(
 
     gain = options.loudness_lufs - input_i
     ceiling = options.true_peak_dbtp - TRUE_PEAK_MARGIN_DB
-    limited = input_tp + gain > ceiling
+    limited = float(envelope.max()) * 10 ** (gain / 20) > 10 ** (ceiling / 20)
+    wav = out.with_name(f".{out.name}.mix.wav")
 
-    def encode(gain_db: float, ceiling_dbtp: float) -> tuple[float, float]:
-        chain = f"{graph};[mix]volume={gain_db:.3f}dB"
-        if limited:  # a look-ahead limiter at 4x the rate, so that inter-sample peaks are caught too
-            chain += (
-                f",aresample={4 * MIX_SAMPLE_RATE},alimiter=limit={10 ** (ceiling_dbtp / 20)}"
-                ":level=disabled:latency=enabled:attack=1:release=50"
-            )
-        chain += f",aresample={spec.sample_rate},aformat=channel_layouts=stereo[out]"
-        ffmpeg.run([*inputs, "-filter_complex", chain, "-map", "[out]", *out_args, "-y", str(tmp)])
-        return ffmpeg.measure_loudness(tmp)
+    def normalised(gain_db: float, ceiling_dbtp: float) -> tuple[np.ndarray, float, float]:
+        """The mix at ``gain_db`` (limited under ``ceiling_dbtp`` if it must be), its loudness and
+        true peak."""
+        scale = np.float32(10 ** (gain_db / 20))
+        if not limited:
+            peak = float(envelope.max()) * float(scale)
+            return audio * scale, input_i + gain_db, _db(peak)  # loudness scales with the gain
+        gains = limiter_gain(envelope * scale, 10 ** (ceiling_dbtp / 20), MIX_SAMPLE_RATE) * scale
+        result = audio * gains
+        return result, integrated_lufs(result, MIX_SAMPLE_RATE), _db(float((envelope * gains).max()))
+
+    def encode(result: np.ndarray) -> None:
+        write_wav(wav, result, MIX_SAMPLE_RATE)
+        ffmpeg.run([*ffmpeg.input_args(wav), *out_args, "-y", str(tmp)])
 
     previous: tuple[float, float] | None = None
     try:
         for _ in range(MAX_PASSES):
-            loudness, peak = encode(gain, ceiling)
+            result, loudness, peak = normalised(gain, ceiling)
             miss = options.loudness_lufs - loudness
+            if abs(miss) > LOUDNESS_TOLERANCE_LU:  # limiting ate loudness: correct in memory, no encode
+                # under heavy limiting loudness grows slower than gain: step by the measured slope
+                slope = 1.0
+                if previous is not None and gain != previous[0]:
+                    slope = min(1.0, max(0.05, (loudness - previous[1]) / (gain - previous[0])))
+                previous = (gain, loudness)
+                gain += min(12.0, miss / slope)
+                limited = limited or float(envelope.max()) * 10 ** (gain / 20) > 10 ** (ceiling / 20)
+                continue
+            encode(result)
+            if options.format not in LOSSLESS or spec.sample_rate != MIX_SAMPLE_RATE:
+                loudness, peak = ffmpeg.measure_loudness(tmp)  # what the codec made of it
             over = peak - options.true_peak_dbtp
-            if abs(miss) <= LOUDNESS_TOLERANCE_LU and over <= 0:
+            if over <= 0:
                 break
-            # limiting ate loudness, or a lossy codec overshot the ceiling: correct and encode again.
-            # Under heavy limiting loudness grows slower than gain: step by the measured slope.
-            slope = 1.0
-            if previous is not None and gain != previous[0]:
-                slope = min(1.0, max(0.05, (loudness - previous[1]) / (gain - previous[0])))
-            previous = (gain, loudness)
-            gain += min(12.0, miss / slope)
-            ceiling -= max(0.0, over)
-            limited = limited or over > 0
+            ceiling -= over  # the codec overshot the ceiling: limit lower and encode again
+            limited = True
+        else:
+            encode(result)
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
+        wav.unlink(missing_ok=True)
     out_info = ffmpeg.probe(out)
     duration = float(out_info["stream"].get("duration") or out_info["format"].get("duration") or 0.0)
     return MixResult(
@@ -135,3 +171,7 @@ def mix(
         true_peak_dbtp=peak,
         normalisation="limited" if limited else "linear",
     )
+
+
+def _db(linear: float) -> float:
+    return 20 * math.log10(linear) if linear > 0 else float("-inf")

@@ -1,0 +1,42 @@
+"""A look-ahead true-peak limiter, vectorised (no per-sample Python loop).
+
+From the signal's true-peak envelope (:func:`job.render.loudness.peak_envelope`) it computes one
+gain per sample, shared by the channels, that keeps every interpolated peak under the ceiling:
+
+1. the gain each sample needs, ``min(1, ceiling / peak)``;
+2. attack with look-ahead: the smallest needed gain within ``ATTACK_S`` either side, averaged over
+   a window half as long, so the gain is already down when the peak arrives and never above what
+   any sample needs;
+3. release: the attenuation ``1 - gain`` decays no faster than exponentially with time constant
+   ``RELEASE_S`` (as in FFmpeg's ``alimiter``: deep reductions recover quickly, so dense material
+   can still be made loud), computed as a running maximum in the log domain:
+   ``log a[n] = max_j (log a_needed[j] + (n - j) log beta)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.ndimage import minimum_filter1d, uniform_filter1d
+
+ATTACK_S = 0.002  # look-ahead: the gain starts falling this long before a peak
+RELEASE_S = 0.05  # time constant of the gain's return after a peak
+BLOCK = 1 << 20
+
+
+def limiter_gain(envelope: np.ndarray, ceiling: float, rate: int) -> np.ndarray:
+    """``[samples]`` float32 gains (<= 1) that keep ``envelope * gain`` under ``ceiling`` (linear)."""
+    needed = np.minimum(1.0, ceiling / np.maximum(envelope, 1e-12)).astype(np.float32)
+    attack = max(1, int(ATTACK_S * rate))
+    held = minimum_filter1d(needed, size=2 * attack + 1, mode="nearest")
+    smooth = np.minimum(uniform_filter1d(held, size=attack + 1, mode="nearest"), needed)
+    with np.errstate(divide="ignore"):
+        attenuation = np.log(np.maximum(1.0 - smooth.astype(np.float64), 0.0))  # -inf where none
+    log_beta = -1.0 / (RELEASE_S * rate)  # per sample
+    out = np.empty(len(attenuation), dtype=np.float32)
+    carry = -np.inf  # the running maximum of (attenuation[j] - j * log_beta) so far
+    for start in range(0, len(attenuation), BLOCK):
+        decay = np.arange(start, min(len(attenuation), start + BLOCK), dtype=np.float64) * log_beta
+        running = np.maximum.accumulate(np.maximum(attenuation[start : start + BLOCK] - decay, carry))
+        carry = running[-1]
+        out[start : start + len(decay)] = 1.0 - np.exp(running + decay)
+    return np.minimum(out, smooth)

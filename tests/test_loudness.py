@@ -1,0 +1,71 @@
+"""Our loudness meter and limiter against FFmpeg's ``ebur128`` meter, and the mix stage on
+material that must be limited hard."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from job.devkit import demo
+from job.render.audio import MIX_SAMPLE_RATE, write_wav
+from job.render.ffmpeg import measure_loudness
+from job.render.limiter import ATTACK_S, RELEASE_S, limiter_gain
+from job.render.loudness import integrated_lufs, peak_envelope, true_peak_dbtp
+from job.render.mix import mix
+from shared.options import MixOptions, OutputFormat
+
+RATE = MIX_SAMPLE_RATE
+
+
+def _clicky(seconds: float = 10.0) -> np.ndarray:
+    """Quiet music with loud, sparse clicks: reaching -14 LUFS needs 10+ dB of limiting."""
+    vocals, inst = demo.demo_song(seconds, seed=4)
+    audio = (vocals + inst) * 0.05
+    clicks = np.zeros_like(audio)
+    clicks[:, :: RATE // 3] = 0.9
+    return (audio + clicks).astype(np.float32)
+
+
+@pytest.mark.parametrize("material", ["song", "clicks", "sine"])
+def test_meter_agrees_with_ffmpeg_ebur128(tmp_path, material):
+    if material == "song":
+        vocals, inst = demo.demo_song(12.0, seed=3)
+        audio = np.clip(vocals + inst, -1, 1).astype(np.float32)
+    elif material == "clicks":
+        audio = _clicky()
+    else:  # a 997 Hz tone at -20 dBFS, phase such that samples miss the crests
+        t = np.arange(RATE * 5) / RATE
+        audio = np.stack([0.1 * np.sin(2 * np.pi * 997 * t + 0.7)] * 2).astype(np.float32)
+    path = write_wav(tmp_path / "a.wav", audio, RATE)
+    ffmpeg_i, ffmpeg_tp = measure_loudness(path)
+    assert integrated_lufs(audio, RATE) == pytest.approx(ffmpeg_i, abs=0.1)
+    assert true_peak_dbtp(audio) == pytest.approx(ffmpeg_tp, abs=0.15)
+
+
+def test_limiter_holds_the_ceiling_looks_ahead_and_releases_slowly():
+    audio = _clicky(4.0) * 8  # clicks far over full scale
+    envelope = peak_envelope(audio)
+    ceiling = 10 ** (-1.5 / 20)
+    gains = limiter_gain(envelope, ceiling, RATE)
+    assert np.all(gains <= 1.0) and np.all(envelope * gains <= ceiling * 1.0001)  # never over
+    limited = audio * gains
+    assert true_peak_dbtp(limited) <= -1.5 + 0.1  # the interpolated peaks too
+    click = RATE // 3
+    assert gains[click - int(ATTACK_S * RATE) // 4] < 0.9  # already down before the click
+    attenuation = 1.0 - gains.astype(np.float64)  # decays no faster than exp(-t / RELEASE_S)
+    beta = np.exp(-1.0 / (RELEASE_S * RATE))
+    assert np.all(attenuation[1:] >= attenuation[:-1] * beta - 1e-6)
+    assert gains[click + RATE // 6] > gains[click]  # and it does come back between clicks
+
+
+@pytest.mark.parametrize("fmt", [OutputFormat.MP3, OutputFormat.WAV])
+def test_a_mix_that_needs_hard_limiting_lands_on_target(tmp_path, fmt):
+    audio = _clicky()
+    inst = write_wav(tmp_path / "inst.wav", audio, RATE)
+    quiet = write_wav(tmp_path / "voc.wav", np.zeros((1, 48000 * 10), np.float32), 48000)
+    result = mix(inst, quiet, tmp_path / f"cover.{fmt.value}", MixOptions(format=fmt))
+    integrated, true_peak = measure_loudness(result.path)  # FFmpeg's meter, on the encoded file
+    assert result.normalisation == "limited"
+    assert integrated == pytest.approx(-14.0, abs=0.5)
+    assert true_peak <= -1.0 + 0.3
+    assert result.loudness_lufs == pytest.approx(integrated, abs=0.2)  # what the event reports
