@@ -31,6 +31,7 @@ from shared.options import MixOptions, SeparationOptions
 from shared.settings import Settings
 
 STAGES = ("fetch", "separate", "convert", "mix")
+WAIT_NOTED_S = 0.01  # a wait for the device shorter than this is not reported
 StageProgress = Callable[[str, float], None]
 
 
@@ -81,12 +82,13 @@ class Pipeline:
 
     @contextmanager
     def device_turn(self, timer: StageTimer | None = None) -> Iterator[None]:
-        """Hold one of the device's ``heavy_slots`` for a heavy stage;
-        the wait is timed as ``device_wait``."""
+        """Hold one of the device's ``heavy_slots`` for a heavy stage; a wait for another
+        request's turn is timed as ``device_wait``."""
         started = time.perf_counter()
         with self.heavy:
-            if timer is not None:
-                timer.timings["device_wait"] = timer.timings.get("device_wait", 0.0) + time.perf_counter() - started
+            waited = time.perf_counter() - started
+            if timer is not None and waited > WAIT_NOTED_S:
+                timer.timings["device_wait"] = timer.timings.get("device_wait", 0.0) + waited
             yield
 
     def _separator(self, key: str, options: SeparationOptions) -> Separator:
