@@ -98,7 +98,14 @@ class Settings(BaseSettings):
     lease_s: float = Field(
         600.0, gt=0, description="A render's claim on its cover lapses this long after its last renewal."
     )
-    busy_retry_s: float = Field(10.0, ge=0, description="Wait before handing back a request another runner renders.")
+    busy_retry_s: float = Field(
+        10.0,
+        ge=0,
+        description=(
+            "Delay before a request another runner renders comes back (a runner hands it back at once; "
+            "a Cloud Run task waits this long, then exits for a retry)."
+        ),
+    )
     max_attempts: int = Field(
         5, ge=1, description="Retryable failures give up (cover.failed) after this many attempts."
     )

@@ -37,6 +37,8 @@ def run_once(settings: Settings) -> int:
         return 2
     attempt = int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0")) + 1
     outcome = Worker(settings).handle(raw.encode(), attempt)
+    if outcome is Outcome.BUSY:  # a task cannot hand its request back: wait, then let Cloud Run retry
+        time.sleep(settings.busy_retry_s)
     return 0 if outcome is Outcome.ACK else 1
 
 
@@ -98,14 +100,17 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
     health = RunnerHealth(limit)
     subscriber = pubsub_v1.SubscriberClient()
     path = subscriber.subscription_path(settings.project, settings.requests_subscription)
-    attempts: dict[str, int] = {}
+    attempts: dict[str, int] = {}  # deliveries seen here per message, and busy rounds among them
+    busy_rounds: dict[str, int] = {}
     attempts_lock = threading.Lock()
     stop = stop or threading.Event()
 
     def callback(message) -> None:
+        key = message.message_id
         with attempts_lock:
-            attempts[message.message_id] = attempts.get(message.message_id, 0) + 1
-            attempt = message.delivery_attempt or attempts[message.message_id]
+            attempts[key] = attempts.get(key, 0) + 1
+            # busy rounds are not failures: they do not count against the retry budget
+            attempt = max(1, (message.delivery_attempt or attempts[key]) - busy_rounds.get(key, 0))
         health.started()
         outcome = Outcome.RETRY
         try:
@@ -115,7 +120,12 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
         if outcome is Outcome.ACK:
             message.ack()
             with attempts_lock:
-                attempts.pop(message.message_id, None)
+                attempts.pop(key, None)
+                busy_rounds.pop(key, None)
+        elif outcome is Outcome.BUSY:  # back to Pub/Sub for later; this slot serves the next request now
+            with attempts_lock:
+                busy_rounds[key] = busy_rounds.get(key, 0) + 1
+            message.modify_ack_deadline(max(1, round(settings.busy_retry_s)))
         else:
             message.nack()
 

@@ -1,10 +1,11 @@
 """The job's request handler: one ``cover.requested`` message in, one cover and one answer out.
 
 Every entry point (a Cloud Run Job execution, the GPU runner's subscriber, the local stack) calls
-:meth:`Worker.handle`. It answers ACK (done: completed, or failed for good with ``cover.failed``)
-or RETRY (let Pub/Sub / Cloud Run deliver it again: another runner holds the cover, or a
-retryable error). Idempotent: a cover that exists is answered from its manifest, so duplicate
-deliveries give the same ``cover.completed`` (same event id, same content).
+:meth:`Worker.handle`. It answers ACK (done: completed, or failed for good with ``cover.failed``),
+RETRY (a retryable error: let Pub/Sub / Cloud Run deliver it again) or BUSY (another runner holds
+the cover: the caller hands the message back after ``busy_retry_s`` without counting an
+attempt). Idempotent: a cover that exists is answered from its manifest, so duplicate deliveries
+give the same ``cover.completed`` (same event id, same content).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ log = logging.getLogger("melodia.worker")
 class Outcome(str, Enum):
     ACK = "ack"
     RETRY = "retry"
+    BUSY = "busy"  # another runner holds the cover: hand the message back for later, not a failure
 
 
 class Worker:
@@ -138,8 +140,7 @@ class Worker:
             claim = Claim(self.storage, cid, self.settings.runner, self.settings.lease_s)
             if not claim.acquire():
                 log.info("another runner holds this cover", extra=fields(event="cover.busy", cover_id=cid))
-                time.sleep(self.settings.busy_retry_s)
-                return Outcome.RETRY
+                return Outcome.BUSY
             completed = self._render_claimed(request, cid, voice, claim)
             if not self.storage.put_bytes(Keys.manifest(cid), completed.model_dump_json().encode(), if_absent=True):
                 completed = CoverCompleted.model_validate_json(self.storage.get_bytes(Keys.manifest(cid)) or b"")
