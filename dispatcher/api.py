@@ -40,6 +40,7 @@ class Accepted(BaseModel):
     """``POST /cover``: 202 when queued, 200 with the cover when it exists already."""
 
     cover_id: str = Field(pattern=COVER_ID_PATTERN)
+    request_id: str = Field(description="This request's id, echoed by every event that answers it.")
     state: str = Field(pattern="^(queued|completed)$")
     status_url: str
     completed: CoverCompleted | None = None

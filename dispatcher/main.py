@@ -16,6 +16,8 @@ import base64
 import json
 import logging
 import re
+import time
+import uuid
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
@@ -36,9 +38,19 @@ from dispatcher.api import (
     document,
 )
 from shared.bus import EventBus
+from shared.claims import lease_expiry
 from shared.covers import resolve, served
 from shared.errors import CoverError, ErrorCode
-from shared.events import FAILED, CoverCompleted, CoverFailed, CoverStatus, failure_event_id, now, parse_request
+from shared.events import (
+    FAILED,
+    CoverCompleted,
+    CoverFailed,
+    CoverStatus,
+    answer_event_id,
+    now,
+    parse_request,
+    request_identity,
+)
 from shared.logs import fields, set_trace, setup_logging
 from shared.model_store import ModelStore
 from shared.settings import Settings
@@ -104,21 +116,37 @@ def _submit(request: Request) -> Response:
     try:
         cover_request = parse_request(body)
         cid, _ = resolve(svc.storage, svc.keys, svc.models, cover_request)
+        # every request gets an id that its events echo, and a runner (shared/routing.py)
+        routed = cover_request.model_copy(
+            update={
+                "request_id": cover_request.request_id or uuid.uuid4().hex,
+                "runner": cover_request.runner or svc.settings.default_runner,
+            }
+        )
     except CoverError as error:
         return problem(_STATUS_FOR.get(error.code, 400), error.code, error.message)
     manifest = svc.storage.get_bytes(Keys.manifest(cid))
     status_url = f"{svc.settings.public_base_url.rstrip('/')}/covers/{cid}"
     if manifest is not None:
         completed = served(CoverCompleted.model_validate_json(manifest), svc.storage)
-        return _model(Accepted(cover_id=cid, state="completed", status_url=status_url, completed=completed))
+        completed = completed.model_copy(update={"request_id": routed.request_id})
+        return _model(
+            Accepted(
+                cover_id=cid,
+                request_id=str(routed.request_id),
+                state="completed",
+                status_url=status_url,
+                completed=completed,
+            )
+        )
     queued = CoverStatus(cover_id=cid, state="queued", updated_at=now())
     svc.storage.put_bytes(Keys.status(cid), queued.model_dump_json().encode(), if_absent=True)
     try:
-        svc.bus.publish_request(cover_request, cid)
+        svc.bus.publish_request(routed, cid)
     except Exception as exc:
         log.exception("publish failed")
         return problem(503, ErrorCode.INTERNAL, f"could not queue the request: {type(exc).__name__}")
-    return _model(Accepted(cover_id=cid, state="queued", status_url=status_url), 202)
+    return _model(Accepted(cover_id=cid, request_id=str(routed.request_id), state="queued", status_url=status_url), 202)
 
 
 def _cover_status(cid: str) -> Response:
@@ -134,7 +162,12 @@ def _cover_status(cid: str) -> Response:
     raw = svc.storage.get_bytes(Keys.status(cid))
     if raw is None:
         return problem(404, "cover.unknown", f"no cover {cid}")
-    return _model(CoverStatus.model_validate_json(raw))
+    status = CoverStatus.model_validate_json(raw)
+    if status.state == "running":  # the lease is the heartbeat: lapsed means the runner is gone
+        expiry = lease_expiry(svc.storage, cid)
+        if expiry is not None and expiry < time.time():
+            status = status.model_copy(update={"state": "stalled"})
+    return _model(status)
 
 
 def _models() -> Response:
@@ -227,11 +260,15 @@ def trigger(request: Request) -> Response:
     try:
         if envelope is None:
             raise CoverError(ErrorCode.OPTIONS_INVALID, "the push is not a Pub/Sub envelope with base64 data")
-        parse_request(data)
+        parse_request(data, envelope.message.attributes)
     except CoverError as error:  # it can never be processed: answer it, and acknowledge it
-        failed = CoverFailed(code=error.code, message=error.message, retryable=False, attempt=1, runner="trigger")
-        svc.bus.publish_event(FAILED, failed, None, event_id=failure_event_id(None, data))
+        who = request_identity(data, *((envelope.message.attributes, envelope.message.message_id) if envelope else ()))
+        failed = CoverFailed(
+            **who.model_dump(), code=error.code, message=error.message, retryable=False, attempt=1, runner="trigger"
+        )
+        svc.bus.publish_event(FAILED, failed, None, event_id=answer_event_id("failed", None, who.request_id, data))
         return Response(status=204)
+    request_id = request_identity(data, envelope.message.attributes, envelope.message.message_id).request_id or ""
     from google.cloud import run_v2
 
     overrides_type = run_v2.RunJobRequest.Overrides
@@ -239,7 +276,12 @@ def trigger(request: Request) -> Response:
         name=svc.settings.cloud_run_job,
         overrides=overrides_type(
             container_overrides=[
-                overrides_type.ContainerOverride(env=[run_v2.EnvVar(name="COVER_REQUEST", value=data.decode())])
+                overrides_type.ContainerOverride(
+                    env=[
+                        run_v2.EnvVar(name="COVER_REQUEST", value=data.decode()),
+                        run_v2.EnvVar(name="COVER_REQUEST_ID", value=request_id),
+                    ]
+                )
             ]
         ),
     )

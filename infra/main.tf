@@ -25,6 +25,34 @@ variable "source_bucket" {
   description = "GCS bucket holding the function source archive (cloudbuild.yaml uploads it)"
 }
 variable "source_object" { type = string }
+variable "default_runner" {
+  type        = string
+  default     = "cpu"
+  description = "Who renders a request that names no runner: cpu (Cloud Run Job executions) or gpu (GPU runners). GPU-first: gpu."
+  validation {
+    condition     = contains(["cpu", "gpu"], var.default_runner)
+    error_message = "default_runner is cpu or gpu."
+  }
+}
+variable "job_max_retries" {
+  type        = number
+  default     = 3
+  description = "Cloud Run retries of a failed task; the job's last attempt (max_retries + 1) publishes cover.failed."
+}
+variable "gpu_max_delivery_attempts" {
+  type        = number
+  default     = 5
+  description = "Deliveries of a request to GPU runners before it is dead-lettered; runners get the same COVER_MAX_ATTEMPTS."
+}
+
+# Routing is data (shared/routing.py): each request carries the attribute `runner`; the two
+# subscriptions' filters are complementary, and the default runner also takes unmarked requests.
+locals {
+  runner_filters = {
+    cpu = { cpu = "NOT attributes.runner = \"gpu\"", gpu = "attributes.runner = \"gpu\"" }
+    gpu = { cpu = "attributes.runner = \"cpu\"", gpu = "NOT attributes.runner = \"cpu\"" }
+  }[var.default_runner]
+}
 
 provider "google" {
   project = var.project
@@ -70,6 +98,7 @@ resource "google_pubsub_topic" "dead_letter" { name = "cover-requests-dead-lette
 resource "google_pubsub_subscription" "trigger" {
   name                 = "cover-requests-trigger"
   topic                = google_pubsub_topic.requests.id
+  filter               = local.runner_filters.cpu
   ack_deadline_seconds = 60
   push_config {
     push_endpoint = google_cloudfunctions2_function.trigger.service_config[0].uri
@@ -85,11 +114,12 @@ resource "google_pubsub_subscription" "trigger" {
   }
 }
 
-# GPU path: a long-running runner pulls from its own subscription (outbound connections only).
-# Subscribe the GPU runner instead of the trigger by filtering, e.g. filter = "attributes.gpu = \"1\"".
+# GPU path: long-running runners pull from their own subscription (outbound connections only),
+# receiving exactly the requests the trigger's filter leaves out.
 resource "google_pubsub_subscription" "gpu" {
   name                       = "cover-requests-gpu"
   topic                      = google_pubsub_topic.requests.id
+  filter                     = local.runner_filters.gpu
   ack_deadline_seconds       = 600
   enable_exactly_once_delivery = false
   retry_policy {
@@ -98,7 +128,7 @@ resource "google_pubsub_subscription" "gpu" {
   }
   dead_letter_policy {
     dead_letter_topic     = google_pubsub_topic.dead_letter.id
-    max_delivery_attempts = 5
+    max_delivery_attempts = var.gpu_max_delivery_attempts
   }
 }
 
@@ -151,6 +181,7 @@ locals {
     COVER_BUCKET      = var.bucket
     COVER_PROJECT     = var.project
     COVER_CLOUD_RUN_JOB = "projects/${var.project}/locations/${var.region}/jobs/cover-job"
+    COVER_DEFAULT_RUNNER = var.default_runner
   }
 }
 
@@ -161,7 +192,7 @@ resource "google_cloud_run_v2_job" "cover" {
     task_count = 1
     template {
       service_account = google_service_account.job.email
-      max_retries     = 3 # exit status 1 = a retry can help
+      max_retries     = var.job_max_retries # exit status 1 = a retry can help
       timeout         = "3600s"
       containers {
         image = var.image
@@ -174,6 +205,10 @@ resource "google_cloud_run_v2_job" "cover" {
             name  = env.key
             value = env.value
           }
+        }
+        env { # the attempt limit is the platform's: Cloud Run's last attempt publishes cover.failed
+          name  = "COVER_MAX_ATTEMPTS"
+          value = tostring(var.job_max_retries + 1)
         }
         env {
           name = "COVER_S3_ACCESS_KEY_ID"
@@ -275,3 +310,13 @@ resource "google_cloud_run_service_iam_member" "pusher_invokes_trigger" {
 }
 
 output "api_url" { value = google_cloudfunctions2_function.http.service_config[0].uri }
+output "gpu_runner_env" {
+  description = "What a GPU runner (infra/gpu-runner.sh) sets besides its credentials"
+  value = {
+    COVER_PROJECT               = var.project
+    COVER_BUCKET                = var.bucket
+    COVER_S3_ENDPOINT           = var.r2_endpoint
+    COVER_REQUESTS_SUBSCRIPTION = google_pubsub_subscription.gpu.name
+    COVER_MAX_ATTEMPTS          = tostring(var.gpu_max_delivery_attempts)
+  }
+}

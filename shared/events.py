@@ -8,17 +8,20 @@ JSON Schemas of every model here are generated into ``schemas/`` (``python -m sh
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.errors import CoverError, ErrorCode
-from shared.names import SONG_ID_MAX_LENGTH, SONG_ID_PATTERN, VOICE_NAME_PATTERN
+from shared.names import REQUEST_ID_PATTERN, SONG_ID_MAX_LENGTH, SONG_ID_PATTERN, VOICE_NAME_PATTERN, printable
 from shared.options import OutputFormat, RequestOptions
+from shared.routing import ATTRIBUTE, Runner
 
 SOURCE = "//melodia-cover"
 PIPELINE_VERSION = "1"  # bump when a change alters rendered output for the same inputs
@@ -42,21 +45,66 @@ class CoverRequest(BaseModel):
     )
     voice_model: str = Field(pattern=VOICE_NAME_PATTERN, description="A voice name, as GET /models lists them.")
     options: RequestOptions = Field(default_factory=RequestOptions)
+    runner: Runner | None = Field(
+        None,
+        description="Which runner renders it: cpu (a Cloud Run Job execution) or gpu (a GPU runner); "
+        "unset: the deployment's default. Carried as the message attribute 'runner', which the "
+        "subscriptions filter on; it does not change the cover.",
+    )
+    request_id: str | None = Field(
+        None,
+        pattern=REQUEST_ID_PATTERN,
+        description="The caller's id for this request, echoed in every event that answers it. Unset: "
+        "the dispatcher assigns one; a directly published message's ce-id (else its Pub/Sub message "
+        "id) stands in.",
+    )
+
+
+REQUEST_ID_FIELD = Field(
+    None, description="The id of the request this event answers (CoverRequest.request_id, its ce-id or message id)."
+)
+
+
+# The stages a runner reports, in order, with their share of the whole render (roughly a CPU
+# runner's time; ``overall`` is the sum of the finished stages' shares and the current one's part).
+STAGE_SHARES: dict[str, float] = {
+    "accepted": 0.0,
+    "download": 0.02,
+    "fetch": 0.03,
+    "separate": 0.35,
+    "convert": 0.45,
+    "mix": 0.1,
+    "upload": 0.05,
+}
+
+
+def overall_progress(stage: str, fraction: float) -> float:
+    """The whole render's progress when ``stage`` is ``fraction`` done (see :data:`STAGE_SHARES`)."""
+    names = list(STAGE_SHARES)
+    done = sum(STAGE_SHARES[name] for name in names[: names.index(stage)])
+    return round(min(1.0, done + STAGE_SHARES[stage] * fraction), 3)
 
 
 class CoverProgress(BaseModel):
+    """``cover.progress``: ``accepted`` when a runner takes the request, then each stage's
+    progress (its end reported once) and the whole render's (``overall``)."""
+
     cover_id: str
+    request_id: str | None = REQUEST_ID_FIELD
     song_id: str
     voice_model: str
-    stage: str
-    progress: float = Field(ge=0, le=1)
+    stage: str = Field(description="accepted, download, fetch, separate, convert, mix or upload")
+    progress: float = Field(ge=0, le=1, description="This stage's progress.")
+    overall: float = Field(0.0, ge=0, le=1, description="The whole render's progress, across stages.")
     runner: str
 
 
 class CoverCompleted(BaseModel):
-    """Everything the Catalog needs to publish the cover; also stored as the cover's manifest."""
+    """Everything the Catalog needs to publish the cover; also stored as the cover's manifest
+    (without ``request_id``, which names the request each publication answers)."""
 
     cover_id: str
+    request_id: str | None = REQUEST_ID_FIELD
     song_id: str
     voice_model: str
     voice_version: str
@@ -82,6 +130,7 @@ class CoverCompleted(BaseModel):
 
 class CoverFailed(BaseModel):
     cover_id: str | None = None
+    request_id: str | None = REQUEST_ID_FIELD
     song_id: str | None = None
     voice_model: str | None = None
     code: ErrorCode
@@ -95,9 +144,13 @@ class CoverStatus(BaseModel):
     """``GET /covers/{cover_id}``."""
 
     cover_id: str
-    state: str = Field(pattern="^(queued|running|completed|failed)$")
+    state: str = Field(
+        pattern="^(queued|running|stalled|completed|failed)$",
+        description="stalled: running, but its runner stopped renewing its lease (gone); a redelivery takes it over",
+    )
     stage: str | None = None
     progress: float | None = None
+    overall: float | None = None
     completed: CoverCompleted | None = None
     error: CoverFailed | None = None
     updated_at: datetime
@@ -127,12 +180,13 @@ def cover_id(song_identity: str, voice: str, voice_version: str, options: Reques
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
-def failure_event_id(cover_id: str | None, data: bytes) -> str:
-    """The ``ce-id`` of a final ``cover.failed``: one per cover (or, before a cover id is known, per
-    request message), the same on every runner and redelivery, distinct across facts."""
-    if cover_id:
-        return f"{cover_id}.failed"
-    return f"request-{hashlib.sha256(data).hexdigest()[:32]}.failed"
+def answer_event_id(kind: str, cover_id: str | None, request_id: str | None, data: bytes) -> str:
+    """The ``ce-id`` of a final answer (``completed`` or ``failed``): one per cover and request id
+    (before a cover id is known, per request message), the same on every runner and redelivery of
+    that request, distinct across facts. The rule for consumers: deduplicate by ``ce-id``; each
+    request gets its own answer even when two requests name one cover."""
+    subject = cover_id or f"request-{hashlib.sha256(data).hexdigest()[:32]}"
+    return f"{subject}.{kind}" + (f".{request_id}" if request_id else "")
 
 
 def now() -> datetime:
@@ -159,19 +213,69 @@ def to_message(
     for name, field in (("song_id", "song_id"), ("voice", "voice_model")):
         if payload.get(field):
             attributes[name] = str(payload[field])
+    if event_type == REQUESTED and payload.get("runner"):
+        attributes[ATTRIBUTE] = str(payload["runner"])  # what the runners' subscriptions filter on
     return json.dumps(payload, separators=(",", ":")).encode(), attributes
 
 
-def parse_request(data: bytes) -> CoverRequest:
-    """A ``cover.requested`` payload, or :class:`CoverError` (``options.invalid``) saying what is wrong."""
+def check_cloudevent(event_type: str | None, specversion: str | None) -> None:
+    """A message on the requests topic that names its CloudEvents type must be a
+    ``cover.requested`` of spec version 1.0 (a ``cover.completed`` published there by mistake is
+    refused, not rendered); one that names none is taken as a request (the bare-JSON format)."""
+    if event_type is not None and event_type != REQUESTED:
+        raise CoverError(
+            ErrorCode.OPTIONS_INVALID, f"the message is a {printable(event_type)!r} event, not {REQUESTED}"
+        )
+    if specversion is not None and specversion != "1.0":
+        raise CoverError(
+            ErrorCode.OPTIONS_INVALID, f"CloudEvents spec version {printable(specversion)!r}: 1.0 expected"
+        )
+
+
+def parse_request(data: bytes, attributes: Mapping[str, str] | None = None) -> CoverRequest:
+    """A ``cover.requested`` payload, or :class:`CoverError` (``options.invalid``) saying what is
+    wrong. ``attributes``: the message's, whose ``ce-type`` and ``ce-specversion`` are checked."""
+    attributes = attributes or {}
+    check_cloudevent(attributes.get("ce-type"), attributes.get("ce-specversion"))
     try:
         body: Any = json.loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise CoverError(ErrorCode.OPTIONS_INVALID, "the request is not JSON (or nests too deeply)") from None
     if isinstance(body, dict) and "data" in body and "specversion" in body:  # structured-mode CloudEvent
+        check_cloudevent(str(body.get("type")), str(body["specversion"]))
         body = body["data"]
     try:
         return CoverRequest.model_validate(body)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
         raise CoverError(ErrorCode.OPTIONS_INVALID, f"the request does not match the schema: {problems}") from None
+
+
+class RequestIdentity(BaseModel):
+    """What names a request in the events that answer it, read as far as the message allows."""
+
+    request_id: str | None = None
+    song_id: str | None = None
+    voice_model: str | None = None
+
+
+def request_identity(data: bytes, attributes: Mapping[str, str] | None = None, message_id: str = "") -> RequestIdentity:
+    """The request id (the data's ``request_id``, else the message's ``ce-id``, else its Pub/Sub
+    message id), song id and voice of a message, even of one that is not a valid request: each
+    field that can be read as a short, printable string, and nothing else."""
+    attributes = attributes or {}
+    body: Any = None
+    with contextlib.suppress(ValueError, UnicodeDecodeError, RecursionError):
+        body = json.loads(data)
+    if isinstance(body, dict) and isinstance(body.get("data"), dict) and "specversion" in body:
+        body = body["data"]
+    fields = body if isinstance(body, dict) else {}
+
+    def readable(value: Any) -> str | None:
+        return printable(value)[:SONG_ID_MAX_LENGTH] if isinstance(value, str) and value.strip() else None
+
+    return RequestIdentity(
+        request_id=readable(fields.get("request_id")) or readable(attributes.get("ce-id")) or readable(message_id),
+        song_id=readable(fields.get("song_id")),
+        voice_model=readable(fields.get("voice_model")),
+    )

@@ -31,6 +31,9 @@ def safe_file_name(name: str, default: str = "file") -> str:
     return base if re.match(FILE_NAME_PATTERN, base) else default
 
 
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"  # a request id: up to 128 plain characters
+
+
 def printable(text: str) -> str:
     """``text`` without control characters (terminal escapes), for printing data from outside."""
     return "".join(ch for ch in text if unicodedata.category(ch)[0] != "C" or ch == " ")

@@ -9,6 +9,8 @@ from platformdirs import user_cache_dir
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.routing import Runner
+
 DEFAULT_CACHE = Path(user_cache_dir("melodia-cover"))
 
 
@@ -93,10 +95,18 @@ class Settings(BaseSettings):
         "https://www.googleapis.com/oauth2/v1/certs", description="Google's token certificates."
     )
 
+    default_runner: Runner = Field(
+        "cpu", description="The runner the dispatcher routes a request to when it names none (shared/routing.py)."
+    )
     # the worker
     runner: str = Field("local", description="Name of this runner in events (e.g. 'cloud-run-cpu', 'gpu-1').")
     lease_s: float = Field(
-        600.0, gt=0, description="A render's claim on its cover lapses this long after its last renewal."
+        60.0,
+        gt=0,
+        description=(
+            "A render's claim on its cover lapses this long after its last renewal (renewed every third of it): "
+            "after a crash, GET /covers/{id} says stalled and a redelivery takes over within this time."
+        ),
     )
     busy_retry_s: float = Field(
         10.0,

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from job.service.leases import Claim
+from shared.claims import Claim
 from shared.storage import Keys, LocalStorage
 
 
@@ -67,3 +67,46 @@ def test_of_many_racing_runners_exactly_one_wins(storage):
     for thread in threads:
         thread.join()
     assert sum(won) == 1
+
+
+class RefusingStorage(LocalStorage):
+    """A bucket that stops accepting writes (as when the S3 endpoint goes away mid-render)."""
+
+    refusing = False
+
+    def put_bytes(self, key, data, content_type="application/json", if_absent=False):
+        if self.refusing:
+            raise ConnectionError("the storage endpoint refused the connection")
+        return super().put_bytes(key, data, content_type, if_absent)
+
+
+def test_a_renewal_the_storage_refuses_is_logged_and_stops_the_render(tmp_path, caplog):
+    from shared.claims import keep_renewed
+
+    storage = RefusingStorage(tmp_path / "bucket")
+    claim = Claim(storage, "c3", "a", lease_s=0.3)
+    assert claim.acquire()
+    stop, lost = threading.Event(), threading.Event()
+    renewer = threading.Thread(target=keep_renewed, args=(claim, stop, lost))
+    renewer.start()
+    time.sleep(0.35)
+    assert not lost.is_set()  # renewals go through while the storage answers
+    storage.refusing = True
+    assert lost.wait(2.0)  # the render learns at its next progress report
+    renewer.join(2.0)
+    assert not renewer.is_alive()
+    assert any(
+        getattr(r, "fields", {}).get("event") == "lease.lost" and "ConnectionError" in r.fields["reason"]
+        for r in caplog.records
+    )
+
+
+def test_the_lease_says_when_its_runner_is_gone(storage):
+    from shared.claims import lease_expiry
+
+    assert lease_expiry(storage, "c4") is None
+    claim = Claim(storage, "c4", "a", lease_s=60)
+    assert claim.acquire()
+    assert lease_expiry(storage, "c4") > time.time() + 50
+    storage.put_bytes(Keys.claim("c4", 0), json.dumps({"runner": "a", "expires_at": time.time() - 1}).encode())
+    assert lease_expiry(storage, "c4") < time.time()

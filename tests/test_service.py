@@ -91,15 +91,17 @@ class Stack:
         self.procs: list[subprocess.Popen] = []
         self.url = ""
 
-    def subscription(self, topic: str, name: str, ack_deadline: int = 10) -> str:
+    def subscription(self, topic: str, name: str, ack_deadline: int = 10, filter_: str = "") -> str:
         path = self.subscriber.subscription_path(self.project, name)
-        self.subscriber.create_subscription(name=path, topic=topic, ack_deadline_seconds=ack_deadline)
+        self.subscriber.create_subscription(
+            request={"name": path, "topic": topic, "ack_deadline_seconds": ack_deadline, "filter": filter_}
+        )
         return path
 
     def put_song(self, song_id: str, path: Path) -> None:
         self.s3.upload_file(str(path), self.bucket, f"songs/{song_id}")
 
-    def start_dispatcher(self, bin_dir: Path | None = None) -> str:
+    def start_dispatcher(self, bin_dir: Path | None = None, **env: str) -> str:
         port = free_port()
         cmd = [
             str((bin_dir or Path(sys.executable).parent) / "functions-framework"),
@@ -112,8 +114,8 @@ class Stack:
             "--host",
             "127.0.0.1",
         ]
-        env = {**self.env, "COVER_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}", "PYTHONPATH": str(ROOT)}
-        self.procs.append(start(cmd, self.tmp / "dispatcher.log", env))
+        full = {**self.env, "COVER_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}", "PYTHONPATH": str(ROOT), **env}
+        self.procs.append(start(cmd, self.tmp / "dispatcher.log", full))
         wait_for_port(port, 60, self.procs[-1])
         self.url = f"http://127.0.0.1:{port}"
         return self.url
@@ -124,8 +126,9 @@ class Stack:
         self.procs.append(proc)
         return proc
 
-    def publish_request(self, data: bytes, attributes: dict[str, str] | None = None) -> None:
-        self.publisher.publish(self.requests_topic, data, **(attributes or {})).result(30)
+    def publish_request(self, data: bytes, attributes: dict[str, str] | None = None) -> str:
+        """Publish to the requests topic; the Pub/Sub message id."""
+        return self.publisher.publish(self.requests_topic, data, **(attributes or {})).result(30)
 
     def events(self, until, timeout: float = 240.0, subscription: str | None = None) -> list[tuple[str, dict]]:
         """Pull (synchronously) from the Catalog's subscription until ``until(events)`` holds."""
@@ -185,11 +188,19 @@ def test_post_cover_to_completed_event(stack):
     url = stack.start_dispatcher()
     answer = requests.post(f"{url}/cover", json={"song_id": "song-1", "voice_model": demo.DEMO_VOICE, "options": FAST})
     assert answer.status_code == 202, answer.text
-    cover_id = answer.json()["cover_id"]
+    cover_id, request_id = answer.json()["cover_id"], answer.json()["request_id"]
     assert answer.json()["status_url"].endswith(f"/covers/{cover_id}")
     events = stack.events(lambda got: of_type(got, COMPLETED))
     completed = of_type(events, COMPLETED)
     assert len(completed) == 1 and completed[0]["cover_id"] == cover_id
+    assert completed[0]["request_id"] == request_id  # the answer names the request it answers
+    progress = sorted(of_type(events, "cover.progress"), key=lambda p: p["_attributes"]["ce-time"])
+    assert {p["request_id"] for p in progress} == {request_id}
+    assert progress[0]["stage"] == "accepted" and progress[0]["overall"] == 0.0  # the runner took it
+    overall = [p["overall"] for p in progress]
+    assert overall == sorted(overall) and overall[-1] == 1.0  # one fraction across the stages
+    ends = [p["stage"] for p in progress if p["progress"] == 1.0]
+    assert sorted(ends) == sorted(set(ends)) and {"download", "separate", "convert", "mix", "upload"} <= set(ends)
     assert completed[0]["_attributes"]["cover_id"] == cover_id and completed[0]["_attributes"]["voice"] == "demo-voice"
     assert of_type(events, "cover.progress")  # stage events came first
     _check_against_bucket(stack, completed[0])
@@ -324,10 +335,13 @@ def test_bad_messages_fail_with_their_own_code_once(stack, tmp_path):
             json.dumps({"song_id": "text-song", "voice_model": demo.DEMO_VOICE, "options": FAST}).encode()
         ],
     }
-    for payloads in bad.values():
-        for payload in payloads:
-            stack.publish_request(payload)
-    events = stack.events(lambda got: len(of_type(got, FAILED)) >= 5, timeout=180)
+    message_ids = [stack.publish_request(payload) for payloads in bad.values() for payload in payloads]
+    # a valid request's data under another event's attributes (published to the wrong topic): refused
+    valid, attributes = to_message(REQUESTED, CoverRequest(song_id="song-1", voice_model=demo.DEMO_VOICE))
+    stack.publish_request(valid, {**attributes, "ce-type": COMPLETED, "type": COMPLETED})
+    bad["options.invalid"].append(valid)
+    message_ids.append(attributes["ce-id"])
+    events = stack.events(lambda got: len(of_type(got, FAILED)) >= 6, timeout=180)
     time.sleep(12)  # longer than the ack deadline: a message that was not acked would come back
     events += stack.events(lambda got: False, timeout=12)
     failed = of_type(events, FAILED)
@@ -336,6 +350,11 @@ def test_bad_messages_fail_with_their_own_code_once(stack, tmp_path):
     assert all(f["retryable"] is False and f["attempt"] == 1 and f["message"] for f in failed)
     for event in failed:
         assert_matches_schema(FAILED, event)
+    # every failure names its request (its ce-id, else its message id), and its song and voice if readable
+    assert sorted(f["request_id"] for f in failed) == sorted(message_ids)
+    unknown_voice = next(f for f in failed if f["code"] == "voice.unknown")
+    assert (unknown_voice["song_id"], unknown_voice["voice_model"]) == ("song-1", "nobody")
+    assert next(f for f in failed if f["code"] == "input.not_found")["song_id"] == "missing"
 
 
 def test_second_voice_reuses_the_cached_stems(stack, store, tmp_path):
@@ -502,6 +521,7 @@ def test_trigger_starts_a_job_execution_with_the_request(stack):
         assert call.name == "projects/melodia-local/locations/europe-west1/jobs/cover-job"
         env = {e.name: e.value for e in call.overrides.container_overrides[0].env}
         assert json.loads(env["COVER_REQUEST"]) == json.loads(data)
+        assert env["COVER_REQUEST_ID"] == "1"  # no request_id or ce-id: the message id names it
         client.fail = True
         assert requests.post(url, json=envelope).status_code == 503  # Pub/Sub will redeliver
         garbage = {"message": {"data": base64.b64encode(b"nope").decode(), "messageId": "2"}}
@@ -514,6 +534,7 @@ def test_trigger_starts_a_job_execution_with_the_request(stack):
         assert {f["code"] for f in failed} == {"options.invalid"}
         ids = [f["_attributes"]["ce-id"] for f in failed]
         assert ids.count(ids[0]) == 2 and len(set(ids)) == 5  # one id per fact, stable across redelivery
+        assert [f["request_id"] for f in failed].count("2") == 2  # the garbage names its message
     finally:
         server.shutdown()
 
@@ -706,3 +727,92 @@ def test_a_runner_holds_its_in_flight_limit_and_finishes_them_when_stopped(stack
     health = [json.loads(line) for line in log.splitlines() if '"runner.health"' in line]
     assert health and max(h["in_flight"] for h in health) == 2 and all(h["limit"] == 2 for h in health)
     assert '"runner.stopped"' in log
+
+
+@pytest.mark.parametrize("default", ["cpu", "gpu"])
+def test_every_request_reaches_exactly_one_runner_by_its_runner_attribute(stack, default):
+    """The trigger's and the GPU runners' subscriptions, filtered as infra/main.tf filters them:
+    a request naming a runner reaches that runner's subscription only, one naming none (through
+    the API, or published directly without the attribute) reaches the default runner's only."""
+    from google.api_core.exceptions import DeadlineExceeded
+
+    from shared.routing import subscription_filters
+
+    tag = uuid.uuid4().hex[:6]
+    subs = {
+        runner: stack.subscription(stack.requests_topic, f"{runner}-{tag}", filter_=filter_)
+        for runner, filter_ in subscription_filters(default).items()  # type: ignore[arg-type]
+    }
+    url = stack.start_dispatcher(COVER_DEFAULT_RUNNER=default)
+    expected: dict[int, str] = {}  # the request's pitch -> the runner that must receive it
+    for pitch, runner in enumerate(["gpu", "cpu", None]):
+        body = {"song_id": "song-1", "voice_model": demo.DEMO_VOICE, "options": {"pitch": pitch}}
+        answer = requests.post(f"{url}/cover", json={**body, **({"runner": runner} if runner else {})})
+        assert answer.status_code == 202, answer.text
+        expected[pitch] = runner or default
+    for pitch, runner in ((3, "gpu"), (4, "cpu"), (5, None)):  # direct publishers, with and without it
+        request = CoverRequest(song_id="song-1", voice_model=demo.DEMO_VOICE, options={"pitch": pitch}, runner=runner)
+        data, attributes = to_message(REQUESTED, request)
+        assert attributes.get("runner") == runner
+        stack.publish_request(data, attributes)
+        expected[pitch] = runner or default
+    received: dict[str, list[int]] = {runner: [] for runner in subs}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and sum(map(len, received.values())) < len(expected) + 1:
+        for runner, sub in subs.items():
+            try:
+                got = stack.subscriber.pull(subscription=sub, max_messages=20, timeout=3)
+            except DeadlineExceeded:
+                continue
+            if got.received_messages:
+                stack.subscriber.acknowledge(subscription=sub, ack_ids=[m.ack_id for m in got.received_messages])
+            received[runner] += [json.loads(m.message.data)["options"]["pitch"] for m in got.received_messages]
+        if sum(map(len, received.values())) == len(expected):
+            deadline = min(deadline, time.monotonic() + 5)  # a little longer: nothing may arrive twice
+    for runner in subs:
+        assert sorted(received[runner]) == sorted(p for p, r in expected.items() if r == runner), received
+
+
+def _unusable_work_dir(stack) -> str:
+    """A work folder that cannot be made (a file is in its place): every render fails with an
+    error a retry might fix, as on a runner whose disk is full."""
+    blocker = stack.tmp / "work-is-a-file"
+    blocker.write_text("not a folder")
+    return str(blocker / "work")
+
+
+def test_the_last_cloud_run_attempt_publishes_cover_failed_and_a_final_status(stack):
+    request = json.dumps({"song_id": "song-1", "voice_model": demo.DEMO_VOICE, "options": FAST})
+    env = {
+        **stack.env,
+        "COVER_REQUEST": request,
+        "COVER_WORK_DIR": _unusable_work_dir(stack),
+        "COVER_MAX_ATTEMPTS": "4",
+    }
+    codes = []
+    for attempt in range(4):  # CLOUD_RUN_TASK_ATTEMPT counts from 0; max_retries 3 gives 4 attempts
+        proc = subprocess.run(
+            [sys.executable, "-m", "job", "run"],
+            env={**env, "CLOUD_RUN_TASK_ATTEMPT": str(attempt)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        codes.append(proc.returncode)
+    assert codes == [1, 1, 1, 0]  # retry, retry, retry, finished: Cloud Run stops either way
+    failed = of_type(stack.events(lambda got: of_type(got, FAILED), timeout=60), FAILED)
+    assert len(failed) == 1 and failed[0]["attempt"] == 4 and failed[0]["code"] == "internal"
+    status = json.loads(
+        stack.s3.get_object(Bucket=stack.bucket, Key=f"status/{failed[0]['cover_id']}.json")["Body"].read()
+    )
+    assert status["state"] == "failed"
+
+
+def test_the_last_delivery_to_a_runner_publishes_cover_failed_once(stack):
+    stack.start_worker("gpu-1", COVER_WORK_DIR=_unusable_work_dir(stack), COVER_MAX_ATTEMPTS="3")
+    request = CoverRequest(song_id="song-1", voice_model=demo.DEMO_VOICE, options=FAST)
+    stack.publish_request(*to_message(REQUESTED, request))
+    events = stack.events(lambda got: of_type(got, FAILED), timeout=120)
+    events += stack.events(lambda got: False, timeout=15)  # nothing more: the message was acknowledged
+    failed = of_type(events, FAILED)
+    assert len(failed) == 1 and failed[0]["attempt"] == 3 and failed[0]["retryable"] is True

@@ -144,6 +144,10 @@ melodia-cover is up (logs in {logs}):
        -d '{{"song_id": "demo", "voice_model": "{demo.DEMO_VOICE}"}}'
   curl -s http://127.0.0.1:{port}/covers/COVER_ID
   curl -s http://127.0.0.1:{port}/models
+Pub/Sub emulator: PUBSUB_EMULATOR_HOST={host}, project {settings.project}, requests topic
+  {settings.requests_topic}, events topic {settings.events_topic}; one request by hand, as a Cloud Run task:
+  PUBSUB_EMULATOR_HOST={host} COVER_STORAGE=local \\
+  COVER_REQUEST='{{"song_id": "demo", "voice_model": "{demo.DEMO_VOICE}"}}' python -m job run
 covers land in {settings.storage_dir}/covers/; Ctrl-C stops everything.""",
             flush=True,
         )

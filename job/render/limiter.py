@@ -4,9 +4,9 @@ From the signal's true-peak envelope (:func:`job.render.loudness.peak_envelope`)
 gain per sample, shared by the channels, that keeps every interpolated peak under the ceiling:
 
 1. the gain each sample needs, ``min(1, ceiling / peak)``;
-2. attack with look-ahead: the smallest needed gain within ``ATTACK_S`` either side, averaged over
-   a window half as long, so the gain is already down when the peak arrives and never above what
-   any sample needs;
+2. attack with look-ahead: the smallest gain needed over the last ``ATTACK_S``, averaged over the
+   next ``ATTACK_S``, so the gain ramps down before a peak, is down when it arrives, and is never
+   above what any sample needs;
 3. release: the attenuation ``1 - gain`` decays no faster than exponentially with time constant
    ``RELEASE_S`` (as in FFmpeg's ``alimiter``: deep reductions recover quickly, so dense material
    can still be made loud), computed as a running maximum in the log domain:
@@ -27,8 +27,12 @@ def limiter_gain(envelope: np.ndarray, ceiling: float, rate: int) -> np.ndarray:
     """``[samples]`` float32 gains (<= 1) that keep ``envelope * gain`` under ``ceiling`` (linear)."""
     needed = np.minimum(1.0, ceiling / np.maximum(envelope, 1e-12)).astype(np.float32)
     attack = max(1, int(ATTACK_S * rate))
-    held = minimum_filter1d(needed, size=2 * attack + 1, mode="nearest")
-    smooth = np.minimum(uniform_filter1d(held, size=attack + 1, mode="nearest"), needed)
+    # held[j]: the least gain needed over the last `attack` samples; smooth[n]: the mean of held
+    # over the next `attack` samples. Every held[j] averaged into smooth[n] covers n, so smooth
+    # never exceeds what a sample needs, and it ramps down over `attack` samples before a peak
+    # and back up over `attack` after it (then the release takes over).
+    held = minimum_filter1d(needed, size=attack + 1, origin=attack // 2, mode="nearest")
+    smooth = np.minimum(uniform_filter1d(held, size=attack + 1, origin=-(attack // 2), mode="nearest"), needed)
     with np.errstate(divide="ignore"):
         attenuation = np.log(np.maximum(1.0 - smooth.astype(np.float64), 0.0))  # -inf where none
     log_beta = -1.0 / (RELEASE_S * rate)  # per sample

@@ -1,6 +1,7 @@
 """Entry points over :class:`job.service.worker.Worker`.
 
-* ``python -m job run``: one request from ``COVER_REQUEST`` (JSON of ``cover.requested`` data), as
+* ``python -m job run``: one request from ``COVER_REQUEST`` (JSON of ``cover.requested`` data; its
+  id from ``COVER_REQUEST_ID`` when the data carries none), as
   a Cloud Run Job execution gets it from the trigger's override or from
   ``gcloud run jobs execute cover-job --update-env-vars COVER_REQUEST='{...}'``. Exit status 0 when
   the request is finished (completed, or failed for good after publishing ``cover.failed``),
@@ -36,7 +37,9 @@ def run_once(settings: Settings) -> int:
         log.error("COVER_REQUEST is not set: nothing to render", extra=fields(event="request.missing"))
         return 2
     attempt = int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0")) + 1
-    outcome = Worker(settings).handle(raw.encode(), attempt)
+    # the trigger passes the pushed message's ce-id (else its message id) as COVER_REQUEST_ID
+    request_id = os.environ.get("COVER_REQUEST_ID", "")
+    outcome = Worker(settings).handle(raw.encode(), attempt, {"ce-id": request_id} if request_id else None)
     if outcome is Outcome.BUSY:  # a task cannot hand its request back: wait, then let Cloud Run retry
         time.sleep(settings.busy_retry_s)
     return 0 if outcome is Outcome.ACK else 1
@@ -114,7 +117,7 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
         health.started()
         outcome = Outcome.RETRY
         try:
-            outcome = worker.handle(message.data, attempt)
+            outcome = worker.handle(message.data, attempt, dict(message.attributes), message.message_id)
         finally:
             health.finished(outcome)
         if outcome is Outcome.ACK:

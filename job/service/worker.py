@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from enum import Enum
 
 from job.render.pipeline import CoverOptions, Pipeline
 from job.render.stems import StemCache
 from job.render.timing import StageTimer
-from job.service.leases import Claim
 from shared.bus import EventBus
+from shared.claims import Claim, keep_renewed
 from shared.covers import resolve, served
 from shared.errors import CoverError, ErrorCode
 from shared.events import (
@@ -31,9 +32,12 @@ from shared.events import (
     CoverProgress,
     CoverRequest,
     CoverStatus,
-    failure_event_id,
+    RequestIdentity,
+    answer_event_id,
     now,
+    overall_progress,
     parse_request,
+    request_identity,
 )
 from shared.hashing import sha256_of
 from shared.logs import fields
@@ -88,19 +92,26 @@ class Worker:
         self.storage.put_bytes(Keys.status(cid), status.model_dump_json().encode())
 
     def _fail(
-        self, error: CoverError, request: CoverRequest | None, cid: str | None, attempt: int, data: bytes
+        self,
+        error: CoverError,
+        request: CoverRequest | None,
+        cid: str | None,
+        attempt: int,
+        data: bytes,
+        identity: RequestIdentity,
     ) -> Outcome:
         failed = CoverFailed(
             cover_id=cid,
-            song_id=request.song_id if request else None,
-            voice_model=request.voice_model if request else None,
+            request_id=identity.request_id,
+            song_id=request.song_id if request else identity.song_id,
+            voice_model=request.voice_model if request else identity.voice_model,
             code=error.code,
             message=error.message,
             retryable=error.retryable,
             attempt=attempt,
             runner=self.settings.runner,
         )
-        self.bus.publish_event(FAILED, failed, cid, event_id=failure_event_id(cid, data))
+        self.bus.publish_event(FAILED, failed, cid, event_id=answer_event_id("failed", cid, identity.request_id, data))
         if cid:
             self._status(cid, "failed", error=failed)
         log.warning(
@@ -112,27 +123,34 @@ class Worker:
                 song_id=failed.song_id,
                 voice=failed.voice_model,
                 attempt=attempt,
+                request_id=identity.request_id,
             ),
         )
         return Outcome.ACK
 
-    def _publish_completed(self, completed: CoverCompleted) -> None:
-        """Publish the cover (as stored, its URL signed now): same ``ce-id`` on every replay."""
-        self.bus.publish_event(
-            COMPLETED, served(completed, self.storage), completed.cover_id, event_id=f"{completed.cover_id}.completed"
-        )
+    def _publish_completed(self, completed: CoverCompleted, request_id: str | None) -> None:
+        """Publish the cover (as stored, its URL signed now) as the answer to ``request_id``: the
+        same ``ce-id`` on every replay of that request."""
+        answer = served(completed, self.storage).model_copy(update={"request_id": request_id})
+        event_id = answer_event_id("completed", completed.cover_id, request_id, b"")
+        self.bus.publish_event(COMPLETED, answer, completed.cover_id, event_id=event_id)
 
     # --- the request ---------------------------------------------------------------------------
-    def handle(self, data: bytes, attempt: int = 1) -> Outcome:
+    def handle(
+        self, data: bytes, attempt: int = 1, attributes: Mapping[str, str] | None = None, message_id: str = ""
+    ) -> Outcome:
+        """Answer one request message (``attributes``: its Pub/Sub attributes; ``message_id``: its
+        Pub/Sub id, the request's id of last resort)."""
+        identity = request_identity(data, attributes, message_id)
         request: CoverRequest | None = None
         cid: str | None = None
         claim: Claim | None = None
         try:
-            request = parse_request(data)
+            request = parse_request(data, attributes)
             cid, info = resolve(self.storage, self.keys, self.models, request)
             existing = self.storage.get_bytes(Keys.manifest(cid))
             if existing is not None:
-                self._publish_completed(CoverCompleted.model_validate_json(existing))
+                self._publish_completed(CoverCompleted.model_validate_json(existing), identity.request_id)
                 return Outcome.ACK
             self.prepare()
             with self._lock:
@@ -141,18 +159,18 @@ class Worker:
             if not claim.acquire():
                 log.info("another runner holds this cover", extra=fields(event="cover.busy", cover_id=cid))
                 return Outcome.BUSY
-            completed = self._render_claimed(request, cid, voice, claim)
+            completed = self._render_claimed(request, cid, voice, claim, identity.request_id)
             if not self.storage.put_bytes(Keys.manifest(cid), completed.model_dump_json().encode(), if_absent=True):
                 completed = CoverCompleted.model_validate_json(self.storage.get_bytes(Keys.manifest(cid)) or b"")
             self._status(cid, "completed", completed=completed)
-            self._publish_completed(completed)
+            self._publish_completed(completed, identity.request_id)
             return Outcome.ACK
         except CoverError as error:
             if claim is not None:
                 claim.release()
             if error.retryable and attempt < self.settings.max_attempts:
                 return Outcome.RETRY
-            return self._fail(error, request, cid, attempt, data)
+            return self._fail(error, request, cid, attempt, data, identity)
         except Exception as exc:
             log.exception("render failed", extra=fields(event="cover.error", cover_id=cid))
             if claim is not None:
@@ -160,51 +178,58 @@ class Worker:
             if attempt < self.settings.max_attempts:
                 return Outcome.RETRY
             internal = CoverError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-            return self._fail(internal, request, cid, attempt, data)
+            return self._fail(internal, request, cid, attempt, data, identity)
 
-    def _render_claimed(self, request: CoverRequest, cid: str, voice: ResolvedVoice, claim: Claim) -> CoverCompleted:
+    def _render_claimed(
+        self, request: CoverRequest, cid: str, voice: ResolvedVoice, claim: Claim, request_id: str | None
+    ) -> CoverCompleted:
         stop = threading.Event()
         lost = threading.Event()
-
-        def keep_lease() -> None:
-            while not stop.wait(self.settings.lease_s / 3):
-                if not claim.renew():
-                    lost.set()
-                    return
-
-        renewer = threading.Thread(target=keep_lease, daemon=True)
+        renewer = threading.Thread(target=keep_renewed, args=(claim, stop, lost), daemon=True)
         renewer.start()
         try:
-            return self.render(request, cid, voice, lost)
+            return self.render(request, cid, voice, lost, request_id)
         finally:
             stop.set()
 
     def render(
-        self, request: CoverRequest, cid: str, voice: ResolvedVoice, lost: threading.Event | None = None
+        self,
+        request: CoverRequest,
+        cid: str,
+        voice: ResolvedVoice,
+        lost: threading.Event | None = None,
+        request_id: str | None = None,
     ) -> CoverCompleted:
         """Download the song, render it, upload the cover; the completed event's data."""
         last = {"t": 0.0}
+        ended: set[str] = set()
 
         def progress(stage: str, fraction: float) -> None:
             if lost is not None and lost.is_set():
-                raise CoverError(ErrorCode.INTERNAL, "another runner took this cover over", retryable=True)
-            if fraction < 1.0 and time.monotonic() - last["t"] < 2.0:
-                return
+                raise CoverError(ErrorCode.INTERNAL, "this render's lease was lost (see lease.lost)", retryable=True)
+            if stage in ended or (0.0 < fraction < 1.0 and time.monotonic() - last["t"] < 2.0):
+                return  # a stage's end is reported once; within a stage, every 2 s at most
+            if fraction >= 1.0:
+                ended.add(stage)
             last["t"] = time.monotonic()
+            overall = overall_progress(stage, fraction)
             self.bus.publish_event(
                 PROGRESS,
                 CoverProgress(
                     cover_id=cid,
+                    request_id=request_id,
                     song_id=request.song_id,
                     voice_model=request.voice_model,
                     stage=stage,
                     progress=round(fraction, 3),
+                    overall=overall,
                     runner=self.settings.runner,
                 ),
                 cid,
             )
-            self._status(cid, "running", stage=stage, progress=round(fraction, 3))
+            self._status(cid, "running", stage=stage, progress=round(fraction, 3), overall=overall)
 
+        progress("accepted", 0.0)
         options = request.options
         spec = FORMATS[options.format]
         cover_options = CoverOptions(
@@ -215,6 +240,7 @@ class Worker:
         with self.pipeline.workdir() as work:
             with timer("download"):
                 song = self.storage.download(self.keys.song(request.song_id), work / "song")
+            progress("download", 1.0)
             result = self.pipeline.render(
                 song,
                 voice,
@@ -227,6 +253,7 @@ class Worker:
             with timer("upload"):
                 digest = sha256_of(result.output)
                 stored = self.storage.upload_file(key, result.output, spec.content_type)
+            progress("upload", 1.0)
         timings = {"download": timer.timings["download"], **result.timings, "upload": timer.timings["upload"]}
         return CoverCompleted(
             cover_id=cid,

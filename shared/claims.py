@@ -4,15 +4,24 @@ A claim is a generation object ``claims/{cover_id}/{generation}.json`` created w
 write (exactly one creator wins each generation). Its holder renews it by rewriting its own object
 with a later expiry. A claim whose expiry has passed (its runner crashed) is taken over by creating
 the next generation; the old holder notices the newer generation at its next renewal and stops.
+
+The lease doubles as the render's heartbeat: a holder renews every third of the lease, so a claim
+past its expiry means its runner is gone (``GET /covers/{id}`` then says ``stalled``, see
+:func:`lease_expiry`). Torch-free: the dispatcher reads claims too.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 import uuid
 
+from shared.logs import fields
 from shared.storage import Keys, Storage
+
+log = logging.getLogger("melodia.claims")
 
 
 class Claim:
@@ -62,3 +71,32 @@ class Claim:
         if self.generation is not None and not any(g > self.generation for g in self._generations()):
             self.storage.put_bytes(Keys.claim(self.cover_id, self.generation), self._body(0.0))
         self.generation = None
+
+
+def lease_expiry(storage: Storage, cover_id: str) -> float | None:
+    """When the latest claim on ``cover_id`` lapses (epoch seconds), or None when there is none."""
+    claim = Claim(storage, cover_id, runner="", lease_s=0)
+    generations = claim._generations()
+    if not generations:
+        return None
+    raw = storage.get_bytes(Keys.claim(cover_id, generations[-1]))
+    try:
+        return float(json.loads(raw or b"{}")["expires_at"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def keep_renewed(claim: Claim, stop: threading.Event, lost: threading.Event) -> None:
+    """Renew ``claim`` every third of its lease until ``stop``. When a renewal fails (another
+    runner took the cover over, or the storage refused), say so in the log and set ``lost``: the
+    render checks it at its next progress report and stops there."""
+    while not stop.wait(claim.lease_s / 3):
+        try:
+            renewed = claim.renew()
+            reason = "another runner took the cover over"
+        except Exception as exc:  # noqa: BLE001 - any failure: the lease can no longer be trusted
+            renewed, reason = False, f"{type(exc).__name__}: {str(exc)[:200]}"
+        if not renewed:
+            log.warning("render lease lost", extra=fields(event="lease.lost", cover_id=claim.cover_id, reason=reason))
+            lost.set()
+            return
