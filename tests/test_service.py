@@ -717,6 +717,7 @@ def test_a_runner_holds_its_in_flight_limit_and_finishes_them_when_stopped(stack
 
     events = stack.events(lambda got: len(started(got)) >= 2 or of_type(got, COMPLETED), timeout=240)
     assert len(started(events)) == 2 and not of_type(events, COMPLETED)  # two at once, the third waiting
+    time.sleep(2.5)  # a health line or two while both render
     runner.send_signal(signal.SIGTERM)
     events += stack.events(lambda got: len(of_type(got, COMPLETED)) >= 2, timeout=240)
     assert runner.wait(120) == 0
@@ -729,20 +730,26 @@ def test_a_runner_holds_its_in_flight_limit_and_finishes_them_when_stopped(stack
     assert '"runner.stopped"' in log
 
 
+def _matches(filter_: str, attributes: dict[str, str]) -> bool:
+    """Pub/Sub's filter language for the two forms shared/routing.py writes, as Google documents
+    it (``attributes.KEY = "VALUE"``; ``NOT`` of it, which a message without KEY also matches).
+    A stand-in: the emulator accepts a subscription's filter but does not apply it (seen here:
+    both filtered subscriptions received every message)."""
+    negated = filter_.startswith("NOT ")
+    found = re.fullmatch(r'attributes\.(\w+) = "([^"]*)"', filter_.removeprefix("NOT "))
+    assert found, f"not a form this stand-in knows: {filter_}"
+    equal = attributes.get(found[1]) == found[2]
+    return not equal if negated else equal
+
+
 @pytest.mark.parametrize("default", ["cpu", "gpu"])
 def test_every_request_reaches_exactly_one_runner_by_its_runner_attribute(stack, default):
-    """The trigger's and the GPU runners' subscriptions, filtered as infra/main.tf filters them:
-    a request naming a runner reaches that runner's subscription only, one naming none (through
-    the API, or published directly without the attribute) reaches the default runner's only."""
-    from google.api_core.exceptions import DeadlineExceeded
-
+    """Requests through the API (naming a runner or not) and published directly (with the
+    attribute or without) carry the attribute the subscriptions filter on, and the filters of
+    infra/main.tf (shared/routing.py) send each to exactly one runner, the one it names or the
+    default."""
     from shared.routing import subscription_filters
 
-    tag = uuid.uuid4().hex[:6]
-    subs = {
-        runner: stack.subscription(stack.requests_topic, f"{runner}-{tag}", filter_=filter_)
-        for runner, filter_ in subscription_filters(default).items()  # type: ignore[arg-type]
-    }
     url = stack.start_dispatcher(COVER_DEFAULT_RUNNER=default)
     expected: dict[int, str] = {}  # the request's pitch -> the runner that must receive it
     for pitch, runner in enumerate(["gpu", "cpu", None]):
@@ -752,25 +759,25 @@ def test_every_request_reaches_exactly_one_runner_by_its_runner_attribute(stack,
         expected[pitch] = runner or default
     for pitch, runner in ((3, "gpu"), (4, "cpu"), (5, None)):  # direct publishers, with and without it
         request = CoverRequest(song_id="song-1", voice_model=demo.DEMO_VOICE, options={"pitch": pitch}, runner=runner)
-        data, attributes = to_message(REQUESTED, request)
-        assert attributes.get("runner") == runner
-        stack.publish_request(data, attributes)
+        stack.publish_request(*to_message(REQUESTED, request))
         expected[pitch] = runner or default
-    received: dict[str, list[int]] = {runner: [] for runner in subs}
+    got: dict[int, dict[str, str]] = {}
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and sum(map(len, received.values())) < len(expected) + 1:
-        for runner, sub in subs.items():
-            try:
-                got = stack.subscriber.pull(subscription=sub, max_messages=20, timeout=3)
-            except DeadlineExceeded:
-                continue
-            if got.received_messages:
-                stack.subscriber.acknowledge(subscription=sub, ack_ids=[m.ack_id for m in got.received_messages])
-            received[runner] += [json.loads(m.message.data)["options"]["pitch"] for m in got.received_messages]
-        if sum(map(len, received.values())) == len(expected):
-            deadline = min(deadline, time.monotonic() + 5)  # a little longer: nothing may arrive twice
-    for runner in subs:
-        assert sorted(received[runner]) == sorted(p for p, r in expected.items() if r == runner), received
+    while time.monotonic() < deadline and len(got) < len(expected):
+        response = stack.subscriber.pull(subscription=stack.worker_sub, max_messages=20, timeout=10)
+        if response.received_messages:
+            stack.subscriber.acknowledge(
+                subscription=stack.worker_sub, ack_ids=[m.ack_id for m in response.received_messages]
+            )
+        for item in response.received_messages:
+            got[json.loads(item.message.data)["options"]["pitch"]] = dict(item.message.attributes)
+    assert sorted(got) == sorted(expected)
+    filters = subscription_filters(default)  # type: ignore[arg-type]
+    for pitch, attributes in got.items():
+        receivers = [runner for runner, filter_ in filters.items() if _matches(filter_, attributes)]
+        assert receivers == [expected[pitch]], (pitch, attributes.get("runner"), receivers)
+    assert {got[p].get("runner") for p in (0, 1, 2)} == {"gpu", "cpu", default}  # the API always sets it
+    assert "runner" not in got[5]  # a direct publisher may leave it out
 
 
 def _unusable_work_dir(stack) -> str:
@@ -816,3 +823,20 @@ def test_the_last_delivery_to_a_runner_publishes_cover_failed_once(stack):
     events += stack.events(lambda got: False, timeout=15)  # nothing more: the message was acknowledged
     failed = of_type(events, FAILED)
     assert len(failed) == 1 and failed[0]["attempt"] == 3 and failed[0]["retryable"] is True
+
+
+def test_a_render_whose_runner_is_gone_shows_as_stalled(stack):
+    """The lease is the heartbeat: a running cover whose claim lapsed (its runner stopped renewing
+    it) is answered as stalled until a redelivery takes it over."""
+    from shared.events import CoverStatus, now
+
+    url = stack.start_dispatcher()
+    cid = "ab" * 16
+    running = CoverStatus(cover_id=cid, state="running", stage="separate", progress=0.4, updated_at=now())
+    stack.s3.put_object(Bucket=stack.bucket, Key=f"status/{cid}.json", Body=running.model_dump_json().encode())
+    for expires_at, state in ((time.time() + 60, "running"), (time.time() - 1, "stalled")):
+        claim = {"runner": "gpu-1", "token": "t", "expires_at": expires_at}
+        stack.s3.put_object(Bucket=stack.bucket, Key=f"claims/{cid}/000000.json", Body=json.dumps(claim).encode())
+        answer = requests.get(f"{url}/covers/{cid}")
+        assert answer.status_code == 200 and answer.json()["state"] == state
+        assert answer.json()["stage"] == "separate"  # where it stopped

@@ -141,14 +141,16 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    next_health = time.monotonic()
+    next_health = time.monotonic()  # the first health line at once, then every health_interval_s
     try:
-        while not stop.wait(0.5):
-            if future.done():
-                future.result()  # surface a broken stream
+        while True:
             if time.monotonic() >= next_health:
                 next_health = time.monotonic() + settings.health_interval_s
                 log.info("runner health", extra=fields(event="runner.health", runner=settings.runner, **health.line()))
+            if stop.wait(0.5):
+                break
+            if future.done():
+                future.result()  # surface a broken stream
     finally:
         log.info("runner stopping", extra=fields(event="runner.stopping", runner=settings.runner, **health.line()))
         future.cancel()  # stops pulling; the renders in hand complete and are acked
