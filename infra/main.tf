@@ -1,8 +1,15 @@
 # melodia-cover on Google Cloud (Pub/Sub, Cloud Run Job, Cloud Functions gen2) with Cloudflare R2.
 #   terraform -chdir=infra init && terraform -chdir=infra apply -var project=PROJECT -var image=IMAGE
 terraform {
+  required_version = ">= 1.6"
   required_providers {
     google = { source = "hashicorp/google", version = "~> 6.0" }
+  }
+  # Remote state in a GCS bucket made once by hand (versioned):
+  #   terraform -chdir=infra init -backend-config="bucket=STATE_BUCKET"
+  # cloudbuild.yaml passes _TF_STATE_BUCKET, so every build applies against the same state.
+  backend "gcs" {
+    prefix = "melodia-cover"
   }
 }
 
@@ -59,8 +66,26 @@ provider "google" {
   region  = var.region
 }
 
-# --- identities -------------------------------------------------------------------------------------
-resource "google_service_account" "dispatcher" { account_id = "cover-dispatcher" }
+# --- the APIs this deployment uses, and the image repository ---------------------------------------
+resource "google_project_service" "apis" {
+  for_each = toset([
+    "artifactregistry.googleapis.com", "cloudbuild.googleapis.com", "cloudfunctions.googleapis.com",
+    "iam.googleapis.com", "pubsub.googleapis.com", "run.googleapis.com", "secretmanager.googleapis.com",
+  ])
+  service            = each.value
+  disable_on_destroy = false
+}
+resource "google_artifact_registry_repository" "cover" {
+  repository_id = "cover"
+  location      = var.region
+  format        = "DOCKER"
+  depends_on    = [google_project_service.apis]
+}
+
+# --- identities (least privilege: the public API only queues requests; only the trigger may run
+# the job; only runners write covers) ----------------------------------------------------------------
+resource "google_service_account" "dispatcher" { account_id = "cover-dispatcher" } # the public API
+resource "google_service_account" "trigger" { account_id = "cover-trigger" }       # push -> job execution
 resource "google_service_account" "job" { account_id = "cover-job" }
 resource "google_service_account" "pusher" { account_id = "cover-push" } # Pub/Sub push -> trigger
 resource "google_service_account" "gpu_runner" { account_id = "cover-gpu-runner" }
@@ -79,10 +104,13 @@ resource "google_secret_manager_secret" "r2_secret" {
   }
 }
 resource "google_secret_manager_secret_iam_member" "readers" {
+  # static keys (known at plan time): who reads which R2 key
   for_each = {
-    for pair in setproduct([google_secret_manager_secret.r2_key_id.id, google_secret_manager_secret.r2_secret.id],
-    [google_service_account.dispatcher.email, google_service_account.job.email, google_service_account.gpu_runner.email]) :
-    "${pair[0]}|${pair[1]}" => { secret = pair[0], member = pair[1] }
+    for pair in setproduct(["key_id", "secret"], ["dispatcher", "job", "gpu_runner"]) :
+    "${pair[0]}-${pair[1]}" => {
+      secret = pair[0] == "key_id" ? google_secret_manager_secret.r2_key_id.id : google_secret_manager_secret.r2_secret.id
+      member = local.accounts[pair[1]]
+    }
   }
   secret_id = each.value.secret
   role      = "roles/secretmanager.secretAccessor"
@@ -148,24 +176,23 @@ resource "google_pubsub_topic_iam_member" "dead_letter_publisher" {
   member = local.pubsub_agent
 }
 resource "google_pubsub_subscription_iam_member" "dead_letter_ack" {
-  for_each     = toset([google_pubsub_subscription.trigger.id, google_pubsub_subscription.gpu.id])
+  for_each     = { trigger = google_pubsub_subscription.trigger.id, gpu = google_pubsub_subscription.gpu.id }
   subscription = each.value
   role         = "roles/pubsub.subscriber"
   member       = local.pubsub_agent
 }
 
 resource "google_pubsub_topic_iam_member" "request_publishers" {
-  for_each = toset([google_service_account.dispatcher.email])
-  topic    = google_pubsub_topic.requests.id
-  role     = "roles/pubsub.publisher"
-  member   = "serviceAccount:${each.value}"
+  topic  = google_pubsub_topic.requests.id
+  role   = "roles/pubsub.publisher"
+  member = "serviceAccount:${google_service_account.dispatcher.email}"
 }
 resource "google_pubsub_topic_iam_member" "event_publishers" {
-  for_each = toset([google_service_account.job.email, google_service_account.gpu_runner.email,
-  google_service_account.dispatcher.email])
-  topic  = google_pubsub_topic.events.id
-  role   = "roles/pubsub.publisher"
-  member = "serviceAccount:${each.value}"
+  # runners publish progress and answers; the trigger answers pushes that can never be a request
+  for_each = { job = local.accounts.job, gpu_runner = local.accounts.gpu_runner, trigger = local.accounts.trigger }
+  topic    = google_pubsub_topic.events.id
+  role     = "roles/pubsub.publisher"
+  member   = "serviceAccount:${each.value}"
 }
 resource "google_pubsub_subscription_iam_member" "gpu_runner" {
   subscription = google_pubsub_subscription.gpu.id
@@ -175,6 +202,12 @@ resource "google_pubsub_subscription_iam_member" "gpu_runner" {
 
 # --- the job ----------------------------------------------------------------------------------------
 locals {
+  accounts = {
+    dispatcher = google_service_account.dispatcher.email
+    trigger    = google_service_account.trigger.email
+    job        = google_service_account.job.email
+    gpu_runner = google_service_account.gpu_runner.email
+  }
   common_env = {
     COVER_STORAGE     = "s3"
     COVER_S3_ENDPOINT = var.r2_endpoint
@@ -197,7 +230,8 @@ resource "google_cloud_run_v2_job" "cover" {
       containers {
         image = var.image
         resources {
-          limits = { cpu = "4", memory = "8Gi" }
+          # measured: peak 2.4 to 2.8 GB for 3.5- to 10-minute songs on 2 vCPUs (README, "Performance")
+          limits = { cpu = "2", memory = "4Gi" }
         }
         dynamic "env" {
           for_each = local.common_env
@@ -238,12 +272,12 @@ resource "google_cloud_run_v2_job_iam_member" "trigger_runs_job" {
   name     = google_cloud_run_v2_job.cover.name
   location = var.region
   role     = "roles/run.developer"
-  member   = "serviceAccount:${google_service_account.dispatcher.email}"
+  member   = "serviceAccount:${google_service_account.trigger.email}"
 }
-resource "google_service_account_iam_member" "dispatcher_acts_as_job" {
+resource "google_service_account_iam_member" "trigger_acts_as_job" {
   service_account_id = google_service_account.job.name
   role               = "roles/iam.serviceAccountUser"
-  member             = "serviceAccount:${google_service_account.dispatcher.email}"
+  member             = "serviceAccount:${google_service_account.trigger.email}"
 }
 
 # --- the functions ----------------------------------------------------------------------------------
@@ -264,7 +298,10 @@ resource "google_cloudfunctions2_function" "http" {
     service_account_email = google_service_account.dispatcher.email
     available_memory      = "1Gi"
     max_instance_count    = 20
-    environment_variables = local.common_env
+    # the 202 answers' status URLs: gen2 functions also answer at REGION-PROJECT.cloudfunctions.net/NAME
+    environment_variables = merge(local.common_env, {
+      COVER_PUBLIC_BASE_URL = "https://${var.region}-${var.project}.cloudfunctions.net/cover-api"
+    })
     secret_environment_variables {
       key        = "COVER_S3_ACCESS_KEY_ID"
       project_id = var.project
@@ -294,7 +331,7 @@ resource "google_cloudfunctions2_function" "trigger" {
     }
   }
   service_config {
-    service_account_email          = google_service_account.dispatcher.email
+    service_account_email          = google_service_account.trigger.email
     available_memory               = "512Mi"
     ingress_settings               = "ALLOW_INTERNAL_ONLY"
     all_traffic_on_latest_revision = true

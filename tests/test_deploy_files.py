@@ -90,3 +90,59 @@ def test_each_path_s_attempt_limit_is_the_platform_s():
     assert gpu["dead_letter_policy"][0]["max_delivery_attempts"] == "${var.gpu_max_delivery_attempts}"
     output = next(block['"gpu_runner_env"'] for block in tf["output"] if '"gpu_runner_env"' in block)
     assert output["value"]["COVER_MAX_ATTEMPTS"] == "${tostring(var.gpu_max_delivery_attempts)}"
+
+
+def test_terraform_keeps_remote_state_and_plans_on_a_new_project():
+    tf = _terraform()
+    block = tf["terraform"][0]
+    assert block["required_version"].strip('"').startswith(">=")
+    assert '"gcs"' in block["backend"][0]  # remote state: cloudbuild.yaml passes its bucket
+    build = (ROOT / "cloudbuild.yaml").read_text()
+    assert build.count("-backend-config=bucket=${_TF_STATE_BUCKET}") == 2  # bootstrap and deploy
+    text = (ROOT / "infra" / "main.tf").read_text()
+    # for_each keys must be known before apply: no set built from resource attributes
+    assert not re.search(r"toset\(\[[^\]]*google_", text)
+    assert {"pubsub.googleapis.com", "run.googleapis.com", "artifactregistry.googleapis.com"} <= set(
+        re.findall(r'"([a-z]+\.googleapis\.com)"', text)
+    )
+    assert "cover" in _resources(tf, "google_artifact_registry_repository")
+    assert "--build-arg=TORCH=cuda" in build.split("id: image-gpu", 1)[1].split("- id:", 1)[0]
+
+
+def test_each_identity_can_do_only_its_part():
+    """The public API only queues requests (and reads the bucket); only the trigger may run the
+    job; only runners write covers and progress."""
+    tf = _terraform()
+    functions = _resources(tf, "google_cloudfunctions2_function")
+    assert functions["http"]["service_config"][0]["service_account_email"].endswith("dispatcher.email}")
+    assert functions["trigger"]["service_config"][0]["service_account_email"].endswith("trigger.email}")
+    runs = _resources(tf, "google_cloud_run_v2_job_iam_member")
+    assert [r["member"] for r in runs.values()] == ['"serviceAccount:${google_service_account.trigger.email}"']
+    acts = _resources(tf, "google_service_account_iam_member")
+    assert all("trigger.email" in r["member"] for r in acts.values())
+    text = (ROOT / "infra" / "main.tf").read_text()
+    events = text.split('resource "google_pubsub_topic_iam_member" "event_publishers"', 1)[1].split("\n}", 1)[0]
+    assert "dispatcher" not in events and "local.accounts.job" in events
+    secrets = text.split('resource "google_secret_manager_secret_iam_member" "readers"', 1)[1].split("\n}", 1)[0]
+    assert '"trigger"' not in secrets  # the trigger never touches the bucket
+
+
+def test_every_setting_the_code_needs_in_production_is_set_where_it_runs():
+    tf = _terraform()
+    env = next(block for block in tf["locals"] if "common_env" in block)["common_env"]
+    common = set(env)
+    shared = {"COVER_STORAGE", "COVER_BUCKET", "COVER_S3_ENDPOINT", "COVER_PROJECT"}
+    assert shared <= common
+    functions = _resources(tf, "google_cloudfunctions2_function")
+    http = functions["http"]["service_config"][0]
+    assert "COVER_PUBLIC_BASE_URL" in http["environment_variables"] and "COVER_DEFAULT_RUNNER" in common
+    assert {s["key"].strip('"') for s in http["secret_environment_variables"]} == {
+        "COVER_S3_ACCESS_KEY_ID",
+        "COVER_S3_SECRET_ACCESS_KEY",
+    }
+    assert "COVER_CLOUD_RUN_JOB" in common  # the trigger's target
+    task = _resources(tf, "google_cloud_run_v2_job")["cover"]["template"][0]["template"][0]
+    names = {e["name"].strip('"') for e in task["containers"][0]["env"]}
+    assert {"COVER_S3_ACCESS_KEY_ID", "COVER_S3_SECRET_ACCESS_KEY", "COVER_MAX_ATTEMPTS"} <= names
+    limits = task["containers"][0]["resources"][0]["limits"]
+    assert limits == {"cpu": '"2"', "memory": '"4Gi"'}  # the measured 2.8 GB peak fits
