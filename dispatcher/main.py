@@ -257,18 +257,18 @@ def trigger(request: Request) -> Response:
         data = base64.b64decode(envelope.message.data, validate=True)
     except (ValidationError, ValueError):
         envelope, data = None, request.get_data()[:MAX_REQUEST_BYTES]
+    attributes, message_id = (envelope.message.attributes, envelope.message.message_id) if envelope else ({}, "")
+    who = request_identity(data, attributes, message_id)  # what every answer to this push names
     try:
         if envelope is None:
             raise CoverError(ErrorCode.OPTIONS_INVALID, "the push is not a Pub/Sub envelope with base64 data")
-        parse_request(data, envelope.message.attributes)
+        parse_request(data, attributes)
     except CoverError as error:  # it can never be processed: answer it, and acknowledge it
-        who = request_identity(data, *((envelope.message.attributes, envelope.message.message_id) if envelope else ()))
         failed = CoverFailed(
             **who.model_dump(), code=error.code, message=error.message, retryable=False, attempt=1, runner="trigger"
         )
         svc.bus.publish_event(FAILED, failed, None, event_id=answer_event_id("failed", None, who.request_id, data))
         return Response(status=204)
-    request_id = request_identity(data, envelope.message.attributes, envelope.message.message_id).request_id or ""
     from google.cloud import run_v2
 
     overrides_type = run_v2.RunJobRequest.Overrides
@@ -279,7 +279,7 @@ def trigger(request: Request) -> Response:
                 overrides_type.ContainerOverride(
                     env=[
                         run_v2.EnvVar(name="COVER_REQUEST", value=data.decode()),
-                        run_v2.EnvVar(name="COVER_REQUEST_ID", value=request_id),
+                        run_v2.EnvVar(name="COVER_REQUEST_ID", value=who.request_id or ""),
                     ]
                 )
             ]
