@@ -53,6 +53,7 @@ from shared.events import (
 )
 from shared.logs import fields, set_trace, setup_logging
 from shared.model_store import ModelStore
+from shared.routing import routed_to
 from shared.settings import Settings
 from shared.storage import Keys, Storage, make_storage
 
@@ -70,6 +71,7 @@ class Services:
         self.keys = Keys(settings.song_key_template)
         self.models = ModelStore(settings.models_dir, self.storage)
         self.jobs_client: Any = None
+        self._local_jobs: Any = None
 
     def jobs(self):
         if self.jobs_client is None:
@@ -77,6 +79,13 @@ class Services:
 
             self.jobs_client = run_v2.JobsClient()
         return self.jobs_client
+
+    def local_jobs(self):
+        if self._local_jobs is None:
+            from dispatcher.local_jobs import LocalJobs
+
+            self._local_jobs = LocalJobs(self.settings)
+        return self._local_jobs
 
 
 @lru_cache(maxsize=1)
@@ -240,6 +249,26 @@ def _verify_push(request: Request, settings: Settings) -> Response | None:
     return None
 
 
+def _run_job(svc: Services, overrides: dict[str, str]) -> str:
+    """One execution of the Cloud Run Job with ``overrides`` in its container's environment."""
+    from google.cloud import run_v2
+
+    overrides_type = run_v2.RunJobRequest.Overrides
+    job_request = run_v2.RunJobRequest(
+        name=svc.settings.cloud_run_job,
+        overrides=overrides_type(
+            container_overrides=[
+                overrides_type.ContainerOverride(
+                    env=[run_v2.EnvVar(name=name, value=value) for name, value in overrides.items()]
+                )
+            ]
+        ),
+    )
+    operation = svc.jobs().run_job(request=job_request)
+    metadata = getattr(operation, "metadata", None)
+    return str(getattr(metadata, "name", "") or svc.settings.cloud_run_job)
+
+
 @functions_framework.http
 def trigger(request: Request) -> Response:
     """Pub/Sub push of ``cover.requested`` -> one Cloud Run Job execution with the request in its env.
@@ -249,7 +278,8 @@ def trigger(request: Request) -> Response:
     with ``cover.failed`` here and acknowledged: no execution is spent on it.
     """
     svc = services()
-    refused = _verify_push(request, svc.settings)
+    settings = svc.settings
+    refused = _verify_push(request, settings)
     if refused is not None:
         return refused
     try:
@@ -258,6 +288,11 @@ def trigger(request: Request) -> Response:
     except (ValidationError, ValueError):
         envelope, data = None, request.get_data()[:MAX_REQUEST_BYTES]
     attributes, message_id = (envelope.message.attributes, envelope.message.message_id) if envelope else ({}, "")
+    if settings.serves and routed_to(attributes, settings.default_runner) != settings.serves:
+        log.info(  # only where the filter is not applied (the emulator): a GPU runner's request
+            "not routed here", extra=fields(event="request.not_routed_here", message_id=message_id)
+        )
+        return Response(status=204)
     who = request_identity(data, attributes, message_id)  # what every answer to this push names
     try:
         if envelope is None:
@@ -269,25 +304,15 @@ def trigger(request: Request) -> Response:
         )
         svc.bus.publish_event(FAILED, failed, None, event_id=answer_event_id("failed", None, who.request_id, data))
         return Response(status=204)
-    from google.cloud import run_v2
-
-    overrides_type = run_v2.RunJobRequest.Overrides
-    job_request = run_v2.RunJobRequest(
-        name=svc.settings.cloud_run_job,
-        overrides=overrides_type(
-            container_overrides=[
-                overrides_type.ContainerOverride(
-                    env=[
-                        run_v2.EnvVar(name="COVER_REQUEST", value=data.decode()),
-                        run_v2.EnvVar(name="COVER_REQUEST_ID", value=who.request_id or ""),
-                    ]
-                )
-            ]
-        ),
-    )
+    overrides = {"COVER_REQUEST": data.decode(), "COVER_REQUEST_ID": who.request_id or ""}
     try:
-        svc.jobs().run_job(request=job_request)
+        local = settings.job_launcher == "local"
+        execution = svc.local_jobs().launch(overrides) if local else _run_job(svc, overrides)
     except Exception as exc:  # noqa: BLE001 - any failure means: not accepted, let Pub/Sub retry
         log.warning("run_job failed", extra=fields(event="run_job.failed", error=str(exc)[:300]))
         return problem(503, ErrorCode.INTERNAL, f"the job execution was not accepted: {type(exc).__name__}")
+    log.info(
+        "job execution started",
+        extra=fields(event="execution.started", execution=execution, request_id=who.request_id),
+    )
     return Response(status=204)

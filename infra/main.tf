@@ -130,7 +130,10 @@ resource "google_pubsub_subscription" "trigger" {
   ack_deadline_seconds = 60
   push_config {
     push_endpoint = google_cloudfunctions2_function.trigger.service_config[0].uri
-    oidc_token { service_account_email = google_service_account.pusher.email }
+    oidc_token {
+      service_account_email = google_service_account.pusher.email
+      audience              = local.push_audience # the trigger accepts only this (COVER_PUSH_AUDIENCE)
+    }
   }
   retry_policy {
     minimum_backoff = "10s"
@@ -216,6 +219,9 @@ locals {
     COVER_CLOUD_RUN_JOB = "projects/${var.project}/locations/${var.region}/jobs/cover-job"
     COVER_DEFAULT_RUNNER = var.default_runner
   }
+  # what Pub/Sub's push token names and the trigger verifies: a fixed string, not the function's URI
+  # (the trigger's own environment cannot depend on the trigger)
+  push_audience = "https://${var.region}-${var.project}.cloudfunctions.net/cover-trigger"
 }
 
 resource "google_cloud_run_v2_job" "cover" {
@@ -335,7 +341,11 @@ resource "google_cloudfunctions2_function" "trigger" {
     available_memory               = "512Mi"
     ingress_settings               = "ALLOW_INTERNAL_ONLY"
     all_traffic_on_latest_revision = true
-    environment_variables          = local.common_env
+    environment_variables = merge(local.common_env, {
+      COVER_PUSH_AUDIENCE        = local.push_audience
+      COVER_PUSH_SERVICE_ACCOUNT = google_service_account.pusher.email
+      COVER_SERVES               = "cpu" # idle behind the filter; refuses a GPU request if it is ever changed
+    })
   }
 }
 
@@ -355,5 +365,7 @@ output "gpu_runner_env" {
     COVER_S3_ENDPOINT           = var.r2_endpoint
     COVER_REQUESTS_SUBSCRIPTION = google_pubsub_subscription.gpu.name
     COVER_MAX_ATTEMPTS          = tostring(var.gpu_max_delivery_attempts)
+    COVER_SERVES                = "gpu"
+    COVER_DEFAULT_RUNNER        = var.default_runner
   }
 }

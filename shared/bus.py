@@ -37,11 +37,29 @@ class EventBus:
         data: BaseModel,
         cover_id: str | None,
         event_id: str | None = None,
-        timeout_s: float = 30.0,
+        timeout_s: float | None = None,
     ) -> str:
+        """Publish and wait until Pub/Sub has it: a final answer (completed, failed) is retried
+        through an outage for up to ``publish_deadline_s`` (the client library retries UNAVAILABLE
+        with backoff meanwhile), then raises."""
         payload, attributes = to_message(event_type, data, subject=cover_id, event_id=event_id)
-        message_id = self.publisher.publish(self.topic(self.settings.events_topic), payload, **attributes).result(
-            timeout_s
-        )
+        future = self.publisher.publish(self.topic(self.settings.events_topic), payload, **attributes)
+        message_id = future.result(timeout_s or self.settings.publish_deadline_s)
         log.info("event published", extra=fields(event=event_type, cover_id=cover_id, message_id=message_id))
         return message_id
+
+    def publish_soon(self, event_type: str, data: BaseModel, cover_id: str | None) -> None:
+        """Publish without waiting (progress): the render never stalls on Pub/Sub; a progress event
+        that cannot be delivered is logged and dropped (the status object still has it)."""
+        payload, attributes = to_message(event_type, data, subject=cover_id)
+        future = self.publisher.publish(self.topic(self.settings.events_topic), payload, **attributes)
+
+        def done(outcome) -> None:
+            error = outcome.exception()
+            if error is not None:
+                log.warning(
+                    "event dropped",
+                    extra=fields(event="event.dropped", type=event_type, cover_id=cover_id, error=str(error)[:200]),
+                )
+
+        future.add_done_callback(done)

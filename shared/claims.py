@@ -32,6 +32,7 @@ class Claim:
         self.lease_s = lease_s
         self.token = uuid.uuid4().hex
         self.generation: int | None = None
+        self.held_until = 0.0  # after a refused acquire: when the holder's lease lapses (epoch s)
 
     def _generations(self) -> list[int]:
         prefix = f"claims/{self.cover_id}/"
@@ -51,6 +52,7 @@ class Claim:
             raw = self.storage.get_bytes(Keys.claim(self.cover_id, latest))
             held = json.loads(raw) if raw else {"expires_at": 0}
             if held["expires_at"] > time.time():
+                self.held_until = float(held["expires_at"])
                 return False
         generation = latest + 1
         if self.storage.put_bytes(

@@ -7,6 +7,7 @@ command line maps it to an exit status, the service puts it in ``cover.failed`` 
 
 from __future__ import annotations
 
+import errno
 from enum import Enum
 
 
@@ -29,6 +30,7 @@ class ErrorCode(str, Enum):
     MODEL_HASH_MISMATCH = "model.hash_mismatch"
     OPTIONS_INVALID = "options.invalid"
     TOOL_MISSING = "tool.missing"
+    WORK_NO_SPACE = "work.no_space"
     INTERNAL = "internal"
 
 
@@ -37,7 +39,9 @@ EXIT_BAD_INPUT = 3
 EXIT_BAD_MODEL = 4
 EXIT_INTERNAL = 5
 
-_RETRYABLE = {ErrorCode.INPUT_DOWNLOAD_FAILED, ErrorCode.INTERNAL}
+_RETRYABLE = {ErrorCode.INPUT_DOWNLOAD_FAILED, ErrorCode.INTERNAL, ErrorCode.WORK_NO_SPACE}
+
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 class CoverError(Exception):
@@ -59,3 +63,11 @@ class CoverError(Exception):
 
     def __str__(self) -> str:
         return f"{self.message} [{self.code.value}]"
+
+
+def no_space(exc: BaseException) -> CoverError | None:
+    """``work.no_space`` for a write the disk or a file-size limit refused (another attempt, on
+    another machine, may have room), else None."""
+    if isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS:
+        return CoverError(ErrorCode.WORK_NO_SPACE, f"the work folder is out of space: {exc.strerror}")
+    return None

@@ -7,11 +7,16 @@ without the attribute (a direct publisher that does not set it) goes to the depl
 runner. The dispatcher always sets it: the request's ``runner`` if given, else ``COVER_DEFAULT_RUNNER``.
 Claims stay, as the net for duplicate deliveries only.
 
+Every consumer can also check the route itself (``COVER_SERVES``, :func:`routed_to`): a message routed
+elsewhere is acknowledged unread. In production the filters make that check idle; the Pub/Sub emulator
+accepts filters but does not apply them, so the rehearsal stack (``make serve``) relies on it.
+
 ``infra/main.tf`` writes the same filters in HCL (a test checks they match these).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 ATTRIBUTE = "runner"
@@ -26,3 +31,10 @@ def subscription_filters(default: Runner) -> dict[Runner, str]:
         default: f'NOT attributes.{ATTRIBUTE} = "{other}"',  # its own, and every unmarked request
         other: f'attributes.{ATTRIBUTE} = "{other}"',
     }
+
+
+def routed_to(attributes: Mapping[str, str], default: Runner) -> Runner:
+    """The runner a message goes to: its ``runner`` attribute when it names one, else ``default``
+    (what the filters above select, written as code)."""
+    named = attributes.get(ATTRIBUTE)
+    return "gpu" if named == "gpu" else "cpu" if named == "cpu" else default

@@ -98,6 +98,29 @@ class Settings(BaseSettings):
     default_runner: Runner = Field(
         "cpu", description="The runner the dispatcher routes a request to when it names none (shared/routing.py)."
     )
+    serves: Runner | None = Field(
+        None,
+        description=(
+            "The routed requests this consumer (the trigger, a runner) takes; a message routed elsewhere is "
+            "acknowledged and logged (request.not_routed_here). Unset: no check, the subscription's filter routes."
+        ),
+    )
+    job_launcher: str = Field(
+        "cloud-run",
+        pattern="^(cloud-run|local)$",
+        description=(
+            "How the trigger starts a job execution: cloud-run (the Admin API) or local (a child process with "
+            "Cloud Run's task environment, retried up to job_max_retries: the rehearsal stack)."
+        ),
+    )
+    job_max_retries: int = Field(
+        3, ge=0, le=10, description="The local launcher's task retries (Cloud Run's max_retries)."
+    )
+    failpoint: str | None = Field(
+        None,
+        pattern="^after:[a-z]+$",
+        description="Tests only: 'after:STAGE' makes a worker kill itself (SIGKILL) right after reporting STAGE's end.",
+    )
     # the worker
     runner: str = Field("local", description="Name of this runner in events (e.g. 'cloud-run-cpu', 'gpu-1').")
     lease_s: float = Field(
@@ -112,9 +135,20 @@ class Settings(BaseSettings):
         10.0,
         ge=0,
         description=(
-            "Delay before a request another runner renders comes back (a runner hands it back at once; "
-            "a Cloud Run task waits this long, then exits for a retry)."
+            "How soon a request another runner renders is looked at again (a runner hands the message back for "
+            "this long; a Cloud Run task checks the holder's lease this often while it waits)."
         ),
+    )
+    busy_wait_max_s: float = Field(
+        3000.0,
+        ge=0,
+        description=(
+            "How long a Cloud Run task waits on a cover another runner holds (until that runner's lease lapses or "
+            "its cover is stored) before it exits for a retry."
+        ),
+    )
+    publish_deadline_s: float = Field(
+        300.0, gt=0, description="How long a final event (completed, failed) is retried while Pub/Sub is unreachable."
     )
     max_attempts: int = Field(
         5, ge=1, description="Retryable failures give up (cover.failed) after this many attempts."

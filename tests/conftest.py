@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from service_stack import emulator, s3, stack  # noqa: F401 - the service fixtures, for every module
 
 from job.devkit import demo
 from job.render.audio import MIX_SAMPLE_RATE, write_wav

@@ -141,6 +141,12 @@ def test_every_setting_the_code_needs_in_production_is_set_where_it_runs():
         "COVER_S3_SECRET_ACCESS_KEY",
     }
     assert "COVER_CLOUD_RUN_JOB" in common  # the trigger's target
+    trigger_env = functions["trigger"]["service_config"][0]["environment_variables"]
+    for name in ("COVER_PUSH_AUDIENCE", "COVER_PUSH_SERVICE_ACCOUNT", "COVER_SERVES"):
+        assert name in trigger_env, name  # the push token is checked, for the audience Pub/Sub is given
+    push = _resources(tf, "google_pubsub_subscription")["trigger"]["push_config"][0]["oidc_token"][0]
+    assert push["audience"] == "${local.push_audience}" and "local.push_audience" in trigger_env
+    assert push["service_account_email"].strip('"${}') == "google_service_account.pusher.email"
     task = _resources(tf, "google_cloud_run_v2_job")["cover"]["template"][0]["template"][0]
     names = {e["name"].strip('"') for e in task["containers"][0]["env"]}
     assert {"COVER_S3_ACCESS_KEY_ID", "COVER_S3_SECRET_ACCESS_KEY", "COVER_MAX_ATTEMPTS"} <= names

@@ -1,8 +1,9 @@
 """The local stack: the Pub/Sub emulator, storage, the dispatcher and a worker on this machine.
 
-``make serve`` (``python -m job.devkit.stack``) starts them all on 127.0.0.1 with the embedded local
-storage, puts the demo song in the catalog as ``songs/demo``, prints how to ``curl`` the API, and
-stops everything (each service's whole process group) on Ctrl-C. The tests use the same helpers to
+``make serve`` (``python -m job.devkit.stack``) starts the production topology on 127.0.0.1
+(:class:`Rehearsal`) with the configured storage (the embedded local folder by default), puts the
+demo song in the catalog as ``songs/demo``, prints how to reach everything, and stops everything
+(each service's whole process group) on Ctrl-C. The tests use the same helpers to
 start the emulator and moto's S3 server.
 """
 
@@ -82,88 +83,186 @@ def start_s3(log: Path) -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def create_topics(project: str, requests_topic: str, events_topic: str, worker_subscription: str) -> None:
-    from google.cloud import pubsub_v1  # type: ignore[attr-defined]  # namespace package, untyped
-
-    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
-    for topic in (requests_topic, events_topic):
-        publisher.create_topic(name=publisher.topic_path(project, topic))
-    subscriber.create_subscription(
-        name=subscriber.subscription_path(project, worker_subscription),
-        topic=publisher.topic_path(project, requests_topic),
-        ack_deadline_seconds=60,
-    )
-    subscriber.create_subscription(
-        name=subscriber.subscription_path(project, "catalog"), topic=publisher.topic_path(project, events_topic)
-    )
+CATALOG_FILTER = 'attributes.type = "cover.completed" OR attributes.type = "cover.failed"'
 
 
-def main() -> int:
+class Rehearsal:
+    """The production topology on loopback (the default of ``make serve``).
+
+    * the public API (``dispatcher/main.py`` ``http``) on ``port``;
+    * the push trigger (``trigger``) on ``trigger_port``, fed by the emulator's **push** subscription
+      ``{requests_topic}-cpu`` and starting each job execution as child processes with Cloud Run's task
+      environment, retried up to ``COVER_JOB_MAX_RETRIES`` (``dispatcher/local_jobs.py``);
+    * a GPU runner (``python -m job serve``; on the CPU when there is no GPU) pulling its own
+      subscription ``COVER_REQUESTS_SUBSCRIPTION``; restarted when it dies;
+    * a Catalog subscription ``{events_topic}-catalog`` filtered on completed and failed events.
+
+    The subscriptions carry the filters of ``shared/routing.py``. The emulator accepts filters but
+    does not apply them, so each consumer also checks the route (``COVER_SERVES``) and acknowledges
+    what is not its own: every request is rendered by exactly one of the two paths.
+    """
+
+    def __init__(self, settings, logs: Path, port: int, trigger_port: int, emulator: str | None = None) -> None:
+        from shared.routing import subscription_filters
+
+        self.settings = settings
+        self.logs = logs
+        self.port = port
+        self.trigger_port = trigger_port
+        self.emulator_host = emulator
+        self.filters = subscription_filters(settings.default_runner)
+        self.push_subscription = f"{settings.requests_topic}-cpu"
+        self.catalog_subscription = f"{settings.events_topic}-catalog"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.root = Path(__file__).resolve().parents[2]
+
+    def _env(self, **extra: str) -> dict[str, str]:
+        return {
+            **os.environ,
+            "PUBSUB_EMULATOR_HOST": str(self.emulator_host),
+            "PYTHONPATH": str(self.root),
+            "COVER_PUBLIC_BASE_URL": f"http://127.0.0.1:{self.port}",
+            **extra,
+        }
+
+    def _function(self, target: str, port: int, **env: str) -> subprocess.Popen:
+        framework = Path(sys.executable).parent / "functions-framework"
+        cmd = [str(framework), "--source", str(self.root / "dispatcher" / "main.py"), "--target", target]
+        return start([*cmd, "--host", "127.0.0.1", "--port", str(port)], self.logs / f"{target}.log", self._env(**env))
+
+    def _gpu_runner(self) -> subprocess.Popen:
+        env = self._env(COVER_SERVES="gpu", COVER_RUNNER=os.environ.get("COVER_RUNNER", "gpu-runner"))
+        return start([sys.executable, "-m", "job", "serve"], self.logs / "gpu-runner.log", env)
+
+    def _topology(self) -> None:
+        """The topics and subscriptions (kept when they exist: an emulator shared with other work)."""
+        from google.api_core.exceptions import AlreadyExists
+        from google.cloud import pubsub_v1  # type: ignore[attr-defined]  # namespace package, untyped
+
+        s = self.settings
+        publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+        requests_topic = publisher.topic_path(s.project, s.requests_topic)
+        events_topic = publisher.topic_path(s.project, s.events_topic)
+        for topic in (requests_topic, events_topic):
+            with contextlib.suppress(AlreadyExists):
+                publisher.create_topic(name=topic)
+        subscriptions = [
+            {
+                "name": subscriber.subscription_path(s.project, self.push_subscription),
+                "topic": requests_topic,
+                "ack_deadline_seconds": 60,
+                "filter": self.filters["cpu"],
+                "push_config": {"push_endpoint": f"http://127.0.0.1:{self.trigger_port}/"},
+            },
+            {
+                "name": subscriber.subscription_path(s.project, s.requests_subscription),
+                "topic": requests_topic,
+                "ack_deadline_seconds": 60,
+                "filter": self.filters["gpu"],
+            },
+            {
+                "name": subscriber.subscription_path(s.project, self.catalog_subscription),
+                "topic": events_topic,
+                "filter": CATALOG_FILTER,
+            },
+        ]
+        for subscription in subscriptions:
+            with contextlib.suppress(AlreadyExists):
+                subscriber.create_subscription(request=subscription)
+
+    def start(self) -> None:
+        if self.emulator_host is None:
+            self.procs["emulator"], self.emulator_host = start_pubsub_emulator(self.logs / "pubsub.log")
+        os.environ["PUBSUB_EMULATOR_HOST"] = self.emulator_host
+        self._topology()
+        self.procs["http"] = self._function("http", self.port)
+        self.procs["trigger"] = self._function(
+            "trigger",
+            self.trigger_port,
+            COVER_JOB_LAUNCHER="local",
+            COVER_SERVES="cpu",
+            COVER_RUNNER=os.environ.get("COVER_JOB_RUNNER", "cloud-run-job"),
+        )
+        self.procs["gpu-runner"] = self._gpu_runner()
+        wait_for_port(self.port, 60, self.procs["http"])
+        wait_for_port(self.trigger_port, 60, self.procs["trigger"])
+
+    def banner(self) -> str:
+        s = self.settings
+        return f"""
+melodia-cover is up, in the production topology (logs in {self.logs}):
+  API        http://127.0.0.1:{self.port}   (POST /cover, GET /covers/ID, GET /models, GET /openapi.json)
+  trigger    http://127.0.0.1:{self.trigger_port}   push subscription {self.push_subscription}: each request
+             routed to "cpu" runs as a job execution (python -m job run, Cloud Run's task env,
+             up to {s.job_max_retries} retries)
+  GPU runner python -m job serve on subscription {s.requests_subscription} (requests routed to "gpu")
+  Pub/Sub    PUBSUB_EMULATOR_HOST={self.emulator_host}, project {s.project}, topics {s.requests_topic} and
+             {s.events_topic}; the Catalog's subscription {self.catalog_subscription} ({CATALOG_FILTER})
+  default runner for requests that name none: {s.default_runner}
+
+  curl -s -X POST http://127.0.0.1:{self.port}/cover -H 'Content-Type: application/json' \\
+       -d '{{"song_id": "demo", "voice_model": "VOICE", "runner": "gpu"}}'
+  curl -s http://127.0.0.1:{self.port}/covers/COVER_ID
+  one request by hand, as a Cloud Run task:
+  PUBSUB_EMULATOR_HOST={self.emulator_host} COVER_STORAGE={s.storage} \\
+  COVER_REQUEST='{{"song_id": "demo", "voice_model": "VOICE"}}' python -m job run
+Ctrl-C stops everything."""
+
+    def watch(self, stopped) -> None:
+        """Until ``stopped()``: a GPU runner that dies is reported and started again; a function or the
+        emulator that dies ends the stack."""
+        while not stopped():
+            runner = self.procs["gpu-runner"]
+            if runner.poll() is not None:
+                print(f"the GPU runner exited with {runner.returncode}; starting it again", flush=True)
+                self.procs["gpu-runner"] = self._gpu_runner()
+            for name, proc in self.procs.items():
+                if name != "gpu-runner" and proc.poll() is not None:
+                    print(f"{name} exited with {proc.returncode}: stopping the stack", flush=True)
+                    return
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        for name in ("gpu-runner", "trigger", "http", "emulator"):
+            if name in self.procs:
+                stop(self.procs[name])
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
     import signal as signals
 
     from job.devkit import demo
     from shared.settings import Settings
-    from shared.storage import LocalStorage
+    from shared.storage import make_storage
 
+    parser = argparse.ArgumentParser(prog="python -m job.devkit.stack", description=Rehearsal.__doc__)
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")), help="the API's port")
+    parser.add_argument("--trigger-port", type=int, default=0, help="the push trigger's port (0: any free one)")
+    parser.add_argument("--emulator", help="use this running Pub/Sub emulator (HOST:PORT) instead of starting one")
+    args = parser.parse_args(argv)
     settings = Settings()
     logs = settings.work_dir / "stack-logs"
     logs.mkdir(parents=True, exist_ok=True)
     print("preparing demo models and song ...", flush=True)
     demo.write_models(settings.models_dir)
     song = demo.write_demo_song(settings.work_dir / "demo-song.wav")
-    LocalStorage(settings.storage_dir).upload_file("songs/demo", song, "audio/wav")
-    emulator, host = start_pubsub_emulator(logs / "pubsub.log")
-    os.environ["PUBSUB_EMULATOR_HOST"] = host
-    create_topics(settings.project, settings.requests_topic, settings.events_topic, settings.requests_subscription)
-    env = {**os.environ, "COVER_STORAGE": "local", "PUBSUB_EMULATOR_HOST": host}
-    port = int(os.environ.get("PORT", "8080"))
-    root = Path(__file__).resolve().parents[2]
-    dispatcher = start(
-        [
-            str(Path(sys.executable).parent / "functions-framework"),
-            "--source",
-            str(root / "dispatcher" / "main.py"),
-            "--target",
-            "http",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        logs / "dispatcher.log",
-        {**env, "PYTHONPATH": str(root)},
-    )
-    worker = start([sys.executable, "-m", "job", "serve"], logs / "worker.log", {**env, "COVER_RUNNER": "local-worker"})
-    procs = [worker, dispatcher, emulator]
+    make_storage(settings).upload_file("songs/demo", song, "audio/wav")
+    rehearsal = Rehearsal(settings, logs, args.port, args.trigger_port or free_port(), args.emulator)
+    stopped = False
+
+    def on_signal(*_):
+        nonlocal stopped
+        stopped = True
+
+    signals.signal(signals.SIGTERM, on_signal)
+    signals.signal(signals.SIGINT, on_signal)
     try:
-        wait_for_port(port, 60, dispatcher)
-        print(
-            f"""
-melodia-cover is up (logs in {logs}):
-  curl -s -X POST http://127.0.0.1:{port}/cover -H 'Content-Type: application/json' \\
-       -d '{{"song_id": "demo", "voice_model": "{demo.DEMO_VOICE}"}}'
-  curl -s http://127.0.0.1:{port}/covers/COVER_ID
-  curl -s http://127.0.0.1:{port}/models
-Pub/Sub emulator: PUBSUB_EMULATOR_HOST={host}, project {settings.project}, requests topic
-  {settings.requests_topic}, events topic {settings.events_topic}; one request by hand, as a Cloud Run task:
-  PUBSUB_EMULATOR_HOST={host} COVER_STORAGE=local \\
-  COVER_REQUEST='{{"song_id": "demo", "voice_model": "{demo.DEMO_VOICE}"}}' python -m job run
-covers land in {settings.storage_dir}/covers/; Ctrl-C stops everything.""",
-            flush=True,
-        )
-        stopped = False
-
-        def on_signal(*_):
-            nonlocal stopped
-            stopped = True
-
-        signals.signal(signals.SIGTERM, on_signal)
-        signals.signal(signals.SIGINT, on_signal)
-        while not stopped and all(p.poll() is None for p in procs):
-            time.sleep(0.5)
+        rehearsal.start()
+        print(rehearsal.banner().replace("VOICE", demo.DEMO_VOICE), flush=True)  # tests wait for its first line
+        rehearsal.watch(lambda: stopped)
     finally:
-        for proc in procs:
-            stop(proc)
+        rehearsal.stop()
     return 0
 
 

@@ -16,6 +16,7 @@ import json
 import re
 import resource
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -83,7 +84,10 @@ def run(args: list[str], verbose: bool = False) -> bytes:
     cmd = [*FFMPEG[:-2], "-v", "info", *args] if verbose else [*FFMPEG, *args]
     proc = _run(cmd)
     if proc.returncode != 0:
-        raise CoverError(ErrorCode.INTERNAL, f"ffmpeg failed: {proc.stderr.decode(errors='replace')[-600:]}")
+        text = proc.stderr.decode(errors="replace")
+        if proc.returncode == -signal.SIGXFSZ or "No space left on device" in text or "File too large" in text:
+            raise CoverError(ErrorCode.WORK_NO_SPACE, f"the work folder is out of space: {last_line(proc.stderr)}")
+        raise CoverError(ErrorCode.INTERNAL, f"ffmpeg failed: {text[-600:]}")
     return proc.stderr
 
 

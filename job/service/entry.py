@@ -5,7 +5,8 @@
   a Cloud Run Job execution gets it from the trigger's override or from
   ``gcloud run jobs execute cover-job --update-env-vars COVER_REQUEST='{...}'``. Exit status 0 when
   the request is finished (completed, or failed for good after publishing ``cover.failed``),
-  1 when a retry can help (Cloud Run retries the task).
+  1 when a retry can help (Cloud Run retries the task). While another runner holds the cover, the
+  task waits (up to ``COVER_BUSY_WAIT_MAX_S``) and takes over when that runner's lease lapses.
 * ``python -m job serve``: the GPU runner, a long-running streaming-pull subscriber on
   ``COVER_REQUESTS_SUBSCRIPTION``: up to ``COVER_IN_FLIGHT`` requests at once (the heavy stages
   take turns on the device), models kept loaded, lease extension by the client library while a
@@ -26,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from job.service.worker import Outcome, Worker
 from shared.errors import CoverError
 from shared.logs import fields, setup_logging
+from shared.routing import routed_to
 from shared.settings import Settings
 
 log = logging.getLogger("melodia.runner")
@@ -39,9 +41,16 @@ def run_once(settings: Settings) -> int:
     attempt = int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0")) + 1
     # the trigger passes the pushed message's ce-id (else its message id) as COVER_REQUEST_ID
     request_id = os.environ.get("COVER_REQUEST_ID", "")
-    outcome = Worker(settings).handle(raw.encode(), attempt, {"ce-id": request_id} if request_id else None)
-    if outcome is Outcome.BUSY:  # a task cannot hand its request back: wait, then let Cloud Run retry
-        time.sleep(settings.busy_retry_s)
+    worker = Worker(settings)
+    attributes = {"ce-id": request_id} if request_id else None
+    deadline = time.monotonic() + settings.busy_wait_max_s
+    while True:
+        outcome = worker.handle(raw.encode(), attempt, attributes)
+        if outcome is not Outcome.BUSY or time.monotonic() >= deadline:
+            break
+        # A task cannot hand its request back, and a busy round is not a failure: wait here while
+        # the holder renews its lease, and take over once it lapses (or answer from the stored cover)
+        time.sleep(max(0.2, min(settings.busy_retry_s, worker.busy_until - time.time() + 0.1)))
     return 0 if outcome is Outcome.ACK else 1
 
 
@@ -110,6 +119,13 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
 
     def callback(message) -> None:
         key = message.message_id
+        if settings.serves and routed_to(message.attributes, settings.default_runner) != settings.serves:
+            log.info(  # only where the filter is not applied (the emulator): not this runner's request
+                "not routed here",
+                extra=fields(event="request.not_routed_here", message_id=key, serves=settings.serves),
+            )
+            message.ack()
+            return
         with attempts_lock:
             attempts[key] = attempts.get(key, 0) + 1
             # busy rounds are not failures: they do not count against the retry budget
@@ -118,6 +134,8 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
         outcome = Outcome.RETRY
         try:
             outcome = worker.handle(message.data, attempt, dict(message.attributes), message.message_id)
+        except Exception:  # e.g. the answer could not be published: deliver it again
+            log.exception("request not answered", extra=fields(event="request.unanswered", message_id=key))
         finally:
             health.finished(outcome)
         if outcome is Outcome.ACK:

@@ -11,6 +11,8 @@ give the same ``cover.completed`` (same event id, same content).
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import Mapping
@@ -22,7 +24,7 @@ from job.render.timing import StageTimer
 from shared.bus import EventBus
 from shared.claims import Claim, keep_renewed
 from shared.covers import resolve, served
-from shared.errors import CoverError, ErrorCode
+from shared.errors import CoverError, ErrorCode, no_space
 from shared.events import (
     COMPLETED,
     FAILED,
@@ -71,6 +73,7 @@ class Worker:
         self._pipeline = pipeline
         self._models_synced = False
         self._lock = threading.Lock()  # requests in flight share the pipeline and the model store
+        self.busy_until = 0.0  # after a BUSY answer: when the holder's lease lapses unless renewed
 
     def prepare(self) -> None:
         """Sync the base models from the bucket (once per process), before the first request."""
@@ -157,6 +160,7 @@ class Worker:
                 voice = self.models.localise(info)  # the voice's files, synced from the bucket when they differ
             claim = Claim(self.storage, cid, self.settings.runner, self.settings.lease_s)
             if not claim.acquire():
+                self.busy_until = claim.held_until
                 log.info("another runner holds this cover", extra=fields(event="cover.busy", cover_id=cid))
                 return Outcome.BUSY
             completed = self._render_claimed(request, cid, voice, claim, identity.request_id)
@@ -165,20 +169,32 @@ class Worker:
             self._status(cid, "completed", completed=completed)
             self._publish_completed(completed, identity.request_id)
             return Outcome.ACK
-        except CoverError as error:
+        except Exception as exc:
+            error = exc if isinstance(exc, CoverError) else no_space(exc)
+            if error is None:
+                log.exception("render failed", extra=fields(event="cover.error", cover_id=cid))
+                error = CoverError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
             if claim is not None:
-                claim.release()
+                self._release(claim)
             if error.retryable and attempt < self.settings.max_attempts:
+                log.info(
+                    "retry later",
+                    extra=fields(event="cover.retry", cover_id=cid, code=error.code.value, attempt=attempt),
+                )
                 return Outcome.RETRY
             return self._fail(error, request, cid, attempt, data, identity)
-        except Exception as exc:
-            log.exception("render failed", extra=fields(event="cover.error", cover_id=cid))
-            if claim is not None:
-                claim.release()
-            if attempt < self.settings.max_attempts:
-                return Outcome.RETRY
-            internal = CoverError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-            return self._fail(internal, request, cid, attempt, data, identity)
+
+    @staticmethod
+    def _release(claim: Claim) -> None:
+        """Give the claim up; when the storage refuses (it may be what failed), the lease lapses by
+        itself within ``lease_s``."""
+        try:
+            claim.release()
+        except Exception as exc:  # noqa: BLE001 - the answer to the request matters more
+            log.warning(
+                "claim not released",
+                extra=fields(event="claim.release_failed", cover_id=claim.cover_id, error=str(exc)[:200]),
+            )
 
     def _render_claimed(
         self, request: CoverRequest, cid: str, voice: ResolvedVoice, claim: Claim, request_id: str | None
@@ -213,7 +229,7 @@ class Worker:
                 ended.add(stage)
             last["t"] = time.monotonic()
             overall = overall_progress(stage, fraction)
-            self.bus.publish_event(
+            self.bus.publish_soon(
                 PROGRESS,
                 CoverProgress(
                     cover_id=cid,
@@ -228,6 +244,11 @@ class Worker:
                 cid,
             )
             self._status(cid, "running", stage=stage, progress=round(fraction, 3), overall=overall)
+            if self.settings.failpoint == f"after:{stage}":  # tests: a crash at this stage boundary
+                log.warning(
+                    "failpoint: killing this process", extra=fields(event="failpoint", stage=stage, cover_id=cid)
+                )
+                os.kill(os.getpid(), signal.SIGKILL)
 
         progress("accepted", 0.0)
         options = request.options

@@ -1,0 +1,145 @@
+"""The rehearsal stack (``make serve``: ``python -m job.devkit.stack``) in the production topology,
+driven only through its documented interfaces: the API over HTTP, the topics, the bucket.
+
+The stack runs against this session's emulator and moto's S3 server, with topics and a bucket of the
+test's own. The kill is the one fault injected from outside: a job execution's task process,
+found by the pid the trigger logs for each attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from datetime import datetime
+
+import pytest
+import requests
+from service_stack import FAST, _check_against_bucket, of_type
+
+from job.devkit import demo
+from job.devkit.stack import free_port, start, stop
+from shared.events import COMPLETED, FAILED
+
+pytestmark = pytest.mark.slow
+
+
+def _log_lines(path) -> list[dict]:
+    lines = []
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        if line.startswith("{"):
+            try:
+                lines.append(json.loads(line))
+            except ValueError:
+                continue
+    return lines
+
+
+@pytest.fixture
+def rehearsal(stack, tmp_path):
+    port = free_port()
+    gpu_subscription = f"gpu-{uuid.uuid4().hex[:8]}"
+    env = {
+        **stack.env,
+        "COVER_REQUESTS_SUBSCRIPTION": gpu_subscription,
+        "COVER_WORK_DIR": str(tmp_path / "work"),
+        "COVER_LEASE_S": "10",
+        "COVER_BUSY_RETRY_S": "1",
+    }
+    log = tmp_path / "stack.out"
+    proc = start(
+        [sys.executable, "-m", "job.devkit.stack", "--port", str(port), "--emulator", env["PUBSUB_EMULATOR_HOST"]],
+        log,
+        env,
+    )
+    deadline = time.monotonic() + 240
+    while "melodia-cover is up" not in log.read_text() and time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.5)
+    banner = log.read_text()
+    assert "melodia-cover is up" in banner, banner[-3000:]
+    stack.catalog_sub = stack.subscriber.subscription_path(stack.project, f"{env['COVER_EVENTS_TOPIC']}-catalog")
+    assert stack.catalog_sub.rsplit("/", 1)[1] in banner and env["PUBSUB_EMULATOR_HOST"] in banner
+    yield proc, f"http://127.0.0.1:{port}", tmp_path / "work" / "stack-logs"
+    stop(proc)
+
+
+def _post(url: str, pitch: int, runner: str | None) -> dict:
+    body = {"song_id": "song-1", "voice_model": demo.DEMO_VOICE, "options": {**FAST, "pitch": pitch}}
+    answer = requests.post(f"{url}/cover", json={**body, **({"runner": runner} if runner else {})}, timeout=30)
+    assert answer.status_code == 202, answer.text
+    return answer.json()
+
+
+def test_each_request_takes_exactly_one_path_push_trigger_job_or_gpu_runner(stack, rehearsal):
+    proc, url, logs = rehearsal
+    paths = {"cpu": "cloud-run-job", "gpu": "gpu-runner"}
+    accepted = {runner or "default": _post(url, pitch, runner) for pitch, runner in ((0, "cpu"), (3, "gpu"), (5, None))}
+    events = stack.events(lambda got: len(of_type(got, COMPLETED)) >= 3, timeout=300)
+    events += stack.events(lambda got: False, timeout=5)  # nothing more: no request reached both paths
+    completed = {c["request_id"]: c for c in of_type(events, COMPLETED)}
+    assert len(of_type(events, COMPLETED)) == 3 and not of_type(events, FAILED)
+    for route, answer in accepted.items():
+        event = completed[answer["request_id"]]
+        assert event["cover_id"] == answer["cover_id"]
+        assert event["runner"] == paths["cpu" if route == "default" else route]  # the default runner is cpu
+        _check_against_bucket(stack, event)
+        claims = stack.s3.list_objects_v2(Bucket=stack.bucket, Prefix=f"claims/{answer['cover_id']}/")
+        assert claims["KeyCount"] == 1  # rendered once, by the path it was routed to
+        assert requests.get(answer["status_url"], timeout=30).json()["state"] == "completed"
+    # the emulator ignores filters: each path saw the other's requests and let them be
+    trigger = _log_lines(logs / "trigger.log")
+    assert sum(line.get("event") == "execution.started" for line in trigger) == 2
+    assert sum(line.get("event") == "request.not_routed_here" for line in trigger) == 1
+    runner = _log_lines(logs / "gpu-runner.log")
+    assert sum(line.get("event") == "request.not_routed_here" for line in runner) == 2
+    assert proc.poll() is None
+
+
+def test_a_killed_job_is_reported_and_its_retry_takes_over(stack, rehearsal):
+    """A task process killed in the middle of separation: the stack reports the failed attempt,
+    Cloud Run's retry (the local launcher's) takes the cover over once the lease lapses, and the
+    request completes once. Prints the time from the kill to the takeover's first progress event."""
+    proc, url, logs = rehearsal
+    answer = _post(url, 7, "cpu")
+    cid = answer["cover_id"]
+
+    def separating(got) -> bool:
+        return any(e["cover_id"] == cid and e["stage"] == "separate" for e in of_type(got, "cover.progress"))
+
+    events = stack.events(separating, timeout=240)
+    assert separating(events)
+    (attempt,) = [line for line in _log_lines(logs / "trigger.log") if line.get("event") == "execution.attempt"]
+    os.kill(attempt["pid"], signal.SIGKILL)
+    killed_at = time.time()
+
+    def taken_over(got) -> bool:
+        return any(
+            e["cover_id"] == cid and e["stage"] == "accepted" and _sent_at(e) > killed_at
+            for e in of_type(got, "cover.progress")
+        )
+
+    events = stack.events(lambda got: taken_over(got) and of_type(got, COMPLETED), timeout=300)
+    events += stack.events(lambda got: False, timeout=3)
+    takeover = min(
+        _sent_at(e) for e in of_type(events, "cover.progress") if e["stage"] == "accepted" and _sent_at(e) > killed_at
+    )
+    print(f"\ntakeover: first progress event of the retry {takeover - killed_at:.1f} s after the kill (lease 10 s)")
+    (completed,) = of_type(events, COMPLETED)
+    assert completed["request_id"] == answer["request_id"] and completed["runner"] == "cloud-run-job"
+    _check_against_bucket(stack, completed)
+    trigger = _log_lines(logs / "trigger.log")
+    failed = [line for line in trigger if line.get("event") == "execution.attempt_failed"]
+    assert [(f["attempt"], f["status"]) for f in failed] == [(0, -signal.SIGKILL)]  # reported
+    assert [line["attempt"] for line in trigger if line.get("event") == "execution.attempt"] == [0, 1]
+    assert any(line.get("event") == "execution.succeeded" for line in trigger)
+    assert takeover - killed_at < 10 + 30  # the lease, and a task's start
+    assert proc.poll() is None  # the stack lives on
+    assert requests.get(answer["status_url"], timeout=30).json()["state"] == "completed"
+
+
+def _sent_at(event: dict) -> float:
+    return datetime.fromisoformat(event["_attributes"]["ce-time"]).timestamp()
