@@ -76,6 +76,7 @@ resource "google_project_service" "apis" {
   disable_on_destroy = false
 }
 resource "google_artifact_registry_repository" "cover" {
+  # checkov:skip=CKV_GCP_84: images hold code and public dependencies only; Google-managed encryption
   repository_id = "cover"
   location      = var.region
   format        = "DOCKER"
@@ -118,9 +119,19 @@ resource "google_secret_manager_secret_iam_member" "readers" {
 }
 
 # --- topics and subscriptions -----------------------------------------------------------------------
-resource "google_pubsub_topic" "requests" { name = "cover-requests" }
-resource "google_pubsub_topic" "events" { name = "cover-events" }
-resource "google_pubsub_topic" "dead_letter" { name = "cover-requests-dead-letter" }
+# checkov's CKV_GCP_83 (customer-supplied keys on topics) is skipped on each topic: Google-managed encryption: these hold no user data beyond song ids and cover metadata, and a customer key would add a KMS key ring, its rotation and its IAM to a two-person team's deployment.
+resource "google_pubsub_topic" "requests" {
+  # checkov:skip=CKV_GCP_83: Google-managed encryption (see above)
+  name = "cover-requests"
+}
+resource "google_pubsub_topic" "events" {
+  # checkov:skip=CKV_GCP_83: Google-managed encryption (see above)
+  name = "cover-events"
+}
+resource "google_pubsub_topic" "dead_letter" {
+  # checkov:skip=CKV_GCP_83: Google-managed encryption (see above)
+  name = "cover-requests-dead-letter"
+}
 
 # CPU path: push each request to the trigger, which starts a Cloud Run Job execution.
 resource "google_pubsub_subscription" "trigger" {
@@ -288,6 +299,7 @@ resource "google_service_account_iam_member" "trigger_acts_as_job" {
 
 # --- the functions ----------------------------------------------------------------------------------
 resource "google_cloudfunctions2_function" "http" {
+  # checkov:skip=CKV_GCP_124: this is the public API the Catalog calls from outside Google Cloud; the trigger is internal-only
   name     = "cover-api"
   location = var.region
   build_config {
