@@ -129,7 +129,7 @@ def test_a_killed_job_is_reported_and_its_retry_takes_over(stack, rehearsal):
     takeover = min(
         _sent_at(e) for e in of_type(events, "cover.progress") if e["stage"] == "accepted" and _sent_at(e) > killed_at
     )
-    print(f"\ntakeover: the retry's first progress event {takeover - killed_at:.1f} s after the kill (lease {LEASE_S:g} s)")
+    print(f"\ntakeover: the retry's first progress {takeover - killed_at:.1f} s after the kill (lease {LEASE_S:g} s)")
     (completed,) = of_type(events, COMPLETED)
     assert completed["request_id"] == answer["request_id"] and completed["runner"] == "cloud-run-job"
     _check_against_bucket(stack, completed)
