@@ -136,8 +136,10 @@ def _submit(request: Request) -> Response:
         return problem(_STATUS_FOR.get(error.code, 400), error.code, error.message)
     manifest = svc.storage.get_bytes(Keys.manifest(cid))
     status_url = f"{svc.settings.public_base_url.rstrip('/')}/covers/{cid}"
-    if manifest is not None:
-        completed = served(CoverCompleted.model_validate_json(manifest), svc.storage)
+    stored = CoverCompleted.model_validate_json(manifest) if manifest is not None else None
+    gated = svc.settings.quality == "gate" and not routed.publish_below_gate
+    if stored is not None and not (gated and stored.quality is not None and not stored.quality.passed):
+        completed = served(stored, svc.storage)
         completed = completed.model_copy(update={"request_id": routed.request_id})
         return _model(
             Accepted(

@@ -31,6 +31,7 @@ class ErrorCode(str, Enum):
     OPTIONS_INVALID = "options.invalid"
     TOOL_MISSING = "tool.missing"
     WORK_NO_SPACE = "work.no_space"
+    QUALITY_GATE = "quality.gate"
     INTERNAL = "internal"
 
 
@@ -38,6 +39,7 @@ class ErrorCode(str, Enum):
 EXIT_BAD_INPUT = 3
 EXIT_BAD_MODEL = 4
 EXIT_INTERNAL = 5
+EXIT_QUALITY_GATE = 6
 
 _RETRYABLE = {ErrorCode.INPUT_DOWNLOAD_FAILED, ErrorCode.INTERNAL, ErrorCode.WORK_NO_SPACE}
 
@@ -59,6 +61,8 @@ class CoverError(Exception):
             return EXIT_BAD_INPUT
         if self.code.value.startswith("model."):
             return EXIT_BAD_MODEL
+        if self.code is ErrorCode.QUALITY_GATE:
+            return EXIT_QUALITY_GATE
         return EXIT_INTERNAL
 
     def __str__(self) -> str:
@@ -71,3 +75,11 @@ def no_space(exc: BaseException) -> CoverError | None:
     if isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS:
         return CoverError(ErrorCode.WORK_NO_SPACE, f"the work folder is out of space: {exc.strerror}")
     return None
+
+
+class QualityGateError(CoverError):
+    """A cover whose scores stay below the gate: not published (``quality.gate``), the scores kept."""
+
+    def __init__(self, message: str, report: object) -> None:
+        super().__init__(ErrorCode.QUALITY_GATE, message, retryable=False)
+        self.report = report

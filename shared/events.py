@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from shared.errors import CoverError, ErrorCode
 from shared.names import REQUEST_ID_PATTERN, SONG_ID_MAX_LENGTH, SONG_ID_PATTERN, VOICE_NAME_PATTERN, printable
 from shared.options import OutputFormat, RequestOptions
+from shared.quality import QualityReport
 from shared.routing import ATTRIBUTE, Runner
 
 SOURCE = "//melodia-cover"
@@ -57,6 +58,11 @@ class CoverRequest(BaseModel):
         description="The caller's id for this request, echoed in every event that answers it. Unset: "
         "the dispatcher assigns one; a directly published message's ce-id (else its Pub/Sub message "
         "id) stands in.",
+    )
+    publish_below_gate: bool = Field(
+        False,
+        description="Publish the cover even when its quality scores stay below the gate's thresholds "
+        "(otherwise it ends as cover.failed with code quality.gate and the scores); it does not change the cover.",
     )
 
 
@@ -126,6 +132,9 @@ class CoverCompleted(BaseModel):
     stems_cached: bool
     runner: str
     completed_at: datetime
+    quality: QualityReport | None = Field(
+        None, description="The cover's measured quality (README, 'Quality'); absent when not measured."
+    )
 
 
 class CoverFailed(BaseModel):
@@ -138,6 +147,7 @@ class CoverFailed(BaseModel):
     retryable: bool
     attempt: int = Field(ge=1)
     runner: str
+    quality: QualityReport | None = Field(None, description="The scores, for code quality.gate.")
 
 
 class CoverStatus(BaseModel):

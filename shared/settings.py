@@ -64,6 +64,14 @@ class Settings(BaseSettings):
         1, ge=1, le=8, description="Heavy stages (separate, convert) allowed on the device at once, across requests."
     )
     health_interval_s: float = Field(60.0, gt=0, description="A runner logs a health line this often.")
+    quality: str = Field(
+        "gate",
+        pattern="^(gate|measure|off)$",
+        description=(
+            "The quality stage: gate (measure, and fail a cover below the thresholds with quality.gate unless "
+            "the request sets publish_below_gate), measure (report only), off."
+        ),
+    )
     allow_hub_download: bool = Field(
         False, description="Let Demucs fetch a named model from its public repo if not in the store."
     )

@@ -42,6 +42,11 @@ class VoiceInfo(BaseModel):
     consent: str = Field("", description="Who consented to this voice being modelled, and how.")
     untrained_demo: bool = Field(False, description="True for the random-weight demo voice.")
     speakers: int = Field(1, ge=1, le=1024, description="How many speakers the model was trained on.")
+    reference_embedding: list[float] | None = Field(
+        None,
+        description="The voice's speaker embedding (Resemblyzer, 256 values), computed when it was added; the "
+        "quality stage compares each cover's vocals with it.",
+    )
     files: dict[FileName, FileDigest] = Field(
         description="Every file of the voice (base names only) and its digest; synced files are checked against it."
     )

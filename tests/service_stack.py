@@ -79,6 +79,7 @@ class Stack:
             "COVER_WORK_DIR": str(tmp / "work"),
             "COVER_BUSY_RETRY_S": "1",
             "COVER_LOG_LEVEL": "INFO",
+            "COVER_QUALITY": "off",  # random-weight voices; the quality stage and its gate have tests of their own
         }
         self.procs: list[subprocess.Popen] = []
         self.url = ""

@@ -22,7 +22,10 @@ def test_make_renders_a_cover_and_reports_timings(env, song, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert set(report["timings"]) == {"fetch", "separate", "convert", "mix"}
+    assert set(report["timings"]) == {"fetch", "separate", "convert", "quality", "mix"}
+    quality = report["quality"]  # random weights: the numbers mean nothing, their presence does
+    assert len(quality["segments"]) == 1 and quality["mix"]["clipped_share"] == 0.0
+    assert quality["whole"]["melody"]["unvoiced_share"] is not None and report["gate"] == "published"
     audio, _ = decode(out, 44100, 2)
     assert abs(audio.shape[1] - 6 * 44100) <= 1152  # within one mp3 frame of the song
     assert measure_loudness(out)[0] == pytest.approx(-14.0, abs=0.5)

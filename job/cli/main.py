@@ -1,8 +1,9 @@
 """The ``cover`` command line.
 
 Exit statuses: 0 success; 2 usage error; 3 bad input (song, voice name, options);
-4 a model is missing, corrupt, unsafe or mismatched; 5 internal error. With ``--json`` the
-result (or ``{"error": {...}}``) is printed as one JSON object on standard output.
+4 a model is missing, corrupt, unsafe or mismatched; 5 internal error; 6 the cover is below the
+quality gate (``COVER_QUALITY=gate``, the default; the file is kept, ``--publish-below-gate``
+accepts it). With ``--json`` the result (or ``{"error": {...}}``) is printed as one JSON object on standard output.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from job.cli.flags import HelpFormatter, add_model_flags, model_from_args
-from shared.errors import EXIT_INTERNAL, CoverError, ErrorCode
+from shared.errors import EXIT_INTERNAL, EXIT_QUALITY_GATE, CoverError, ErrorCode
 from shared.logs import setup_logging
 from shared.model_store import ModelStore
 from shared.names import printable
 from shared.options import ConversionOptions, MixOptions, OutputFormat, SeparationOptions, format_for
+from shared.quality import QualityReport, summary
 from shared.settings import Settings
+from shared.voices import VOICE_FILE, VoiceInfo
 
 if TYPE_CHECKING:
     from job.render.pipeline import CoverOptions, Pipeline
@@ -134,6 +137,8 @@ def cmd_make(args: argparse.Namespace) -> int:
             "true_peak_dbtp": result.mix.true_peak_dbtp,
             "pitch_shift": result.conversion.pitch_shift,
             "parts": result.conversion.parts.model_dump(),
+            "quality": result.quality.model_dump(mode="json") if result.quality else None,
+            "gate": "refused" if gated(settings, result.quality) and not args.publish_below_gate else "published",
         },
         lambda: _print_summary(
             "cover",
@@ -144,10 +149,28 @@ def cmd_make(args: argparse.Namespace) -> int:
                 _stems_line(result.stems_cached),
                 f"{result.mix.duration_s:.1f} s, {result.mix.loudness_lufs:.1f} LUFS, "
                 f"true peak {result.mix.true_peak_dbtp:.1f} dBTP",
+                *_quality_lines(result.quality),
             ],
         ),
     )
+    if gated(settings, result.quality) and not args.publish_below_gate:
+        print(
+            f"cover: the cover is below the quality gate; it is kept at {result.output} "
+            f"(--publish-below-gate accepts it) [{ErrorCode.QUALITY_GATE.value}]",
+            file=sys.stderr,
+        )
+        return EXIT_QUALITY_GATE
     return 0
+
+
+def gated(settings: Settings, quality: QualityReport | None) -> bool:
+    return settings.quality == "gate" and quality is not None and not quality.passed
+
+
+def _quality_lines(quality: QualityReport | None) -> list[str]:
+    if quality is None:
+        return ["quality not measured (COVER_QUALITY=off)"]
+    return [f"quality: {summary(quality)}", f"  measured in {quality.measured_s:.1f} s"]
 
 
 def cmd_separate(args: argparse.Namespace) -> int:
@@ -236,7 +259,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     timings = {"prepare": prepare, **result.timings}
     _emit(
         args,
-        {"output": str(out), "song": str(song), "timings": timings, "stems_cached": result.stems_cached},
+        {
+            "output": str(out),
+            "song": str(song),
+            "timings": timings,
+            "stems_cached": result.stems_cached,
+            "quality": result.quality.model_dump(mode="json") if result.quality else None,
+        },
         lambda: _print_summary(
             "demo cover",
             out,
@@ -245,6 +274,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 f"song {song} ({result.song.duration_s:.0f} s)",
                 _stems_line(result.stems_cached),
                 "the demo voice is untrained (random weights): expect noise, not singing",
+                *_quality_lines(result.quality),
+                *(
+                    ["below the quality gate, as an untrained voice must be: written anyway (the demo accepts it)"]
+                    if result.quality is not None and not result.quality.passed
+                    else []
+                ),
             ],
         ),
     )
@@ -274,16 +309,39 @@ def cmd_models_add(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     policy = UrlPolicy.from_settings(settings, MAX_VOICE_BYTES)
-    info = add_voice(ModelStore(settings.models_dir), args.source, args.name, args.replace, policy=policy)
+    store = ModelStore(settings.models_dir)
+    info = add_voice(store, args.source, args.name, args.replace, policy=policy)
+    info, note = _add_reference(args, settings, info)
     _emit(
         args,
         info.model_dump(mode="json"),
         lambda: print(
             f"added voice {info.name} ({info.rvc_version}, {info.sample_rate} Hz, "
-            f"{'with' if info.has_index else 'no'} index)"
+            f"{'with' if info.has_index else 'no'} index); {note}"
         ),
     )
     return 0
+
+
+def _add_reference(args: argparse.Namespace, settings: Settings, info: VoiceInfo) -> tuple[VoiceInfo, str]:
+    """The voice's reference embedding, into its voice.json: of ``--clips`` (its training audio) when
+    given, else of the reference phrase it sings; later, when the base models are not installed yet."""
+    from job.render.audio import decode
+    from job.render.quality import RATE, reference_embedding
+
+    pipeline = _pipeline(args, settings)
+    try:
+        voice = pipeline.store.voice(info.name)
+        clips = [decode(Path(clip), RATE, 1)[0][0] for clip in args.clips or []]
+        embedding = reference_embedding(pipeline.converter, voice, pipeline.meter, clips)
+    except CoverError as error:
+        if error.code is not ErrorCode.MODEL_MISSING:
+            raise
+        return info, "reference embedding: at its first cover (the base models are not installed yet)"
+    info = info.model_copy(update={"reference_embedding": embedding})
+    (pipeline.store.voice_folder(info.name) / VOICE_FILE).write_text(info.model_dump_json(indent=2))
+    source = f"{len(args.clips)} training clips" if args.clips else "the reference phrase"
+    return info, f"reference embedding from {source}"
 
 
 def cmd_models_verify(args: argparse.Namespace) -> int:
@@ -372,6 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[f.value for f in OutputFormat],
         help="output format (default: from the output's extension, else mp3)",
     )
+    p.add_argument(
+        "--publish-below-gate",
+        action="store_true",
+        help="exit 0 even when the cover's quality scores are below the gate (the file is written either way)",
+    )
     p.set_defaults(func=cmd_make)
 
     p = sub.add_parser(
@@ -411,6 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="a .pth, a folder or a .zip, as a path or an http(s) URL")
     p.add_argument("--name", help="the voice's name (default: from the file name)")
     p.add_argument("--replace", action="store_true", help="replace a voice of the same name")
+    p.add_argument(
+        "--clips",
+        nargs="+",
+        metavar="AUDIO",
+        help="the voice's training audio, for its reference embedding (default: the phrase it sings)",
+    )
     p.set_defaults(func=cmd_models_add)
     p = models.add_parser("verify", parents=[common], help="check hashes and loadability")
     p.add_argument("names", nargs="*", help="voices to check (default: all)")

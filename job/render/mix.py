@@ -26,8 +26,10 @@ from job.render import ffmpeg
 from job.render.audio import MIX_SAMPLE_RATE, decode, read_wav, write_wav
 from job.render.limiter import limiter_gain
 from job.render.loudness import integrated_lufs, peak_envelope
+from job.render.quality import mix_scores
 from shared.errors import CoverError, ErrorCode
 from shared.options import FORMATS, MixOptions, OutputFormat
+from shared.quality import MixScores
 
 LOUDNESS_TOLERANCE_LU = 0.3  # the gain is corrected when the limited mix misses the target by more
 TRUE_PEAK_MARGIN_DB = 0.5  # the limiter's ceiling sits this far below the true-peak target
@@ -43,6 +45,7 @@ class MixResult(BaseModel):
     loudness_lufs: float
     true_peak_dbtp: float
     normalisation: str  # "linear" (gain only) or "limited" (the true-peak limiter engaged)
+    scores: MixScores | None = None  # clipping and silence of what was encoded, with loudness and peak
 
 
 def _stereo(audio: np.ndarray) -> np.ndarray:
@@ -128,7 +131,10 @@ def mix(
         result = audio * gains
         return result, integrated_lufs(result, MIX_SAMPLE_RATE), _db(float((envelope * gains).max()))
 
+    encoded: list[np.ndarray] = []
+
     def encode(result: np.ndarray) -> None:
+        encoded[:] = [result]
         write_wav(wav, result, MIX_SAMPLE_RATE)
         ffmpeg.run([*ffmpeg.input_args(wav), *out_args, "-y", str(tmp)])
 
@@ -170,6 +176,7 @@ def mix(
         loudness_lufs=loudness,
         true_peak_dbtp=peak,
         normalisation="limited" if limited else "linear",
+        scores=mix_scores(encoded[0], MIX_SAMPLE_RATE, loudness, peak),
     )
 
 

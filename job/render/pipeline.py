@@ -18,16 +18,18 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from job.render.audio import MIX_SAMPLE_RATE
+from job.render.audio import MIX_SAMPLE_RATE, read_wav
 from job.render.convert import ConversionOptions, ConvertedVocals, VoiceConverter, convert_vocals
 from job.render.download import UrlPolicy
 from job.render.fetch import SongAudio, fetch
 from job.render.mix import MixResult, mix
+from job.render.quality import QualityMeter, reference_embedding
 from job.render.separate import Separator
 from job.render.stems import StemCache, Stems
 from job.render.timing import StageTimer
 from shared.model_store import ModelStore, ResolvedVoice
 from shared.options import MixOptions, SeparationOptions
+from shared.quality import QualityReport
 from shared.settings import Settings
 
 STAGES = ("fetch", "separate", "convert", "mix")
@@ -43,6 +45,7 @@ class CoverOptions(BaseModel):
 
 class CoverResult(BaseModel):
     output: Path
+    quality: QualityReport | None = None
     voice: str
     song: SongAudio
     mix: MixResult
@@ -70,6 +73,8 @@ class Pipeline:
             batch=settings.convert_batch,
         )
         self._separators: dict[str, Separator] = {}
+        self._meter: QualityMeter | None = None
+        self._references: dict[tuple[str, str], list[float] | None] = {}
         # Several requests may render at once (a runner's ``in_flight``); the heavy stages take
         # turns on the device, ``heavy_slots`` at a time, while the others fetch, mix and upload.
         self.heavy = threading.BoundedSemaphore(settings.heavy_slots)
@@ -90,6 +95,31 @@ class Pipeline:
             if timer is not None and waited > WAIT_NOTED_S:
                 timer.timings["device_wait"] = timer.timings.get("device_wait", 0.0) + waited
             yield
+
+    # --- quality -------------------------------------------------------------------------------
+    @property
+    def meter(self) -> QualityMeter:
+        with self._loading:
+            if self._meter is None:
+                self._meter = QualityMeter(str(self.converter.device))
+            return self._meter
+
+    def reference(self, voice: ResolvedVoice) -> list[float] | None:
+        """The voice's reference embedding: from voice.json, else from the reference phrase it
+        sings here (computed once per process and voice version)."""
+        if voice.info.reference_embedding:
+            return voice.info.reference_embedding
+        key = (voice.name, voice.info.model_version)
+        if key not in self._references:
+            self._references[key] = reference_embedding(self.converter, voice, self.meter)
+        return self._references[key]
+
+    def measure(self, vocals: Path, converted: ConvertedVocals, voice: ResolvedVoice) -> QualityReport:
+        source, source_rate = read_wav(vocals, mmap=True)
+        output, output_rate = read_wav(converted.path, mmap=True)
+        return self.meter.conversion(
+            source, source_rate, output, output_rate, converted.pitch_shift, self.reference(voice)
+        )
 
     def _separator(self, key: str, options: SeparationOptions) -> Separator:
         if key not in self._separators:
@@ -174,6 +204,10 @@ class Pipeline:
                 converted = self.convert(
                     stems.vocals, voice, work / "converted.wav", options.conversion, lambda f: report("convert", f)
                 )
+            quality = None
+            if self.settings.quality != "off":
+                with timer("quality"):
+                    quality = self.measure(stems.vocals, converted, voice)
             with timer("mix"):
                 mixed = mix(
                     stems.no_vocals,
@@ -184,8 +218,11 @@ class Pipeline:
                     title=title or f"{Path(str(song)).stem} ({voice.info.display_name} cover)",
                 )
             report("mix", 1.0)
+        if quality is not None:
+            quality.mix = mixed.scores
         return CoverResult(
             output=Path(out),
+            quality=quality,
             voice=voice.name,
             song=fetched,
             mix=mixed,

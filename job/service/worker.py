@@ -24,7 +24,7 @@ from job.render.timing import StageTimer
 from shared.bus import EventBus
 from shared.claims import Claim, keep_renewed
 from shared.covers import resolve, served
-from shared.errors import CoverError, ErrorCode, no_space
+from shared.errors import CoverError, ErrorCode, QualityGateError, no_space
 from shared.events import (
     COMPLETED,
     FAILED,
@@ -45,6 +45,7 @@ from shared.hashing import sha256_of
 from shared.logs import fields
 from shared.model_store import ModelStore, ResolvedVoice
 from shared.options import FORMATS, ConversionOptions, MixOptions
+from shared.quality import QualityReport, summary
 from shared.settings import Settings
 from shared.storage import Keys, Storage, make_storage
 
@@ -113,6 +114,7 @@ class Worker:
             retryable=error.retryable,
             attempt=attempt,
             runner=self.settings.runner,
+            quality=getattr(error, "report", None),
         )
         self.bus.publish_event(FAILED, failed, cid, event_id=answer_event_id("failed", cid, identity.request_id, data))
         if cid:
@@ -153,7 +155,9 @@ class Worker:
             cid, info = resolve(self.storage, self.keys, self.models, request)
             existing = self.storage.get_bytes(Keys.manifest(cid))
             if existing is not None:
-                self._publish_completed(CoverCompleted.model_validate_json(existing), identity.request_id)
+                stored = CoverCompleted.model_validate_json(existing)
+                self._gate(stored.quality, request)  # published for another request that accepted it
+                self._publish_completed(stored, identity.request_id)
                 return Outcome.ACK
             self.prepare()
             with self._lock:
@@ -183,6 +187,12 @@ class Worker:
                 )
                 return Outcome.RETRY
             return self._fail(error, request, cid, attempt, data, identity)
+
+    def _gate(self, quality: QualityReport | None, request: CoverRequest) -> None:
+        """Refuse a cover below the quality gate unless the request accepts it (quality.gate)."""
+        if self.settings.quality != "gate" or quality is None or quality.passed or request.publish_below_gate:
+            return
+        raise QualityGateError(f"the cover is below the quality gate: {summary(quality)}", quality)
 
     @staticmethod
     def _release(claim: Claim) -> None:
@@ -270,6 +280,7 @@ class Worker:
                 progress,
                 title=f"{request.song_id} ({voice.info.display_name} cover)",
             )
+            self._gate(result.quality, request)  # before anything is stored: a refused cover is never visible
             key = Keys.cover(cid, spec.extension)
             with timer("upload"):
                 digest = sha256_of(result.output)
@@ -296,4 +307,5 @@ class Worker:
             stems_cached=result.stems_cached,
             runner=self.settings.runner,
             completed_at=now(),
+            quality=result.quality,
         )

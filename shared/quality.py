@@ -1,0 +1,105 @@
+"""What a cover's quality report says, the thresholds it is held to, and the gate (torch-free: the
+events, the API and the command line share it). The measures themselves are job/render/quality.py.
+
+Thresholds. Published objective scores for a trained RVC v2 48 kHz voice on singing are about F0
+correlation 0.94, F0 RMSE 30 cents, speaker similarity 0.73 (Resemblyzer) and DNSMOS OVRL 3.1. A cover
+fails the gate when, over the whole song, it falls clearly below that: F0 correlation under 0.80, F0
+RMSE over 100 cents (a semitone), more than 10 % of the frames voiced in both an octave off, more than
+30 % of the singer's voiced frames unvoiced in the cover, speaker similarity to the voice's reference
+under 0.60, or DNSMOS OVRL under 2.5. The margins below the published figures are our choice: no
+trained voice can be had here to calibrate them (README, "Quality").
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class Thresholds(BaseModel):
+    f0_correlation_min: float = 0.80
+    f0_rmse_cents_max: float = 100.0
+    octave_error_share_max: float = 0.10
+    unvoiced_share_max: float = 0.30
+    speaker_similarity_min: float = 0.60
+    dnsmos_ovrl_min: float = 2.5
+
+
+THRESHOLDS = Thresholds()
+
+
+class Melody(BaseModel):
+    """The converted vocals' pitch against the separated vocals' (shifted by the request's pitch), on
+    frames a real pitch model (torchcrepe tiny) finds voiced."""
+
+    voiced_frames: int = Field(description="frames voiced in both")
+    f0_correlation: float | None = Field(None, description="correlation of log F0 on frames voiced in both")
+    f0_rmse_cents: float | None = Field(None, description="RMS pitch difference, cents, frames voiced in both")
+    octave_error_share: float | None = Field(None, description="share of those frames 900 to 1500 cents off")
+    unvoiced_share: float | None = Field(None, description="share of the source's voiced frames unvoiced in the cover")
+
+
+class Dnsmos(BaseModel):
+    sig: float
+    bak: float
+    ovrl: float
+
+
+class Scores(BaseModel):
+    melody: Melody
+    speaker_similarity: float | None = Field(None, description="cosine to the voice's reference embedding")
+    dnsmos: Dnsmos | None = None
+    below: list[str] = Field(default_factory=list, description="the measures below their thresholds")
+
+
+class Segment(Scores):
+    start_s: float
+    end_s: float
+
+
+class MixScores(BaseModel):
+    loudness_lufs: float
+    true_peak_dbtp: float
+    clipped_share: float = Field(description="share of samples at full scale before encoding")
+    silent_share: float = Field(description="share of 50 ms blocks under -60 dBFS")
+
+
+class QualityReport(BaseModel):
+    whole: Scores
+    segments: list[Segment]
+    mix: MixScores | None = None
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+    passed: bool = Field(description="whether the whole song meets every threshold (the gate)")
+    measured_s: float = Field(description="what measuring cost, seconds")
+
+
+def below(scores: Scores, limits: Thresholds = THRESHOLDS) -> list[str]:
+    """The names of the measures ``scores`` fails (a measure that could not be taken fails nothing)."""
+    m = scores.melody
+    checks = {
+        "f0_correlation": m.f0_correlation is not None and m.f0_correlation < limits.f0_correlation_min,
+        "f0_rmse_cents": m.f0_rmse_cents is not None and m.f0_rmse_cents > limits.f0_rmse_cents_max,
+        "octave_error_share": m.octave_error_share is not None and m.octave_error_share > limits.octave_error_share_max,
+        "unvoiced_share": m.unvoiced_share is not None and m.unvoiced_share > limits.unvoiced_share_max,
+        "speaker_similarity": scores.speaker_similarity is not None
+        and scores.speaker_similarity < limits.speaker_similarity_min,
+        "dnsmos_ovrl": scores.dnsmos is not None and scores.dnsmos.ovrl < limits.dnsmos_ovrl_min,
+    }
+    return [name for name, failed in checks.items() if failed]
+
+
+def summary(report: QualityReport) -> str:
+    """One line for people: the whole song's numbers, and what is below its threshold."""
+    w = report.whole
+    parts = [
+        f"F0 corr {_fmt(w.melody.f0_correlation, '.2f')}",
+        f"F0 RMSE {_fmt(w.melody.f0_rmse_cents, '.0f')} cents",
+        f"octave errors {_fmt(w.melody.octave_error_share, '.0%')}",
+        f"speaker sim {_fmt(w.speaker_similarity, '.2f')}",
+        f"DNSMOS OVRL {_fmt(w.dnsmos.ovrl if w.dnsmos else None, '.2f')}",
+    ]
+    verdict = "passes the gate" if report.passed else "below the gate: " + ", ".join(w.below)
+    return "; ".join(parts) + f" ({verdict})"
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)

