@@ -23,12 +23,17 @@ print('\n'.join(p['dependencies'] + p['optional-dependencies']['job']))" > /tmp/
 
 # the dependency layer: torch first (its build decides the variant), then pyproject.toml's pinned
 # core and `job` requirements (torch==2.13.0 is then already met), before any source
+# (webrtcvad, pulled by resemblyzer, has no wheel: a compiler is installed for it and removed after)
 FROM base AS deps-cpu
-RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
- && pip install --no-cache-dir -r /tmp/requirements.txt
+RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gcc libc6-dev \
+ && pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
+ && pip install --no-cache-dir -r /tmp/requirements.txt \
+ && apt-get purge -y gcc libc6-dev && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*
 
 FROM base AS deps-cuda
-RUN pip install --no-cache-dir -r /tmp/requirements.txt
+RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gcc libc6-dev \
+ && pip install --no-cache-dir -r /tmp/requirements.txt \
+ && apt-get purge -y gcc libc6-dev && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*
 
 # one of the two stages above, by name (hadolint and checkov take the stage name for an untagged image)
 # checkov:skip=CKV_DOCKER_7: deps-${TORCH} is a stage of this file; the one base image is pinned (python:3.11.7-slim-bookworm)

@@ -152,3 +152,37 @@ def test_a_cover_carries_its_report_and_an_identity_conversion_passes_the_melody
     assert report is not None and "quality" in result.timings and report.mix is not None
     assert report.whole.melody.f0_correlation >= 0.99 and report.whole.speaker_similarity >= 0.95
     assert report.mix.clipped_share == 0.0 and report.mix.loudness_lufs == round(result.mix.loudness_lufs, 2)
+
+
+@pytest.mark.slow
+def test_the_gate_refuses_the_untrained_demo_voice_unless_the_request_accepts_it(stack):
+    """``COVER_QUALITY=gate``: the random-weight demo voice's cover ends as ``cover.failed``
+    ``quality.gate`` with its scores and nothing stored; the same request with
+    ``publish_below_gate`` completes with its report; a later request without it is refused again."""
+    from service_stack import FAST, assert_matches_schema, of_type
+
+    from shared.events import COMPLETED, FAILED, REQUESTED, CoverRequest, to_message
+
+    stack.start_worker("gate-1", COVER_QUALITY="gate")
+
+    def ask(accept: bool, tag: str) -> None:
+        request = CoverRequest(
+            song_id="song-1", voice_model=demo.DEMO_VOICE, options=FAST, publish_below_gate=accept, request_id=tag
+        )
+        stack.publish_request(*to_message(REQUESTED, request))
+
+    ask(False, "refused")
+    (failed,) = of_type(stack.events(lambda got: of_type(got, FAILED), timeout=240), FAILED)
+    assert failed["code"] == "quality.gate" and not failed["retryable"] and failed["request_id"] == "refused"
+    assert failed["quality"]["passed"] is False and failed["quality"]["whole"]["below"]
+    assert_matches_schema(FAILED, failed)
+    assert stack.s3.list_objects_v2(Bucket=stack.bucket, Prefix="covers/").get("KeyCount", 0) == 0
+    assert stack.s3.list_objects_v2(Bucket=stack.bucket, Prefix="manifests/").get("KeyCount", 0) == 0
+    ask(True, "accepted")
+    (completed,) = of_type(stack.events(lambda got: of_type(got, COMPLETED), timeout=240), COMPLETED)
+    assert completed["request_id"] == "accepted" and completed["quality"]["passed"] is False
+    assert completed["quality"]["mix"]["clipped_share"] == 0.0 and completed["timings"]["quality"] > 0
+    assert_matches_schema(COMPLETED, completed)
+    ask(False, "refused-again")
+    (again,) = of_type(stack.events(lambda got: of_type(got, FAILED), timeout=120), FAILED)
+    assert again["code"] == "quality.gate" and again["request_id"] == "refused-again"

@@ -120,6 +120,7 @@ class QualityMeter:
     def pitch(self, audio16: np.ndarray) -> np.ndarray:
         """F0 in Hz per 50 ms frame, 0 where unvoiced."""
         import torch
+
         padded = np.pad(audio16, (WINDOW // 2, WINDOW // 2))
         count = 1 + len(audio16) // HOP
         index = np.arange(count)[:, None] * HOP + np.arange(WINDOW)[None, :]
