@@ -55,6 +55,7 @@ serve: setup pubsub-emulator  ## the local stack: emulator, local storage, dispa
 bench: setup
 	$(BIN)/python -m bench.convert
 	$(BIN)/python -m bench.pipeline
+	$(BIN)/python -m bench.quality
 
 bench-gpu: setup  ## the GPU benchmark (bench/gpu.py): on a machine with a GPU, one command
 	$(BIN)/python -m bench.gpu
