@@ -12,8 +12,8 @@ import time
 import torch
 
 from job.devkit import demo
-from job.render.audio import MIX_SAMPLE_RATE
-from job.render.quality import DNSMOS_SAMPLES, QualityMeter, to_analysis_rate
+from job.render.audio import MIX_SAMPLE_RATE, to_16k
+from job.render.quality import DNSMOS_SAMPLES, QualityMeter
 
 
 def main() -> None:
@@ -26,12 +26,13 @@ def main() -> None:
     meter = QualityMeter()
     meter.crepe(), meter.speaker(), meter.dnsmos()
     minutes = args.seconds / 60
-    reference = meter.embedding(to_analysis_rate(vocals[:, : 10 * MIX_SAMPLE_RATE], MIX_SAMPLE_RATE))
+    reference = meter.embedding(to_16k(vocals[:, : 10 * MIX_SAMPLE_RATE], MIX_SAMPLE_RATE))
+    assert reference is not None
     for run in range(2):
         started = time.perf_counter()
         meter.conversion(vocals, MIX_SAMPLE_RATE, vocals, MIX_SAMPLE_RATE, 0, reference.tolist())
         print(f"whole stage, run {run + 1}: {(time.perf_counter() - started) / minutes:.2f} s per minute of audio")
-    audio = to_analysis_rate(vocals, MIX_SAMPLE_RATE)
+    audio = to_16k(vocals, MIX_SAMPLE_RATE)
     started = time.perf_counter()
     meter.pitch(audio)
     print(f"CREPE tiny, one signal: {(time.perf_counter() - started) / minutes:.2f} s per minute")

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from job.devkit import demo
-from job.render.audio import MIX_SAMPLE_RATE, read_wav, write_wav
-from job.render.quality import QualityMeter, melody_scores, mix_scores, reference_phrase, to_analysis_rate
+from job.render.audio import MIX_SAMPLE_RATE, read_wav, to_16k, write_wav
+from job.render.quality import QualityMeter, melody_scores, mix_scores, reference_phrase
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,7 +37,7 @@ def octave_up(audio: np.ndarray) -> np.ndarray:
 
 
 def test_the_identity_keeps_the_melody_and_the_voice(meter, vocals):
-    reference = meter.embedding(to_analysis_rate(vocals, MIX_SAMPLE_RATE)).tolist()
+    reference = meter.embedding(to_16k(vocals, MIX_SAMPLE_RATE)).tolist()
     report = meter.conversion(vocals, MIX_SAMPLE_RATE, vocals, MIX_SAMPLE_RATE, 0, reference)
     melody = report.whole.melody
     assert melody.f0_correlation >= 0.99 and melody.f0_rmse_cents < 20
@@ -60,7 +60,7 @@ def test_a_pitch_shift_is_expected_and_an_octave_too_high_is_flagged_on_every_se
 
 
 def test_noise_for_vocals_fails_the_gate(meter, vocals):
-    reference = meter.embedding(to_analysis_rate(vocals, MIX_SAMPLE_RATE)).tolist()
+    reference = meter.embedding(to_16k(vocals, MIX_SAMPLE_RATE)).tolist()
     noise = np.random.default_rng(0).normal(0, 0.1, vocals.shape[1]).astype(np.float32)
     report = meter.conversion(vocals, MIX_SAMPLE_RATE, noise, MIX_SAMPLE_RATE, 0, reference)
     assert not report.passed
@@ -86,7 +86,7 @@ def test_mix_measures_count_clipping_and_silence():
 def test_the_reference_phrase_is_sung_and_voiced(meter):
     phrase = reference_phrase()
     assert len(phrase) == 9 * MIX_SAMPLE_RATE and 0.45 < np.max(np.abs(phrase)) <= 0.5
-    f0 = meter.pitch(to_analysis_rate(phrase, MIX_SAMPLE_RATE))
+    f0 = meter.pitch(to_16k(phrase, MIX_SAMPLE_RATE))
     voiced = f0[f0 > 0]
     assert len(voiced) > 60 and 200 < np.median(voiced) < 340  # A3 to E4
 
@@ -132,7 +132,7 @@ def test_a_cover_carries_its_report_and_an_identity_conversion_passes_the_melody
         def convert(self, vocals, voice, out, options, progress=None):
             audio, rate = read_wav(vocals)
             write_wav(out, audio.mean(axis=0), rate)
-            self.source_reference = self.meter.embedding(to_analysis_rate(audio, rate)).tolist()
+            self.source_reference = self.meter.embedding(to_16k(audio, rate)).tolist()
             duration = audio.shape[1] / rate
             return ConvertedVocals(
                 path=out, sample_rate=rate, duration_s=duration, pitch_shift=0, parts=PartTimes(), synthesised_s=0

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel
 from scipy.io import wavfile
+from scipy.signal import resample_poly
 
 from job.render.ffmpeg import decode_command, last_line, require_ffmpeg, spawn
 from shared.errors import CoverError, ErrorCode
@@ -165,3 +166,12 @@ def read_wav(path: Path, mmap: bool = False) -> tuple[np.ndarray, int]:
         data = data.astype(np.float32) / np.iinfo(data.dtype).max
     data = np.asarray(data, dtype=np.float32)
     return (data[None] if data.ndim == 1 else data.T).copy(), int(sample_rate)
+
+
+def to_16k(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Mono float32 at 16 kHz (polyphase resampling): what HuBERT, RMVPE and the quality models take."""
+    mono = audio.mean(axis=0) if audio.ndim == 2 else audio
+    if sample_rate != 16000:
+        g = np.gcd(16000, sample_rate)
+        mono = resample_poly(mono, 16000 // g, sample_rate // g)
+    return np.ascontiguousarray(mono, dtype=np.float32)

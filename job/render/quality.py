@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.signal import resample_poly
 
+from job.render.audio import to_16k
 from shared.quality import (
     THRESHOLDS,
     Dnsmos,
@@ -56,15 +56,6 @@ DNSMOS_POLY = {
     "bak": (-0.13166888, 1.60915514, -0.39604546),
     "ovrl": (-0.06766283, 1.11546468, 0.04602535),
 }
-
-
-def to_analysis_rate(audio: np.ndarray, rate: int) -> np.ndarray:
-    """Mono float32 at 16 kHz."""
-    mono = audio.mean(axis=0) if audio.ndim == 2 else audio
-    if rate != RATE:
-        divisor = np.gcd(rate, RATE)
-        mono = resample_poly(mono, RATE // divisor, rate // divisor)
-    return np.ascontiguousarray(mono, dtype=np.float32)
 
 
 def wheel_file(package: str, *parts: str) -> Path:
@@ -176,8 +167,8 @@ class QualityMeter:
     ) -> QualityReport:
         """Score the converted vocals against the separated ones (without the mix)."""
         started = time.perf_counter()
-        src = to_analysis_rate(source, source_rate)
-        out = to_analysis_rate(converted, converted_rate)
+        src = to_16k(source, source_rate)
+        out = to_16k(converted, converted_rate)
         n = min(len(src), len(out))
         src, out = src[:n], out[:n]
         f0_src = self.pitch(src) * 2 ** (pitch_shift / 12)
@@ -370,6 +361,6 @@ def reference_embedding(
         audio16 = np.concatenate(clips)
     else:
         result = converter.convert(reference_phrase(), 44100, converter.load_voice(voice))
-        audio16 = to_analysis_rate(np.asarray(result.audio), result.sample_rate)
+        audio16 = to_16k(np.asarray(result.audio), result.sample_rate)
     embedding = meter.embedding(audio16)
     return None if embedding is None else [round(float(v), 6) for v in embedding]

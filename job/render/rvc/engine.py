@@ -18,8 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel
-from scipy.signal import butter, resample_poly, sosfiltfilt
+from scipy.signal import butter, sosfiltfilt
 
+from job.render.audio import to_16k
 from job.render.compute import (
     batch_size,
     release_freed_memory,
@@ -77,15 +78,6 @@ class ConversionResult:
     chunks: int
     synthesised_s: float
     extra: dict = field(default_factory=dict)
-
-
-def to_16k(audio: np.ndarray, sample_rate: int) -> np.ndarray:
-    """Mono float32 at 16 kHz (polyphase resampling)."""
-    mono = audio.mean(axis=0) if audio.ndim == 2 else audio
-    if sample_rate != SR:
-        g = np.gcd(SR, sample_rate)
-        mono = resample_poly(mono, SR // g, sample_rate // g)
-    return np.ascontiguousarray(mono, dtype=np.float32)
 
 
 def plan_chunks(x: np.ndarray, max_chunk_s: float) -> list[tuple[int, int]]:
