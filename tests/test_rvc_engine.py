@@ -86,7 +86,7 @@ def test_ten_minutes_convert_with_bounded_peak_memory(store):
         from pathlib import Path
         from job.render.rvc.engine import VoiceConverter, ConversionOptions
         from shared.model_store import ModelStore
-        sys.path.insert(0, "."); from tests.conftest import sung_tone
+        sys.path.insert(0, "tests"); from conftest import sung_tone
         vc = VoiceConverter(ModelStore(Path({str(store)!r})), device="cpu")
         voice = vc.load_voice(vc.store.voice("demo-voice"))
         minutes = float(sys.argv[1])
