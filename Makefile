@@ -5,11 +5,15 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test test-fast lint bench bench-gpu gpu-runner serve setup system-deps pubsub-emulator clean
+.PHONY: browser run test test-fast lint bench bench-gpu gpu-runner serve setup system-deps pubsub-emulator clean
 
 system-deps:  ## Debian's ffmpeg (ffmpeg + ffprobe)
 	@command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 || \
 		{ $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg; }
+
+browser:  ## Debian's chromium: the report page's screenshot test
+	@command -v chromium >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 pubsub-emulator:  ## the Pub/Sub emulator of the Google Cloud CLI (needs Google's apt repository and a JRE)
 	@gcloud beta emulators pubsub --help >/dev/null 2>&1 || \
@@ -33,7 +37,7 @@ $(CHECKOV):
 run: setup  ## prepare demo models and song, render a cover, print its path and stage timings
 	$(BIN)/cover demo -o out/demo-cover.mp3
 
-test: setup pubsub-emulator  ## the whole suite (starts the emulator and an S3 server itself)
+test: setup pubsub-emulator browser  ## the whole suite (starts the emulator and an S3 server itself)
 	$(BIN)/python -m pytest
 
 test-fast: setup  ## the inner loop: everything but the tests marked slow (under 5 minutes here)

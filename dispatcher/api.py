@@ -129,6 +129,26 @@ def document() -> dict[str, Any]:
                     "responses": {"200": _json_answer("CoverStatus", "the cover's state"), **_problems(404)},
                 }
             },
+            "/covers/{cover_id}/report": {
+                "get": {
+                    "operationId": "getCoverReport",
+                    "parameters": [
+                        {
+                            "name": "cover_id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string", "pattern": COVER_ID_PATTERN},
+                        }
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "the quality report page: self-contained HTML",
+                            "content": {"text/html": {"schema": {"type": "string"}}},
+                        },
+                        **_problems(404),
+                    },
+                }
+            },
             "/models": {
                 "get": {"operationId": "listModels", "responses": {"200": _json_answer("ModelList", "every voice")}}
             },

@@ -181,6 +181,17 @@ def _cover_status(cid: str) -> Response:
     return _model(status)
 
 
+def _cover_report(cid: str) -> Response:
+    """The cover's quality report page (self-contained HTML), stored by its runner."""
+    svc = services()
+    if not re.match(COVER_ID_PATTERN, cid):
+        return problem(404, "cover.unknown", "a cover id is 32 hexadecimal digits")
+    page = svc.storage.get_bytes(Keys.report(cid))
+    if page is None:
+        return problem(404, "report.unknown", f"no quality report for {cid} (yet)")
+    return Response(page, status=200, content_type="text/html; charset=utf-8")
+
+
 def _models() -> Response:
     return _model(ModelList(models=services().models.voices()))
 
@@ -203,6 +214,8 @@ def http(request: Request) -> Response:
             handlers: dict[str, Callable[[Request], Response]] = {
                 "GET": lambda _: _cover_status(path.removeprefix("/covers/"))
             }
+        elif path.startswith("/covers/") and path.endswith("/report") and path.count("/") == 3:
+            handlers = {"GET": lambda _: _cover_report(path.split("/")[2])}
         else:
             handlers = ROUTES.get(path, {})
         if not handlers:

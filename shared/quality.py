@@ -63,6 +63,16 @@ class MixScores(BaseModel):
     silent_share: float = Field(description="share of 50 ms blocks under -60 dBFS")
 
 
+class Curves(BaseModel):
+    """What the report page draws (kept out of events: the page is stored beside the cover)."""
+
+    frame_s: float
+    source_hz: list[float] = Field(description="the separated vocals' F0 with the pitch shift, 0 unvoiced")
+    converted_hz: list[float] = Field(description="the converted vocals' F0, 0 unvoiced")
+    waveform: list[float] = Field(default_factory=list, description="the mix's peak per column, 0 to 1")
+    duration_s: float
+
+
 class QualityReport(BaseModel):
     whole: Scores
     segments: list[Segment]
@@ -70,6 +80,8 @@ class QualityReport(BaseModel):
     thresholds: Thresholds = Field(default_factory=Thresholds)
     passed: bool = Field(description="whether the whole song meets every threshold (the gate)")
     measured_s: float = Field(description="what measuring cost, seconds")
+    repair: str | None = Field(None, description="what repair changed, and why (none yet: README, 'Quality')")
+    curves: Curves | None = Field(None, exclude=True)
 
 
 def below(scores: Scores, limits: Thresholds = THRESHOLDS) -> list[str]:

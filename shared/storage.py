@@ -64,6 +64,10 @@ class Keys:
         return f"manifests/{cover_id}.json"
 
     @staticmethod
+    def report(cover_id: str) -> str:
+        return f"reports/{cover_id}.html"
+
+    @staticmethod
     def status(cover_id: str) -> str:
         return f"status/{cover_id}.json"
 

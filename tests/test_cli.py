@@ -18,10 +18,13 @@ from tests.conftest import run_cover
 def test_make_renders_a_cover_and_reports_timings(env, song, tmp_path):
     out = tmp_path / "cover.mp3"
     proc = run_cover(
-        ["make", str(song), "--voice", demo.DEMO_VOICE, "-o", str(out), "--f0-method", "pm", "--json"], env
+        ["make", str(song), "--voice", demo.DEMO_VOICE, "-o", str(out), "--f0-method", "pm", "--json", "--report"],
+        env,
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
+    page = (tmp_path / "cover.report.html").read_text()
+    assert 'src="data:audio/mpeg;base64,' in page and "<svg" in page
     assert set(report["timings"]) == {"fetch", "separate", "convert", "quality", "mix"}
     quality = report["quality"]  # random weights: the numbers mean nothing, their presence does
     assert len(quality["segments"]) == 1 and quality["mix"]["clipped_share"] == 0.0
@@ -208,3 +211,4 @@ def test_the_demo_says_plainly_that_its_untrained_voice_is_below_the_quality_gat
     assert proc.returncode == 0, proc.stderr
     assert "quality: F0 corr" in proc.stdout and "below the quality gate" in proc.stdout
     assert out.stat().st_size > 10_000
+    assert (tmp_path / "demo.report.html").is_file()  # and its report

@@ -159,11 +159,13 @@ def test_the_gate_refuses_the_untrained_demo_voice_unless_the_request_accepts_it
     """``COVER_QUALITY=gate``: the random-weight demo voice's cover ends as ``cover.failed``
     ``quality.gate`` with its scores and nothing stored; the same request with
     ``publish_below_gate`` completes with its report; a later request without it is refused again."""
+    import requests
     from service_stack import FAST, assert_matches_schema, of_type
 
     from shared.events import COMPLETED, FAILED, REQUESTED, CoverRequest, to_message
 
     stack.start_worker("gate-1", COVER_QUALITY="gate")
+    url = stack.start_dispatcher(COVER_QUALITY="gate")
 
     def ask(accept: bool, tag: str) -> None:
         request = CoverRequest(
@@ -178,11 +180,18 @@ def test_the_gate_refuses_the_untrained_demo_voice_unless_the_request_accepts_it
     assert_matches_schema(FAILED, failed)
     assert stack.s3.list_objects_v2(Bucket=stack.bucket, Prefix="covers/").get("KeyCount", 0) == 0
     assert stack.s3.list_objects_v2(Bucket=stack.bucket, Prefix="manifests/").get("KeyCount", 0) == 0
+    page = requests.get(f"{url}/covers/{failed['cover_id']}/report", timeout=30)
+    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+    assert "not published (quality.gate)" in page.text and "<audio" not in page.text  # the cover stays unseen
     ask(True, "accepted")
     (completed,) = of_type(stack.events(lambda got: of_type(got, COMPLETED), timeout=240), COMPLETED)
     assert completed["request_id"] == "accepted" and completed["quality"]["passed"] is False
     assert completed["quality"]["mix"]["clipped_share"] == 0.0 and completed["timings"]["quality"] > 0
     assert_matches_schema(COMPLETED, completed)
+    page = requests.get(f"{url}/covers/{completed['cover_id']}/report", timeout=30)
+    assert 'src="data:audio/mpeg;base64,' in page.text and "; published." in page.text
+    missing = requests.get(f"{url}/covers/{'0' * 32}/report", timeout=30)
+    assert missing.status_code == 404 and missing.json()["code"] == "report.unknown"
     ask(False, "refused-again")
     (again,) = of_type(stack.events(lambda got: of_type(got, FAILED), timeout=120), FAILED)
     assert again["code"] == "quality.gate" and again["request_id"] == "refused-again"

@@ -28,7 +28,7 @@ from shared.settings import Settings
 from shared.voices import VOICE_FILE, VoiceInfo
 
 if TYPE_CHECKING:
-    from job.render.pipeline import CoverOptions, Pipeline
+    from job.render.pipeline import CoverOptions, CoverResult, Pipeline
 
 
 class StageBars:
@@ -153,6 +153,8 @@ def cmd_make(args: argparse.Namespace) -> int:
             ],
         ),
     )
+    if args.report:
+        _write_report(result, args.publish_below_gate or not gated(settings, result.quality))
     if gated(settings, result.quality) and not args.publish_below_gate:
         print(
             f"cover: the cover is below the quality gate; it is kept at {result.output} "
@@ -161,6 +163,21 @@ def cmd_make(args: argparse.Namespace) -> int:
         )
         return EXIT_QUALITY_GATE
     return 0
+
+
+def _write_report(result: CoverResult, published: bool) -> Path | None:
+    """``COVER.report.html`` beside the cover (the cover in its player)."""
+    from job.render.report_page import render_page
+    from shared.options import FORMATS
+
+    if result.quality is None:
+        return None
+    path = result.output.with_name(result.output.stem + ".report.html")
+    content_type = FORMATS[result.mix.format].content_type
+    title = f"{Path(result.song.source).stem} ({result.voice} cover)"
+    path.write_text(render_page(result.quality, title, result.output, content_type, published=published))
+    print(f"report: {path}", file=sys.stderr)
+    return path
 
 
 def gated(settings: Settings, quality: QualityReport | None) -> bool:
@@ -257,6 +274,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     options.mix.format = format_for(args.output)
     result = pipeline.render(song, pipeline.store.voice(demo.DEMO_VOICE), out, options, StageBars(not args.json))
     timings = {"prepare": prepare, **result.timings}
+    report_page = _write_report(result, published=True)  # the demo accepts covers below the gate
     _emit(
         args,
         {
@@ -265,6 +283,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "timings": timings,
             "stems_cached": result.stems_cached,
             "quality": result.quality.model_dump(mode="json") if result.quality else None,
+            "report": str(report_page) if report_page else None,
         },
         lambda: _print_summary(
             "demo cover",
@@ -430,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[f.value for f in OutputFormat],
         help="output format (default: from the output's extension, else mp3)",
     )
+    p.add_argument("--report", action="store_true", help="also write COVER.report.html, the quality report page")
     p.add_argument(
         "--publish-below-gate",
         action="store_true",

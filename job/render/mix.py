@@ -26,7 +26,7 @@ from job.render import ffmpeg
 from job.render.audio import MIX_SAMPLE_RATE, decode, read_wav, write_wav
 from job.render.limiter import limiter_gain
 from job.render.loudness import integrated_lufs, peak_envelope
-from job.render.quality import mix_scores
+from job.render.quality import mix_scores, waveform_peaks
 from shared.errors import CoverError, ErrorCode
 from shared.options import FORMATS, MixOptions, OutputFormat
 from shared.quality import MixScores
@@ -46,6 +46,7 @@ class MixResult(BaseModel):
     true_peak_dbtp: float
     normalisation: str  # "linear" (gain only) or "limited" (the true-peak limiter engaged)
     scores: MixScores | None = None  # clipping and silence of what was encoded, with loudness and peak
+    peaks: list[float] = []  # the encoded mix's waveform, for the report page
 
 
 def _stereo(audio: np.ndarray) -> np.ndarray:
@@ -177,6 +178,7 @@ def mix(
         true_peak_dbtp=peak,
         normalisation="limited" if limited else "linear",
         scores=mix_scores(encoded[0], MIX_SAMPLE_RATE, loudness, peak),
+        peaks=waveform_peaks(encoded[0]),
     )
 
 

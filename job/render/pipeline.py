@@ -220,6 +220,8 @@ class Pipeline:
             report("mix", 1.0)
         if quality is not None:
             quality.mix = mixed.scores
+            if quality.curves is not None:
+                quality.curves.waveform = mixed.peaks
         return CoverResult(
             output=Path(out),
             quality=quality,

@@ -30,6 +30,7 @@ import numpy as np
 from job.render.audio import to_16k
 from shared.quality import (
     THRESHOLDS,
+    Curves,
     Dnsmos,
     Melody,
     MixScores,
@@ -182,12 +183,19 @@ class QualityMeter:
             scores = self._scores(f0_src[fa:fb], f0_out[fa:fb], out[a:b], ref)
             segments.append(Segment(start_s=round(start, 3), end_s=round(end, 3), **scores.model_dump()))
         whole = self._scores(f0_src, f0_out, None, ref, parts=segments)
+        curves = Curves(
+            frame_s=HOP / RATE,
+            source_hz=[round(float(f), 1) for f in f0_src],
+            converted_hz=[round(float(f), 1) for f in f0_out],
+            duration_s=round(n / RATE, 3),
+        )
         return QualityReport(
             whole=whole,
             segments=segments,
             thresholds=self.thresholds,
             passed=not whole.below,
             measured_s=round(time.perf_counter() - started, 3),
+            curves=curves,
         )
 
     def _scores(
@@ -272,6 +280,13 @@ def melody_scores(f0_src: np.ndarray, f0_out: np.ndarray) -> Melody:
         octave_error_share=_round(float(np.mean((np.abs(cents) >= low) & (np.abs(cents) <= high)))),
         unvoiced_share=_round(unvoiced),
     )
+
+
+def waveform_peaks(audio: np.ndarray, columns: int = 1000) -> list[float]:
+    """The peak of each of ``columns`` equal stretches of ``audio`` (either channel), 0 to 1."""
+    mono = np.max(np.abs(audio), axis=0) if audio.ndim == 2 else np.abs(audio)
+    edges = np.linspace(0, len(mono), min(columns, len(mono)) + 1).astype(int)
+    return [round(float(min(1.0, mono[a:b].max())), 3) for a, b in itertools.pairwise(edges) if b > a]
 
 
 def mix_scores(audio: np.ndarray, rate: int, loudness_lufs: float, true_peak_dbtp: float) -> MixScores:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping
 from enum import Enum
 
-from job.render.pipeline import CoverOptions, Pipeline
+from job.render.pipeline import CoverOptions, CoverResult, Pipeline
 from job.render.stems import StemCache
 from job.render.timing import StageTimer
 from shared.bus import EventBus
@@ -188,10 +188,31 @@ class Worker:
                 return Outcome.RETRY
             return self._fail(error, request, cid, attempt, data, identity)
 
+    def _store_report(self, cid: str, request: CoverRequest, result: CoverResult, content_type: str) -> None:
+        """The report page, as ``reports/{cover_id}.html``: with the cover in its player when the cover
+        will be published, without it when the gate refuses it."""
+        if result.quality is None:
+            return
+        from job.render.report_page import render_page
+
+        refused = self._refuses(result.quality, request)
+        page = render_page(
+            result.quality,
+            f"{request.song_id} ({request.voice_model} cover)",
+            None if refused else result.output,
+            content_type,
+            published=not refused,
+        )
+        self.storage.put_bytes(Keys.report(cid), page.encode(), content_type="text/html; charset=utf-8")
+
+    def _refuses(self, quality: QualityReport | None, request: CoverRequest) -> bool:
+        return not (self.settings.quality != "gate" or quality is None or quality.passed or request.publish_below_gate)
+
     def _gate(self, quality: QualityReport | None, request: CoverRequest) -> None:
         """Refuse a cover below the quality gate unless the request accepts it (quality.gate)."""
-        if self.settings.quality != "gate" or quality is None or quality.passed or request.publish_below_gate:
+        if not self._refuses(quality, request):
             return
+        assert quality is not None
         raise QualityGateError(f"the cover is below the quality gate: {summary(quality)}", quality)
 
     @staticmethod
@@ -280,7 +301,8 @@ class Worker:
                 progress,
                 title=f"{request.song_id} ({voice.info.display_name} cover)",
             )
-            self._gate(result.quality, request)  # before anything is stored: a refused cover is never visible
+            self._store_report(cid, request, result, spec.content_type)
+            self._gate(result.quality, request)  # before the cover is stored: a refused cover is never visible
             key = Keys.cover(cid, spec.extension)
             with timer("upload"):
                 digest = sha256_of(result.output)

@@ -1,0 +1,198 @@
+"""A cover's quality report as one self-contained HTML page (no network at view time).
+
+The page shows the verdict and the whole song's scores, the mix's waveform, the source melody (the
+separated vocals moved by the request's pitch shift) and the converted melody drawn over each other
+with each segment shaded by whether it meets the thresholds, a table of every segment's scores (a
+cell turns red below its threshold), what repair changed, and an audio player whose position is
+drawn on both plots (click a plot to seek). The cover is embedded as a data URI, the styles and the
+small script inline. ``cover make --report`` writes it beside the cover; the service stores it as
+``reports/{cover_id}.html`` and ``GET /covers/{cover_id}/report`` serves it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+
+from shared.quality import Curves, QualityReport, Scores, Thresholds
+
+WIDTH = 1000
+WAVE_HEIGHT = 110
+PITCH_HEIGHT = 280
+SOURCE_COLOUR = "#f28c28"  # the source melody
+CONVERTED_COLOUR = "#1a73e8"  # the cover's melody
+PASS_SHADE = "#e3f4e6"  # noqa: S105 - a colour
+FAIL_SHADE = "#fbe1e3"
+PLAYER_COLOUR = "#6a1b9a"
+
+
+def _x(seconds: float, duration: float) -> float:
+    return WIDTH * seconds / max(duration, 1e-9)
+
+
+def _midi(hz: float) -> float:
+    return 69 + 12 * math.log2(hz / 440.0)
+
+
+def _note(midi: float) -> str:
+    names = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
+    rounded = round(midi)
+    return f"{names[rounded % 12]}{rounded // 12 - 1}"
+
+
+def _polylines(times: list[float], hz: list[float], duration: float, low: float, high: float) -> list[str]:
+    """The voiced runs of a pitch track as SVG point lists (a gap wherever it is unvoiced)."""
+    runs: list[str] = []
+    current: list[str] = []
+    for t, f in zip(times, hz, strict=True):
+        if f <= 0:
+            if len(current) > 1:
+                runs.append(" ".join(current))
+            current = []
+            continue
+        y = PITCH_HEIGHT * (high - _midi(f)) / (high - low)
+        current.append(f"{_x(t, duration):.1f},{min(max(y, 0.0), PITCH_HEIGHT):.1f}")
+    if len(current) > 1:
+        runs.append(" ".join(current))
+    return runs
+
+
+def _waveform(peaks: list[float]) -> str:
+    if not peaks:
+        return ""
+    step = WIDTH / len(peaks)
+    middle = WAVE_HEIGHT / 2
+    top = " ".join(f"{i * step:.1f},{middle - p * middle:.1f}" for i, p in enumerate(peaks))
+    bottom = " ".join(f"{i * step:.1f},{middle + p * middle:.1f}" for i, p in reversed(list(enumerate(peaks))))
+    return f'<polygon points="{top} {bottom}" fill="#90a4ae"/>'
+
+
+def _cell(value: float | None, fmt: str, failed: bool) -> str:
+    text = "n/a" if value is None else format(value, fmt)
+    return f'<td class="{"bad" if failed else "ok"}">{text}</td>'
+
+
+def _row(label: str, scores: Scores) -> str:
+    m, below = scores.melody, set(scores.below)
+    return (
+        f"<tr><th>{html.escape(label)}</th>"
+        + _cell(m.f0_correlation, ".3f", "f0_correlation" in below)
+        + _cell(m.f0_rmse_cents, ".0f", "f0_rmse_cents" in below)
+        + _cell(m.octave_error_share, ".1%", "octave_error_share" in below)
+        + _cell(m.unvoiced_share, ".1%", "unvoiced_share" in below)
+        + _cell(scores.speaker_similarity, ".3f", "speaker_similarity" in below)
+        + _cell(scores.dnsmos.ovrl if scores.dnsmos else None, ".2f", "dnsmos_ovrl" in below)
+        + "</tr>"
+    )
+
+
+def _thresholds(t: Thresholds) -> str:
+    return (
+        f"<tr><th>threshold</th><td>&ge; {t.f0_correlation_min:.2f}</td><td>&le; {t.f0_rmse_cents_max:.0f}</td>"
+        f"<td>&le; {t.octave_error_share_max:.0%}</td><td>&le; {t.unvoiced_share_max:.0%}</td>"
+        f"<td>&ge; {t.speaker_similarity_min:.2f}</td><td>&ge; {t.dnsmos_ovrl_min:.1f}</td></tr>"
+    )
+
+
+def render_page(
+    report: QualityReport,
+    title: str,
+    audio: Path | None = None,
+    content_type: str = "audio/mpeg",
+    published: bool = True,
+) -> str:
+    """The page's HTML. ``audio``: the cover, embedded for the player (omitted when None)."""
+    curves = report.curves or Curves(frame_s=0.08, source_hz=[], converted_hz=[], waveform=[], duration_s=0.0)
+    duration = curves.duration_s or (report.segments[-1].end_s if report.segments else 1.0)
+    times = [i * curves.frame_s for i in range(len(curves.source_hz))]
+    voiced = [_midi(f) for f in [*curves.source_hz, *curves.converted_hz] if f > 0]
+    low, high = (min(voiced) - 2, max(voiced) + 2) if voiced else (48.0, 72.0)
+    bands = "".join(
+        f'<rect x="{_x(s.start_s, duration):.1f}" y="0" width="{_x(s.end_s - s.start_s, duration):.1f}" '
+        f'height="{PITCH_HEIGHT}" fill="{FAIL_SHADE if s.below else PASS_SHADE}"/>'
+        for s in report.segments
+    )
+    grid = "".join(
+        f'<line x1="0" x2="{WIDTH}" y1="{PITCH_HEIGHT * (high - m) / (high - low):.1f}" '
+        f'y2="{PITCH_HEIGHT * (high - m) / (high - low):.1f}" stroke="#cfd8dc" stroke-width="0.5"/>'
+        f'<text x="4" y="{PITCH_HEIGHT * (high - m) / (high - low) - 2:.1f}" class="note">{_note(m)}</text>'
+        for m in range(math.ceil(low), math.floor(high) + 1)
+        if m % 12 in (0, 9)  # every C and A
+    )
+    source = "".join(
+        f'<polyline points="{p}" fill="none" stroke="{SOURCE_COLOUR}" stroke-width="2.5"/>'
+        for p in _polylines(times, curves.source_hz, duration, low, high)
+    )
+    converted = "".join(
+        f'<polyline points="{p}" fill="none" stroke="{CONVERTED_COLOUR}" stroke-width="2.5"/>'
+        for p in _polylines(times, curves.converted_hz, duration, low, high)
+    )
+    w = report.whole
+    verdict = (
+        "meets every threshold" if report.passed else "below the gate on " + ", ".join(html.escape(b) for b in w.below)
+    )
+    status = "published" if published else "not published (quality.gate)"
+    mix = report.mix
+    mix_line = (
+        f"{mix.loudness_lufs:.1f} LUFS, true peak {mix.true_peak_dbtp:.1f} dBTP, "
+        f"{mix.clipped_share:.3%} of samples clipped, {mix.silent_share:.0%} silent"
+        if mix
+        else "not measured"
+    )
+    player = ""
+    if audio is not None and audio.is_file():
+        data = base64.b64encode(audio.read_bytes()).decode()
+        player = f'<audio id="player" controls preload="auto" src="data:{content_type};base64,{data}"></audio>'
+    else:
+        player = '<p id="player-missing">the cover is not embedded in this page</p>'
+    rows = "".join(_row(f"{s.start_s:.0f}–{s.end_s:.0f} s", s) for s in report.segments)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}: quality report</title>
+<style>
+body {{ font: 15px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: {WIDTH + 40}px; color: #263238; }}
+h1 {{ font-size: 22px; margin: 0 0 4px; }} .verdict {{ font-size: 17px; margin: 4px 0 16px; }}
+.pass {{ color: #1b5e20; }} .fail {{ color: #b71c1c; }}
+.player {{ border: 4px solid {PLAYER_COLOUR}; border-radius: 8px; padding: 10px; margin: 12px 0; }}
+.player audio {{ width: 100%; }} svg {{ display: block; background: #fafafa; border: 1px solid #eceff1; }}
+.note {{ font-size: 10px; fill: #78909c; }} table {{ border-collapse: collapse; margin: 12px 0; width: 100%; }}
+th, td {{ padding: 4px 8px; border-bottom: 1px solid #eceff1; text-align: right; }} th {{ text-align: left; }}
+td.bad {{ background: #ffcdd2; color: #b71c1c; font-weight: 600; }} td.ok {{ color: #1b5e20; }}
+.legend span {{ display: inline-block; width: 14px; height: 4px; margin: 0 6px 3px 12px; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p class="verdict {"pass" if report.passed else "fail"}">Quality: {verdict}; {status}.</p>
+<div class="player">{player}</div>
+<h2>Waveform</h2>
+<svg id="wave" width="{WIDTH}" height="{WAVE_HEIGHT}" viewBox="0 0 {WIDTH} {WAVE_HEIGHT}">{_waveform(curves.waveform)}
+<line class="playhead" x1="0" x2="0" y1="0" y2="{WAVE_HEIGHT}" stroke="{PLAYER_COLOUR}" stroke-width="2"/></svg>
+<h2>Melody</h2>
+<p class="legend"><span style="background:{SOURCE_COLOUR}"></span>the singer (separated vocals, with the pitch shift)
+<span style="background:{CONVERTED_COLOUR}"></span>the cover; segments shaded green where they meet every
+threshold, red where they do not</p>
+<svg id="pitch" width="{WIDTH}" height="{PITCH_HEIGHT}" viewBox="0 0 {WIDTH} {PITCH_HEIGHT}">
+{bands}{grid}{source}{converted}
+<line class="playhead" x1="0" x2="0" y1="0" y2="{PITCH_HEIGHT}" stroke="{PLAYER_COLOUR}" stroke-width="2"/></svg>
+<h2>Scores</h2>
+<table><tr><th></th><th>F0 correlation</th><th>F0 RMSE (cents)</th><th>octave errors</th>
+<th>voiced frames lost</th><th>speaker similarity</th><th>DNSMOS OVRL</th></tr>
+{_row("whole song", w)}{rows}{_thresholds(report.thresholds)}</table>
+<p>Mix: {mix_line}. Measured in {report.measured_s:.1f} s.</p>
+<h2>Repair</h2><p>{html.escape(report.repair or "No segment was re-rendered.")}</p>
+<script>
+const player = document.getElementById("player"), duration = {duration:.3f};
+function seek(event) {{
+  if (!player) return;
+  const box = event.currentTarget.getBoundingClientRect();
+  player.currentTime = duration * (event.clientX - box.left) / box.width; player.play();
+}}
+for (const id of ["wave", "pitch"]) document.getElementById(id).addEventListener("click", seek);
+if (player) player.addEventListener("timeupdate", () => {{
+  const x = {WIDTH} * player.currentTime / duration;
+  for (const line of document.querySelectorAll(".playhead")) {{
+    line.setAttribute("x1", x); line.setAttribute("x2", x);
+  }}
+}});
+</script></body></html>
+"""

@@ -1,0 +1,88 @@
+"""The quality report page, opened in headless Chromium (Debian's package): a screenshot must show
+both pitch curves and the player, and the page must need no network."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from job.devkit import demo
+from job.render import ffmpeg
+from job.render.audio import MIX_SAMPLE_RATE, to_16k, write_wav
+from job.render.quality import QualityMeter
+from job.render.report_page import CONVERTED_COLOUR, PLAYER_COLOUR, SOURCE_COLOUR, render_page
+from shared.quality import Thresholds
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _rgb(colour: str) -> tuple[int, int, int]:
+    return tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    """A report whose first half is the identity and second half an octave too high, with a
+    3-second cover embedded."""
+    import librosa
+
+    tmp = tmp_path_factory.mktemp("report")
+    vocals = demo.demo_song(20.0)[0]
+    mono = vocals.mean(axis=0)
+    half = len(mono) // 2
+    cover = np.concatenate([mono[:half], librosa.effects.pitch_shift(mono[half:], sr=MIX_SAMPLE_RATE, n_steps=12)])
+    meter = QualityMeter(thresholds=Thresholds(dnsmos_ovrl_min=1.0))  # the synthetic demo vocals buzz (1.5 to 1.8)
+    reference = meter.embedding(to_16k(vocals, MIX_SAMPLE_RATE)).tolist()
+    report = meter.conversion(vocals, MIX_SAMPLE_RATE, cover, MIX_SAMPLE_RATE, 0, reference)
+    wav = write_wav(tmp / "cover.wav", cover[None], MIX_SAMPLE_RATE)
+    mp3 = tmp / "cover.mp3"
+    ffmpeg.run([*ffmpeg.input_args(wav), "-t", "3", "-b:a", "64k", "-y", str(mp3)])
+    text = render_page(report, "demo song (demo voice cover)", mp3, "audio/mpeg", published=False)
+    path = tmp / "report.html"
+    path.write_text(text)
+    return path, report
+
+
+def test_the_page_is_self_contained_and_shades_the_failing_segment(page):
+    path, report = page
+    text = path.read_text()
+    assert not re.search(r"""(src|href)=["'](https?:)?//""", text)  # nothing fetched at view time
+    assert 'src="data:audio/mpeg;base64,' in text
+    assert [bool(s.below) for s in report.segments] == [False, True]  # the octave-high half
+    assert text.count('fill="#fbe1e3"') == 1 and text.count('fill="#e3f4e6"') == 1
+    assert "not published (quality.gate)" in text and 'class="bad"' in text
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it)")
+def test_chromium_draws_both_pitch_curves_and_the_player(page, tmp_path):
+    from PIL import Image
+
+    path, _ = page
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [
+            str(CHROMIUM),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1100,1500",
+            f"--screenshot={shot}",
+            path.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3)
+
+    def count(colour: str) -> int:
+        return int(np.all(np.abs(pixels.astype(int) - _rgb(colour)) <= 12, axis=1).sum())
+
+    assert count(SOURCE_COLOUR) > 500, "the source melody is not drawn"
+    assert count(CONVERTED_COLOUR) > 500, "the cover's melody is not drawn"
+    assert count(PLAYER_COLOUR) > 1000, "the player's frame is not drawn"
