@@ -3,11 +3,11 @@
     functions-framework --source dispatcher/main.py --target http --port 8080
     functions-framework --source dispatcher/main.py --target trigger --port 8081
 
-API: ``POST /cover``, ``GET /models``, ``GET /covers/{cover_id}``, ``GET /healthz``,
-``GET /openapi.json`` (the contract, :mod:`dispatcher.api`). Every error is
+API: ``POST /cover``, ``GET /models``, ``GET /covers/{cover_id}``, ``GET /covers/{cover_id}/report``,
+``GET /healthz``, ``GET /openapi.json`` (the contract, :mod:`dispatcher.api`). Every error is
 ``application/problem+json`` (RFC 7807) with a stable ``code``: the codes of :mod:`shared.errors`,
 ``route.unknown`` (404), ``route.method_not_allowed`` (405), ``request.too_large`` (413, bodies
-over 64 KiB), ``request.unsupported_media_type`` (415), ``cover.unknown`` (404).
+over 64 KiB), ``request.unsupported_media_type`` (415), ``cover.unknown`` (404), ``report.unknown`` (404).
 """
 
 from __future__ import annotations
