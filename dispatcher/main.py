@@ -53,6 +53,7 @@ from shared.events import (
 )
 from shared.logs import fields, set_trace, setup_logging
 from shared.model_store import ModelStore
+from shared.quality import refuses
 from shared.routing import routed_to
 from shared.settings import Settings
 from shared.storage import Keys, Storage, make_storage
@@ -137,8 +138,7 @@ def _submit(request: Request) -> Response:
     manifest = svc.storage.get_bytes(Keys.manifest(cid))
     status_url = f"{svc.settings.public_base_url.rstrip('/')}/covers/{cid}"
     stored = CoverCompleted.model_validate_json(manifest) if manifest is not None else None
-    gated = svc.settings.quality == "gate" and not routed.publish_below_gate
-    if stored is not None and not (gated and stored.quality is not None and not stored.quality.passed):
+    if stored is not None and not refuses(stored.quality, svc.settings.quality, routed.publish_below_gate):
         completed = served(stored, svc.storage)
         completed = completed.model_copy(update={"request_id": routed.request_id})
         return _model(

@@ -99,6 +99,12 @@ def below(scores: Scores, limits: Thresholds = THRESHOLDS) -> list[str]:
     return [name for name, failed in checks.items() if failed]
 
 
+def refuses(quality: QualityReport | None, mode: str, accepted: bool) -> bool:
+    """Whether the gate refuses a cover: ``mode`` is ``gate`` (``COVER_QUALITY``), the cover was
+    measured and missed a threshold, and its request did not accept that (``publish_below_gate``)."""
+    return mode == "gate" and quality is not None and not quality.passed and not accepted
+
+
 def summary(report: QualityReport) -> str:
     """One line for people: the whole song's numbers, and what is below its threshold."""
     w = report.whole

@@ -23,7 +23,7 @@ from shared.logs import setup_logging
 from shared.model_store import ModelStore
 from shared.names import printable
 from shared.options import ConversionOptions, MixOptions, OutputFormat, SeparationOptions, format_for
-from shared.quality import QualityReport, summary
+from shared.quality import QualityReport, refuses, summary
 from shared.settings import Settings
 from shared.voices import VOICE_FILE, VoiceInfo
 
@@ -125,6 +125,7 @@ def cmd_make(args: argparse.Namespace) -> int:
     voice = pipeline.store.voice(args.voice)  # an unknown voice fails before any work
     options = _cover_options(args, args.output)
     result = pipeline.render(args.song, voice, Path(args.output), options, StageBars(not args.json))
+    refused = refuses(result.quality, settings.quality, args.publish_below_gate)
     _emit(
         args,
         {
@@ -138,7 +139,7 @@ def cmd_make(args: argparse.Namespace) -> int:
             "pitch_shift": result.conversion.pitch_shift,
             "parts": result.conversion.parts.model_dump(),
             "quality": result.quality.model_dump(mode="json") if result.quality else None,
-            "gate": "refused" if gated(settings, result.quality) and not args.publish_below_gate else "published",
+            "gate": "refused" if refused else "published",
         },
         lambda: _print_summary(
             "cover",
@@ -154,8 +155,8 @@ def cmd_make(args: argparse.Namespace) -> int:
         ),
     )
     if args.report:
-        _write_report(result, args.publish_below_gate or not gated(settings, result.quality))
-    if gated(settings, result.quality) and not args.publish_below_gate:
+        _write_report(result, published=not refused)
+    if refused:
         print(
             f"cover: the cover is below the quality gate; it is kept at {result.output} "
             f"(--publish-below-gate accepts it) [{ErrorCode.QUALITY_GATE.value}]",
@@ -178,10 +179,6 @@ def _write_report(result: CoverResult, published: bool) -> Path | None:
     path.write_text(render_page(result.quality, title, result.output, content_type, published=published))
     print(f"report: {path}", file=sys.stderr)
     return path
-
-
-def gated(settings: Settings, quality: QualityReport | None) -> bool:
-    return settings.quality == "gate" and quality is not None and not quality.passed
 
 
 def _quality_lines(quality: QualityReport | None) -> list[str]:

@@ -75,6 +75,7 @@ class Pipeline:
         self._separators: dict[str, Separator] = {}
         self._meter: QualityMeter | None = None
         self._references: dict[tuple[str, str], list[float] | None] = {}
+        self._referencing = threading.Lock()
         # Several requests may render at once (a runner's ``in_flight``); the heavy stages take
         # turns on the device, ``heavy_slots`` at a time, while the others fetch, mix and upload.
         self.heavy = threading.BoundedSemaphore(settings.heavy_slots)
@@ -110,9 +111,10 @@ class Pipeline:
         if voice.info.reference_embedding:
             return voice.info.reference_embedding
         key = (voice.name, voice.info.model_version)
-        if key not in self._references:
-            self._references[key] = reference_embedding(self.converter, voice, self.meter)
-        return self._references[key]
+        with self._referencing:  # requests in flight for one voice compute it once
+            if key not in self._references:
+                self._references[key] = reference_embedding(self.converter, voice, self.meter)
+            return self._references[key]
 
     def measure(self, vocals: Path, converted: ConvertedVocals, voice: ResolvedVoice) -> QualityReport:
         source, source_rate = read_wav(vocals, mmap=True)

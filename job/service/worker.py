@@ -45,7 +45,7 @@ from shared.hashing import sha256_of
 from shared.logs import fields
 from shared.model_store import ModelStore, ResolvedVoice
 from shared.options import FORMATS, ConversionOptions, MixOptions
-from shared.quality import QualityReport, summary
+from shared.quality import QualityReport, refuses, summary
 from shared.settings import Settings
 from shared.storage import Keys, Storage, make_storage
 
@@ -195,7 +195,7 @@ class Worker:
             return
         from job.render.report_page import render_page
 
-        refused = self._refuses(result.quality, request)
+        refused = refuses(result.quality, self.settings.quality, request.publish_below_gate)
         page = render_page(
             result.quality,
             f"{request.song_id} ({request.voice_model} cover)",
@@ -205,12 +205,9 @@ class Worker:
         )
         self.storage.put_bytes(Keys.report(cid), page.encode(), content_type="text/html; charset=utf-8")
 
-    def _refuses(self, quality: QualityReport | None, request: CoverRequest) -> bool:
-        return not (self.settings.quality != "gate" or quality is None or quality.passed or request.publish_below_gate)
-
     def _gate(self, quality: QualityReport | None, request: CoverRequest) -> None:
         """Refuse a cover below the quality gate unless the request accepts it (quality.gate)."""
-        if not self._refuses(quality, request):
+        if not refuses(quality, self.settings.quality, request.publish_below_gate):
             return
         assert quality is not None
         raise QualityGateError(f"the cover is below the quality gate: {summary(quality)}", quality)
