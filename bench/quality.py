@@ -40,9 +40,8 @@ def main() -> None:
     meter.embedding(audio)
     print(f"speaker encoder: {(time.perf_counter() - started) / minutes:.2f} s per minute")
     started = time.perf_counter()
-    for start in range(0, len(audio) - DNSMOS_SAMPLES + 1, 10 * 16000):
-        meter.naturalness(audio[start : start + 10 * 16000])
-    print(f"DNSMOS (one window per 10 s): {(time.perf_counter() - started) / minutes:.2f} s per minute")
+    meter.naturalness_of([audio[s : s + 10 * 16000] for s in range(0, len(audio) - DNSMOS_SAMPLES + 1, 10 * 16000)])
+    print(f"DNSMOS (one window per 10 s, two at a time): {(time.perf_counter() - started) / minutes:.2f} s per minute")
 
 
 if __name__ == "__main__":

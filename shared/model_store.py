@@ -309,6 +309,28 @@ class ModelStore:
         bucket.put_bytes(Keys.voice(info.name, VOICE_FILE), info.model_dump_json(indent=2).encode())
         return info
 
+    def keep_reference(self, info: VoiceInfo, embedding: list[float]) -> bool:
+        """Write a reference embedding computed at a cover into a local voice's ``voice.json``, so the
+        next process need not compute it. Only for a voice that is not in the bucket (the bucket's
+        ``voice.json`` is the truth there: ``cover models add`` computes it before publishing) and whose
+        local files are still the ones ``info`` describes. Whether it was written."""
+        folder = self.voice_folder(info.name)
+        try:
+            local = self._read_voice(folder)
+        except CoverError:
+            return False
+        if local.files != info.files or local.reference_embedding or self._remote_voice(info.name) is not None:
+            return False
+        updated = local.model_copy(update={"reference_embedding": embedding})
+        staged = folder / f".{VOICE_FILE}.tmp"
+        try:
+            staged.write_text(updated.model_dump_json(indent=2))
+            staged.replace(folder / VOICE_FILE)
+        except OSError as exc:
+            log.warning("voice %r: reference embedding not kept: %s", info.name, exc)
+            return False
+        return True
+
     def verify_voice(self, name: str) -> list[str]:
         """Problems with a local voice's files (empty when every hash matches)."""
         info = self._local_voice(name)

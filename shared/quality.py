@@ -73,6 +73,42 @@ class Curves(BaseModel):
     duration_s: float
 
 
+class Candidate(BaseModel):
+    """One re-render of a weak segment with one setting changed from the best so far."""
+
+    change: str = Field(description="octave, f0_method, index_rate or protect")
+    setting: str = Field(description="the setting tried, e.g. 'pitch -12' or 'f0_method crepe-tiny'")
+    below: list[str] = Field(description="the measures the candidate still failed")
+    kept: bool = Field(description="whether it was better than the best so far (and replaced it)")
+    seconds: float = Field(description="what converting and scoring it cost")
+
+
+class RepairedSegment(BaseModel):
+    start_s: float
+    end_s: float
+    why: list[str] = Field(description="the measures the segment failed before repair")
+    tried: list[Candidate]
+    kept: str | None = Field(None, description="the settings now in the cover; None: the first render kept")
+
+
+class Repair(BaseModel):
+    budget_s: float = Field(description="the time repair may take: a share of the conversion's (COVER_REPAIR_BUDGET)")
+    spent_s: float
+    segments: list[RepairedSegment] = Field(description="weak segments tried, worst first")
+    untried: int = Field(0, description="weak segments the budget left as they were")
+
+    def summary(self) -> str:
+        replaced = [s for s in self.segments if s.kept]
+        parts = [f"{s.start_s:.0f}-{s.end_s:.0f} s ({', '.join(s.why)}): {s.kept}" for s in replaced]
+        head = (
+            f"re-rendered {len(replaced)} of {len(self.segments) + self.untried} weak segments "
+            f"in {self.spent_s:.1f} s of a {self.budget_s:.1f} s budget"
+        )
+        if self.untried:
+            head += f"; {self.untried} left for lack of time"
+        return head + (": " + "; ".join(parts) if parts else "")
+
+
 class QualityReport(BaseModel):
     whole: Scores
     segments: list[Segment]
@@ -80,7 +116,7 @@ class QualityReport(BaseModel):
     thresholds: Thresholds = Field(default_factory=Thresholds)
     passed: bool = Field(description="whether the whole song meets every threshold (the gate)")
     measured_s: float = Field(description="what measuring cost, seconds")
-    repair: str | None = Field(None, description="what repair changed, and why (none yet: README, 'Quality')")
+    repair: Repair | None = Field(None, description="what the repair loop tried, kept and why")
     curves: Curves | None = Field(None, exclude=True)
 
 
@@ -97,6 +133,22 @@ def below(scores: Scores, limits: Thresholds = THRESHOLDS) -> list[str]:
         "dnsmos_ovrl": scores.dnsmos is not None and scores.dnsmos.ovrl < limits.dnsmos_ovrl_min,
     }
     return [name for name, failed in checks.items() if failed]
+
+
+def shortfall(scores: Scores, limits: Thresholds = THRESHOLDS) -> tuple[int, float]:
+    """How far ``scores`` misses its thresholds, for ranking renders of one segment (lower is better):
+    the number of measures below, then the sum of each one's distance past its threshold (F0 RMSE in
+    units of its threshold, the rest in their own units: correlations, shares, MOS points / 4)."""
+    m = scores.melody
+    gaps = [
+        limits.f0_correlation_min - m.f0_correlation if m.f0_correlation is not None else 0.0,
+        (m.f0_rmse_cents - limits.f0_rmse_cents_max) / limits.f0_rmse_cents_max if m.f0_rmse_cents is not None else 0.0,
+        m.octave_error_share - limits.octave_error_share_max if m.octave_error_share is not None else 0.0,
+        m.unvoiced_share - limits.unvoiced_share_max if m.unvoiced_share is not None else 0.0,
+        limits.speaker_similarity_min - scores.speaker_similarity if scores.speaker_similarity is not None else 0.0,
+        (limits.dnsmos_ovrl_min - scores.dnsmos.ovrl) / 4 if scores.dnsmos is not None else 0.0,
+    ]
+    return len(below(scores, limits)), round(sum(max(0.0, g) for g in gaps), 6)
 
 
 def refuses(quality: QualityReport | None, mode: str, accepted: bool) -> bool:

@@ -72,6 +72,15 @@ class Settings(BaseSettings):
             "the request sets publish_below_gate), measure (report only), off."
         ),
     )
+    repair_budget: float = Field(
+        0.3,
+        ge=0,
+        le=4,
+        description=(
+            "The repair loop re-renders segments below the quality thresholds for at most this share of the "
+            "conversion stage's time (0: no repair; needs COVER_QUALITY gate or measure)."
+        ),
+    )
     allow_hub_download: bool = Field(
         False, description="Let Demucs fetch a named model from its public repo if not in the store."
     )

@@ -195,3 +195,44 @@ def test_the_gate_refuses_the_untrained_demo_voice_unless_the_request_accepts_it
     ask(False, "refused-again")
     (again,) = of_type(stack.events(lambda got: of_type(got, FAILED), timeout=120), FAILED)
     assert again["code"] == "quality.gate" and again["request_id"] == "refused-again"
+
+
+def test_a_reference_computed_at_a_cover_is_kept_in_a_local_voice(store, tmp_path):
+    """A local voice without a reference embedding gets one at its first cover, written into its
+    voice.json, so the next process reads it instead of converting the reference phrase again."""
+    import shutil
+
+    from job.render.pipeline import Pipeline
+    from shared.model_store import ModelStore
+    from shared.settings import Settings
+    from shared.voices import VOICE_FILE, VoiceInfo
+
+    models = shutil.copytree(store, tmp_path / "models")
+    voice_json = ModelStore(models).voice_folder(demo.DEMO_VOICE) / VOICE_FILE
+    info = VoiceInfo.model_validate_json(voice_json.read_text())
+    voice_json.write_text(info.model_copy(update={"reference_embedding": None}).model_dump_json(indent=2))
+    settings = Settings(models_dir=models, work_dir=tmp_path / "work")
+    first = Pipeline(settings, ModelStore(models))
+    computed = first.reference(first.store.voice(demo.DEMO_VOICE))
+    assert computed is not None and len(computed) == 256
+    kept = VoiceInfo.model_validate_json(voice_json.read_text())
+    assert kept.reference_embedding == computed and kept.files == info.files
+
+    class NoConversion(Pipeline):  # the next process must not convert the phrase again
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.converter.convert = None  # type: ignore[method-assign]
+
+    second = NoConversion(settings, ModelStore(models))
+    assert second.reference(second.store.voice(demo.DEMO_VOICE)) == computed
+
+
+def test_our_one_dimensional_crepe_pass_matches_torchcrepes_own(meter):
+    import torch
+
+    from job.render.quality import crepe_1d
+
+    frames = torch.from_numpy(np.random.default_rng(3).standard_normal((40, 1024)).astype(np.float32))
+    model = meter.crepe()
+    with torch.inference_mode():
+        assert torch.allclose(crepe_1d(model, frames), model(frames), atol=1e-6)

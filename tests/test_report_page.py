@@ -86,3 +86,24 @@ def test_chromium_draws_both_pitch_curves_and_the_player(page, tmp_path):
     assert count(SOURCE_COLOUR) > 500, "the source melody is not drawn"
     assert count(CONVERTED_COLOUR) > 500, "the cover's melody is not drawn"
     assert count(PLAYER_COLOUR) > 1000, "the player's frame is not drawn"
+
+
+def test_the_page_says_what_repair_tried_and_kept(page):
+    from shared.quality import Candidate, Repair, RepairedSegment
+
+    _, report = page
+    repaired = report.model_copy(deep=True)
+    assert "nothing was re-rendered" in render_page(repaired, "song", None)
+    tried = [
+        Candidate(change="octave", setting="pitch -12", below=["dnsmos_ovrl"], kept=True, seconds=1.2),
+        Candidate(change="protect", setting="protect 0.18", below=["dnsmos_ovrl"], kept=False, seconds=1.1),
+    ]
+    segment = RepairedSegment(
+        start_s=10, end_s=20, why=["octave_error_share", "dnsmos_ovrl"], tried=tried, kept="pitch -12"
+    )
+    repaired.repair = Repair(budget_s=9.0, spent_s=2.4, segments=[segment], untried=1)
+    text = render_page(repaired, "song", None)
+    table = text[text.index('<table id="repair">') :]
+    assert "re-rendered 1 of 2 weak segments in 2.4 s of a 9.0 s budget; 1 left for lack of time" in text
+    assert table.index("pitch -12") < table.index("protect 0.18")  # in the order tried
+    assert ">kept<" in table and ">dropped<" in table and "octave_error_share, dnsmos_ovrl" in table

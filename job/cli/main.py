@@ -184,7 +184,10 @@ def _write_report(result: CoverResult, published: bool) -> Path | None:
 def _quality_lines(quality: QualityReport | None) -> list[str]:
     if quality is None:
         return ["quality not measured (COVER_QUALITY=off)"]
-    return [f"quality: {summary(quality)}", f"  measured in {quality.measured_s:.1f} s"]
+    lines = [f"quality: {summary(quality)}", f"  measured in {quality.measured_s:.1f} s"]
+    if quality.repair is not None:
+        lines.append(f"  repair: {quality.repair.summary()}")
+    return lines
 
 
 def cmd_separate(args: argparse.Namespace) -> int:

@@ -16,14 +16,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 from pydantic import BaseModel, Field
 
-from job.render.audio import MIX_SAMPLE_RATE, read_wav
+from job.render.audio import MIX_SAMPLE_RATE, read_wav, write_wav
 from job.render.convert import ConversionOptions, ConvertedVocals, VoiceConverter, convert_vocals
 from job.render.download import UrlPolicy
 from job.render.fetch import SongAudio, fetch
 from job.render.mix import MixResult, mix
 from job.render.quality import QualityMeter, reference_embedding
+from job.render.repair import CONTEXT_S, RepairLoop
+from job.render.repair import Voice as RepairVoice
 from job.render.separate import Separator
 from job.render.stems import StemCache, Stems
 from job.render.timing import StageTimer
@@ -107,13 +110,17 @@ class Pipeline:
 
     def reference(self, voice: ResolvedVoice) -> list[float] | None:
         """The voice's reference embedding: from voice.json, else from the reference phrase it
-        sings here (computed once per process and voice version)."""
+        sings here (computed once per process and voice version, and written into a local-only
+        voice's voice.json)."""
         if voice.info.reference_embedding:
             return voice.info.reference_embedding
         key = (voice.name, voice.info.model_version)
         with self._referencing:  # requests in flight for one voice compute it once
             if key not in self._references:
-                self._references[key] = reference_embedding(self.converter, voice, self.meter)
+                embedding = reference_embedding(self.converter, voice, self.meter)
+                if embedding is not None:
+                    self.store.keep_reference(voice.info, embedding)  # a local voice keeps it for next time
+                self._references[key] = embedding
             return self._references[key]
 
     def measure(self, vocals: Path, converted: ConvertedVocals, voice: ResolvedVoice) -> QualityReport:
@@ -122,6 +129,48 @@ class Pipeline:
         return self.meter.conversion(
             source, source_rate, output, output_rate, converted.pitch_shift, self.reference(voice)
         )
+
+    def repair(
+        self,
+        vocals: Path,
+        converted: ConvertedVocals,
+        voice: ResolvedVoice,
+        options: ConversionOptions,
+        report: QualityReport,
+        convert_s: float,
+    ) -> None:
+        """Re-render the segments of ``converted`` below the thresholds (job/render/repair.py), in
+        ``repair_budget`` times ``convert_s`` at most; the file and ``report`` are updated."""
+        source, rate = read_wav(vocals, mmap=True)
+        out, out_rate = read_wav(converted.path)
+        loaded = self.converter.load_voice(voice)
+        fixed = options.model_copy(update={"pitch": converted.pitch_shift})
+
+        def render(lo_s: float, hi_s: float, candidate: ConversionOptions) -> np.ndarray:
+            return self.convert_span(source, rate, lo_s, hi_s, voice, candidate)
+
+        loop = RepairLoop(
+            self.meter,
+            render,
+            RepairVoice(f0=loaded.f0, index=loaded.index is not None),
+            budget_s=self.settings.repair_budget * convert_s,
+            seconds_per_second=convert_s / max(converted.duration_s, 1.0),
+            reference=self.reference(voice),
+        )
+        repair = loop.run(report, out[0], out_rate, fixed)
+        if any(s.kept for s in repair.segments):
+            write_wav(converted.path, out[0], out_rate)
+
+    def convert_span(
+        self, source: np.ndarray, rate: int, lo_s: float, hi_s: float, voice: ResolvedVoice, options: ConversionOptions
+    ) -> np.ndarray:
+        """The converted audio from ``lo_s`` to ``hi_s`` of ``source`` (at the voice's rate), converted
+        alone with ``CONTEXT_S`` of the song either side."""
+        a = max(0, int((lo_s - CONTEXT_S) * rate))
+        b = min(source.shape[-1], int(np.ceil((hi_s + CONTEXT_S) * rate)))
+        result = self.converter.convert(source[..., a:b], rate, self.converter.load_voice(voice), options)
+        offset = round((lo_s - a / rate) * result.sample_rate)
+        return result.audio[offset : offset + round((hi_s - lo_s) * result.sample_rate)]
 
     def _separator(self, key: str, options: SeparationOptions) -> Separator:
         if key not in self._separators:
@@ -210,6 +259,11 @@ class Pipeline:
             if self.settings.quality != "off":
                 with timer("quality"):
                     quality = self.measure(stems.vocals, converted, voice)
+                if self.settings.repair_budget > 0 and any(s.below for s in quality.segments):
+                    with self.device_turn(timer), timer("repair"):
+                        self.repair(
+                            stems.vocals, converted, voice, options.conversion, quality, timer.timings["convert"]
+                        )
             with timer("mix"):
                 mixed = mix(
                     stems.no_vocals,

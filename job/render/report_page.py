@@ -16,7 +16,7 @@ import html
 import math
 from pathlib import Path
 
-from shared.quality import Curves, QualityReport, Scores, Thresholds
+from shared.quality import Curves, QualityReport, Repair, Scores, Thresholds
 
 WIDTH = 1000
 WAVE_HEIGHT = 110
@@ -94,6 +94,26 @@ def _thresholds(t: Thresholds) -> str:
         f"<td>&le; {t.octave_error_share_max:.0%}</td><td>&le; {t.unvoiced_share_max:.0%}</td>"
         f"<td>&ge; {t.speaker_similarity_min:.2f}</td><td>&ge; {t.dnsmos_ovrl_min:.1f}</td></tr>"
     )
+
+
+def _repair(repair: Repair | None) -> str:
+    """What the repair loop tried on each weak segment, in order, and what it kept."""
+    if repair is None:
+        return "<p>Every segment met the thresholds (or repair is off): nothing was re-rendered.</p>"
+    rows = "".join(
+        f"<tr><th>{s.start_s:.0f}–{s.end_s:.0f} s</th><td>{html.escape(', '.join(s.why))}</td>"
+        f"<td>{html.escape(c.setting)}</td><td>{html.escape(', '.join(c.below) or 'none')}</td>"
+        f'<td class="{"ok" if c.kept else ""}">{"kept" if c.kept else "dropped"}</td><td>{c.seconds:.1f} s</td></tr>'
+        for s in repair.segments
+        for c in s.tried
+    )
+    table = (
+        '<table id="repair"><tr><th>segment</th><th>below before</th><th>tried</th><th>still below</th>'
+        f"<th></th><th>cost</th></tr>{rows}</table>"
+        if rows
+        else ""
+    )
+    return f"<p>{html.escape(repair.summary())}.</p>{table}"
 
 
 def render_page(
@@ -179,7 +199,7 @@ threshold, red where they do not</p>
 <th>voiced frames lost</th><th>speaker similarity</th><th>DNSMOS OVRL</th></tr>
 {_row("whole song", w)}{rows}{_thresholds(report.thresholds)}</table>
 <p>Mix: {mix_line}. Measured in {report.measured_s:.1f} s.</p>
-<h2>Repair</h2><p>{html.escape(report.repair or "No segment was re-rendered.")}</p>
+<h2>Repair</h2>{_repair(report.repair)}
 <script>
 const player = document.getElementById("player"), duration = {duration:.3f};
 function seek(event) {{

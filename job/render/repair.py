@@ -1,0 +1,195 @@
+"""The repair loop: segments below the thresholds are rendered again with other settings, and the
+best render of each is kept, all within a time budget.
+
+For each weak segment, worst first (``shortfall``), the loop tries these changes in this fixed order,
+each applied to the best settings found so far for that segment, and stops at the first render that
+meets every threshold:
+
+1. ``octave``: where the cover is an octave off the singer (octave errors past their threshold), the
+   pitch shift moved 12 semitones the other way (the pitch tracker took the wrong octave).
+2. ``f0_method``: on any melody failure, another pitch tracker: ``crepe-tiny`` instead of ``rmvpe``,
+   ``rmvpe`` instead of any other.
+3. ``index_rate``: on melody or naturalness failures, with a voice that has an index in use, half the
+   index rate (retrieved features blur articulation; fewer of them trade some likeness for clarity).
+   Not tried when only the speaker similarity fails: a lower rate makes that worse.
+4. ``protect``: on naturalness or speaker failures, stronger protection of voiceless consonants and
+   breaths. In RVC's convention a *lower* ``protect`` protects more (0.5 is off): it goes down by 0.15
+   (to at least 0.1), or to 0.33 from off.
+
+Each candidate is the segment converted alone with half a second of the song either side as context
+(as the engine converts a chunk), scored by the quality stage's models on the segment, and compared
+with the best so far by ``shortfall``. The kept render replaces the segment with the engine's 40 ms
+linear crossfades at both ends. A candidate is started only when the time spent so far plus its
+estimate (the slowest conversion rate seen, per second of audio converted, times 1.5) fits in the
+budget: a share (``COVER_REPAIR_BUDGET``, 0.3) of the conversion stage's time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from job.render.audio import to_16k
+from job.render.quality import QualityMeter, frame_span
+from shared.options import ConversionOptions, F0Method
+from shared.quality import Candidate, QualityReport, Repair, RepairedSegment, shortfall
+
+ORDER = ("octave", "f0_method", "index_rate", "protect")
+MELODY = frozenset({"f0_correlation", "f0_rmse_cents", "octave_error_share", "unvoiced_share"})
+NATURALNESS = frozenset({"dnsmos_ovrl"})
+IDENTITY = frozenset({"speaker_similarity"})
+CONTEXT_S = 0.5  # of the song either side of a re-rendered segment (the engine's chunk context)
+CROSSFADE_S = 0.04  # the engine's crossfade, centred on each end of the segment
+SAFETY = 1.5  # a candidate's estimate: the slowest rate seen times this
+PROTECT_STEP, PROTECT_FLOOR, PROTECT_ON = 0.15, 0.1, 0.33
+
+# renders the converted audio from lo_s to hi_s of the song with the given options (output rate)
+SpanRenderer = Callable[[float, float, ConversionOptions], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Voice:
+    """What the loop needs to know of the voice."""
+
+    f0: bool  # pitch-guided (every RVC singing voice is)
+    index: bool  # has a retrieval index
+
+
+def change(
+    name: str, options: ConversionOptions, failed: set[str], voice: Voice, octave_direction: int
+) -> tuple[str, ConversionOptions] | None:
+    """The setting ``name`` tries on top of ``options`` for a segment failing ``failed``, or None
+    when it does not apply."""
+    if name == "octave" and voice.f0 and "octave_error_share" in failed and octave_direction:
+        assert options.pitch != "auto"  # the loop fixes the pitch the first render chose
+        pitch = int(options.pitch) - 12 * octave_direction
+        if -24 <= pitch <= 24:
+            return f"pitch {pitch:+d}", options.model_copy(update={"pitch": pitch})
+    if name == "f0_method" and voice.f0 and failed & MELODY:
+        method = F0Method.CREPE_TINY if options.f0_method is F0Method.RMVPE else F0Method.RMVPE
+        return f"f0_method {method.value}", options.model_copy(update={"f0_method": method})
+    if name == "index_rate" and voice.index and options.index_rate > 0.05 and failed & (MELODY | NATURALNESS):
+        rate = round(options.index_rate / 2, 3)
+        return f"index_rate {rate:g}", options.model_copy(update={"index_rate": rate})
+    if name == "protect" and voice.f0 and failed & (NATURALNESS | IDENTITY):
+        protect = PROTECT_ON if options.protect >= 0.5 else round(options.protect - PROTECT_STEP, 3)
+        if protect >= PROTECT_FLOOR:
+            return f"protect {protect:g}", options.model_copy(update={"protect": protect})
+    return None
+
+
+def octave_direction(f0_src: np.ndarray, f0_out: np.ndarray) -> int:
+    """+1 when the cover sits an octave above the singer on most octave-off frames, -1 below, 0 if none."""
+    both = (f0_src > 0) & (f0_out > 0)
+    cents = 1200 * np.log2(f0_out[both] / f0_src[both])
+    off = cents[np.abs(np.abs(cents) - 1200) <= 300]
+    return 0 if not len(off) else int(np.sign(np.median(off)))
+
+
+def crossfade_into(out: np.ndarray, piece: np.ndarray, start: int, fade: int) -> None:
+    """Put ``piece`` into ``out`` from ``start``, ramping linearly over ``fade`` samples at each end
+    that has a neighbour (the engine's joins)."""
+    end = min(len(out), start + len(piece))
+    piece = piece[: end - start]
+    weight = np.ones(len(piece), dtype=np.float32)
+    if start > 0:
+        n = min(fade, len(piece))
+        weight[:n] = np.linspace(0.0, 1.0, n, dtype=np.float32)
+    if end < len(out):
+        n = min(fade, len(piece))
+        weight[len(piece) - n :] = np.minimum(weight[len(piece) - n :], np.linspace(1.0, 0.0, n, dtype=np.float32))
+    out[start:end] = out[start:end] * (1 - weight) + piece * weight
+
+
+class RepairLoop:
+    def __init__(
+        self,
+        meter: QualityMeter,
+        render: SpanRenderer,
+        voice: Voice,
+        budget_s: float,
+        seconds_per_second: float,
+        reference: list[float] | None,
+    ) -> None:
+        self.meter, self.render, self.voice = meter, render, voice
+        self.budget_s, self.rate, self.reference = budget_s, seconds_per_second, reference
+
+    def run(self, report: QualityReport, out: np.ndarray, out_rate: int, options: ConversionOptions) -> Repair:
+        """Repair ``out`` (the converted vocals, mono, changed in place) and ``report`` (its segments,
+        whole-song scores, verdict and curves) with ``options`` (the first render's, pitch fixed)."""
+        assert report.curves is not None
+        started = time.perf_counter()
+        f0_src = np.asarray(report.curves.source_hz, dtype=np.float32)
+        f0_out = np.asarray(report.curves.converted_hz, dtype=np.float32)
+        duration = len(out) / out_rate
+        weak = sorted(
+            (i for i, s in enumerate(report.segments) if s.below),
+            key=lambda i: shortfall(report.segments[i], report.thresholds),
+            reverse=True,
+        )
+        done: list[RepairedSegment] = []
+        untried = 0
+        for rank, i in enumerate(weak):
+            segment = report.segments[i]
+            fa, fb = frame_span(segment.start_s, segment.end_s)
+            lo, hi = max(0.0, segment.start_s - CROSSFADE_S / 2), min(duration, segment.end_s + CROSSFADE_S / 2)
+            direction = octave_direction(f0_src[fa:fb], f0_out[fa:fb])
+            best, best_options, best_audio, best_f0 = segment, options, None, None
+            tried: list[Candidate] = []
+            out_of_time = False
+            for name in ORDER:
+                step = change(name, best_options, set(best.below), self.voice, direction)
+                if step is None:
+                    continue
+                setting, candidate_options = step
+                converted_s = hi - lo + 2 * CONTEXT_S
+                if time.perf_counter() - started + SAFETY * self.rate * converted_s > self.budget_s:
+                    out_of_time = True
+                    break
+                t0 = time.perf_counter()
+                piece = self.render(lo, hi, candidate_options)
+                a = round((segment.start_s - lo) * out_rate)
+                audio16 = to_16k(piece[a : a + round((segment.end_s - segment.start_s) * out_rate)], out_rate)
+                scored, f0 = self.meter.segment(segment, f0_src[fa:fb], audio16, self.reference)
+                seconds = time.perf_counter() - t0
+                self.rate = max(self.rate, seconds / converted_s)
+                kept = shortfall(scored, report.thresholds) < shortfall(best, report.thresholds)
+                tried.append(
+                    Candidate(change=name, setting=setting, below=scored.below, kept=kept, seconds=round(seconds, 3))
+                )
+                if kept:
+                    best, best_options, best_audio, best_f0 = scored, candidate_options, piece, f0
+                if not best.below:
+                    break
+            if best_audio is not None and best_f0 is not None:
+                crossfade_into(out, best_audio, round(lo * out_rate), round(CROSSFADE_S * out_rate))
+                report.segments[i] = best
+                f0_out[fa:fb] = best_f0
+            if tried:
+                kept_settings = [c.setting for c in tried if c.kept]
+                done.append(
+                    RepairedSegment(
+                        start_s=segment.start_s,
+                        end_s=segment.end_s,
+                        why=segment.below,
+                        tried=tried,
+                        kept=", ".join(kept_settings) if kept_settings else None,
+                    )
+                )
+            if out_of_time:
+                untried = len(weak) - rank - (1 if tried else 0)
+                break
+        if any(s.kept for s in done):
+            report.whole = self.meter.whole(f0_src, f0_out, report.segments)
+            report.passed = not report.whole.below
+            report.curves.converted_hz = [round(float(f), 1) for f in f0_out]
+        report.repair = Repair(
+            budget_s=round(self.budget_s, 3),
+            spent_s=round(time.perf_counter() - started, 3),
+            segments=done,
+            untried=untried,
+        )
+        return report.repair
