@@ -34,11 +34,12 @@ def converter(store):
 @pytest.fixture
 def env(store, tmp_path) -> dict[str, str]:
     """Environment for running the ``cover`` command against the test store. The random-weight
-    voices are always below the quality gate, so these runs measure without gating (the gate has
-    tests of its own)."""
+    voices are always below the quality gate, so these runs measure without gating or repairing
+    (the gate and the repair loop have tests of their own)."""
     return {
         **os.environ,
         "COVER_QUALITY": "measure",
+        "COVER_REPAIR_BUDGET": "0",
         "COVER_MODELS_DIR": str(store),
         "COVER_WORK_DIR": str(tmp_path / "work"),
         "COVER_STEM_CACHE_DIR": str(tmp_path / "stems"),
