@@ -115,11 +115,14 @@ class QualityMeter:
         """F0 in Hz per ``HOP`` (80 ms) frame, 0 where unvoiced."""
         import torch
 
-        padded = np.pad(audio16, (WINDOW // 2, WINDOW // 2))
         count = 1 + len(audio16) // HOP
-        index = np.arange(count)[:, None] * HOP + np.arange(WINDOW)[None, :]
-        frames = padded[np.minimum(index, len(padded) - 1)]
-        rms = np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=1))
+        padded = np.pad(audio16, (WINDOW // 2, WINDOW // 2 + HOP))  # frame k starts at k * HOP
+        frames = np.lib.stride_tricks.sliding_window_view(padded, WINDOW)[::HOP][:count]  # a view: no copy
+        rms = np.sqrt(  # block by block: memory stays flat in the song's length
+            np.concatenate(
+                [np.mean(np.square(frames[i : i + 4096], dtype=np.float64), axis=1) for i in range(0, count, 4096)]
+            )
+        )
         loud = np.flatnonzero(20 * np.log10(np.maximum(rms, 1e-10)) > SILENCE_DBFS)
         f0 = np.zeros(count, dtype=np.float32)
         if not len(loud):
