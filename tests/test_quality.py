@@ -236,3 +236,17 @@ def test_our_one_dimensional_crepe_pass_matches_torchcrepes_own(meter):
     model = meter.crepe()
     with torch.inference_mode():
         assert torch.allclose(crepe_1d(model, frames), model(frames), atol=1e-6)
+
+
+def test_an_instrumental_break_is_not_scored_for_likeness_or_naturalness(meter, vocals):
+    """Over a stretch where the singer is silent the vocal stem holds only bleed: its melody frames
+    are few, and it gets no speaker or DNSMOS score to drag the song's down."""
+    rng = np.random.default_rng(5)
+    song = vocals.copy()
+    song[:, 10 * MIX_SAMPLE_RATE : 20 * MIX_SAMPLE_RATE] = 0.01 * rng.standard_normal((2, 10 * MIX_SAMPLE_RATE))
+    reference = meter.embedding(to_16k(vocals, MIX_SAMPLE_RATE)).tolist()
+    report = meter.conversion(song, MIX_SAMPLE_RATE, song, MIX_SAMPLE_RATE, 0, reference)
+    first, brk, last = report.segments
+    assert brk.speaker_similarity is None and brk.dnsmos is None and brk.below == []
+    assert all(s.speaker_similarity >= 0.9 and s.dnsmos is not None for s in (first, last))
+    assert report.whole.speaker_similarity >= 0.9 and report.whole.dnsmos is not None

@@ -13,7 +13,8 @@ Three real pretrained models, each loaded from the weights inside its installed 
 * naturalness: DNSMOS P.835 (speechmos' ``sig_bak_ovr.onnx`` on ONNX Runtime) over 9.01 s windows,
   one per segment here (not speechmos' 1 s hop, nine times the cost), with DNSMOS' polynomial mapping.
 
-Segments are ``SEGMENT_S`` long (the last takes the rest).
+Segments are ``SEGMENT_S`` long (the last takes the rest). Likeness and naturalness are scored only
+on segments where the singer sings (``sung_in``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ SILENCE_DBFS = -50.0
 VOICED_CONFIDENCE = 0.5
 OCTAVE_BAND_CENTS = (900.0, 1500.0)
 SEGMENT_S = 10.0
+SUNG_SHARE_MIN = 0.1  # of a segment's frames voiced in the source, for likeness and naturalness to be scored
 CREPE_CENTS_PER_BIN = 20.0  # CREPE's 360 bins, in cents above 10 Hz
 CREPE_CENTS_AT_BIN_0 = 1997.3794084376191
 DNSMOS_SAMPLES = int(9.01 * RATE)
@@ -190,12 +192,16 @@ class QualityMeter:
         f0_out = self.pitch(out)
         ref = np.asarray(reference, dtype=np.float32) if reference else None
         bounds = segment_bounds(n / RATE)
-        natural = self.naturalness_of([out[int(start * RATE) : int(end * RATE)] for start, end in bounds])
+        sung = [sung_in(f0_src[slice(*frame_span(start, end))]) for start, end in bounds]
+        natural = self.naturalness_of(
+            [out[int(start * RATE) : int(end * RATE)] for (start, end), s in zip(bounds, sung, strict=True) if s]
+        )
         segments = []
-        for (start, end), dnsmos in zip(bounds, natural, strict=True):
+        for (start, end), is_sung in zip(bounds, sung, strict=True):
             a, b = int(start * RATE), int(end * RATE)
             fa, fb = frame_span(start, end)
-            scores = self._scores(f0_src[fa:fb], f0_out[fa:fb], out[a:b], ref, dnsmos)
+            dnsmos = natural.pop(0) if is_sung else None
+            scores = self._scores(f0_src[fa:fb], f0_out[fa:fb], out[a:b], ref if is_sung else None, dnsmos)
             segments.append(Segment(start_s=round(start, 3), end_s=round(end, 3), **scores.model_dump()))
         whole = self.whole(f0_src, f0_out, segments)
         curves = Curves(
@@ -221,7 +227,10 @@ class QualityMeter:
         f0_out = self.pitch(audio16)[: len(f0_src)]
         f0_out = np.pad(f0_out, (0, len(f0_src) - len(f0_out)))
         ref = np.asarray(reference, dtype=np.float32) if reference else None
-        scores = self._scores(f0_src, f0_out, audio16, ref, self.naturalness(audio16))
+        if not sung_in(f0_src):
+            scores = self._scores(f0_src, f0_out, audio16, None, None)
+        else:
+            scores = self._scores(f0_src, f0_out, audio16, ref, self.naturalness(audio16))
         return Segment(start_s=segment.start_s, end_s=segment.end_s, **scores.model_dump()), f0_out
 
     def whole(self, f0_src: np.ndarray, f0_out: np.ndarray, segments: list[Segment]) -> Scores:
@@ -306,6 +315,14 @@ def segment_bounds(duration_s: float, segment_s: float = SEGMENT_S) -> list[tupl
     if len(edges) > 2 and edges[-1] - edges[-2] < segment_s / 2:
         del edges[-2]
     return [(float(a), float(b)) for a, b in itertools.pairwise(edges) if b > a]
+
+
+def sung_in(f0_src: np.ndarray) -> bool:
+    """Whether the singer sings in a segment: at least ``SUNG_SHARE_MIN`` of its frames voiced in the
+    separated vocals. Likeness and naturalness are scored only there: elsewhere the vocal stem holds
+    only the band's bleed, whose conversion says nothing about the voice (and would drag the whole
+    song's scores down over an instrumental break)."""
+    return len(f0_src) > 0 and float(np.mean(f0_src > 0)) >= SUNG_SHARE_MIN
 
 
 def frame_span(start_s: float, end_s: float) -> tuple[int, int]:
