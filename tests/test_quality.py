@@ -15,7 +15,7 @@ import pytest
 
 from job.devkit import demo
 from job.render.audio import MIX_SAMPLE_RATE, read_wav, to_16k, write_wav
-from job.render.quality import QualityMeter, melody_scores, mix_scores, reference_phrase
+from job.render.quality import QualityMeter, melody_scores, mix_scores, reference_phrase, waveform_peaks
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,6 +81,14 @@ def test_mix_measures_count_clipping_and_silence():
     scores = mix_scores(half, rate, -14.0, -1.0)
     assert scores.silent_share == pytest.approx(0.5) and scores.clipped_share == 0.0
     assert mix_scores(np.ones((2, 1000)), rate, -3, 0).clipped_share == 1.0
+    # a long mix is measured a stretch at a time: the shares come out as for the whole
+    long = np.full((2, 600_037), 0.2, dtype=np.float32)  # 50 ms blocks of 50 samples; the last partial
+    long[:, 100_000:250_000] = 0.0
+    long[0, 400_000:400_300] = 1.0
+    whole = mix_scores(long, rate, -14.0, -1.0)
+    assert whole.silent_share == pytest.approx(3000 / 12000, abs=1e-4)
+    assert whole.clipped_share == pytest.approx(300 / long.size, rel=1e-3)
+    assert waveform_peaks(long, 6) == [0.2, 0.0, 0.2, 1.0, 1.0, 0.2]  # columns of 100006 samples
 
 
 def test_the_reference_phrase_is_sung_and_voiced(meter):

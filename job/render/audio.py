@@ -89,11 +89,15 @@ def decode_to_wav(
         return Decoded(frames=writer.frames, peak=peak, errors=errors.decode(errors="replace").strip())
 
 
+WRITE_BLOCK = 1 << 18  # frames
+
+
 def write_wav(path: Path, audio: np.ndarray, sample_rate: int) -> Path:
     """Write ``[channels, samples]`` (or ``[samples]``) float32 as a 32-bit float WAV."""
-    data = np.asarray(audio, dtype=np.float32)
-    with WavWriter(path, sample_rate, data.shape[0] if data.ndim == 2 else 1) as writer:
-        writer.write(data)
+    data = audio if audio.ndim == 2 else audio[None]
+    with WavWriter(path, sample_rate, data.shape[0]) as writer:
+        for start in range(0, data.shape[-1], WRITE_BLOCK):  # a block at a time: no whole-song copy
+            writer.write(data[:, start : start + WRITE_BLOCK])
     return path
 
 

@@ -54,11 +54,17 @@ def integrated_lufs(audio: np.ndarray, rate: int) -> float:
     if steps < per_block:
         return float("-inf")
     energy = np.zeros(steps)
+    filters = _k_weighting(rate)
+    block = step * 256  # whole steps, filtered a block at a time with the filters' state carried
     for channel in np.atleast_2d(audio):
-        weighted = np.asarray(channel, dtype=np.float64)
-        for b, a in _k_weighting(rate):
-            weighted = lfilter(b, a, weighted)
-        energy += np.square(weighted[: steps * step]).reshape(steps, step).mean(axis=1)
+        state = [np.zeros(2) for _ in filters]
+        for start in range(0, steps * step, block):
+            weighted = np.asarray(channel[start : min(start + block, steps * step)], dtype=np.float64)
+            for k, (b, a) in enumerate(filters):
+                weighted, state[k] = lfilter(b, a, weighted, zi=state[k])
+            energy[start // step : start // step + len(weighted) // step] += (
+                np.square(weighted).reshape(-1, step).mean(axis=1)
+            )
     # 400 ms blocks overlapping by 75 %: the mean of four consecutive 100 ms steps
     blocks = np.convolve(energy, np.full(per_block, 1 / per_block), mode="valid")
     with np.errstate(divide="ignore"):

@@ -78,9 +78,14 @@ def mixed(instrumental: Path, vocals: Path, options: MixOptions) -> np.ndarray:
         g = math.gcd(MIX_SAMPLE_RATE, voc_rate)
         voc = resample_poly(voc, MIX_SAMPLE_RATE // g, voc_rate // g, axis=-1).astype(np.float32)
     n = inst.shape[-1]
+    if voc.shape[0] not in (1, 2):
+        _stereo(voc)  # says what is wrong
     out = _stereo(inst) * np.float32(10 ** (options.instrumental_gain_db / 20))
-    voc = _stereo(voc)[:, :n]
-    out[:, : voc.shape[-1]] += voc * np.float32(10 ** (options.vocals_gain_db / 20))
+    gain = np.float32(10 ** (options.vocals_gain_db / 20))
+    m = min(n, voc.shape[-1])
+    for start in range(0, m, 1 << 20):  # mono vocals go to both channels by broadcasting, no copy
+        end = min(m, start + (1 << 20))
+        out[:, start:end] += voc[:, start:end] * gain
     return out
 
 

@@ -354,21 +354,28 @@ def melody_scores(f0_src: np.ndarray, f0_out: np.ndarray) -> Melody:
 
 def waveform_peaks(audio: np.ndarray, columns: int = 1000) -> list[float]:
     """The peak of each of ``columns`` equal stretches of ``audio`` (either channel), 0 to 1."""
-    mono = np.max(np.abs(audio), axis=0) if audio.ndim == 2 else np.abs(audio)
-    edges = np.linspace(0, len(mono), min(columns, len(mono)) + 1).astype(int)
-    return [round(float(min(1.0, mono[a:b].max())), 3) for a, b in itertools.pairwise(edges) if b > a]
+    n = audio.shape[-1]
+    edges = np.linspace(0, n, min(columns, n) + 1).astype(int)
+    return [round(float(min(1.0, np.abs(audio[..., a:b]).max())), 3) for a, b in itertools.pairwise(edges) if b > a]
 
 
 def mix_scores(audio: np.ndarray, rate: int, loudness_lufs: float, true_peak_dbtp: float) -> MixScores:
     """Clipping and silence of the final mix (before encoding), with its loudness and true peak."""
+    stereo = np.atleast_2d(audio)
     block = max(1, int(0.05 * rate))
-    blocks = audio[..., : audio.shape[-1] // block * block].reshape(*audio.shape[:-1], -1, block)
-    power = np.mean(blocks.astype(np.float64) ** 2, axis=(-1, 0) if audio.ndim == 2 else -1)
+    whole = stereo.shape[-1] // block * block
+    powers, clipped = [], 0
+    for start in range(0, stereo.shape[-1], block * 512):  # 512 blocks at a time: memory stays flat
+        part = stereo[:, start : start + block * 512]
+        clipped += int(np.count_nonzero(np.abs(part) >= 0.999))
+        full = part[:, : max(0, min(part.shape[-1], whole - start)) // block * block]
+        powers.append(np.mean(np.square(full.reshape(len(stereo), -1, block), dtype=np.float64), axis=(-1, 0)))
+    power = np.concatenate(powers) if powers else np.zeros(0)
     silent = float(np.mean(10 * np.log10(np.maximum(power, 1e-20)) < -60)) if power.size else 0.0
     return MixScores(
         loudness_lufs=round(loudness_lufs, 2),
         true_peak_dbtp=round(true_peak_dbtp, 2),
-        clipped_share=_round(float(np.mean(np.abs(audio) >= 0.999)), 6) or 0.0,
+        clipped_share=_round(clipped / max(1, stereo.size), 6) or 0.0,
         silent_share=_round(silent) or 0.0,
     )
 
