@@ -60,6 +60,7 @@ bench: setup
 	$(BIN)/python -m bench.convert
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.quality
+	$(BIN)/python -m bench.mix
 
 bench-gpu: setup  ## the GPU benchmark (bench/gpu.py): on a machine with a GPU, one command
 	$(BIN)/python -m bench.gpu
