@@ -126,16 +126,23 @@ def mix(
     limited = float(envelope.max()) * 10 ** (gain / 20) > 10 ** (ceiling / 20)
     wav = out.with_name(f".{out.name}.mix.wav")
 
+    held = [1.0]  # the gain ``audio`` carries: a linear result is the mix scaled in place (no copy)
+
     def normalised(gain_db: float, ceiling_dbtp: float) -> tuple[np.ndarray, float, float]:
         """The mix at ``gain_db`` (limited under ``ceiling_dbtp`` if it must be), its loudness and
         true peak."""
-        scale = np.float32(10 ** (gain_db / 20))
+        scale = 10 ** (gain_db / 20)
         if not limited:
-            peak = float(envelope.max()) * float(scale)
-            return audio * scale, input_i + gain_db, _db(peak)  # loudness scales with the gain
-        gains = limiter_gain(envelope * scale, 10 ** (ceiling_dbtp / 20), MIX_SAMPLE_RATE) * scale
+            peak = float(envelope.max()) * scale
+            np.multiply(audio, np.float32(scale / held[0]), out=audio)
+            held[0] = scale
+            return audio, input_i + gain_db, _db(peak)  # loudness scales with the gain
+        gains = limiter_gain(envelope * np.float32(scale), 10 ** (ceiling_dbtp / 20), MIX_SAMPLE_RATE)
+        gains *= np.float32(scale)
+        peak = _db(float((envelope * gains).max()))
+        gains *= np.float32(1 / held[0])
         result = audio * gains
-        return result, integrated_lufs(result, MIX_SAMPLE_RATE), _db(float((envelope * gains).max()))
+        return result, integrated_lufs(result, MIX_SAMPLE_RATE), peak
 
     encoded: list[np.ndarray] = []
 
