@@ -53,6 +53,9 @@ def _models(size: str) -> Path:
 def _settings(size: str, **overrides):
     from shared.settings import Settings
 
+    # measured, not repaired: random-weight voices fail every segment, so repair would always spend
+    # its whole budget (bounded at COVER_REPAIR_BUDGET of the conversion time; README, "Quality")
+    overrides = {"quality": "measure", "repair_budget": 0, **overrides}
     return Settings(models_dir=_models(size), work_dir=WORK / "tmp", **overrides)
 
 

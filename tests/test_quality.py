@@ -151,7 +151,7 @@ def test_a_cover_carries_its_report_and_an_identity_conversion_passes_the_melody
 
     vocals, inst = demo.demo_song(12.0)
     song = write_wav(tmp_path / "song.wav", np.clip(vocals + inst, -1, 1), MIX_SAMPLE_RATE)
-    settings = Settings(models_dir=store, work_dir=tmp_path / "work", quality="gate")
+    settings = Settings(models_dir=store, work_dir=tmp_path / "work", quality="gate", repair_budget=0)
     pipeline = Identity(settings, ModelStore(store))
     options = CoverOptions()
     options.conversion.f0_method = "pm"
