@@ -49,12 +49,14 @@ class MixResult(BaseModel):
     peaks: list[float] = []  # the encoded mix's waveform, for the report page
 
 
-def _stereo(audio: np.ndarray) -> np.ndarray:
-    if audio.shape[0] == 1:
-        return np.repeat(audio, 2, axis=0)
-    if audio.shape[0] != 2:
+def _mono_or_stereo(audio: np.ndarray) -> np.ndarray:
+    if audio.shape[0] not in (1, 2):
         raise CoverError(ErrorCode.INTERNAL, f"a stem has {audio.shape[0]} channels; 1 or 2 expected")
     return audio
+
+
+def _stereo(audio: np.ndarray) -> np.ndarray:
+    return np.repeat(audio, 2, axis=0) if _mono_or_stereo(audio).shape[0] == 1 else audio
 
 
 def _read(path: Path, rate: int | None = None) -> tuple[np.ndarray, int]:
@@ -78,8 +80,7 @@ def mixed(instrumental: Path, vocals: Path, options: MixOptions) -> np.ndarray:
         g = math.gcd(MIX_SAMPLE_RATE, voc_rate)
         voc = resample_poly(voc, MIX_SAMPLE_RATE // g, voc_rate // g, axis=-1).astype(np.float32)
     n = inst.shape[-1]
-    if voc.shape[0] not in (1, 2):
-        _stereo(voc)  # says what is wrong
+    voc = _mono_or_stereo(voc)
     out = _stereo(inst) * np.float32(10 ** (options.instrumental_gain_db / 20))
     gain = np.float32(10 ** (options.vocals_gain_db / 20))
     m = min(n, voc.shape[-1])

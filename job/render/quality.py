@@ -193,14 +193,16 @@ class QualityMeter:
         ref = np.asarray(reference, dtype=np.float32) if reference else None
         bounds = segment_bounds(n / RATE)
         sung = [sung_in(f0_src[slice(*frame_span(start, end))]) for start, end in bounds]
-        natural = self.naturalness_of(
-            [out[int(start * RATE) : int(end * RATE)] for (start, end), s in zip(bounds, sung, strict=True) if s]
+        natural = iter(
+            self.naturalness_of(
+                [out[int(start * RATE) : int(end * RATE)] for (start, end), s in zip(bounds, sung, strict=True) if s]
+            )
         )
         segments = []
         for (start, end), is_sung in zip(bounds, sung, strict=True):
             a, b = int(start * RATE), int(end * RATE)
             fa, fb = frame_span(start, end)
-            dnsmos = natural.pop(0) if is_sung else None
+            dnsmos = next(natural) if is_sung else None
             scores = self._scores(f0_src[fa:fb], f0_out[fa:fb], out[a:b], ref if is_sung else None, dnsmos)
             segments.append(Segment(start_s=round(start, 3), end_s=round(end, 3), **scores.model_dump()))
         whole = self.whole(f0_src, f0_out, segments)
@@ -227,10 +229,10 @@ class QualityMeter:
         f0_out = self.pitch(audio16)[: len(f0_src)]
         f0_out = np.pad(f0_out, (0, len(f0_src) - len(f0_out)))
         ref = np.asarray(reference, dtype=np.float32) if reference else None
-        if not sung_in(f0_src):
-            scores = self._scores(f0_src, f0_out, audio16, None, None)
-        else:
-            scores = self._scores(f0_src, f0_out, audio16, ref, self.naturalness(audio16))
+        sung = sung_in(f0_src)
+        scores = self._scores(
+            f0_src, f0_out, audio16, ref if sung else None, self.naturalness(audio16) if sung else None
+        )
         return Segment(start_s=segment.start_s, end_s=segment.end_s, **scores.model_dump()), f0_out
 
     def whole(self, f0_src: np.ndarray, f0_out: np.ndarray, segments: list[Segment]) -> Scores:
