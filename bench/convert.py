@@ -5,8 +5,11 @@
 Models are written once (real sizes, random weights, real formats) under ``bench/.work``.
 Prints the time of each part (content, pitch, retrieval, synthesis), the wall time and the
 real-time factor (wall / audio duration), on CPU and on CUDA when a GPU is present: the baseline
-(fp32, reference kernels), fp32 with the fast kernels, and the default (fast kernels, bf16 decoder on
-CPUs with native bf16).
+(fp32, reference kernels), fp32 with the fast kernels, the default (fast kernels, bf16 decoder on
+CPUs with native bf16) and, on the CPU, the int8 decoder (``COVER_DECODER=int8``; its one-time
+build per voice is timed apart). Each row's output is compared with the baseline's: relative L2,
+log-spectral distance, waveform correlation (``job/render/measures.py``) and the quality stage's
+F0 correlation, F0 RMSE and speaker similarity (the baseline's output as source and reference).
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from pathlib import Path
 import torch
 
 from job.devkit import demo
+from job.render.audio import to_16k
+from job.render.measures import compare
+from job.render.quality import QualityMeter
 from job.render.rvc.engine import ConversionOptions, VoiceConverter
 from shared.model_store import ModelStore
 
@@ -41,12 +47,19 @@ def machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}{gpu}"
 
 
-def run(device: str, seconds: float, method: str, precision: str, kernels: str) -> dict:
+def run(device: str, seconds: float, method: str, precision: str, kernels: str, decoder: str = "torch") -> dict:
     models = WORK / "models"
     demo.write_models(models, size="real")
     vocals, _ = demo.demo_song(seconds, seed=1)
     store = ModelStore(models)
-    converter = VoiceConverter(store, device=device, precision=precision, kernels=kernels)
+    converter = VoiceConverter(store, device=device, precision=precision, kernels=kernels, decoder=decoder)
+    built = 0.0
+    if decoder == "int8":  # the one-time build, timed apart (kept under derived/ afterwards)
+        for old in store.derived("decoder-int8", "x").parent.glob("*.onnx"):
+            old.unlink()
+        started = time.perf_counter()
+        voice = converter.load_voice(store.voice(demo.DEMO_VOICE))
+        built = time.perf_counter() - started
     voice = converter.load_voice(store.voice(demo.DEMO_VOICE))
     options = ConversionOptions(f0_method=method)
     converter.convert(vocals[:, : 44100 * 2], 44100, voice, options)  # load and warm up
@@ -58,8 +71,12 @@ def run(device: str, seconds: float, method: str, precision: str, kernels: str) 
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
+    dtype = "int8" if decoder == "int8" else str(converter.synth_dtype).removeprefix("torch.")
     return {
-        "device": f"{device} {str(converter.synth_dtype).removeprefix('torch.')} {kernels}",
+        "device": f"{device} {dtype} {kernels}",
+        "audio": result.audio,
+        "rate": result.sample_rate,
+        "built": built,
         "wall": wall,
         "cpu": time.process_time() - cpu0,
         "rtf": wall / seconds,
@@ -67,6 +84,23 @@ def run(device: str, seconds: float, method: str, precision: str, kernels: str) 
         "synthesised": result.synthesised_s,
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+
+
+def errors(rows: list[dict]) -> list[dict]:
+    """Each row's output against the first row's (the exact path), in place."""
+    meter = QualityMeter()
+    exact = rows[0]["audio"]
+    reference = meter.embedding(to_16k(exact, rows[0]["rate"]))
+    for r in rows:
+        n = min(len(exact), len(r["audio"]))
+        r.update(compare(exact[:n], r["audio"][:n]))
+        quality = meter.conversion(
+            exact, r["rate"], r["audio"], r["rate"], 0, reference.tolist() if reference is not None else None
+        )
+        r["f0_corr"] = quality.whole.melody.f0_correlation
+        r["f0_rmse"] = quality.whole.melody.f0_rmse_cents
+        r["speaker"] = quality.whole.speaker_similarity
+    return rows
 
 
 def main() -> None:
@@ -80,14 +114,19 @@ def main() -> None:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     # the baseline first (fp32, reference kernels: every optimisation off), in the same run as the
     # fast kernels in fp32 and the default (fast kernels, auto precision)
-    variants = [("fp32", "reference"), ("fp32", "fast"), ("auto", "fast")]
-    rows = [run(d, args.seconds, args.f0_method, p, k) for d in devices for p, k in variants]
+    variants = [("fp32", "reference", "torch"), ("fp32", "fast", "torch"), ("auto", "fast", "torch")]
+    rows = []
+    for d in devices:
+        runs = variants + ([("fp32", "fast", "int8")] if d == "cpu" else [])
+        rows += errors([run(d, args.seconds, args.f0_method, p, k, dec) for p, k, dec in runs])
     head = ["device", "content s", "pitch s", "retrieval s", "synthesis s", "wall s", "CPU s", "RTF", "peak RSS MB"]
+    head += ["rel L2", "LSD dB", "corr", "F0 corr", "F0 RMSE cents", "speaker sim"]
     lines = [
         f"# Conversion benchmark ({date.today().isoformat()})",
         "",
         f"RVC conversion, v2 48 kHz real-size voice, {args.seconds:.0f} s of vocals, f0 {args.f0_method}; "
-        "peak RSS is the process's maximum so far (rows run in one process)",
+        "peak RSS is the process's maximum so far (rows run in one process); errors against the first row "
+        "(fp32 reference) on the same device",
         "",
         f"machine: {machine()}",
         "",
@@ -98,9 +137,11 @@ def main() -> None:
     ]
     lines += [
         f"| {r['device']} | {r['content']:.2f} | {r['pitch']:.2f} | {r['retrieval']:.2f} | {r['synthesis']:.2f} "
-        f"| {r['wall']:.2f} | {r['cpu']:.2f} | {r['rtf']:.3f} | {r['rss_mb']:.0f} |"
+        f"| {r['wall']:.2f} | {r['cpu']:.2f} | {r['rtf']:.3f} | {r['rss_mb']:.0f} "
+        f"| {r['rel_l2']} | {r['lsd_db']} | {r['corr']} | {r['f0_corr']} | {r['f0_rmse']} | {r['speaker']} |"
         for r in rows
     ]
+    lines += [f"\n{r['device']}: one-time build {r['built']:.1f} s" for r in rows if r["built"]]
     table = "\n".join(lines) + "\n"
     print("\n" + table)
     RESULTS.write_text(table)

@@ -9,6 +9,7 @@ One class owns the whole layout, locally and in the bucket. Nothing else spells 
 | pitch model (RMVPE) | ``base/rmvpe.pt`` | ``models/base/rmvpe.pt`` |
 | the base models' manifest | — | ``models/manifest.json`` (sha256, size per file) |
 | voices (``voice.json``: sha256 per file) | ``voices/{name}/{model.pth,model.index,voice.json}`` | ``voices/{name}/`` |
+| derived files, built here from the above (the int8 decoders) | ``derived/{kind}/{name}`` | — (local only) |
 
 Provisioning: :meth:`ModelStore.push` uploads a local store (``cover models push``); the manifest and
 each ``voice.json`` are written last, so a reader never sees a manifest naming files that are not
@@ -46,6 +47,7 @@ SEPARATION_DIR = "separation"
 CONTENT_ENCODER_DIR = "base/hubert"
 PITCH_MODEL_FILE = "base/rmvpe.pt"
 VOICES_DIR = "voices"
+DERIVED_DIR = "derived"  # built locally from the models (never synced, never pruned)
 BASE_DIRS = (SEPARATION_DIR, "base")  # what `models/` in the bucket mirrors
 GET_MODELS = (
     "get it with `cover models pull` (from the bucket's models/ prefix), "
@@ -99,6 +101,10 @@ class ModelStore:
     @property
     def voices_dir(self) -> Path:
         return self.root / VOICES_DIR
+
+    def derived(self, kind: str, name: str) -> Path:
+        """Where a file built from the models is kept (``kind``: e.g. ``decoder-int8``)."""
+        return self.root / DERIVED_DIR / kind / name
 
     def voice_folder(self, name: str) -> Path:
         return self.voices_dir / name

@@ -44,6 +44,15 @@ class Settings(BaseSettings):
         pattern="^(fast|reference)$",
         description="fast (channels-last layouts, tiled decoder) or reference (plain conv1d, untiled).",
     )
+    decoder: str = Field(
+        "torch",
+        pattern="^(torch|int8)$",
+        description=(
+            "The RVC decoder's runtime: torch (in the precision and kernels above) or int8 (quantised once per voice "
+            "on ONNX Runtime, calibrated on the voice's reference phrase; CPUs only; about twice as fast as fp32 on "
+            "CPUs without native bf16, see the README's 'Performance')."
+        ),
+    )
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
     separate_batch: int = Field(
         0, ge=0, le=64, description="Demucs segments per network call; 0: 1 on the CPU, 8 on a GPU."

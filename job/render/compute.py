@@ -17,6 +17,7 @@ _NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 GPU_BATCH = 8  # Demucs segments / conversion chunks per call on a GPU (``batch_size``)
 GIB_PER_REQUEST = 12  # a GPU runner admits one request per this much GPU memory (``in_flight``)
 KERNELS = ("fast", "reference")
+DECODERS = ("torch", "int8")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -85,6 +86,16 @@ def resolve_kernels(kernels: str) -> bool:
     if kernels not in KERNELS:
         raise CoverError(ErrorCode.OPTIONS_INVALID, f"kernels must be fast or reference, not {kernels!r}")
     return kernels == "fast"
+
+
+def resolve_decoder(decoder: str, device: torch.device) -> bool:
+    """True for the RVC decoder in int8 on ONNX Runtime (``job/render/rvc/int8_decoder.py``; CPUs
+    only), False for torch's (in the precision and kernels above)."""
+    if decoder not in DECODERS:
+        raise CoverError(ErrorCode.OPTIONS_INVALID, f"decoder must be torch or int8, not {decoder!r}")
+    if decoder == "int8" and device.type != "cpu":
+        raise CoverError(ErrorCode.OPTIONS_INVALID, f"the int8 decoder runs on the CPU only, not on {device}")
+    return decoder == "int8"
 
 
 TRIM_ABOVE_BYTES = 256 * 2**20  # trim once the heap holds this much freed memory

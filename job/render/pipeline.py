@@ -74,6 +74,7 @@ class Pipeline:
             precision=settings.precision,
             kernels=settings.kernels,
             batch=settings.convert_batch,
+            decoder=settings.decoder,
         )
         self._separators: dict[str, Separator] = {}
         self._meter: QualityMeter | None = None

@@ -8,6 +8,7 @@ over 40 ms. Stretches of silence are not synthesised at all. The output has exac
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from job.render.audio import to_16k
 from job.render.compute import (
     batch_size,
     release_freed_memory,
+    resolve_decoder,
     resolve_device,
     resolve_kernels,
     resolve_precision,
@@ -32,6 +34,8 @@ from job.render.rvc import pitch as pitch_mod
 from job.render.rvc.checkpoint import build_synthesizer, read_checkpoint
 from job.render.rvc.content import HOP as CONTENT_HOP
 from job.render.rvc.content import ContentEncoder, load_content_encoder
+from job.render.rvc.int8_decoder import CALIBRATION_SHIFTS, Int8Decoder, Prior, build_key
+from job.render.rvc.int8_decoder import build as build_int8
 from job.render.rvc.retrieval import FeatureIndex
 from job.render.rvc.rmvpe import RMVPE
 from job.render.rvc.synthesizer import Synthesizer
@@ -39,6 +43,8 @@ from shared.errors import CoverError, ErrorCode
 from shared.model_store import ModelStore, ResolvedVoice
 from shared.options import ConversionOptions, F0Method
 from shared.voices import VoiceInfo
+
+log = logging.getLogger("melodia.engine")
 
 SR = 16000
 CONTEXT = 25 * CONTENT_HOP  # 0.5 s of context either side of a chunk
@@ -67,6 +73,7 @@ class Voice:
     sample_rate: int
     index: FeatureIndex | None = None
     info: VoiceInfo | None = None
+    int8: Int8Decoder | None = None  # its decoder in int8 (COVER_DECODER=int8)
 
 
 @dataclass
@@ -154,9 +161,11 @@ class VoiceConverter:
         precision: str = "auto",
         kernels: str = "fast",
         batch: int = 0,
+        decoder: str = "torch",
     ) -> None:
         self.store = store
         self.device = resolve_device(device)
+        self.int8 = resolve_decoder(decoder, self.device)
         self.batch = batch_size(batch, self.device)
         self.synth_dtype = resolve_precision(precision, self.device)
         self.fast_kernels = resolve_kernels(kernels)
@@ -205,7 +214,25 @@ class VoiceConverter:
                 index=feature_index,
                 info=info,
             )
+            if self.int8:
+                self._voices[key].int8 = self._int8_decoder(self._voices[key], pth)
         return self._voices[key]
+
+    def _int8_decoder(self, voice: Voice, pth: Path) -> Int8Decoder:
+        """The voice's int8 decoder, built on first use (calibrated on the decoder inputs of the
+        reference phrase at :data:`CALIBRATION_SHIFTS`) and kept in the model store."""
+        target = self.store.derived("decoder-int8", build_key(pth))
+        if not target.is_file():
+            from job.render.quality import reference_phrase  # the quality stage's phrase
+
+            started = time.perf_counter()
+            priors: list[Prior] = []
+            for shift in CALIBRATION_SHIFTS:
+                options = ConversionOptions(f0_method=F0Method.PM, pitch=shift)
+                self.convert(reference_phrase(), 44100, voice, options, record=priors)
+            build_int8(voice.synth.dec, priors, target)
+            log.info("int8 decoder for %s built in %.1f s: %s", voice.name, time.perf_counter() - started, target)
+        return Int8Decoder(target)
 
     def load_voice(self, voice: ResolvedVoice) -> Voice:
         return self.load_voice_file(voice.model_path, voice.index_path, voice.info)
@@ -222,13 +249,12 @@ class VoiceConverter:
             f0 = pitch_mod.track_pm(x)
         return pitch_mod.smooth(pitch_mod.fit_length(f0, len(x) // 160 + 1), filter_radius)
 
-    def _decode(
-        self, synth: Synthesizer, priors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
-    ) -> list[np.ndarray]:
+    def _decode(self, voice: Voice, priors: list[Prior]) -> list[np.ndarray]:
         """The decoder over several chunks' latents in one call: each padded at its end to the
         longest (latent and excitation zero there), the outputs cut back to each chunk's length.
         The decoder sees about 7 frames each way and every chunk ends in half a second of context
         that is dropped, so a chunk's kept audio is what it would be alone (tested)."""
+        synth = voice.synth
         upp = synth.upp
         lengths = [z.shape[-1] for z, _, _ in priors]
         longest = max(lengths)
@@ -240,7 +266,8 @@ class VoiceConverter:
             else None
         )
         g = priors[0][1].expand(len(priors), -1, -1)
-        y = synth.dec.decode(z, g, source, self.synth_dtype, self.fast_kernels, tiled=self.device.type == "cpu")
+        tiled = self.device.type == "cpu"
+        y = synth.dec.decode(z, g, source, self.synth_dtype, self.fast_kernels, tiled, voice.int8)
         audio = y[:, 0].float().cpu().numpy()
         return [audio[k, : n * upp] for k, n in enumerate(lengths)]
 
@@ -257,7 +284,10 @@ class VoiceConverter:
         voice: Voice,
         options: ConversionOptions | None = None,
         progress: ProgressFn | None = None,
+        record: list[Prior] | None = None,
     ) -> ConversionResult:
+        """``audio`` sung by ``voice``. With ``record``, the decoder's inputs are appended to it
+        instead of being decoded (the output is then silence): the int8 decoder's calibration."""
         options = options or ConversionOptions()
         times = PartTimes()
         out_len = round(audio.shape[-1] * voice.sample_rate / sample_rate)
@@ -340,7 +370,11 @@ class VoiceConverter:
 
             t0 = time.perf_counter()
             with torch.inference_mode():
-                ys = self._decode(voice.synth, priors)
+                if record is None:
+                    ys = self._decode(voice, priors)
+                else:
+                    record += priors
+                    ys = [np.zeros(z.shape[-1] * upp, np.float32) for z, _, _ in priors]
             times.synthesis += time.perf_counter() - t0
 
             for i, y in zip(group, ys, strict=True):

@@ -7,6 +7,7 @@ sample rate: 320 for 32 kHz, 400 for 40 kHz, 480 for 48 kHz.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import cast
 
 import torch
@@ -18,6 +19,9 @@ SINE_AMP = 0.1
 NOISE_STD = 0.003
 TILE_FRAMES = 400  # 4 s of output per decoder tile
 TILE_MARGIN = 16  # frames of context either side of a tile (the receptive field is about 7)
+
+# another runtime's copy of the layers (the int8 decoder): [B, C, T] float32 in, [B, 1, T * upp] out
+Layers = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 def _padding(kernel_size: int, dilation: int = 1) -> int:
@@ -194,6 +198,7 @@ class Generator(nn.Module):
         dtype: torch.dtype = torch.float32,
         fast: bool = True,
         tiled: bool = True,
+        layers: Layers | None = None,
     ) -> torch.Tensor:
         """Latent [B, C, frames] (+ excitation [B, 1, frames * upp]) -> float32 waveform
         [B, 1, frames * upp].
@@ -206,10 +211,15 @@ class Generator(nn.Module):
         context either side (the decoder sees about 7 frames each way), every tile the same shape:
         peak memory stays that of one tile, and the convolution kernels built for that shape are
         reused for the whole song. A GPU takes the whole batch in one call instead.
+
+        ``layers`` replaces the layers with another runtime's copy of them (the int8 decoder), in
+        the same tiles; ``dtype`` and ``fast`` are then not used.
         """
         frames = x.shape[-1]
+        if layers is not None:
+            fast = True
         if not fast or not tiled or frames <= TILE_FRAMES + 2 * TILE_MARGIN:
-            return self._decode(x, g, source, dtype, fast)
+            return self._decode(x, g, source, dtype, fast, layers)
         pieces = []
         span = TILE_FRAMES + 2 * TILE_MARGIN
         for start in range(0, frames, TILE_FRAMES):
@@ -217,14 +227,22 @@ class Generator(nn.Module):
             hi = min(frames, lo + span)
             lo = max(0, hi - span)  # the last tile slides back rather than shrinking
             tile_src = source[..., lo * self.upp : hi * self.upp] if source is not None else None
-            y = self._decode(x[..., lo:hi], g, tile_src, dtype, fast)
+            y = self._decode(x[..., lo:hi], g, tile_src, dtype, fast, layers)
             keep = min(TILE_FRAMES, frames - start)
             pieces.append(y[..., (start - lo) * self.upp : (start - lo + keep) * self.upp])
         return torch.cat(pieces, dim=-1)
 
     def _decode(
-        self, x: torch.Tensor, g: torch.Tensor, source: torch.Tensor | None, dtype: torch.dtype, fast: bool
+        self,
+        x: torch.Tensor,
+        g: torch.Tensor,
+        source: torch.Tensor | None,
+        dtype: torch.dtype,
+        fast: bool,
+        layers: Layers | None = None,
     ) -> torch.Tensor:
+        if layers is not None:
+            return layers(x.float(), g.float(), source.float() if source is not None else None)
         if fast:
             x, g = to_fast_layout(x, dtype), to_fast_layout(g, dtype)
             source = to_fast_layout(source, dtype) if source is not None else None
