@@ -108,6 +108,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--f0-method", default="rmvpe")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS, help="where the table is written (one file per machine)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -130,7 +133,10 @@ def main() -> None:
         "",
         f"machine: {machine()}",
         "",
-        f"command: `python -m bench.convert --seconds {args.seconds:g}`",
+        f"command: `python -m bench.convert --seconds {args.seconds:g}"
+        + (f" --threads {args.threads}" if args.threads else "")
+        + (f" --results {args.results}" if args.results != RESULTS else "")
+        + "`",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -144,7 +150,7 @@ def main() -> None:
     lines += [f"\n{r['device']}: one-time build {r['built']:.1f} s" for r in rows if r["built"]]
     table = "\n".join(lines) + "\n"
     print("\n" + table)
-    RESULTS.write_text(table)
+    args.results.write_text(table)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ real formats. Rows:
 
 * separate: our Separator (default options) and, as the baseline, the ``demucs`` command line with
   its default options on the same file and models;
-* convert: 60 s of vocals, the engine with every optimisation off (fp32, reference kernels) and as
-  shipped;
-* cover: the whole pipeline (fetch, separate, convert, mix) per song length;
+* convert: 60 s of vocals, the engine with every optimisation off (fp32, reference kernels), as
+  shipped, and with the int8 decoder (``COVER_DECODER=int8``; built before the row, once per voice:
+  ``bench.convert`` times the build);
+* cover: the whole pipeline (fetch, separate, convert, mix) per song length, and with the int8
+  decoder on the reference song;
 * second voice: a whole cover (``Pipeline.render``) whose stems are in the stem cache.
 
 Prints one table and writes it, with the date and the machine, to ``bench/RESULTS.md``.
@@ -43,7 +45,7 @@ def _song(seconds: int) -> Path:
     return path
 
 
-def _settings(precision: str = "auto", kernels: str = "fast"):
+def _settings(precision: str = "auto", kernels: str = "fast", decoder: str = "torch"):
     from shared.settings import Settings
 
     # measured, not repaired: random-weight voices fail every segment, so repair would always spend
@@ -53,6 +55,7 @@ def _settings(precision: str = "auto", kernels: str = "fast"):
         work_dir=WORK / "tmp",
         precision=precision,
         kernels=kernels,
+        decoder=decoder,
         quality="measure",
         repair_budget=0,
     )
@@ -93,11 +96,16 @@ def row(kind: str, seconds: int, variant: str) -> dict:
     from shared.options import SeparationOptions
     from shared.storage import LocalStorage
 
-    settings = _settings("fp32", "reference") if variant == "reference" else _settings()
+    settings = {"reference": _settings("fp32", "reference"), "int8": _settings(decoder="int8")}.get(
+        variant, _settings()
+    )
     # only the second-voice row uses a stem cache (its own, emptied first): every other row separates
     cache = StemCache(LocalStorage(Path(tempfile.mkdtemp(dir=WORK)))) if kind == "second-voice" else None
     pipeline = Pipeline(settings, stem_cache=cache)
     voice = pipeline.store.voice(demo.DEMO_VOICE)
+    if variant == "int8":  # built (or found) before the clock starts
+        pipeline.converter.load_voice(voice)
+        start, cpu0 = time.perf_counter(), time.process_time()
     if kind == "separate":
         with pipeline.workdir() as work:
             fetched = pipeline.fetch(song, work)
@@ -135,6 +143,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--songs", default="30,210,600", help="song lengths in seconds for the cover rows")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS, help="where the table is written (one file per machine)"
+    )
     parser.add_argument("--row", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.row:
@@ -146,8 +157,8 @@ def main() -> None:
     plan = [("separate", song, "ours")]
     if not args.skip_baseline:
         plan.append(("separate", song, "demucs-cli"))
-    plan += [("convert", 60, "reference"), ("convert", 60, "auto")]
-    plan += [("cover", s, "auto") for s in lengths] + [("second-voice", song, "auto")]
+    plan += [("convert", 60, "reference"), ("convert", 60, "auto"), ("convert", 60, "int8")]
+    plan += [("cover", s, "auto") for s in lengths] + [("cover", song, "int8"), ("second-voice", song, "auto")]
     rows = []
     for kind, seconds, variant in plan:
         proc = subprocess.run(
@@ -168,7 +179,11 @@ def main() -> None:
         "",
         f"machine: {machine()}",
         "",
-        "command: `python -m bench.pipeline --songs " + args.songs + "`",
+        "command: `python -m bench.pipeline --songs "
+        + args.songs
+        + (" --skip-baseline" if args.skip_baseline else "")
+        + (f" --results {args.results}" if args.results != RESULTS else "")
+        + "`",
         "",
         "| what | variant | audio s | wall s | RTF | CPU s | peak RSS MB |",
         "|---|---|---|---|---|---|---|",
@@ -180,7 +195,7 @@ def main() -> None:
     ]
     table = "\n".join(lines) + "\n"
     print(table)
-    RESULTS.write_text(table)
+    args.results.write_text(table)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ error, noise, and the gate's wiring."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from job.devkit import demo
+from job.render import quality
 from job.render.audio import MIX_SAMPLE_RATE, read_wav, to_16k, write_wav
 from job.render.quality import QualityMeter, melody_scores, mix_scores, reference_phrase, waveform_peaks
 
@@ -258,3 +260,11 @@ def test_an_instrumental_break_is_not_scored_for_likeness_or_naturalness(meter, 
     assert brk.speaker_similarity is None and brk.dnsmos is None and brk.below == []
     assert all(s.speaker_similarity >= 0.9 and s.dnsmos is not None for s in (first, last))
     assert report.whole.speaker_similarity >= 0.9 and report.whole.dnsmos is not None
+
+
+@pytest.mark.parametrize(("cores", "workers"), [(1, 2), (2, 2), (4, 4), (16, 8)])
+def test_dnsmos_scores_as_many_windows_side_by_side_as_there_are_cores(monkeypatch, cores, workers):
+    """One window per core the process may use, at least two (the count measured on 2 cores) and
+    at most eight (a 16-core GPU host's quality stage shares its cores with the covers in flight)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert quality.dnsmos_workers() == workers

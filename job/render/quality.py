@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -54,7 +55,15 @@ SUNG_SHARE_MIN = 0.1  # of a segment's frames voiced in the source, for likeness
 CREPE_CENTS_PER_BIN = 20.0  # CREPE's 360 bins, in cents above 10 Hz
 CREPE_CENTS_AT_BIN_0 = 1997.3794084376191
 DNSMOS_SAMPLES = int(9.01 * RATE)
-DNSMOS_WORKERS = 2
+DNSMOS_MAX_WORKERS = 8
+
+
+def dnsmos_workers() -> int:
+    """DNSMOS windows scored side by side: one per core this process may run on, 2 to
+    :data:`DNSMOS_MAX_WORKERS` (2 on the 2-core machines measured; a 16-core GPU host takes 8)."""
+    return max(2, min(DNSMOS_MAX_WORKERS, len(os.sched_getaffinity(0))))
+
+
 # DNSMOS P.835's mapping from the network's raw outputs to MOS (from its published model card)
 DNSMOS_POLY = {
     "sig": (-0.08397278, 1.22083953, 0.0052439),
@@ -107,7 +116,7 @@ class QualityMeter:
                 import onnxruntime
 
                 options = onnxruntime.SessionOptions()
-                options.intra_op_num_threads = 1  # DNSMOS_WORKERS runs side by side instead
+                options.intra_op_num_threads = 1  # dnsmos_workers() runs side by side instead
                 path = wheel_file("speechmos", "dnsmos_models", "sig_bak_ovr.onnx")
                 self._dnsmos = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             return self._dnsmos
@@ -165,12 +174,13 @@ class QualityMeter:
         return Dnsmos(**mapped)
 
     def naturalness_of(self, pieces: list[np.ndarray]) -> list[Dnsmos | None]:
-        """DNSMOS of each piece, ``DNSMOS_WORKERS`` at a time: the network's convolutions gain little
-        from a second thread inside one run (measured), so each run gets one and two run side by side."""
+        """DNSMOS of each piece, :func:`dnsmos_workers` at a time: the network's convolutions gain
+        little from a second thread inside one run (measured), so each run gets one and several run
+        side by side."""
         if len(pieces) < 2:
             return [self.naturalness(p) for p in pieces]
         self.dnsmos()  # loaded once, before the workers share it
-        with ThreadPoolExecutor(DNSMOS_WORKERS) as pool:
+        with ThreadPoolExecutor(dnsmos_workers()) as pool:
             return list(pool.map(self.naturalness, pieces))
 
     def conversion(
