@@ -35,7 +35,7 @@ from torch import nn
 from job.render.rvc.generator import Generator
 
 RECIPE = 1  # bump when export, calibration or quantisation change: old builds are then rebuilt
-CALIBRATION_FRAMES = 50  # 0.5 s of output per calibration tile (its intermediate tensors: ~0.5 GB at 48 kHz)
+CALIBRATION_FRAMES = 50  # 0.5 s of output per calibration tile (the build's peak: ~1 GB over the models)
 CALIBRATION_TILES = 24  # at most, spread evenly over the phrase's three renditions (build time ~1 s each)
 CALIBRATION_SHIFTS = (-12, 0, 12)  # semitones the reference phrase is sung at for calibration
 OPSET = 17
