@@ -20,7 +20,6 @@ exact fp32 path is tested (``tests/test_int8_decoder.py``) and measured by ``pyt
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import warnings
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from job.render.rvc.generator import Generator
+from shared.hashing import sha256_of
 
 RECIPE = 1  # bump when export, calibration or quantisation change: old builds are then rebuilt
 CALIBRATION_FRAMES = 50  # 0.5 s of output per calibration tile (the build's peak: ~1 GB over the models)
@@ -86,11 +86,7 @@ def build_key(checkpoint: Path) -> str:
     """The derived file's name for ``checkpoint``: its sha256, the recipe and ONNX Runtime's version."""
     import onnxruntime
 
-    digest = hashlib.sha256()
-    with checkpoint.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return f"{digest.hexdigest()[:32]}-r{RECIPE}-ort{onnxruntime.__version__}.onnx"
+    return f"{sha256_of(checkpoint)[:32]}-r{RECIPE}-ort{onnxruntime.__version__}.onnx"
 
 
 def calibration_tiles(
