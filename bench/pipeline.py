@@ -6,8 +6,9 @@ Each row runs in its own process (clean peak-memory numbers). Inputs are generat
 ``bench/.work``: demo songs of the given lengths and real-size models with random weights in the
 real formats. Rows:
 
-* separate: our Separator (default options) and, as the baseline, the ``demucs`` command line with
-  its default options on the same file and models;
+* separate: our Separator (default options), the same with every optimisation off (fp32,
+  reference kernels: Demucs' own arithmetic, the before row) and, as the baseline, the ``demucs``
+  command line with its default options on the same file and models;
 * convert: 60 s of vocals, the engine with every optimisation off (fp32, reference kernels), as
   shipped, and with the int8 decoder (``COVER_DECODER=int8``; built before the row, once per voice:
   ``bench.convert`` times the build);
@@ -154,7 +155,7 @@ def main() -> None:
         return
     lengths = [int(s) for s in args.songs.split(",")]
     song = REFERENCE_SONG_S if REFERENCE_SONG_S in lengths else lengths[-1]  # the per-stage rows' song
-    plan = [("separate", song, "ours")]
+    plan = [("separate", song, "reference"), ("separate", song, "ours")]
     if not args.skip_baseline:
         plan.append(("separate", song, "demucs-cli"))
     plan += [("convert", 60, "reference"), ("convert", 60, "auto"), ("convert", 60, "int8")]

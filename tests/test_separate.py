@@ -56,6 +56,34 @@ def test_streamed_separation_equals_demucs_whole_song_split(store, overlap, batc
     np.testing.assert_allclose(no_vocals, (out.sum(0) - expected_vocals).numpy(), atol=1e-5)
 
 
+def test_fast_kernels_run_attention_through_the_functional_path_on_the_cpu(tmp_path, monkeypatch):
+    """With the fast kernels on the CPU, Demucs' self-attention skips torch's native fast path
+    (which multiplies out the whole attention matrix) for scaled_dot_product_attention; the
+    reference kernels keep Demucs' own path. Same numbers within 1e-5, and the process-wide switch
+    is restored afterwards."""
+    demo.write_demucs(tmp_path / "models" / "separation", size="tiny", heads=2)  # the fast path needs even heads
+    native = torch._native_multi_head_attention
+    calls: list[int] = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return native(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_native_multi_head_attention", counted)
+    mix = np.random.default_rng(2).standard_normal((2, 44100 * 3)).astype(np.float32) * 0.2
+    outputs, native_calls = {}, {}
+    for kernels in ("reference", "fast"):
+        calls.clear()
+        models = ModelStore(tmp_path / "models")
+        separator = Separator(models, SeparationOptions(), "cpu", precision="fp32", kernels=kernels)
+        outputs[kernels] = separator.separate_array(mix)
+        native_calls[kernels] = len(calls)
+    assert native_calls["reference"] > 0 and native_calls["fast"] == 0
+    for reference, fast in zip(outputs["reference"], outputs["fast"], strict=True):
+        np.testing.assert_allclose(fast, reference, atol=1e-5)
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
 BF16_MIN_SDR_DB = 40.0  # measured 47.6 dB on the real-size htdemucs (README, "Performance")
 
 

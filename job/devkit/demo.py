@@ -121,8 +121,11 @@ def write_rmvpe(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def write_demucs(folder: Path, size: Size = "real", seed: int = 0, name: str = DEMO_SEPARATOR) -> Path:
-    """An HTDemucs package and its bag file in Demucs' local-repo layout (``NAME.yaml``, ``SIG-CHECKSUM.th``)."""
+def write_demucs(
+    folder: Path, size: Size = "real", seed: int = 0, name: str = DEMO_SEPARATOR, heads: int | None = None
+) -> Path:
+    """An HTDemucs package and its bag file in Demucs' local-repo layout (``NAME.yaml``, ``SIG-CHECKSUM.th``).
+    ``heads``: the transformer's attention heads (default: 8 real-size, 1 tiny)."""
     from demucs.htdemucs import HTDemucs
     from demucs.states import save_with_checksum
 
@@ -133,6 +136,8 @@ def write_demucs(folder: Path, size: Size = "real", seed: int = 0, name: str = D
         kwargs.update(bottom_channels=512)
     else:
         kwargs.update(channels=4, depth=2, nfft=512, t_layers=1, t_heads=1, dconv_comp=2, segment=Fraction(2))
+    if heads is not None:
+        kwargs.update(t_heads=heads)
     model = HTDemucs(sources, **kwargs)
     state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     package = {"klass": HTDemucs, "args": (sources,), "kwargs": kwargs, "state": state, "training_args": {}}

@@ -13,6 +13,7 @@ import hashlib
 import json
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,43 @@ def _mono_stats(mix: np.ndarray, block: int = 1 << 20) -> tuple[torch.Tensor, to
     return torch.tensor(mean, dtype=torch.float32), torch.tensor(max(var**0.5, 1e-8), dtype=torch.float32)
 
 
+class _FunctionalAttention:
+    """Demucs' self-attention through torch's functional path (``scaled_dot_product_attention``:
+    flash attention on the CPU) instead of the native fast path, for as long as any separation
+    in this process is inside (``with functional_attention():``).
+
+    In fp32 inference ``nn.MultiheadAttention`` takes torch's native fast path, which on the CPU
+    multiplies out the whole attention matrix (8 x 2688 x 2688 per layer in HTDemucs' frequency
+    branch) and then softmaxes it: 17 % of a segment's time on an AVX2 CPU. The functional path
+    gives the same numbers (4e-7 apart on the real-size model) in 83 % of the time (README,
+    "Performance"). Under autocast (bf16, fp16) torch already takes the functional path. The switch
+    is torch's process-wide ``torch.backends.mha`` flag (nothing else here uses
+    ``nn.MultiheadAttention``); concurrent separations share it, the last one out restores it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved = True
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._users == 0:
+                self._saved = torch.backends.mha.get_fastpath_enabled()
+                torch.backends.mha.set_fastpath_enabled(False)
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    torch.backends.mha.set_fastpath_enabled(self._saved)
+
+
+functional_attention = _FunctionalAttention()
+
+
 class Separator:
     """Splits songs into vocals and instrumental. Identifies its model's weights at once (for the
     stem cache key) and loads them on the first separation, then keeps them loaded."""
@@ -248,7 +286,7 @@ class Separator:
         seconds = {float(self.options.segment or m.segment) for m in models}
         if self.options.shifts or len(seconds) > 1:
             wav = ((torch.from_numpy(np.asarray(mix, dtype=np.float32)) - mean) / std)[None]
-            with torch.inference_mode(), self._autocast():
+            with torch.inference_mode(), self._compute():
                 out = apply_model(
                     self.model,
                     wav,
@@ -321,7 +359,7 @@ class Separator:
                 valid = [model.valid_length(c.length) for c in chunks]
             else:
                 valid = [c.length for c in chunks]
-            with torch.inference_mode(), self._autocast():
+            with torch.inference_mode(), self._compute():
                 for target in sorted(set(valid)):  # one call per padded length (all but the last share one)
                     members = [j for j, v in enumerate(valid) if v == target]
                     batch = torch.cat([chunks[j].padded(target) for j in members]).to(self.device)
@@ -331,10 +369,17 @@ class Separator:
                         total[j] = part if i == 0 else total[j] + part
         return total
 
-    def _autocast(self) -> torch.autocast:
-        """bf16 autocast when the precision asks for it (convolutions and matmuls in bf16; the
-        STFT, norms and softmax stay fp32)."""
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+    @contextmanager
+    def _compute(self) -> Iterator[None]:
+        """How the network computes: autocast when the precision asks for it (convolutions and
+        matmuls in bf16 or fp16; the STFT, norms and softmax stay fp32), and with the fast kernels
+        on the CPU, attention through the functional path (:data:`functional_attention`)."""
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            if self.fast and self.device.type == "cpu":
+                with functional_attention():
+                    yield
+            else:
+                yield
 
     @staticmethod
     def _stems(out: torch.Tensor, vocal: int, mean: torch.Tensor, std: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
