@@ -68,3 +68,116 @@ def test_mono_vocals_at_another_rate_are_aligned_to_the_instrumental(stems, tmp_
         text=True,
     ).stdout.strip()
     assert channels == "2"
+
+
+# --- the mix as a stream -------------------------------------------------------------------------
+
+
+def test_the_mix_made_a_block_at_a_time_is_the_whole_song_mix(stems, tmp_path, monkeypatch):
+    """Vocals at 48 kHz are resampled block by block: every block boundary lands inside the song,
+    and the result is the whole-stem polyphase resampling summed with the instrumental."""
+    from scipy.signal import resample_poly
+
+    from job.render import mix as mixing
+
+    monkeypatch.setattr(mixing, "BLOCK", 20_000)  # 12 s in 27 blocks
+    _, inst, _ = stems
+    rng = np.random.default_rng(5)
+    voc = (0.3 * rng.standard_normal(48000 * 13)).astype(np.float32)  # longer than the instrumental
+    vocals48 = write_wav(tmp_path / "v48.wav", voc, 48000)
+    options = MixOptions(vocals_gain_db=-3.0, instrumental_gain_db=2.0)
+    source = mixing.MixSource(inst, vocals48, options, tmp_path / "scratch")
+    try:
+        streamed = np.concatenate(list(source.blocks()), axis=1)
+    finally:
+        source.close()
+    _, instrumental = demo.demo_song(12.0, seed=3)
+    whole = resample_poly(voc, 147, 160).astype(np.float32)[: instrumental.shape[-1]]
+    expected = instrumental * np.float32(10 ** (2 / 20)) + whole * np.float32(10 ** (-3 / 20))
+    assert streamed.shape == expected.shape
+    assert np.max(np.abs(streamed - expected)) < 1e-5
+
+
+def test_the_limiter_and_meters_run_a_block_at_a_time_as_over_the_whole_song(monkeypatch):
+    """Block edges change nothing: the limiter's look-ahead and release, the K-weighting filters,
+    the 50 ms silence blocks and the waveform's columns carry across them."""
+    from job.render.limiter import Limiter, limiter_gain
+    from job.render.loudness import LoudnessMeter, envelope_windows, integrated_lufs, peak_envelope
+    from job.render.quality import MixMeter, mix_scores, waveform_peaks
+
+    vocals, inst = demo.demo_song(6.0, seed=4)
+    audio = (vocals + inst) * 0.05
+    audio[:, :: MIX_SAMPLE_RATE // 3] = 3.0  # sparse clicks far over full scale: hard limiting
+    audio[:, 70_000:120_000] = 0.0  # a silent stretch
+    audio = audio.astype(np.float32)
+    ceiling = 10 ** (-1.5 / 20)
+    sizes = [30_001, 4_999, 77_777]  # odd sizes: edges fall anywhere, the last block is short
+    blocks, start = [], 0
+    while start < audio.shape[-1]:
+        size = sizes[len(blocks) % len(sizes)]
+        blocks.append(audio[:, start : start + size])
+        start += size
+    limiter, loudness = Limiter(ceiling, MIX_SAMPLE_RATE), LoudnessMeter(MIX_SAMPLE_RATE)
+    meter = MixMeter(audio.shape[-1], MIX_SAMPLE_RATE, columns=37)
+    gains, envelopes = [], []
+    for block, envelope, lead in envelope_windows(iter(blocks), limiter.context):
+        envelopes.append(envelope[lead : lead + block.shape[-1]])
+        gains.append(limiter.gains(envelope, lead, block.shape[-1]))
+        loudness.add(block)
+        meter.add(block)
+    whole_envelope = peak_envelope(audio)
+    assert np.max(np.abs(np.concatenate(envelopes) - whole_envelope)) < 1e-6
+    assert np.max(np.abs(np.concatenate(gains) - limiter_gain(whole_envelope, ceiling, MIX_SAMPLE_RATE))) < 1e-6
+    assert np.min(np.concatenate(gains)) < 0.5  # the limiter did work here
+    assert loudness.integrated() == pytest.approx(integrated_lufs(audio, MIX_SAMPLE_RATE), abs=1e-6)
+    assert meter.scores(-14, -1) == mix_scores(audio, MIX_SAMPLE_RATE, -14, -1)
+    assert meter.scores(-14, -1).silent_share > 0.1
+    assert meter.peaks() == waveform_peaks(audio, 37)
+
+
+def test_a_cover_that_needs_no_limiting_is_encoded_once(stems, tmp_path, monkeypatch):
+    from job.render import ffmpeg
+
+    started = []
+
+    class Counting(ffmpeg.PipeEncoder):
+        def __init__(self, *args, **kwargs):
+            started.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(ffmpeg, "PipeEncoder", Counting)
+    vocals, inst, _ = stems
+    result = mix(inst, vocals, tmp_path / "cover.mp3")
+    assert result.normalisation == "linear"
+    assert len(started) == 1  # measured in numpy first, then one encode that was kept
+
+
+def test_the_mix_holds_a_few_blocks_whatever_the_songs_length(tmp_path):
+    """Four minutes of quiet stems with loud clicks (reaching -14 LUFS needs the limiter): the
+    mix stage's Python-side allocations
+    (numpy's included, traced) stay a few blocks' worth, far under one copy of the mix (85 MB)."""
+    import tracemalloc
+
+    from job.render.audio import WavWriter
+
+    rng = np.random.default_rng(6)
+    seconds, chunk = 240, MIX_SAMPLE_RATE * 10
+    with (
+        WavWriter(tmp_path / "inst.wav", MIX_SAMPLE_RATE, 2) as inst,
+        WavWriter(tmp_path / "voc.wav", 48000, 1) as voc,
+    ):
+        for _ in range(seconds // 10):
+            block = (0.03 * rng.standard_normal((2, chunk))).astype(np.float32)
+            block[:, :: MIX_SAMPLE_RATE // 3] = 0.9
+            inst.write(block)
+            voc.write((0.03 * rng.standard_normal((1, 480_000))).astype(np.float32))
+    tracemalloc.start()
+    try:
+        result = mix(tmp_path / "inst.wav", tmp_path / "voc.wav", tmp_path / "cover.flac", MixOptions(format="flac"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.normalisation == "limited"
+    assert result.duration_s == pytest.approx(seconds, abs=0.05)
+    whole_mix_mb = 2 * seconds * MIX_SAMPLE_RATE * 4 / 2**20
+    assert peak / 2**20 < 40, f"the mix stage held {peak / 2**20:.0f} MB (one copy of the mix: {whole_mix_mb:.0f} MB)"

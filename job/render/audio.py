@@ -160,6 +160,67 @@ class WavWriter:
         self.close()
 
 
+class WavReader:
+    """Blocks of a 32-bit float WAV (what :class:`WavWriter` writes) read with plain file reads, not
+    a memory map, so a long stem costs one block of memory: pages of a mapped file stay resident
+    (and count in the process's RSS) once touched. Anything else raises ``ValueError``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "rb")  # noqa: SIM115 - closed by close() / the with-block
+        self._subformat = 0  # WAVE_FORMAT_EXTENSIBLE's sample format, when the file has one
+        try:
+            self.sample_rate, self.channels, self._data, self.frames = self._parse()
+        except Exception:
+            self._file.close()
+            raise
+
+    def _parse(self) -> tuple[int, int, int, int]:
+        riff = self._file.read(12)
+        if len(riff) < 12 or riff[:4] != b"RIFF" or riff[8:12] != b"WAVE":
+            raise ValueError(f"{self.path.name} is not a WAV file")
+        fmt: tuple[int, int, int, int] | None = None
+        while True:
+            head = self._file.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{self.path.name} has no data chunk")
+            chunk, size = struct.unpack("<4sI", head)
+            if chunk == b"data":
+                if fmt is None:
+                    raise ValueError(f"{self.path.name}: data before fmt")
+                tag, channels, rate, bits = fmt
+                float_tag = tag == 3 or (tag == 0xFFFE and self._subformat == 3)
+                if not float_tag or bits != 32 or channels < 1:
+                    raise ValueError(f"{self.path.name} is not 32-bit float audio")
+                start = self._file.tell()
+                end = min(start + size, self._file.seek(0, 2))
+                return rate, channels, start, (end - start) // (channels * 4)
+            body = self._file.read(size + (size & 1))
+            if chunk == b"fmt ":
+                if len(body) < 16:
+                    raise ValueError(f"{self.path.name}: short fmt chunk")
+                tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", body[:16])
+                self._subformat = struct.unpack("<H", body[24:26])[0] if len(body) >= 26 else 0
+                fmt = (tag, channels, rate, bits)
+
+    def read(self, start: int, end: int) -> np.ndarray:
+        """``[channels, end - start]`` float32 (shorter past the end of the file)."""
+        start, end = max(0, start), min(self.frames, end)
+        count = max(0, end - start) * self.channels
+        self._file.seek(self._data + start * self.channels * 4)
+        data = np.frombuffer(self._file.read(count * 4), dtype="<f4")
+        return np.ascontiguousarray(data.reshape(-1, self.channels).T, dtype=np.float32)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> WavReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def read_wav(path: Path, mmap: bool = False) -> tuple[np.ndarray, int]:
     """Read a WAV written by :func:`write_wav` (or any PCM WAV) as ``[channels, samples]``.
     ``mmap`` (float WAVs only): a read-only view of the file, paged in as it is read."""

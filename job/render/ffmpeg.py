@@ -5,21 +5,26 @@ options that must hold for every invocation are added in one place. Inputs are u
 
 * every input is opened with :func:`input_args`: only the ``file`` and ``pipe`` protocols and only
   the demuxers of :data:`AUDIO_DEMUXERS`, so a "song" that is an HLS playlist, a concat list or any
-  other container that opens further files or URLs is refused (``input.not_audio``);
+  other container that opens further files or URLs is refused (``input.not_audio``); the one
+  exception is :class:`PipeEncoder`'s input, raw float samples we write ourselves;
 * every process runs under an address-space limit (:data:`MEMORY_LIMIT_BYTES`) and a CPU-time limit
   (:data:`CPU_LIMIT_S`), and ffprobe under a wall-clock timeout (:data:`PROBE_TIMEOUT_S`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import resource
 import shutil
 import signal
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
+
+import numpy as np
 
 from shared.errors import CoverError, ErrorCode
 
@@ -39,11 +44,14 @@ def input_args(path: Path) -> list[str]:
 
 
 def spawn(
-    cmd: list[str], stdout: int | BinaryIO | None = None, stderr: int | BinaryIO | None = None
+    cmd: list[str],
+    stdout: int | BinaryIO | None = None,
+    stderr: int | BinaryIO | None = None,
+    stdin: int | None = subprocess.DEVNULL,
 ) -> subprocess.Popen:
     """Start an FFmpeg tool under the memory and CPU-time limits (set on the child by pid, which is
     safe in threaded programs where ``preexec_fn`` is not)."""
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
+    proc = subprocess.Popen(cmd, stdin=stdin, stdout=stdout, stderr=stderr)
     try:
         resource.prlimit(proc.pid, resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
         resource.prlimit(proc.pid, resource.RLIMIT_CPU, (CPU_LIMIT_S, CPU_LIMIT_S))
@@ -84,11 +92,59 @@ def run(args: list[str], verbose: bool = False) -> bytes:
     cmd = [*FFMPEG[:-2], "-v", "info", *args] if verbose else [*FFMPEG, *args]
     proc = _run(cmd)
     if proc.returncode != 0:
-        text = proc.stderr.decode(errors="replace")
-        if proc.returncode == -signal.SIGXFSZ or "No space left on device" in text or "File too large" in text:
-            raise CoverError(ErrorCode.WORK_NO_SPACE, f"the work folder is out of space: {last_line(proc.stderr)}")
-        raise CoverError(ErrorCode.INTERNAL, f"ffmpeg failed: {text[-600:]}")
+        raise _failure(proc.returncode, proc.stderr)
     return proc.stderr
+
+
+def _failure(returncode: int, stderr: bytes) -> CoverError:
+    text = stderr.decode(errors="replace")
+    if returncode == -signal.SIGXFSZ or "No space left on device" in text or "File too large" in text:
+        return CoverError(ErrorCode.WORK_NO_SPACE, f"the work folder is out of space: {last_line(stderr)}")
+    return CoverError(ErrorCode.INTERNAL, f"ffmpeg failed: {text[-600:]}")
+
+
+class PipeEncoder:
+    """FFmpeg encoding float32 audio that we write to its standard input a block at a time, so the
+    encoder works beside us and no whole-song copy (in memory or as a WAV) is ever made. The input
+    is our own raw samples, so the untrusted-input allow-lists of :func:`input_args` do not apply;
+    the process runs under the same limits as every other. A failure raises as :func:`run`'s do."""
+
+    def __init__(self, rate: int, channels: int, out_args: list[str], out: Path) -> None:
+        require_ffmpeg()
+        self.channels = channels
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()/abort()
+        raw = ["-f", "f32le", "-ar", str(rate), "-ac", str(channels), "-i", "pipe:0"]
+        self._proc = spawn([*FFMPEG, *raw, *out_args, "-y", str(out)], None, self._stderr, subprocess.PIPE)
+
+    def write(self, block: np.ndarray) -> None:
+        """``[channels, samples]`` float32, interleaved on the way out."""
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.write(np.ascontiguousarray(np.asarray(block, dtype=np.float32).T).tobytes())
+        except BrokenPipeError:  # FFmpeg stopped: close() says why
+            self.close()
+            raise CoverError(ErrorCode.INTERNAL, "ffmpeg stopped reading the mix") from None
+
+    def close(self) -> None:
+        """Finish the file; raises if FFmpeg failed."""
+        assert self._proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            self._proc.stdin.close()
+        code = self._proc.wait()
+        self._stderr.seek(0)
+        errors = self._stderr.read()
+        self._stderr.close()
+        if code != 0:
+            raise _failure(code, errors)
+
+    def abort(self) -> None:
+        """Stop FFmpeg without finishing the file (the caller removes it)."""
+        self._proc.kill()
+        self._proc.wait()
+        if self._proc.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):
+                self._proc.stdin.close()
+        self._stderr.close()
 
 
 def decode_command(path: Path, sample_rate: int, channels: int) -> list[str]:

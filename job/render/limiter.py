@@ -23,24 +23,44 @@ RELEASE_S = 0.05  # time constant of the gain's return after a peak
 BLOCK = 1 << 20
 
 
+class Limiter:
+    """The limiter run a block at a time: :meth:`gains` takes each block's envelope with
+    :attr:`context` samples of its neighbours on either side (fewer only at the signal's ends) and
+    carries the release from block to block, so the gains are those of :func:`limiter_gain` on
+    the whole signal and memory is a block's."""
+
+    def __init__(self, ceiling: float, rate: int) -> None:
+        self.ceiling = ceiling
+        self.attack = max(1, int(ATTACK_S * rate))
+        self.context = 2 * (self.attack + 1) + 2  # the reach of the two look-ahead filters
+        self.log_beta = -1.0 / (RELEASE_S * rate)  # the release, per sample
+        self.position = 0  # the next block's first sample, counted from the signal's start
+        self.carry = -np.inf  # the running maximum of (attenuation[j] - j * log_beta) so far
+
+    def gains(self, envelope: np.ndarray, lead: int, length: int) -> np.ndarray:
+        """``[length]`` float32 gains (<= 1) for ``envelope[lead : lead + length]``, the next block."""
+        needed = np.minimum(1.0, self.ceiling / np.maximum(envelope, 1e-12)).astype(np.float32)
+        attack = self.attack
+        # held[j]: the least gain needed over the last `attack` samples; smooth[n]: the mean of held
+        # over the next `attack` samples. Every held[j] averaged into smooth[n] covers n, so smooth
+        # never exceeds what a sample needs, and it ramps down over `attack` samples before a peak
+        # and back up over `attack` after it (then the release takes over).
+        held = minimum_filter1d(needed, size=attack + 1, origin=attack // 2, mode="nearest")
+        smooth = uniform_filter1d(held, size=attack + 1, origin=-(attack // 2), mode="nearest")
+        smooth = np.minimum(smooth[lead : lead + length], needed[lead : lead + length])
+        with np.errstate(divide="ignore"):
+            attenuation = np.log(np.maximum(1.0 - smooth.astype(np.float64), 0.0))  # -inf where none
+        out = np.empty(length, dtype=np.float32)
+        for start in range(0, length, BLOCK):
+            stop = min(length, start + BLOCK)
+            decay = np.arange(self.position + start, self.position + stop, dtype=np.float64) * self.log_beta
+            running = np.maximum.accumulate(np.maximum(attenuation[start:stop] - decay, self.carry))
+            self.carry = running[-1]
+            out[start:stop] = 1.0 - np.exp(running + decay)
+        self.position += length
+        return np.minimum(out, smooth)
+
+
 def limiter_gain(envelope: np.ndarray, ceiling: float, rate: int) -> np.ndarray:
     """``[samples]`` float32 gains (<= 1) that keep ``envelope * gain`` under ``ceiling`` (linear)."""
-    needed = np.minimum(1.0, ceiling / np.maximum(envelope, 1e-12)).astype(np.float32)
-    attack = max(1, int(ATTACK_S * rate))
-    # held[j]: the least gain needed over the last `attack` samples; smooth[n]: the mean of held
-    # over the next `attack` samples. Every held[j] averaged into smooth[n] covers n, so smooth
-    # never exceeds what a sample needs, and it ramps down over `attack` samples before a peak
-    # and back up over `attack` after it (then the release takes over).
-    held = minimum_filter1d(needed, size=attack + 1, origin=attack // 2, mode="nearest")
-    smooth = np.minimum(uniform_filter1d(held, size=attack + 1, origin=-(attack // 2), mode="nearest"), needed)
-    with np.errstate(divide="ignore"):
-        attenuation = np.log(np.maximum(1.0 - smooth.astype(np.float64), 0.0))  # -inf where none
-    log_beta = -1.0 / (RELEASE_S * rate)  # per sample
-    out = np.empty(len(attenuation), dtype=np.float32)
-    carry = -np.inf  # the running maximum of (attenuation[j] - j * log_beta) so far
-    for start in range(0, len(attenuation), BLOCK):
-        decay = np.arange(start, min(len(attenuation), start + BLOCK), dtype=np.float64) * log_beta
-        running = np.maximum.accumulate(np.maximum(attenuation[start : start + BLOCK] - decay, carry))
-        carry = running[-1]
-        out[start : start + len(decay)] = 1.0 - np.exp(running + decay)
-    return np.minimum(out, smooth)
+    return Limiter(ceiling, rate).gains(envelope, 0, len(envelope))

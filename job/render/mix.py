@@ -1,21 +1,27 @@
-"""Stage 4, mix: converted vocals over the instrumental, loudness-normalised, encoded once.
+"""Stage 4, mix: converted vocals over the instrumental, loudness-normalised, encoded once, as a
+stream: memory is a few blocks' whatever the song's length.
 
 The vocals are resampled to the instrumental's rate, made stereo, padded or trimmed to exactly its
-length (no offset), and both stems get their gain; the sum is the mix. Loudness (EBU R128) and the
-true peak are measured in numpy (:mod:`job.render.loudness`); the mix gets the gain that brings it
-to the target (default -14 LUFS integrated), and where that would push a true peak over the
-ceiling (default -1 dBTP), the look-ahead limiter (:mod:`job.render.limiter`) holds the peaks 0.5
-dB under it. Measured after limiting and before encoding: if heavy limiting ate loudness, the
-gain is corrected and the limiter run again (cheap, in memory), so the file is normally encoded
-once. A lossy or resampled format is measured again after encoding (FFmpeg's ``ebur128``) and
-encoded again with a lower ceiling only if the codec overshot it. Where no limiting is needed the
-result is the mix times one gain. The file is tagged as an AI-generated cover with the voice
-model's name, and appears at its path only when complete.
+length (no offset), and both stems get their gain; the sum is the mix. The stems are read a block
+at a time (:class:`MixSource`), never whole and never memory-mapped, and the mix is made again for
+each pass over it rather than kept. A first pass measures it: loudness (EBU R128) and true peak in
+numpy (:mod:`job.render.loudness`). The mix gets the gain that brings it to the target (default
+-14 LUFS integrated), and where that would push a true peak over the ceiling (default -1 dBTP), the
+look-ahead limiter (:mod:`job.render.limiter`) holds the peaks 0.5 dB under it. Each following pass
+feeds FFmpeg's encoder through a pipe while it measures what it feeds: where no limiting is needed
+the result is the mix times one gain and the first encode is the last; where limiting ate
+loudness, that encode is dropped and the gain corrected by the measured slope (normally one more
+pass). A lossy or resampled format is measured again after encoding (FFmpeg's ``ebur128``) and
+encoded again with a lower ceiling only if the codec overshot it. The file is tagged as an
+AI-generated cover with the voice model's name, and appears at its path only when complete.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +29,19 @@ from pydantic import BaseModel
 from scipy.signal import resample_poly
 
 from job.render import ffmpeg
-from job.render.audio import MIX_SAMPLE_RATE, decode, read_wav, write_wav
-from job.render.limiter import limiter_gain
-from job.render.loudness import integrated_lufs, peak_envelope
-from job.render.quality import mix_scores, waveform_peaks
+from job.render.audio import MIX_SAMPLE_RATE, WavReader, decode_to_wav
+from job.render.limiter import Limiter
+from job.render.loudness import TAPS_PER_PHASE, LoudnessMeter, envelope_windows, window_true_peak, windows
+from job.render.quality import MixMeter
 from shared.errors import CoverError, ErrorCode
 from shared.options import FORMATS, MixOptions, OutputFormat
 from shared.quality import MixScores
 
 LOUDNESS_TOLERANCE_LU = 0.3  # the gain is corrected when the limited mix misses the target by more
 TRUE_PEAK_MARGIN_DB = 0.5  # the limiter's ceiling sits this far below the true-peak target
-MAX_PASSES = 6  # dense, heavily limited material (a 5 s test mix) needed 5
+MAX_PASSES = 6  # encodes at most (a codec overshooting the ceiling, or a gain estimate missing)
 LOSSLESS = {OutputFormat.WAV, OutputFormat.FLAC}
+BLOCK = 1 << 18  # frames of the mix per block (about 6 s): memory is a few of these
 
 
 class MixResult(BaseModel):
@@ -49,45 +56,151 @@ class MixResult(BaseModel):
     peaks: list[float] = []  # the encoded mix's waveform, for the report page
 
 
-def _mono_or_stereo(audio: np.ndarray) -> np.ndarray:
-    if audio.shape[0] not in (1, 2):
-        raise CoverError(ErrorCode.INTERNAL, f"a stem has {audio.shape[0]} channels; 1 or 2 expected")
-    return audio
-
-
-def _stereo(audio: np.ndarray) -> np.ndarray:
-    return np.repeat(audio, 2, axis=0) if _mono_or_stereo(audio).shape[0] == 1 else audio
-
-
-def _read(path: Path, rate: int | None = None) -> tuple[np.ndarray, int]:
-    """``[channels, samples]`` of a stem: WAVs as they are (memory-mapped when float), anything
-    else decoded by FFmpeg at ``rate``."""
+def _open(path: Path, scratch: Path) -> WavReader:
+    """A stem's reader: our float WAVs as they are; anything else decoded first by FFmpeg into a
+    float WAV at the mix rate in ``scratch`` (block by block)."""
     try:
-        return read_wav(path, mmap=True)
-    except ValueError:  # not a WAV scipy reads
-        audio, _ = decode(path, rate or MIX_SAMPLE_RATE, 2)
-        return audio, rate or MIX_SAMPLE_RATE
+        return WavReader(path)
+    except ValueError:  # not a float WAV
+        scratch.mkdir(parents=True, exist_ok=True)
+        decoded = scratch / f"{path.stem}.wav"
+        decode_to_wav(path, decoded, MIX_SAMPLE_RATE, 2)
+        return WavReader(decoded)
 
 
-def mixed(instrumental: Path, vocals: Path, options: MixOptions) -> np.ndarray:
-    """``[2, samples]`` float32 at :data:`MIX_SAMPLE_RATE`: the stems with their gains, summed,
-    exactly as long as the instrumental."""
-    inst, rate = _read(instrumental)
-    if rate != MIX_SAMPLE_RATE or inst.shape[-1] == 0:
-        raise CoverError(ErrorCode.INTERNAL, "the instrumental must be 44.1 kHz audio")
-    voc, voc_rate = _read(vocals, MIX_SAMPLE_RATE)
-    if voc_rate != MIX_SAMPLE_RATE:
-        g = math.gcd(MIX_SAMPLE_RATE, voc_rate)
-        voc = resample_poly(voc, MIX_SAMPLE_RATE // g, voc_rate // g, axis=-1).astype(np.float32)
-    n = inst.shape[-1]
-    voc = _mono_or_stereo(voc)
-    out = _stereo(inst) * np.float32(10 ** (options.instrumental_gain_db / 20))
-    gain = np.float32(10 ** (options.vocals_gain_db / 20))
-    m = min(n, voc.shape[-1])
-    for start in range(0, m, 1 << 20):  # mono vocals go to both channels by broadcasting, no copy
-        end = min(m, start + (1 << 20))
-        out[:, start:end] += voc[:, start:end] * gain
-    return out
+class MixSource:
+    """The mix (the stems with their gains, summed, exactly as long as the instrumental) as
+    ``[2, samples]`` float32 blocks at :data:`MIX_SAMPLE_RATE`, made afresh on every pass.
+
+    Vocals at another rate are resampled a block at a time with the same polyphase filter as
+    ``resample_poly`` on the whole stem: each block starts on a sample where the two rates' grids
+    meet and takes ``context`` input samples beyond its ends (beyond the filter's reach), so every
+    block's samples are those of the whole-stem resampling."""
+
+    def __init__(self, instrumental: Path, vocals: Path, options: MixOptions, scratch: Path) -> None:
+        self.inst = _open(instrumental, scratch / "instrumental")
+        self.vocals = self.inst  # replaced below; closed together in close()
+        try:
+            if self.inst.sample_rate != MIX_SAMPLE_RATE or self.inst.frames == 0:
+                raise CoverError(ErrorCode.INTERNAL, "the instrumental must be 44.1 kHz audio")
+            self.vocals = _open(vocals, scratch / "vocals")
+            for stem in (self.inst, self.vocals):
+                if stem.channels not in (1, 2):
+                    raise CoverError(ErrorCode.INTERNAL, f"a stem has {stem.channels} channels; 1 or 2 expected")
+        except BaseException:
+            self.close()
+            raise
+        g = math.gcd(MIX_SAMPLE_RATE, self.vocals.sample_rate)
+        self.up, self.down = MIX_SAMPLE_RATE // g, self.vocals.sample_rate // g
+        self.vocal_frames = -(-self.vocals.frames * self.up // self.down)  # resample_poly's length
+        reach = 10 * max(self.up, self.down) / self.up + 2  # resample_poly's half filter, input samples
+        self.context = 0 if self.up == self.down else self.down * math.ceil(reach / self.down)
+        self.length = self.inst.frames
+        self.block = self.up * math.ceil(BLOCK / self.up)  # blocks start where the grids meet
+        self.inst_gain = np.float32(10 ** (options.instrumental_gain_db / 20))
+        self.vocals_gain = np.float32(10 ** (options.vocals_gain_db / 20))
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        for start in range(0, self.length, self.block):
+            yield self.read(start, min(self.length, start + self.block))
+
+    def read(self, start: int, end: int) -> np.ndarray:
+        """The mix's samples ``start:end``; ``start`` on a block boundary."""
+        inst = self.inst.read(start, end) * self.inst_gain
+        out = np.repeat(inst, 2, axis=0) if inst.shape[0] == 1 else inst
+        vocals = self._vocals(start, min(end, self.vocal_frames))
+        out[:, : vocals.shape[-1]] += vocals * self.vocals_gain  # mono reaches both channels
+        return out
+
+    def _vocals(self, start: int, end: int) -> np.ndarray:
+        if end <= start:
+            return np.zeros((1, 0), np.float32)
+        if self.up == self.down:
+            return self.vocals.read(start, end)
+        first = start * self.down // self.up  # exact: start is a multiple of up
+        lo = max(0, first - self.context)
+        hi = min(self.vocals.frames, -(-end * self.down // self.up) + self.context)
+        out = resample_poly(self.vocals.read(lo, hi), self.up, self.down, axis=-1)
+        skip = start - lo * self.up // self.down
+        return out[:, skip : skip + end - start].astype(np.float32)
+
+    def close(self) -> None:
+        self.inst.close()
+        self.vocals.close()
+
+
+class _Pass(BaseModel, arbitrary_types_allowed=True):
+    loudness_lufs: float
+    true_peak_dbtp: float
+    meter: MixMeter
+
+
+def _measure(source: MixSource) -> tuple[float, float]:
+    """The mix's integrated loudness (LUFS) and true peak (linear)."""
+    loudness, peak = LoudnessMeter(MIX_SAMPLE_RATE), 0.0
+    for window, lead, length in windows(source.blocks(), TAPS_PER_PHASE):
+        loudness.add(window[:, lead : lead + length])
+        peak = window_true_peak(window, lead, length, peak)
+    return loudness.integrated(), peak
+
+
+def _render(
+    source: MixSource,
+    gain_db: float,
+    limiter: Limiter | None,
+    encoder: ffmpeg.PipeEncoder,
+    measured: tuple[float, float],
+) -> _Pass:
+    """One pass: the mix at ``gain_db`` (through ``limiter`` where given) into ``encoder``, with its
+    loudness, true peak and scores. ``measured``: the mix's own loudness and true peak."""
+    scale = np.float32(10 ** (gain_db / 20))
+    meter = MixMeter(source.length, MIX_SAMPLE_RATE)
+    if limiter is None:  # one gain: loudness and peak scale with it
+        for block in source.blocks():
+            np.multiply(block, scale, out=block)
+            encoder.write(block)
+            meter.add(block)
+        return _Pass(loudness_lufs=measured[0] + gain_db, true_peak_dbtp=_db(measured[1]) + gain_db, meter=meter)
+    loudness, peak = LoudnessMeter(MIX_SAMPLE_RATE), 0.0
+    for block, envelope, lead in envelope_windows(source.blocks(), limiter.context):
+        gains = limiter.gains(envelope * scale, lead, block.shape[-1]) * scale
+        peak = max(peak, float((envelope[lead : lead + block.shape[-1]] * gains).max(initial=0.0)))
+        np.multiply(block, gains, out=block)
+        encoder.write(block)
+        meter.add(block)
+        loudness.add(block)
+    return _Pass(loudness_lufs=loudness.integrated(), true_peak_dbtp=_db(peak), meter=meter)
+
+
+PROBE_STEPS_DB = (0.0, 2.0, 5.0)  # a limited mix is measured at these gains above the linear one
+
+
+def _probe(source: MixSource, gains: list[float], ceiling_dbtp: float) -> list[float]:
+    """The loudness of the limited mix at each of ``gains`` in one pass (one envelope per block,
+    one limiter per gain), nothing encoded."""
+    limiters = [Limiter(10 ** (ceiling_dbtp / 20), MIX_SAMPLE_RATE) for _ in gains]
+    meters = [LoudnessMeter(MIX_SAMPLE_RATE) for _ in gains]
+    scales = [np.float32(10 ** (g / 20)) for g in gains]
+    for block, envelope, lead in envelope_windows(source.blocks(), limiters[0].context):
+        for limiter, meter, scale in zip(limiters, meters, scales, strict=True):
+            meter.add(block * (limiter.gains(envelope * scale, lead, block.shape[-1]) * scale))
+    return [meter.integrated() for meter in meters]
+
+
+def _gain_for(points: list[tuple[float, float]], target: float) -> float:
+    """The gain that brings the limited mix to ``target`` LUFS, from its measured (gain, loudness)
+    points: interpolated between the two that bracket it, else stepped from the nearest by the
+    measured slope (under heavy limiting loudness grows slower than gain; 1 with one point)."""
+    points = sorted(points)
+    for (g1, l1), (g2, l2) in itertools.pairwise(points):
+        if l1 <= target <= l2 and l2 > l1:
+            return g1 + (target - l1) * (g2 - g1) / (l2 - l1)
+    near = points[0] if target < points[0][1] else points[-1]
+    pair = points[:2] if near is points[0] else points[-2:]
+    slope = 1.0
+    if len(pair) == 2 and pair[1][0] != pair[0][0]:
+        slope = min(1.0, max(0.05, (pair[1][1] - pair[0][1]) / (pair[1][0] - pair[0][0])))
+    return near[0] + max(-12.0, min(12.0, (target - near[1]) / slope))
 
 
 def mix(
@@ -100,15 +213,10 @@ def mix(
 ) -> MixResult:
     """Mix ``vocals`` over ``instrumental`` into ``out`` (written atomically)."""
     options = options or MixOptions()
-    audio = mixed(instrumental, vocals, options)
-    input_i = integrated_lufs(audio, MIX_SAMPLE_RATE)
-    if input_i == float("-inf"):
-        raise CoverError(ErrorCode.INTERNAL, "the mix is silent; nothing to normalise")
-    envelope = peak_envelope(audio)  # scales with any gain: measured once
-
     spec = FORMATS[options.format]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.part")
+    scratch = out.with_name(f".{out.name}.stems")  # only for stems that are not float WAVs
     description = f"AI-generated cover; voice model: {voice_name}" if voice_name else "AI-generated cover"
     metadata = {
         "title": title or "AI cover",
@@ -121,65 +229,50 @@ def mix(
     out_args = [arg for k, v in spec.codec.items() for arg in (f"-{k}", v)]
     out_args += ["-ar", str(spec.sample_rate), "-f", spec.muxer]
     out_args += [arg for k, v in metadata.items() for arg in ("-metadata", f"{k}={v}")]
-
-    gain = options.loudness_lufs - input_i
-    ceiling = options.true_peak_dbtp - TRUE_PEAK_MARGIN_DB
-    limited = float(envelope.max()) * 10 ** (gain / 20) > 10 ** (ceiling / 20)
-    wav = out.with_name(f".{out.name}.mix.wav")
-
-    held = [1.0]  # the gain ``audio`` carries: a linear result is the mix scaled in place (no copy)
-
-    def normalised(gain_db: float, ceiling_dbtp: float) -> tuple[np.ndarray, float, float]:
-        """The mix at ``gain_db`` (limited under ``ceiling_dbtp`` if it must be), its loudness and
-        true peak."""
-        scale = 10 ** (gain_db / 20)
-        if not limited:
-            peak = float(envelope.max()) * scale
-            np.multiply(audio, np.float32(scale / held[0]), out=audio)
-            held[0] = scale
-            return audio, input_i + gain_db, _db(peak)  # loudness scales with the gain
-        gains = limiter_gain(envelope * np.float32(scale), 10 ** (ceiling_dbtp / 20), MIX_SAMPLE_RATE)
-        gains *= np.float32(scale)
-        peak = _db(float((envelope * gains).max()))
-        gains *= np.float32(1 / held[0])
-        result = audio * gains
-        return result, integrated_lufs(result, MIX_SAMPLE_RATE), peak
-
-    encoded: list[np.ndarray] = []
-
-    def encode(result: np.ndarray) -> None:
-        encoded[:] = [result]
-        write_wav(wav, result, MIX_SAMPLE_RATE)
-        ffmpeg.run([*ffmpeg.input_args(wav), *out_args, "-y", str(tmp)])
-
-    previous: tuple[float, float] | None = None
     try:
-        for _ in range(MAX_PASSES):
-            result, loudness, peak = normalised(gain, ceiling)
-            miss = options.loudness_lufs - loudness
-            if abs(miss) > LOUDNESS_TOLERANCE_LU:  # limiting ate loudness: correct in memory, no encode
-                # under heavy limiting loudness grows slower than gain: step by the measured slope
-                slope = 1.0
-                if previous is not None and gain != previous[0]:
-                    slope = min(1.0, max(0.05, (loudness - previous[1]) / (gain - previous[0])))
-                previous = (gain, loudness)
-                gain += min(12.0, miss / slope)
-                limited = limited or float(envelope.max()) * 10 ** (gain / 20) > 10 ** (ceiling / 20)
-                continue
-            encode(result)
-            if options.format not in LOSSLESS or spec.sample_rate != MIX_SAMPLE_RATE:
-                loudness, peak = ffmpeg.measure_loudness(tmp)  # what the codec made of it
-            over = peak - options.true_peak_dbtp
-            if over <= 0:
-                break
-            ceiling -= over  # the codec overshot the ceiling: limit lower and encode again
-            limited = True
-        else:
-            encode(result)
+        source = MixSource(instrumental, vocals, options, scratch)
+        try:
+            measured = _measure(source)
+            if measured[0] == float("-inf"):
+                raise CoverError(ErrorCode.INTERNAL, "the mix is silent; nothing to normalise")
+            gain = options.loudness_lufs - measured[0]
+            ceiling = options.true_peak_dbtp - TRUE_PEAK_MARGIN_DB
+            limited = _db(measured[1]) + gain > ceiling
+            points: list[tuple[float, float]] = []  # the limited mix's measured (gain, loudness)
+            if limited:  # limiting eats loudness: find the gain before encoding anything
+                candidates = [gain + step for step in PROBE_STEPS_DB]
+                points = list(zip(candidates, _probe(source, candidates, ceiling), strict=True))
+                gain = _gain_for(points, options.loudness_lufs)
+            for attempt in range(MAX_PASSES):
+                last = attempt == MAX_PASSES - 1
+                encoder = ffmpeg.PipeEncoder(MIX_SAMPLE_RATE, 2, out_args, tmp)
+                try:
+                    limiter = Limiter(10 ** (ceiling / 20), MIX_SAMPLE_RATE) if limited else None
+                    result = _render(source, gain, limiter, encoder, measured)
+                except BaseException:
+                    encoder.abort()
+                    raise
+                miss = options.loudness_lufs - result.loudness_lufs
+                if abs(miss) > LOUDNESS_TOLERANCE_LU and not last:  # the estimate missed: drop this encode
+                    encoder.abort()
+                    points.append((gain, result.loudness_lufs))
+                    gain = _gain_for(points, options.loudness_lufs)
+                    continue
+                encoder.close()
+                loudness, peak = result.loudness_lufs, result.true_peak_dbtp
+                if options.format not in LOSSLESS or spec.sample_rate != MIX_SAMPLE_RATE:
+                    loudness, peak = ffmpeg.measure_loudness(tmp)  # what the codec made of it
+                over = peak - options.true_peak_dbtp
+                if over <= 0 or last:
+                    break
+                ceiling -= over  # the codec overshot the ceiling: limit lower and encode again
+                limited, points = True, []
+        finally:
+            source.close()
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
-        wav.unlink(missing_ok=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     out_info = ffmpeg.probe(out)
     duration = float(out_info["stream"].get("duration") or out_info["format"].get("duration") or 0.0)
     return MixResult(
@@ -190,8 +283,8 @@ def mix(
         loudness_lufs=loudness,
         true_peak_dbtp=peak,
         normalisation="limited" if limited else "linear",
-        scores=mix_scores(encoded[0], MIX_SAMPLE_RATE, loudness, peak),
-        peaks=waveform_peaks(encoded[0]),
+        scores=result.meter.scores(loudness, peak),
+        peaks=result.meter.peaks(),
     )
 
 
