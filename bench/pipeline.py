@@ -16,6 +16,9 @@ real formats. Rows:
   decoder on the reference song;
 * second voice: a whole cover (``Pipeline.render``) whose stems are in the stem cache.
 
+Cover rows also give each stage's peak RSS (a thread samples the process's RSS every 20 ms and
+charges it to the stage the pipeline's stage timer is in), so a peak can be traced to its stage.
+
 Prints one table and writes it, with the date and the machine, to ``bench/RESULTS.md``.
 """
 
@@ -29,6 +32,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
@@ -62,9 +67,45 @@ def _settings(precision: str = "auto", kernels: str = "fast", decoder: str = "to
     )
 
 
+class StagePeaks:
+    """The largest RSS (MB) seen during each stage of :meth:`Pipeline.render` in this process."""
+
+    def __init__(self) -> None:
+        import threading
+
+        from job.render import pipeline as stages
+        from job.render.timing import StageTimer
+
+        self.peaks: dict[str, float] = {}
+        self.stage = "other"  # loading models, generating inputs, after the render
+        watch = self
+
+        class Recording(StageTimer):
+            @contextmanager
+            def __call__(self, stage: str) -> Iterator[None]:
+                outer, watch.stage = watch.stage, stage
+                try:
+                    with super().__call__(stage):
+                        yield
+                finally:
+                    watch.stage = outer
+
+        stages.StageTimer = Recording  # type: ignore[misc]  # the bench's own instrumentation
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while True:
+            with open("/proc/self/statm") as statm:
+                rss = int(statm.read().split()[1]) * 4096 / 2**20
+            self.peaks[self.stage] = max(self.peaks.get(self.stage, 0.0), rss)
+            time.sleep(0.02)
+
+
 def row(kind: str, seconds: int, variant: str) -> dict:
     """One measurement, in this process."""
     from job.devkit import demo
+
+    watch = StagePeaks() if kind in ("cover", "second-voice") else None
 
     demo.write_models(WORK / "models", size="real")
     song = _song(seconds)
@@ -131,6 +172,7 @@ def row(kind: str, seconds: int, variant: str) -> dict:
         "wall": wall,
         "cpu": time.process_time() - cpu0,
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "stage_peaks_mb": {k: round(v) for k, v in watch.peaks.items()} if watch else {},
     }
 
 
@@ -186,12 +228,14 @@ def main() -> None:
         + (f" --results {args.results}" if args.results != RESULTS else "")
         + "`",
         "",
-        "| what | variant | audio s | wall s | RTF | CPU s | peak RSS MB |",
-        "|---|---|---|---|---|---|---|",
+        "| what | variant | audio s | wall s | RTF | CPU s | peak RSS MB | peak RSS by stage MB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['what']} | {r['variant']} | {r['audio_s']} | {r['wall']:.1f} | {r['rtf']:.3f} | "
-        f"{r['cpu']:.1f} | {r['rss_mb']:.0f} |"
+        f"{r['cpu']:.1f} | {r['rss_mb']:.0f} | "
+        + ", ".join(f"{stage} {mb}" for stage, mb in r.get("stage_peaks_mb", {}).items())
+        + " |"
         for r in rows
     ]
     table = "\n".join(lines) + "\n"
