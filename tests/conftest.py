@@ -75,3 +75,19 @@ class CodeRunningPayload:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def encodes(monkeypatch) -> list:
+    """Every FFmpeg encode the mix stage starts in this test (the real encoder, counted)."""
+    from job.render import ffmpeg
+
+    started: list = []
+
+    class Counting(ffmpeg.PipeEncoder):
+        def __init__(self, *args, **kwargs):
+            started.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(ffmpeg, "PipeEncoder", Counting)
+    return started

@@ -59,17 +59,7 @@ def test_limiter_holds_the_ceiling_looks_ahead_and_releases_slowly():
 
 
 @pytest.mark.parametrize("fmt", [OutputFormat.MP3, OutputFormat.WAV])
-def test_a_mix_that_needs_hard_limiting_lands_on_target(tmp_path, fmt, monkeypatch):
-    from job.render import ffmpeg
-
-    encodes = []
-
-    class Counting(ffmpeg.PipeEncoder):
-        def __init__(self, *args, **kwargs):
-            encodes.append(self)
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(ffmpeg, "PipeEncoder", Counting)
+def test_a_mix_that_needs_hard_limiting_lands_on_target(tmp_path, fmt, encodes):
     audio = _clicky()
     inst = write_wav(tmp_path / "inst.wav", audio, RATE)
     quiet = write_wav(tmp_path / "voc.wav", np.zeros((1, 48000 * 10), np.float32), 48000)

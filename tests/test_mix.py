@@ -135,21 +135,11 @@ def test_the_limiter_and_meters_run_a_block_at_a_time_as_over_the_whole_song(mon
     assert meter.peaks() == waveform_peaks(audio, 37)
 
 
-def test_a_cover_that_needs_no_limiting_is_encoded_once(stems, tmp_path, monkeypatch):
-    from job.render import ffmpeg
-
-    started = []
-
-    class Counting(ffmpeg.PipeEncoder):
-        def __init__(self, *args, **kwargs):
-            started.append(self)
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(ffmpeg, "PipeEncoder", Counting)
+def test_a_cover_that_needs_no_limiting_is_encoded_once(stems, tmp_path, encodes):
     vocals, inst, _ = stems
     result = mix(inst, vocals, tmp_path / "cover.mp3")
     assert result.normalisation == "linear"
-    assert len(started) == 1  # measured in numpy first, then one encode that was kept
+    assert len(encodes) == 1  # measured in numpy first, then one encode that was kept
 
 
 def test_the_mix_holds_a_few_blocks_whatever_the_songs_length(tmp_path):
