@@ -36,6 +36,13 @@ class FormatSpec(BaseModel):
     muxer: str = Field(description="FFmpeg's output format (-f).")
     codec: dict[str, str] = Field(description="FFmpeg's codec arguments, without the leading dash.")
     sample_rate: int
+    measure: tuple[str, str] | None = Field(
+        None,
+        description=(
+            "Where the codec changes the mix (lossy, or another rate): a streamable muxer for a copy of the "
+            "encoded packets and the demuxer that reads it back, for measuring them while encoding."
+        ),
+    )
 
 
 FORMATS: dict[OutputFormat, FormatSpec] = {
@@ -45,6 +52,7 @@ FORMATS: dict[OutputFormat, FormatSpec] = {
         muxer="mp3",
         codec={"c:a": "libmp3lame", "q:a": "0"},
         sample_rate=44100,
+        measure=("mp3", "mp3"),
     ),
     OutputFormat.OPUS: FormatSpec(
         extension="opus",
@@ -52,9 +60,15 @@ FORMATS: dict[OutputFormat, FormatSpec] = {
         muxer="ogg",
         codec={"c:a": "libopus", "b:a": "160k"},
         sample_rate=48000,
+        measure=("ogg", "ogg"),
     ),
     OutputFormat.M4A: FormatSpec(
-        extension="m4a", content_type="audio/mp4", muxer="ipod", codec={"c:a": "aac", "b:a": "256k"}, sample_rate=44100
+        extension="m4a",
+        content_type="audio/mp4",
+        muxer="ipod",
+        codec={"c:a": "aac", "b:a": "256k"},
+        sample_rate=44100,
+        measure=("adts", "aac"),  # MP4 needs a seekable file; ADTS streams the same AAC packets
     ),
     OutputFormat.FLAC: FormatSpec(
         extension="flac", content_type="audio/flac", muxer="flac", codec={"c:a": "flac"}, sample_rate=44100

@@ -142,6 +142,25 @@ def test_a_cover_that_needs_no_limiting_is_encoded_once(stems, tmp_path, encodes
     assert len(encodes) == 1  # measured in numpy first, then one encode that was kept
 
 
+@pytest.mark.parametrize("fmt", [OutputFormat.MP3, OutputFormat.OPUS, OutputFormat.M4A])
+def test_a_lossy_cover_reports_what_the_codec_made_measured_while_encoding(stems, tmp_path, fmt, monkeypatch):
+    vocals, inst, _ = stems
+    from job.render import ffmpeg
+
+    decoded_again: list = []  # the encoded file is not read back after encoding
+    monkeypatch.setattr(ffmpeg, "measure_loudness", lambda *a: decoded_again.append(a))
+    odd = tmp_path / "a [live] | it's: 100% ok "  # what the tee muxer's slave list would misread
+    result = mix(inst, vocals, odd / f" cover (take 2) [x]|y.{fmt.value}", MixOptions(format=fmt))
+    assert result.path.is_file() and result.path.name == f" cover (take 2) [x]|y.{fmt.value}"
+    assert [p.name for p in odd.iterdir()] == [result.path.name]  # nothing else left beside it
+    assert not decoded_again
+    monkeypatch.undo()
+    integrated, true_peak = measure_loudness(result.path)  # FFmpeg's meter on the finished file
+    # the same within one step of the 0.1 FFmpeg prints (the copy carries a little more padding)
+    assert result.loudness_lufs == pytest.approx(integrated, abs=0.1 + 1e-9)
+    assert result.true_peak_dbtp == pytest.approx(true_peak, abs=0.1 + 1e-9)
+
+
 def test_the_mix_holds_a_few_blocks_whatever_the_songs_length(tmp_path):
     """Four minutes of quiet stems with loud clicks (reaching -14 LUFS needs the limiter): the
     mix stage's Python-side allocations

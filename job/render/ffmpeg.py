@@ -22,7 +22,7 @@ import signal
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 import numpy as np
 
@@ -47,7 +47,7 @@ def spawn(
     cmd: list[str],
     stdout: int | BinaryIO | None = None,
     stderr: int | BinaryIO | None = None,
-    stdin: int | None = subprocess.DEVNULL,
+    stdin: int | IO[bytes] | None = subprocess.DEVNULL,
 ) -> subprocess.Popen:
     """Start an FFmpeg tool under the memory and CPU-time limits (set on the child by pid, which is
     safe in threaded programs where ``preexec_fn`` is not)."""
@@ -107,14 +107,49 @@ class PipeEncoder:
     """FFmpeg encoding float32 audio that we write to its standard input a block at a time, so the
     encoder works beside us and no whole-song copy (in memory or as a WAV) is ever made. The input
     is our own raw samples, so the untrusted-input allow-lists of :func:`input_args` do not apply;
-    the process runs under the same limits as every other. A failure raises as :func:`run`'s do."""
+    the process runs under the same limits as every other. A failure raises as :func:`run`'s do.
 
-    def __init__(self, rate: int, channels: int, out_args: list[str], out: Path) -> None:
+    With ``measure`` (a streamable muxer and the demuxer that reads it back, e.g. ``("adts", "aac")``)
+    the encoded packets also go, through FFmpeg's ``tee`` muxer, down a pipe to a second FFmpeg that
+    decodes them and runs ``ebur128`` while the encoding goes on; :meth:`close` then returns what the
+    codec made of the mix (integrated LUFS, true peak dBTP) with no second pass over the file. The
+    copy lacks only the file's gapless-playback header (some encoder padding more), which moves
+    neither measure by more than one 0.1 step of what FFmpeg prints (tested against
+    :func:`measure_loudness` on the finished file)."""
+
+    def __init__(
+        self,
+        rate: int,
+        channels: int,
+        out_args: list[str],
+        muxer: str,
+        out: Path,
+        measure: tuple[str, str] | None = None,
+    ) -> None:
         require_ffmpeg()
         self.channels = channels
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()/abort()
         raw = ["-f", "f32le", "-ar", str(rate), "-ac", str(channels), "-i", "pipe:0"]
-        self._proc = spawn([*FFMPEG, *raw, *out_args, "-y", str(out)], None, self._stderr, subprocess.PIPE)
+        self._meter: subprocess.Popen | None = None
+        if measure is None:
+            cmd = [*FFMPEG, *raw, *out_args, "-f", muxer, "-y", str(out)]
+            self._proc = spawn(cmd, None, self._stderr, subprocess.PIPE)
+            return
+        stream_muxer, stream_demuxer = measure
+        slaves = f"[f={muxer}]file:{_tee_escape(str(out.absolute()))}|[f={stream_muxer}]pipe:1"
+        cmd = [*FFMPEG, *raw, *out_args, "-map", "0:a", "-f", "tee", slaves]
+        self._proc = spawn(cmd, subprocess.PIPE, self._stderr, subprocess.PIPE)
+        self._meter_log = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()/abort()
+        meter = [*FFMPEG[:-2], "-v", "info", "-nostats", "-f", stream_demuxer, "-i", "pipe:0"]
+        try:
+            measure_cmd = [*meter, "-af", "ebur128=peak=true", "-f", "null", "-"]
+            self._meter = spawn(measure_cmd, subprocess.DEVNULL, self._meter_log, self._proc.stdout)
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            assert self._proc.stdout is not None
+            self._proc.stdout.close()  # the meter holds the pipe's reading end now
 
     def write(self, block: np.ndarray) -> None:
         """``[channels, samples]`` float32, interleaved on the way out."""
@@ -125,26 +160,51 @@ class PipeEncoder:
             self.close()
             raise CoverError(ErrorCode.INTERNAL, "ffmpeg stopped reading the mix") from None
 
-    def close(self) -> None:
-        """Finish the file; raises if FFmpeg failed."""
+    def close(self) -> tuple[float, float] | None:
+        """Finish the file; raises if FFmpeg failed. With ``measure``: the encoded stream's
+        integrated loudness (LUFS) and true peak (dBTP)."""
         assert self._proc.stdin is not None
         with contextlib.suppress(BrokenPipeError):
             self._proc.stdin.close()
         code = self._proc.wait()
+        meter_code = self._meter.wait() if self._meter is not None else 0
         self._stderr.seek(0)
         errors = self._stderr.read()
         self._stderr.close()
         if code != 0:
+            self._close_meter_log()
             raise _failure(code, errors)
+        if self._meter is None:
+            return None
+        self._meter_log.seek(0)
+        log = self._meter_log.read()
+        self._close_meter_log()
+        if meter_code != 0:
+            raise _failure(meter_code, log)
+        return ebur128_summary(log)
 
     def abort(self) -> None:
         """Stop FFmpeg without finishing the file (the caller removes it)."""
-        self._proc.kill()
-        self._proc.wait()
+        for proc in (self._proc, self._meter):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
         if self._proc.stdin is not None:
             with contextlib.suppress(BrokenPipeError):
                 self._proc.stdin.close()
         self._stderr.close()
+        self._close_meter_log()
+
+    def _close_meter_log(self) -> None:
+        if self._meter is not None:
+            self._meter_log.close()
+
+
+def _tee_escape(path: str) -> str:
+    """A file name as the ``tee`` muxer's slave list reads it: every character but letters, digits
+    and ``/._-`` backslash-escaped (FFmpeg's tokenizer takes ``\\x`` as ``x``), so brackets, bars,
+    quotes and edge spaces in a name stay part of it."""
+    return "".join(c if c.isascii() and (c.isalnum() or c in "/._-") else "\\" + c for c in path)
 
 
 def decode_command(path: Path, sample_rate: int, channels: int) -> list[str]:

@@ -11,7 +11,8 @@ look-ahead limiter (:mod:`job.render.limiter`) holds the peaks 0.5 dB under it. 
 feeds FFmpeg's encoder through a pipe while it measures what it feeds: where no limiting is needed
 the result is the mix times one gain and the first encode is the last; where limiting ate
 loudness, that encode is dropped and the gain corrected by the measured slope (normally one more
-pass). A lossy or resampled format is measured again after encoding (FFmpeg's ``ebur128``) and
+pass). A lossy or resampled format is measured as encoded (FFmpeg's ``ebur128`` on a copy of the
+encoded packets, decoded while the encoding goes on: :class:`job.render.ffmpeg.PipeEncoder`) and
 encoded again with a lower ceiling only if the codec overshot it. The file is tagged as an
 AI-generated cover with the voice model's name, and appears at its path only when complete.
 """
@@ -40,7 +41,6 @@ from shared.quality import MixScores
 LOUDNESS_TOLERANCE_LU = 0.3  # the gain is corrected when the limited mix misses the target by more
 TRUE_PEAK_MARGIN_DB = 0.5  # the limiter's ceiling sits this far below the true-peak target
 MAX_PASSES = 6  # encodes at most (a codec overshooting the ceiling, or a gain estimate missing)
-LOSSLESS = {OutputFormat.WAV, OutputFormat.FLAC}
 BLOCK = 1 << 18  # frames of the mix per block (about 6 s): memory is a few of these
 
 
@@ -227,7 +227,7 @@ def mix(
         "encoded_by": "melodia-cover",
     }
     out_args = [arg for k, v in spec.codec.items() for arg in (f"-{k}", v)]
-    out_args += ["-ar", str(spec.sample_rate), "-f", spec.muxer]
+    out_args += ["-ar", str(spec.sample_rate)]
     out_args += [arg for k, v in metadata.items() for arg in ("-metadata", f"{k}={v}")]
     try:
         source = MixSource(instrumental, vocals, options, scratch)
@@ -245,7 +245,7 @@ def mix(
                 gain = _gain_for(points, options.loudness_lufs)
             for attempt in range(MAX_PASSES):
                 last = attempt == MAX_PASSES - 1
-                encoder = ffmpeg.PipeEncoder(MIX_SAMPLE_RATE, 2, out_args, tmp)
+                encoder = ffmpeg.PipeEncoder(MIX_SAMPLE_RATE, 2, out_args, spec.muxer, tmp, spec.measure)
                 try:
                     limiter = Limiter(10 ** (ceiling / 20), MIX_SAMPLE_RATE) if limited else None
                     result = _render(source, gain, limiter, encoder, measured)
@@ -258,10 +258,8 @@ def mix(
                     points.append((gain, result.loudness_lufs))
                     gain = _gain_for(points, options.loudness_lufs)
                     continue
-                encoder.close()
-                loudness, peak = result.loudness_lufs, result.true_peak_dbtp
-                if options.format not in LOSSLESS or spec.sample_rate != MIX_SAMPLE_RATE:
-                    loudness, peak = ffmpeg.measure_loudness(tmp)  # what the codec made of it
+                encoded = encoder.close()  # with spec.measure: what the codec made of it
+                loudness, peak = encoded or (result.loudness_lufs, result.true_peak_dbtp)
                 over = peak - options.true_peak_dbtp
                 if over <= 0 or last:
                     break
