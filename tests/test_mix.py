@@ -190,3 +190,27 @@ def test_the_mix_holds_a_few_blocks_whatever_the_songs_length(tmp_path):
     assert result.duration_s == pytest.approx(seconds, abs=0.05)
     whole_mix_mb = 2 * seconds * MIX_SAMPLE_RATE * 4 / 2**20
     assert peak / 2**20 < 40, f"the mix stage held {peak / 2**20:.0f} MB (one copy of the mix: {whole_mix_mb:.0f} MB)"
+
+
+def test_blocks_made_ahead_come_in_order_and_a_failure_reaches_the_pass():
+    from job.render.mix import _ahead
+
+    made: list[int] = []
+
+    def blocks():
+        for i in range(6):
+            made.append(i)
+            if i == 4:
+                raise OSError("the stem went away")
+            yield i
+
+    got = []
+    with pytest.raises(OSError, match="went away"):
+        for item in _ahead(blocks(), depth=2):
+            got.append(item)
+    assert got == [0, 1, 2, 3]
+    made.clear()
+    for item in _ahead(blocks(), depth=2):  # leaving early: the worker stops after what it was asked
+        if item == 1:
+            break
+    assert made == [0, 1, 2, 3]

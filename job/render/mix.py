@@ -22,8 +22,11 @@ from __future__ import annotations
 import itertools
 import math
 import shutil
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from pydantic import BaseModel
@@ -42,6 +45,9 @@ LOUDNESS_TOLERANCE_LU = 0.3  # the gain is corrected when the limited mix misses
 TRUE_PEAK_MARGIN_DB = 0.5  # the limiter's ceiling sits this far below the true-peak target
 MAX_PASSES = 6  # encodes at most (a codec overshooting the ceiling, or a gain estimate missing)
 BLOCK = 1 << 18  # frames of the mix per block (about 6 s): memory is a few of these
+AHEAD = 2  # blocks a pass prepares ahead of the one it is using (_ahead)
+
+T = TypeVar("T")
 
 
 class MixResult(BaseModel):
@@ -129,6 +135,20 @@ class MixSource:
         self.vocals.close()
 
 
+def _ahead(items: Iterable[T], depth: int = AHEAD) -> Iterator[T]:
+    """``items``, each made in a worker thread up to ``depth`` ahead of its use: reading and
+    resampling the stems and the true-peak interpolation (numpy, which lets go of the GIL for its
+    loops) of the next blocks run beside the limiter, the meters and the encoder's pipe of this
+    one. The order is kept; an exception in the worker is raised here; stopping early waits only
+    for the blocks already asked for."""
+    it, done = iter(items), object()
+    with ThreadPoolExecutor(1, thread_name_prefix="mix-ahead") as pool:
+        pending = deque(pool.submit(next, it, done) for _ in range(depth))
+        while (item := pending.popleft().result()) is not done:
+            pending.append(pool.submit(next, it, done))
+            yield item  # type: ignore[misc]
+
+
 class _Pass(BaseModel, arbitrary_types_allowed=True):
     loudness_lufs: float
     true_peak_dbtp: float
@@ -138,7 +158,7 @@ class _Pass(BaseModel, arbitrary_types_allowed=True):
 def _measure(source: MixSource) -> tuple[float, float]:
     """The mix's integrated loudness (LUFS) and true peak (linear)."""
     loudness, peak = LoudnessMeter(MIX_SAMPLE_RATE), 0.0
-    for window, lead, length in windows(source.blocks(), TAPS_PER_PHASE):
+    for window, lead, length in _ahead(windows(source.blocks(), TAPS_PER_PHASE)):
         loudness.add(window[:, lead : lead + length])
         peak = window_true_peak(window, lead, length, peak)
     return loudness.integrated(), peak
@@ -156,13 +176,13 @@ def _render(
     scale = np.float32(10 ** (gain_db / 20))
     meter = MixMeter(source.length, MIX_SAMPLE_RATE)
     if limiter is None:  # one gain: loudness and peak scale with it
-        for block in source.blocks():
+        for block in _ahead(source.blocks()):
             np.multiply(block, scale, out=block)
             encoder.write(block)
             meter.add(block)
         return _Pass(loudness_lufs=measured[0] + gain_db, true_peak_dbtp=_db(measured[1]) + gain_db, meter=meter)
     loudness, peak = LoudnessMeter(MIX_SAMPLE_RATE), 0.0
-    for block, envelope, lead in envelope_windows(source.blocks(), limiter.context):
+    for block, envelope, lead in _ahead(envelope_windows(source.blocks(), limiter.context)):
         gains = limiter.gains(envelope * scale, lead, block.shape[-1]) * scale
         peak = max(peak, float((envelope[lead : lead + block.shape[-1]] * gains).max(initial=0.0)))
         np.multiply(block, gains, out=block)
@@ -181,7 +201,7 @@ def _probe(source: MixSource, gains: list[float], ceiling_dbtp: float) -> list[f
     limiters = [Limiter(10 ** (ceiling_dbtp / 20), MIX_SAMPLE_RATE) for _ in gains]
     meters = [LoudnessMeter(MIX_SAMPLE_RATE) for _ in gains]
     scales = [np.float32(10 ** (g / 20)) for g in gains]
-    for block, envelope, lead in envelope_windows(source.blocks(), limiters[0].context):
+    for block, envelope, lead in _ahead(envelope_windows(source.blocks(), limiters[0].context)):
         for limiter, meter, scale in zip(limiters, meters, scales, strict=True):
             meter.add(block * (limiter.gains(envelope * scale, lead, block.shape[-1]) * scale))
     return [meter.integrated() for meter in meters]
