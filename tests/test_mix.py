@@ -204,10 +204,9 @@ def test_blocks_made_ahead_come_in_order_and_a_failure_reaches_the_pass():
                 raise OSError("the stem went away")
             yield i
 
-    got = []
+    got: list[int] = []
     with pytest.raises(OSError, match="went away"):
-        for item in _ahead(blocks(), depth=2):
-            got.append(item)
+        got.extend(_ahead(blocks(), depth=2))
     assert got == [0, 1, 2, 3]
     made.clear()
     for item in _ahead(blocks(), depth=2):  # leaving early: the worker stops after what it was asked
