@@ -7,11 +7,12 @@ at a time (:class:`MixSource`), never whole and never memory-mapped, and the mix
 each pass over it rather than kept. A first pass measures it: loudness (EBU R128) and true peak in
 numpy (:mod:`job.render.loudness`). The mix gets the gain that brings it to the target (default
 -14 LUFS integrated), and where that would push a true peak over the ceiling (default -1 dBTP), the
-look-ahead limiter (:mod:`job.render.limiter`) holds the peaks 0.5 dB under it. Each following pass
-feeds FFmpeg's encoder through a pipe while it measures what it feeds: where no limiting is needed
-the result is the mix times one gain and the first encode is the last; where limiting ate
-loudness, that encode is dropped and the gain corrected by the measured slope (normally one more
-pass). A lossy or resampled format is measured as encoded (FFmpeg's ``ebur128`` on a copy of the
+look-ahead limiter (:mod:`job.render.limiter`) holds the peaks 0.5 dB under it; limiting eats
+loudness, so probe passes measure the limited mix at several gains, encoding nothing, until two
+bracket the target (:func:`_limited_gain`), and the gain is interpolated between them. The next
+pass feeds FFmpeg's encoder through a pipe while it measures what it feeds, and is normally the
+only encode; one that still misses the target is dropped and the gain corrected by the measured
+slope. A lossy or resampled format is measured as encoded (FFmpeg's ``ebur128`` on a copy of the
 encoded packets, decoded while the encoding goes on: :class:`job.render.ffmpeg.PipeEncoder`) and
 encoded again with a lower ceiling only if the codec overshot it. The file is tagged as an
 AI-generated cover with the voice model's name, and appears at its path only when complete.
