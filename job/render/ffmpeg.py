@@ -6,7 +6,8 @@ options that must hold for every invocation are added in one place. Inputs are u
 * every input is opened with :func:`input_args`: only the ``file`` and ``pipe`` protocols and only
   the demuxers of :data:`AUDIO_DEMUXERS`, so a "song" that is an HLS playlist, a concat list or any
   other container that opens further files or URLs is refused (``input.not_audio``); the one
-  exception is :class:`PipeEncoder`'s input, raw float samples we write ourselves;
+  exception is :class:`PipeEncoder`'s inputs: raw float samples we write ourselves, and the
+  packets its own encoder sends its meter down a pipe;
 * every process runs under an address-space limit (:data:`MEMORY_LIMIT_BYTES`) and a CPU-time limit
   (:data:`CPU_LIMIT_S`), and ffprobe under a wall-clock timeout (:data:`PROBE_TIMEOUT_S`).
 """
