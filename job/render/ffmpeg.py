@@ -132,6 +132,7 @@ class PipeEncoder:
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()/abort()
         raw = ["-f", "f32le", "-ar", str(rate), "-ac", str(channels), "-i", "pipe:0"]
         self._meter: subprocess.Popen | None = None
+        self._meter_log: BinaryIO | None = None
         if measure is None:
             cmd = [*FFMPEG, *raw, *out_args, "-f", muxer, "-y", str(out)]
             self._proc = spawn(cmd, None, self._stderr, subprocess.PIPE)
@@ -141,10 +142,11 @@ class PipeEncoder:
         cmd = [*FFMPEG, *raw, *out_args, "-map", "0:a", "-f", "tee", slaves]
         self._proc = spawn(cmd, subprocess.PIPE, self._stderr, subprocess.PIPE)
         self._meter_log = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()/abort()
+        meter_log = self._meter_log
         meter = [*FFMPEG[:-2], "-v", "info", "-nostats", "-f", stream_demuxer, "-i", "pipe:0"]
         try:
             measure_cmd = [*meter, "-af", "ebur128=peak=true", "-f", "null", "-"]
-            self._meter = spawn(measure_cmd, subprocess.DEVNULL, self._meter_log, self._proc.stdout)
+            self._meter = spawn(measure_cmd, subprocess.DEVNULL, meter_log, self._proc.stdout)
         except BaseException:
             self.abort()
             raise
@@ -175,7 +177,7 @@ class PipeEncoder:
         if code != 0:
             self._close_meter_log()
             raise _failure(code, errors)
-        if self._meter is None:
+        if self._meter is None or self._meter_log is None:
             return None
         self._meter_log.seek(0)
         log = self._meter_log.read()
@@ -197,7 +199,7 @@ class PipeEncoder:
         self._close_meter_log()
 
     def _close_meter_log(self) -> None:
-        if self._meter is not None:
+        if self._meter_log is not None:
             self._meter_log.close()
 
 

@@ -219,7 +219,7 @@ def _limited_gain(
     dB per dB of gain), a probe at :data:`REPROBE_STEPS_DB` over the gain extrapolated from the
     last points, until the target lies between two measured points (:data:`MAX_PROBES` passes at
     most). Interpolating between bracketing points lands within the tolerance; extrapolating past
-    them cost an encode per miss (three encodes for the test material of ``test_loudness``)."""
+    them cost an encode per miss (four encodes for the test material of ``test_loudness``)."""
     points: list[tuple[float, float]] = []
     candidates = [linear_gain + step for step in PROBE_STEPS_DB]
     for _ in range(MAX_PROBES):
