@@ -1,6 +1,6 @@
 """GPU runner benchmark: one prepared command for a machine with a GPU (it runs on a CPU too).
 
-    python -m bench.gpu [--song-s 210] [--in-flight 1,2,4] [--budget-s 480]
+    python -m bench.gpu [--song-s 210] [--in-flight 1,4x1,4,6] [--budget-s 480]
 
 Needs nothing but the repository and the job's dependencies: it writes the demo models (real
 sizes, random weights, the real file formats) and the demo song under ``bench/.work``, then
@@ -11,8 +11,10 @@ measures, in this order, each step skipped once ``--budget-s`` is spent:
   batching against one segment / chunk per call;
 * cold start: a fresh process from start to its first finished cover;
 * a warm cover (models loaded, the second cover of a process) with its per-stage times;
-* covers per minute with 1, 2 and 4 requests in flight on one :class:`Pipeline`, as the runner
-  holds them (``COVER_IN_FLIGHT``: threads, the heavy stages taking turns on the device);
+* covers per minute with 1, 4 and 6 requests in flight on one :class:`Pipeline`, as the runner
+  holds them (``COVER_IN_FLIGHT``: threads, the heavy stages taking turns on the device,
+  ``COVER_HEAVY_SLOTS`` at a time: 2 on a GPU), and 4 with one heavy slot (``--in-flight 8x1``: 8
+  in flight, 1 slot);
 * peak GPU memory of each.
 
 Writes the rows, with the card's name, to ``bench/RESULTS-gpu.md`` (``--results``) and prints
@@ -193,12 +195,22 @@ def in_flight(pipeline, song: Path, n: int, covers: int) -> dict:
     waits = [r.timings.get("device_wait", 0.0) for r in results]
     return {
         "what": "in flight",
-        "variant": f"{n} in flight, {pipeline.settings.heavy_slots} heavy slot(s), {covers} covers",
+        "variant": f"{n} in flight, {pipeline.heavy_slots} heavy slot(s), {covers} covers",
         "wall_s": round(wall, 2),
         "covers_per_min": round(covers * 60 / wall, 2),
         "mean_device_wait_s": round(sum(waits) / len(waits), 2),
         "peak_mib": _peak_mib(),
     }
+
+
+def flights(spec: str) -> list[tuple[int, int]]:
+    """``--in-flight``'s entries, in order: ``N`` (requests in flight, with the runner's default heavy
+    slots: 2 on a GPU) or ``NxS`` (``S`` heavy slots); 0 slots stands for the default."""
+    out = []
+    for entry in filter(None, (v.strip() for v in spec.split(","))):
+        n, _, slots = entry.partition("x")
+        out.append((int(n), int(slots or 0)))
+    return out
 
 
 def table(rows: list[dict], command: str) -> str:
@@ -227,7 +239,11 @@ def table(rows: list[dict], command: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--song-s", type=int, default=210, help="length of the demo song (3.5 minutes)")
-    parser.add_argument("--in-flight", default="1,2,4", help="requests in flight for the throughput rows")
+    parser.add_argument(
+        "--in-flight",
+        default="1,4x1,4,6",
+        help="the throughput rows: requests in flight, each N (the default heavy slots) or NxS (S heavy slots)",
+    )
     parser.add_argument("--excerpt-s", type=int, default=EXCERPT_S, help="seconds the precision rows compare")
     parser.add_argument("--covers-per-slot", type=int, default=2, help="covers per request in flight")
     parser.add_argument("--budget-s", type=float, default=480.0, help="skip the steps that would start later")
@@ -278,12 +294,15 @@ def main() -> None:
     step("cold", lambda: cold_start(song, args.models))
     pipeline = Pipeline(_settings(args.models))
     step("warm", lambda: warm_cover(pipeline, song, args.song_s))
-    for n in [int(v) for v in args.in_flight.split(",") if v]:
-        step(f"flight:{n}", lambda n=n: in_flight(pipeline, song, n, n * args.covers_per_slot))
-    if 4 in [int(v) for v in args.in_flight.split(",") if v]:
-        two = Pipeline(_settings(args.models, heavy_slots=2))
-        two._separators, two.converter = pipeline._separators, pipeline.converter  # the loaded models
-        step("flight:4x2", lambda: in_flight(two, song, 4, 4 * args.covers_per_slot))
+    pipelines = {0: pipeline, pipeline.heavy_slots: pipeline}
+    for n, slots in flights(args.in_flight):
+        if slots not in pipelines:  # the same loaded models, another number of heavy slots
+            pipelines[slots] = Pipeline(_settings(args.models, heavy_slots=slots))
+            pipelines[slots]._separators, pipelines[slots].converter = pipeline._separators, pipeline.converter
+        step(
+            f"flight:{n}x{slots}",
+            lambda n=n, p=pipelines[slots]: in_flight(p, song, n, n * args.covers_per_slot),
+        )
     out = table(rows, command)
     args.results.write_text(out)
     print(out)

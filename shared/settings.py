@@ -65,12 +65,17 @@ class Settings(BaseSettings):
         ge=0,
         le=32,
         description=(
-            "Requests a runner (python -m job serve) holds at once; 0: 1 on the CPU, on a GPU one per 12 GiB "
-            "of its memory, 1 to 4. The heavy stages (separate, convert) take turns on the device."
+            "Requests a runner (python -m job serve) holds at once; 0: 1 on the CPU, on a GPU the least of one "
+            "per 12 GiB of its memory and 3 per 8 host cores, 1 to 8. The heavy stages (separate, convert) take "
+            "turns on the device."
         ),
     )
     heavy_slots: int = Field(
-        1, ge=1, le=8, description="Heavy stages (separate, convert) allowed on the device at once, across requests."
+        0,
+        ge=0,
+        le=8,
+        description="Heavy stages (separate, convert) allowed on the device at once, across requests; 0: 1 on "
+        "the CPU, 2 on a GPU.",
     )
     health_interval_s: float = Field(60.0, gt=0, description="A runner logs a health line this often.")
     quality: str = Field(

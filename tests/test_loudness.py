@@ -90,3 +90,25 @@ def test_a_mix_limited_so_hard_that_the_first_probe_falls_short_is_still_encoded
     integrated, true_peak = measure_loudness(result.path)
     assert integrated == pytest.approx(-14.0, abs=0.3)
     assert true_peak <= -1.0 + 0.1
+
+
+def test_a_mix_whose_loudness_plateaus_under_the_target_is_probed_once_and_encoded_once(tmp_path, encodes, monkeypatch):
+    # clicks in silence: held at the ceiling they measure about -45 LUFS whatever the gain, so no
+    # gain reaches -14 (the old loop: 4 probe passes, then 6 encodes each missing by 30 LU)
+    from job.render import mix as mix_module
+
+    probes: list = []
+    probe = mix_module._probe
+    monkeypatch.setattr(mix_module, "_probe", lambda *a: probes.append(a[1]) or probe(*a))
+    clicks = np.zeros((2, RATE * 10), np.float32)
+    clicks[:, :: RATE // 3] = 0.5
+    inst = write_wav(tmp_path / "inst.wav", clicks, RATE)
+    quiet = write_wav(tmp_path / "voc.wav", np.zeros((1, 48000 * 10), np.float32), 48000)
+    result = mix(inst, quiet, tmp_path / "cover.wav", MixOptions(format=OutputFormat.WAV))
+    assert result.normalisation == "limited"
+    assert len(probes) == 1 and len(encodes) == 1
+    integrated, true_peak = measure_loudness(result.path)
+    assert integrated < -14.0 - 10  # out of reach, and reported as it is
+    assert result.loudness_lufs == pytest.approx(integrated, abs=0.2)
+    assert true_peak <= -1.0 + 0.1
+    assert true_peak >= -1.5 - 0.3  # the least gain that reaches the plateau still reaches the ceiling

@@ -42,3 +42,27 @@ def test_covers_in_flight_take_turns_on_the_device_and_match_one_at_a_time(store
     assert max(overlaps) == 1 and len(overlaps) == 8  # separate and convert of 4 covers, one at a time
     assert any("device_wait" in r.timings for r in results)  # the others waited their turn
     assert all(r.output.read_bytes() == alone.output.read_bytes() for r in results)
+
+
+def test_a_runner_sizes_its_requests_in_flight_and_heavy_slots_from_the_machine(monkeypatch):
+    # the GPU branch reads the card's memory and the host's cores: no GPU here, so the card's
+    # properties are the one faked part (an H200's 140 GiB), the rule under them is the real one
+    import types
+
+    import torch
+
+    from job.render import compute
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    card = types.SimpleNamespace(total_memory=140 * 2**30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
+    monkeypatch.setattr(compute.os, "cpu_count", lambda: 16)
+    assert compute.requests_in_flight(0, cuda) == 6  # 3 per 8 cores: what the H200's 16-core host did best
+    assert compute.requests_in_flight(0, cpu) == 1
+    assert compute.requests_in_flight(3, cuda) == 3  # COVER_IN_FLIGHT wins
+    monkeypatch.setattr(compute.os, "cpu_count", lambda: 64)
+    assert compute.requests_in_flight(0, cuda) == 8  # never more than 8
+    card.total_memory = 16 * 2**30  # a T4's memory: one request
+    assert compute.requests_in_flight(0, cuda) == 1
+    assert compute.heavy_slots(0, cuda) == 2 and compute.heavy_slots(0, cpu) == 1 and compute.heavy_slots(3, cpu) == 3
+    assert Pipeline(Settings(device="cpu")).heavy_slots == 1  # a CPU job's one heavy stage has every core

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 from functools import lru_cache
 
 import torch
@@ -16,6 +17,11 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 GPU_BATCH = 8  # Demucs segments / conversion chunks per call on a GPU (``batch_size``)
 GIB_PER_REQUEST = 12  # a GPU runner admits one request per this much GPU memory (``in_flight``)
+# ... and 3 per 8 host cores: the CPU's stages (decode, quality, mix, upload) bound its throughput
+# (H200, 16 cores, 2 heavy slots: 4 / 6 / 8 in flight 10.1 / 10.8 / 10.6 covers a minute)
+REQUESTS_PER_CORE = 3 / 8
+MAX_IN_FLIGHT = 8
+GPU_HEAVY_SLOTS = 2  # heavy stages at once on a GPU: 4 in flight 9.4 -> 10.1 covers a minute on the H200
 KERNELS = ("fast", "reference")
 DECODERS = ("torch", "int8")
 
@@ -71,14 +77,25 @@ def batch_size(setting: int, device: torch.device) -> int:
 
 
 def requests_in_flight(setting: int, device: torch.device) -> int:
-    """How many requests a runner holds at once: the setting, or (0) 1 on the CPU and one per
-    :data:`GIB_PER_REQUEST` of GPU memory on a GPU, between 1 and 4."""
+    """How many requests a runner holds at once: the setting, or (0) 1 on the CPU and on a GPU the
+    least of one per :data:`GIB_PER_REQUEST` of its memory, :data:`REQUESTS_PER_CORE` per host
+    core (rounded) and :data:`MAX_IN_FLIGHT`, at least 1."""
     if setting:
         return setting
     if device.type != "cuda":
         return 1
     total = torch.cuda.get_device_properties(device).total_memory / 2**30
-    return max(1, min(4, int(total // GIB_PER_REQUEST)))
+    cores = round((os.cpu_count() or 1) * REQUESTS_PER_CORE)
+    return max(1, min(MAX_IN_FLIGHT, int(total // GIB_PER_REQUEST), cores))
+
+
+def heavy_slots(setting: int, device: torch.device) -> int:
+    """Heavy stages (separation, conversion) allowed on the device at once: the setting, or (0) 1
+    on the CPU (its cores are already all in use by one) and :data:`GPU_HEAVY_SLOTS` on a GPU (one
+    request's host-side work between its kernels leaves the card idle)."""
+    if setting:
+        return setting
+    return GPU_HEAVY_SLOTS if device.type == "cuda" else 1
 
 
 def resolve_kernels(kernels: str) -> bool:

@@ -9,7 +9,8 @@ numpy (:mod:`job.render.loudness`). The mix gets the gain that brings it to the 
 -14 LUFS integrated), and where that would push a true peak over the ceiling (default -1 dBTP), the
 look-ahead limiter (:mod:`job.render.limiter`) holds the peaks 0.5 dB under it; limiting eats
 loudness, so probe passes measure the limited mix at several gains, encoding nothing, until two
-bracket the target (:func:`_limited_gain`), and the gain is interpolated between them. The next
+bracket the target (:func:`_limited_gain`), and the gain is interpolated between them (where
+loudness stops growing with gain short of the target, the mix aims at that plateau instead). The next
 pass feeds FFmpeg's encoder through a pipe while it measures what it feeds, and is normally the
 only encode; one that still misses the target is dropped and the gain corrected by the measured
 slope. A lossy or resampled format is measured as encoded (FFmpeg's ``ebur128`` on a copy of the
@@ -196,6 +197,8 @@ def _render(
 PROBE_STEPS_DB = (0.0, 2.0, 5.0)  # a limited mix is measured at these gains above the linear one
 REPROBE_STEPS_DB = (0.0, 3.0)  # then, while they fall short of the target, at these above the estimate
 MAX_PROBES = 4  # probe passes at most before encoding (each far cheaper than an encode)
+PLATEAU_LU_PER_DB = 0.05  # limited loudness growing slower than this: the target is out of reach
+PLATEAU_LU = 0.05  # under a plateau, the least gain whose loudness is this close to the loudest
 
 
 def _probe(source: MixSource, gains: list[float], ceiling_dbtp: float) -> list[float]:
@@ -212,14 +215,20 @@ def _probe(source: MixSource, gains: list[float], ceiling_dbtp: float) -> list[f
 
 def _limited_gain(
     source: MixSource, linear_gain: float, ceiling_dbtp: float, target: float
-) -> tuple[float, list[tuple[float, float]]]:
-    """The gain that brings the limited mix to ``target`` LUFS, and the (gain, loudness) points
-    measured for it, nothing encoded: a probe at :data:`PROBE_STEPS_DB` over the linear gain, then,
+) -> tuple[float, list[tuple[float, float]], float]:
+    """The gain that brings the limited mix to ``target`` LUFS, the (gain, loudness) points
+    measured for it, and the loudness aimed at (``target``, or the most the ceiling allows where
+    that is less), nothing encoded: a probe at :data:`PROBE_STEPS_DB` over the linear gain, then,
     while every point falls short of the target (heavy limiting: loudness may grow by a third of a
     dB per dB of gain), a probe at :data:`REPROBE_STEPS_DB` over the gain extrapolated from the
     last points, until the target lies between two measured points (:data:`MAX_PROBES` passes at
     most). Interpolating between bracketing points lands within the tolerance; extrapolating past
-    them cost an encode per miss (four encodes for the test material of ``test_loudness``)."""
+    them cost an encode per miss (four encodes for the test material of ``test_loudness``).
+
+    Where the loudest points grow by less than :data:`PLATEAU_LU_PER_DB` the target is out of
+    reach under the ceiling (a mix whose loudness sits in its peaks, or below what K-weighting
+    hears: more gain only limits harder): the probing stops there and the mix gets the least
+    measured gain within :data:`PLATEAU_LU` of the loudest, and aims at that point's loudness."""
     points: list[tuple[float, float]] = []
     candidates = [linear_gain + step for step in PROBE_STEPS_DB]
     for _ in range(MAX_PROBES):
@@ -227,8 +236,13 @@ def _limited_gain(
         gain = _gain_for(points, target)
         if max(loudness for _, loudness in points) >= target:
             break
+        (g1, l1), (g2, l2) = sorted(points)[-2:]
+        if l2 - l1 < PLATEAU_LU_PER_DB * (g2 - g1):  # out of reach: take the plateau's foot
+            loudest = max(loudness for _, loudness in points)
+            gain, aim = min((g, lufs) for g, lufs in points if lufs >= loudest - PLATEAU_LU)
+            return gain, points, aim
         candidates = [gain + step for step in REPROBE_STEPS_DB]
-    return gain, points
+    return gain, points, target
 
 
 def _gain_for(points: list[tuple[float, float]], target: float) -> float:
@@ -283,8 +297,9 @@ def mix(
             ceiling = options.true_peak_dbtp - TRUE_PEAK_MARGIN_DB
             limited = _db(measured[1]) + gain > ceiling
             points: list[tuple[float, float]] = []  # the limited mix's measured (gain, loudness)
+            aim = options.loudness_lufs  # less where the ceiling leaves the target out of reach
             if limited:  # limiting eats loudness: find the gain before encoding anything
-                gain, points = _limited_gain(source, gain, ceiling, options.loudness_lufs)
+                gain, points, aim = _limited_gain(source, gain, ceiling, options.loudness_lufs)
             for attempt in range(MAX_PASSES):
                 last = attempt == MAX_PASSES - 1
                 encoder = ffmpeg.PipeEncoder(MIX_SAMPLE_RATE, 2, out_args, spec.muxer, tmp, spec.measure)
@@ -294,11 +309,11 @@ def mix(
                 except BaseException:
                     encoder.abort()
                     raise
-                miss = options.loudness_lufs - result.loudness_lufs
+                miss = aim - result.loudness_lufs
                 if abs(miss) > LOUDNESS_TOLERANCE_LU and not last:  # the estimate missed: drop this encode
                     encoder.abort()
                     points.append((gain, result.loudness_lufs))
-                    gain = _gain_for(points, options.loudness_lufs)
+                    gain = _gain_for(points, aim)
                     continue
                 encoded = encoder.close()  # with spec.measure: what the codec made of it
                 loudness, peak = encoded or (result.loudness_lufs, result.true_peak_dbtp)
@@ -306,6 +321,8 @@ def mix(
                 if over <= 0 or last:
                     break
                 ceiling -= over  # the codec overshot the ceiling: limit lower and encode again
+                if aim < options.loudness_lufs:  # a plateau under the target: it sinks with the ceiling
+                    aim -= over
                 limited, points = True, []
         finally:
             source.close()

@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from job.render.audio import MIX_SAMPLE_RATE, read_wav, write_wav
+from job.render.compute import heavy_slots
 from job.render.convert import ConversionOptions, ConvertedVocals, VoiceConverter, convert_vocals
 from job.render.download import UrlPolicy
 from job.render.fetch import SongAudio, fetch
@@ -82,7 +83,8 @@ class Pipeline:
         self._referencing = threading.Lock()
         # Several requests may render at once (a runner's ``in_flight``); the heavy stages take
         # turns on the device, ``heavy_slots`` at a time, while the others fetch, mix and upload.
-        self.heavy = threading.BoundedSemaphore(settings.heavy_slots)
+        self.heavy_slots = heavy_slots(settings.heavy_slots, self.converter.device)
+        self.heavy = threading.BoundedSemaphore(self.heavy_slots)
         self._loading = threading.Lock()  # one separator per options, whichever request asks first
 
     def separator(self, options: SeparationOptions) -> Separator:

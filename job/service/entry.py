@@ -104,11 +104,12 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
     from google.cloud import pubsub_v1  # type: ignore[attr-defined]  # namespace package, untyped
     from google.cloud.pubsub_v1.subscriber.scheduler import ThreadScheduler
 
-    from job.render.compute import requests_in_flight, resolve_device
+    from job.render.compute import heavy_slots, requests_in_flight, resolve_device
 
     worker = Worker(settings)
     worker.prepare()  # the base models, synced from the bucket before the first request
-    limit = requests_in_flight(settings.in_flight, resolve_device(settings.device))
+    device = resolve_device(settings.device)
+    limit = requests_in_flight(settings.in_flight, device)
     health = RunnerHealth(limit)
     subscriber = pubsub_v1.SubscriberClient()
     path = subscriber.subscription_path(settings.project, settings.requests_subscription)
@@ -155,7 +156,13 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:
     future = subscriber.subscribe(path, callback, flow_control=flow, scheduler=scheduler)
     log.info(
         "runner started",
-        extra=fields(event="runner.started", subscription=path, runner=settings.runner, in_flight=limit),
+        extra=fields(
+            event="runner.started",
+            subscription=path,
+            runner=settings.runner,
+            in_flight=limit,
+            heavy_slots=heavy_slots(settings.heavy_slots, device),
+        ),
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
