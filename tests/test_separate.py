@@ -21,15 +21,18 @@ from tests.conftest import CodeRunningPayload
 def test_stems_have_the_song_length_and_layout(store, song, tmp_path):
     fetched = fetch(song, tmp_path / "w")
     seen = []
-    stems = Separator(ModelStore(store), SeparationOptions(), "cpu").separate(
-        fetched.wav, tmp_path / "stems", seen.append
-    )
+    separator = Separator(ModelStore(store), SeparationOptions(), "cpu")
+    stems = separator.separate(fetched.wav, tmp_path / "stems", seen.append)
     vocals, rate = read_wav(stems.vocals)
     no_vocals, _ = read_wav(stems.no_vocals)
     mix, _ = read_wav(fetched.wav)
     assert rate == 44100 and vocals.shape == no_vocals.shape == mix.shape
     assert seen[-1] == 1.0 and len(seen) > 2  # progress was reported along the way
     assert np.isfinite(vocals).all() and np.abs(vocals).max() > 0
+    # the file, read a window at a time, separates exactly as the song held in memory
+    in_memory = separator.separate_array(mix)
+    np.testing.assert_array_equal(vocals, in_memory[0])
+    np.testing.assert_array_equal(no_vocals, in_memory[1])
 
 
 @pytest.mark.parametrize(("overlap", "batch"), [(0.25, 1), (0.6, 1), (0.6, 3)])

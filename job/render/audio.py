@@ -211,6 +211,18 @@ class WavReader:
         data = np.frombuffer(self._file.read(count * 4), dtype="<f4")
         return np.ascontiguousarray(data.reshape(-1, self.channels).T, dtype=np.float32)
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.channels, self.frames
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        """``reader[:, a:b]``: :meth:`read` for code written against ``[channels, frames]`` arrays."""
+        channels, frames = key
+        if channels != slice(None) or frames.step not in (None, 1):
+            raise TypeError("a WavReader reads all channels of a contiguous range: reader[:, a:b]")
+        start, stop, _ = frames.indices(self.frames)
+        return self.read(start, stop)
+
     def close(self) -> None:
         self._file.close()
 
@@ -236,7 +248,47 @@ def read_wav(path: Path, mmap: bool = False) -> tuple[np.ndarray, int]:
 def to_16k(audio: np.ndarray, sample_rate: int) -> np.ndarray:
     """Mono float32 at 16 kHz (polyphase resampling): what HuBERT, RMVPE and the quality models take."""
     mono = audio.mean(axis=0) if audio.ndim == 2 else audio
-    if sample_rate != 16000:
-        g = np.gcd(16000, sample_rate)
-        mono = resample_poly(mono, 16000 // g, sample_rate // g)
+    if sample_rate != CONTENT_SAMPLE_RATE:
+        g = np.gcd(CONTENT_SAMPLE_RATE, sample_rate)
+        mono = resample_poly(mono, CONTENT_SAMPLE_RATE // g, sample_rate // g)
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+RESAMPLE_BLOCK_S = 10  # seconds of a file read_16k reads and resamples at a time (20: 12 MB more, no faster)
+RESAMPLE_CONTEXT = 1024  # input frames of context on each side of a block (the filter needs ~28)
+
+
+class Audio16k(BaseModel, arbitrary_types_allowed=True):
+    """A float WAV as the 16 kHz models take it, with the file's own length and rate."""
+
+    audio: np.ndarray  # mono float32 at 16 kHz
+    frames: int  # the file's length, at its own rate
+    sample_rate: int  # the file's rate
+
+
+def read_16k(path: Path) -> Audio16k:
+    """:func:`to_16k` of a 32-bit float WAV, read and resampled :data:`RESAMPLE_BLOCK_S` at a
+    time with plain file reads: memory is the 16 kHz result and one block, where reading the file
+    whole (or memory-mapped, whose pages stay resident once touched) holds it at its own rate and
+    channels, 13 times the result's size for a stereo 44.1 kHz stem. Each block is resampled with
+    :data:`RESAMPLE_CONTEXT` frames of the file on either side and starts on a multiple of the
+    rates' decimation, so the polyphase filter sees what it sees in the whole file: the result
+    equals :func:`to_16k` on the whole file (tested)."""
+    with WavReader(path) as reader:
+        rate, frames = reader.sample_rate, reader.frames
+        if rate == CONTENT_SAMPLE_RATE:
+            return Audio16k(audio=to_16k(reader.read(0, frames), rate), frames=frames, sample_rate=rate)
+        g = int(np.gcd(CONTENT_SAMPLE_RATE, rate))
+        up, down = CONTENT_SAMPLE_RATE // g, rate // g
+        step = max(1, RESAMPLE_BLOCK_S * rate // down) * down  # input frames per block
+        context = -(-RESAMPLE_CONTEXT // down) * down
+        out = np.empty(-(-frames * up // down), dtype=np.float32)  # resample_poly's length
+        for start in range(0, frames, step):
+            first = max(0, start - context)
+            block = reader.read(first, start + step + context)
+            mono = block.mean(axis=0) if block.shape[0] > 1 else block[0]
+            resampled = resample_poly(mono, up, down)
+            at, skip = start * up // down, (start - first) * up // down
+            count = min(step * up // down, len(out) - at)
+            out[at : at + count] = resampled[skip : skip + count]
+        return Audio16k(audio=out, frames=frames, sample_rate=rate)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from job.render.audio import read_wav, write_wav
+from job.render.audio import CONTENT_SAMPLE_RATE, read_16k, write_wav
 from job.render.rvc.engine import ConversionOptions, PartTimes, VoiceConverter
 from shared.model_store import ResolvedVoice
 
@@ -32,9 +32,10 @@ def convert_vocals(
     progress: Callable[[float], None] | None = None,
 ) -> ConvertedVocals:
     """Convert the WAV ``vocals`` with the resolved ``voice`` into the mono WAV ``out``."""
-    audio, rate = read_wav(vocals, mmap=True)
+    source = read_16k(vocals)  # what the engine takes, read a block at a time: not the stem whole
     loaded = converter.load_voice(voice)
-    result = converter.convert(audio, rate, loaded, options, progress)
+    frames = round(source.frames * loaded.sample_rate / source.sample_rate)
+    result = converter.convert(source.audio, CONTENT_SAMPLE_RATE, loaded, options, progress, out_frames=frames)
     write_wav(out, result.audio, result.sample_rate)
     return ConvertedVocals(
         path=out,

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, Field
 
-from job.render.audio import MIX_SAMPLE_RATE, read_wav, write_wav
+from job.render.audio import CONTENT_SAMPLE_RATE, MIX_SAMPLE_RATE, read_16k, read_wav, write_wav
 from job.render.compute import heavy_slots
 from job.render.convert import ConversionOptions, ConvertedVocals, VoiceConverter, convert_vocals
 from job.render.download import UrlPolicy
@@ -127,10 +127,10 @@ class Pipeline:
             return self._references[key]
 
     def measure(self, vocals: Path, converted: ConvertedVocals, voice: ResolvedVoice) -> QualityReport:
-        source, source_rate = read_wav(vocals, mmap=True)
-        output, output_rate = read_wav(converted.path, mmap=True)
+        # the quality models take 16 kHz mono: read so, a block at a time (memory flat in the song's length)
+        source, output = read_16k(vocals).audio, read_16k(converted.path).audio
         return self.meter.conversion(
-            source, source_rate, output, output_rate, converted.pitch_shift, self.reference(voice)
+            source, CONTENT_SAMPLE_RATE, output, CONTENT_SAMPLE_RATE, converted.pitch_shift, self.reference(voice)
         )
 
     def repair(

@@ -285,12 +285,15 @@ class VoiceConverter:
         options: ConversionOptions | None = None,
         progress: ProgressFn | None = None,
         record: list[Prior] | None = None,
+        out_frames: int | None = None,
     ) -> ConversionResult:
         """``audio`` sung by ``voice``. With ``record``, the decoder's inputs are appended to it
-        instead of being decoded (the output is then silence): the int8 decoder's calibration."""
+        instead of being decoded (the output is then silence): the int8 decoder's calibration.
+        ``out_frames``: the output's length at the voice's rate (default: ``audio``'s duration; a
+        caller passing audio already at 16 kHz gives the length of the file it came from)."""
         options = options or ConversionOptions()
         times = PartTimes()
-        out_len = round(audio.shape[-1] * voice.sample_rate / sample_rate)
+        out_len = out_frames if out_frames is not None else round(audio.shape[-1] * voice.sample_rate / sample_rate)
         x = to_16k(audio, sample_rate)
         n_in = len(x)
         x = np.pad(x, (0, -len(x) % CONTENT_HOP))
