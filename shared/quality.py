@@ -115,7 +115,9 @@ class QualityReport(BaseModel):
     mix: MixScores | None = None
     thresholds: Thresholds = Field(default_factory=Thresholds)
     passed: bool = Field(description="whether the whole song meets every threshold (the gate)")
-    measured_s: float = Field(description="what measuring cost, seconds")
+    measured_s: float = Field(
+        description="what scoring cost, seconds, with the models loaded (loading them counts in the stage's time)"
+    )
     repair: Repair | None = Field(None, description="what the repair loop tried, kept and why")
     curves: Curves | None = Field(None, exclude=True)
 

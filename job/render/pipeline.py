@@ -25,7 +25,7 @@ from job.render.convert import ConversionOptions, ConvertedVocals, VoiceConverte
 from job.render.download import UrlPolicy
 from job.render.fetch import SongAudio, fetch
 from job.render.mix import MixResult, mix
-from job.render.quality import QualityMeter, reference_embedding
+from job.render.quality import QualityMeter, dnsmos_workers, reference_embedding
 from job.render.repair import CONTEXT_S, RepairLoop
 from job.render.repair import Voice as RepairVoice
 from job.render.separate import Separator
@@ -157,7 +157,8 @@ class Pipeline:
             render,
             RepairVoice(f0=loaded.f0, index=loaded.index is not None),
             budget_s=self.settings.repair_budget * convert_s,
-            seconds_per_second=convert_s / max(converted.duration_s, 1.0),
+            convert_rate=convert_s / max(converted.duration_s, 1.0),
+            score_rate=dnsmos_workers() * report.measured_s / max(converted.duration_s, 1.0),
             reference=self.reference(voice),
         )
         repair = loop.run(report, out[0], out_rate, fixed)

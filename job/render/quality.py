@@ -124,6 +124,10 @@ class QualityMeter:
                 self._dnsmos = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             return self._dnsmos
 
+    def load(self) -> None:
+        """Load the three models now (each once), so that what follows times only the scoring."""
+        self.crepe(), self.speaker(), self.dnsmos()
+
     # --- measures --------------------------------------------------------------------------------
     def pitch(self, audio16: np.ndarray) -> np.ndarray:
         """F0 in Hz per ``HOP`` (80 ms) frame, 0 where unvoiced."""
@@ -195,7 +199,9 @@ class QualityMeter:
         pitch_shift: float,
         reference: list[float] | None,
     ) -> QualityReport:
-        """Score the converted vocals against the separated ones (without the mix)."""
+        """Score the converted vocals against the separated ones (without the mix); the report's
+        ``measured_s`` is the scoring's time, the models loaded first."""
+        self.load()
         started = time.perf_counter()
         src = to_16k(source, source_rate)
         out = to_16k(converted, converted_rate)

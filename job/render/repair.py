@@ -20,8 +20,11 @@ Each candidate is the segment converted alone with half a second of the song eit
 (as the engine converts a chunk), scored by the quality stage's models on the segment, and compared
 with the best so far by ``shortfall``. The kept render replaces the segment with the engine's 40 ms
 linear crossfades at both ends. A candidate is started only when the time spent so far plus its
-estimate (the slowest conversion rate seen, per second of audio converted, times 1.5) fits in the
-budget: a share (``COVER_REPAIR_BUDGET``, 0.3) of the conversion stage's time.
+estimate fits in the budget: a share (``COVER_REPAIR_BUDGET``, 0.3) of the conversion stage's time.
+The estimate is 1.5 times the sum of its two parts, each at the slowest rate seen: converting (per
+second converted, first the conversion stage's rate) and scoring (per second scored, first the
+quality stage's scoring rate times its DNSMOS workers: the stage scores that many segments' DNSMOS
+side by side, a lone candidate one).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ NATURALNESS = frozenset({"dnsmos_ovrl"})
 IDENTITY = frozenset({"speaker_similarity"})
 CONTEXT_S = 0.5  # of the song either side of a re-rendered segment (the engine's chunk context)
 CROSSFADE_S = 0.04  # the engine's crossfade, centred on each end of the segment
-SAFETY = 1.5  # a candidate's estimate: the slowest rate seen times this
+SAFETY = 1.5  # a candidate's estimate: its cost at the slowest rates seen, times this
 PROTECT_STEP, PROTECT_FLOOR, PROTECT_ON = 0.15, 0.1, 0.33
 
 # renders the converted audio from lo_s to hi_s of the song with the given options (output rate)
@@ -111,11 +114,19 @@ class RepairLoop:
         render: SpanRenderer,
         voice: Voice,
         budget_s: float,
-        seconds_per_second: float,
+        convert_rate: float,
+        score_rate: float,
         reference: list[float] | None,
     ) -> None:
+        """``convert_rate`` and ``score_rate``: the first estimates, seconds per second of audio
+        converted (with context) and scored."""
         self.meter, self.render, self.voice = meter, render, voice
-        self.budget_s, self.rate, self.reference = budget_s, seconds_per_second, reference
+        self.budget_s, self.reference = budget_s, reference
+        self.convert_rate, self.score_rate = convert_rate, score_rate
+
+    def estimate(self, converted_s: float, scored_s: float) -> float:
+        """A candidate's estimated cost, seconds."""
+        return SAFETY * (self.convert_rate * converted_s + self.score_rate * scored_s)
 
     def run(self, report: QualityReport, out: np.ndarray, out_rate: int, options: ConversionOptions) -> Repair:
         """Repair ``out`` (the converted vocals, mono, changed in place) and ``report`` (its segments,
@@ -145,17 +156,20 @@ class RepairLoop:
                 if step is None:
                     continue
                 setting, candidate_options = step
-                converted_s = hi - lo + 2 * CONTEXT_S
-                if time.perf_counter() - started + SAFETY * self.rate * converted_s > self.budget_s:
+                converted_s, scored_s = hi - lo + 2 * CONTEXT_S, segment.end_s - segment.start_s
+                if time.perf_counter() - started + self.estimate(converted_s, scored_s) > self.budget_s:
                     out_of_time = True
                     break
                 t0 = time.perf_counter()
                 piece = self.render(lo, hi, candidate_options)
+                t1 = time.perf_counter()
                 a = round((segment.start_s - lo) * out_rate)
-                audio16 = to_16k(piece[a : a + round((segment.end_s - segment.start_s) * out_rate)], out_rate)
+                audio16 = to_16k(piece[a : a + round(scored_s * out_rate)], out_rate)
                 scored, f0 = self.meter.segment(segment, f0_src[fa:fb], audio16, self.reference)
-                seconds = time.perf_counter() - t0
-                self.rate = max(self.rate, seconds / converted_s)
+                t2 = time.perf_counter()
+                seconds = t2 - t0
+                self.convert_rate = max(self.convert_rate, (t1 - t0) / converted_s)
+                self.score_rate = max(self.score_rate, (t2 - t1) / max(scored_s, 1e-3))
                 kept = shortfall(scored, report.thresholds) < shortfall(best, report.thresholds)
                 tried.append(
                     Candidate(change=name, setting=setting, below=scored.below, kept=kept, seconds=round(seconds, 3))
