@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from job.render.audio import CONTENT_SAMPLE_RATE, MIX_SAMPLE_RATE, read_16k, read_wav, write_wav
-from job.render.compute import heavy_slots
+from job.render.compute import heavy_slots, release_freed_memory
 from job.render.convert import ConversionOptions, ConvertedVocals, VoiceConverter, convert_vocals
 from job.render.download import UrlPolicy
 from job.render.fetch import SongAudio, fetch
@@ -255,10 +255,12 @@ class Pipeline:
                 stems, cached = self.separate(
                     fetched, work / "stems", options.separation, lambda f: report("separate", f)
                 )
+            release_freed_memory(0)  # what separation freed goes back before the conversion's models load
             with self.device_turn(timer), timer("convert"):
                 converted = self.convert(
                     stems.vocals, voice, work / "converted.wav", options.conversion, lambda f: report("convert", f)
                 )
+            release_freed_memory(0)
             quality = None
             if self.settings.quality != "off":
                 with timer("quality"):

@@ -15,6 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from job.render.rvc.synthesizer import SynthConfig, Synthesizer
+from job.render.rvc.weights import build_with_weights
 from job.render.safe_load import load_weights_only
 from shared.errors import CoverError, ErrorCode
 
@@ -202,11 +203,12 @@ def build_synthesizer(ckpt: VoiceCheckpoint, name: str = "checkpoint") -> Synthe
 
     The declared architecture is checked against sane bounds, then built on the ``meta`` device
     (shapes only, no memory) and compared with the checkpoint's tensors; only a checkpoint whose
-    tensors fit it exactly gets a real network, so no declaration can allocate more than the file holds."""
+    tensors fit it exactly gets a real network, so no declaration can allocate more than the file holds.
+    The network is then built around the checkpoint's tensors (float32), without a random initialisation."""
     _check_bounds(ckpt.config, name)
     with torch.device("meta"):
         expected = Synthesizer(ckpt.config, CONTENT_DIM[ckpt.version], ckpt.f0).state_dict()
-    state = {k: v.float() for k, v in fold_weight_norm(ckpt.weight).items()}
+    state = fold_weight_norm(ckpt.weight)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = [
@@ -229,9 +231,7 @@ def build_synthesizer(ckpt: VoiceCheckpoint, name: str = "checkpoint") -> Synthe
             f"{name} does not fit the RVC {ckpt.version} {'pitch' if ckpt.f0 else 'no-pitch'} "
             f"architecture of its config: {details}",
         )
-    model = Synthesizer(ckpt.config, CONTENT_DIM[ckpt.version], ckpt.f0)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    return build_with_weights(lambda: Synthesizer(ckpt.config, CONTENT_DIM[ckpt.version], ckpt.f0), state)
 
 
 def write_checkpoint(model: Synthesizer, version: str, path: Path, half: bool = True, info: str = "") -> Path:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers import HubertConfig, HubertModel
 
+from job.render.rvc.weights import build_with_weights
 from job.render.safe_load import Inert, load_weights_only, load_with_inert_objects
 from shared.errors import CoverError, ErrorCode
 
@@ -173,16 +174,15 @@ def _load_transformers_folder(folder: Path) -> ContentEncoder:
     weights = folder / "model.safetensors"
     state = load_file(str(weights)) if weights.is_file() else load_weights_only(folder / "pytorch_model.bin")
     config = HubertConfig.from_pretrained(str(folder), local_files_only=True)
-    model = HubertModel(config)
     final_proj = {k[len("final_proj.") :]: v for k, v in state.items() if k.startswith("final_proj.")}
     state = {k.removeprefix("hubert."): v for k, v in state.items() if not k.startswith("final_proj.")}
-    _load_strict(model, state, folder.name)
-    return ContentEncoder(model, _final_proj_module(final_proj))
+    return ContentEncoder(_build(config, state, folder.name), _final_proj_module(final_proj))
 
 
-def _load_strict(model: HubertModel, state: dict[str, torch.Tensor], name: str) -> None:
+def _build(config: HubertConfig, state: dict[str, torch.Tensor], name: str) -> HubertModel:
+    """HuBERT holding ``state`` (emptied as it is taken: no second copy of the weights)."""
     try:
-        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        return build_with_weights(lambda: HubertModel(config), state)
     except RuntimeError as exc:
         raise CoverError(ErrorCode.MODEL_MISMATCH, f"{name} does not fit HuBERT: {str(exc)[:400]}") from None
 
@@ -190,9 +190,8 @@ def _load_strict(model: HubertModel, state: dict[str, torch.Tensor], name: str) 
 def load_fairseq_hubert(path: Path) -> ContentEncoder:
     checkpoint = load_with_inert_objects(path)
     config, state, final_proj = fairseq_to_transformers(checkpoint)
-    model = HubertModel(config)
-    _load_strict(model, state, path.name)
-    return ContentEncoder(model, _final_proj_module(final_proj))
+    del checkpoint  # its tensors are now only in state and final_proj
+    return ContentEncoder(_build(config, state, path.name), _final_proj_module(final_proj))
 
 
 def load_content_encoder(location: Path) -> ContentEncoder:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from job.render.rvc.weights import build_with_weights
 from job.render.safe_load import load_weights_only
 from shared.errors import CoverError, ErrorCode
 
@@ -224,9 +225,8 @@ class RMVPE:
         if not isinstance(state, dict):
             raise CoverError(ErrorCode.MODEL_CORRUPT, f"{path} is not an RMVPE state dict")
         state = state.get("model", state) if isinstance(state.get("model"), dict) else state
-        model = E2E()
         try:
-            model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
+            model = build_with_weights(E2E, state)
         except RuntimeError as exc:
             raise CoverError(ErrorCode.MODEL_MISMATCH, f"{path} does not fit RMVPE: {str(exc)[:300]}") from None
         return cls(model, device)
