@@ -7,6 +7,12 @@ load. Loading RMVPE's 172 MB half-precision file that way peaked 520 MB above wh
 module on the ``meta`` device (shapes only: no memory, no random initialisation) and hands it the
 checkpoint's tensors themselves, converted to float32 one at a time where they are not already,
 each source tensor dropped as it is converted.
+
+A float32 safetensors file (a transformers HuBERT folder) is mapped by safetensors, so its tensors
+become the network's parameters as the file's pages: read on first use, shared through the page
+cache by every process on the machine, given back under memory pressure. The model store replaces
+files by renaming (never rewriting in place), so a mapped file never changes under a running
+network.
 """
 
 from __future__ import annotations
