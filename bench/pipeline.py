@@ -17,7 +17,9 @@ real formats. Rows:
 * second voice: a whole cover (``Pipeline.render``) whose stems are in the stem cache.
 
 Cover rows also give each stage's peak RSS (a thread samples the process's RSS every 20 ms and
-charges it to the stage the pipeline's stage timer is in), so a peak can be traced to its stage.
+charges it to the stage the pipeline's stage timer is in), so a peak can be traced to its stage,
+and each stage's peak of RSS plus the cover's files in the work folder: on Cloud Run the disk is in
+memory, so that sum is what the job's memory limit has to hold (the model store aside).
 
 Prints one table and writes it, with the date and the machine, to ``bench/RESULTS.md``.
 """
@@ -33,7 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import date
 from pathlib import Path
 
@@ -68,16 +70,23 @@ def _settings(precision: str = "auto", kernels: str = "fast", decoder: str = "to
 
 
 class StagePeaks:
-    """The largest RSS (MB) seen during each stage of :meth:`Pipeline.render` in this process."""
+    """The largest RSS (MB) seen during each stage of :meth:`Pipeline.render` in this process, and
+    the largest RSS plus the cover's files under ``work`` (what Cloud Run counts: its disk is in
+    memory; files there before the row are not counted)."""
 
-    def __init__(self) -> None:
+    FILES_EVERY = 10  # samples between two walks of the work folder (200 ms)
+
+    def __init__(self, work: Path) -> None:
         import threading
 
         from job.render import pipeline as stages
         from job.render.timing import StageTimer
 
         self.peaks: dict[str, float] = {}
+        self.totals: dict[str, float] = {}
         self.stage = "other"  # loading models, generating inputs, after the render
+        self.work = work
+        self.before = {p.name for p in work.iterdir()} if work.is_dir() else set()
         watch = self
 
         class Recording(StageTimer):
@@ -93,11 +102,27 @@ class StagePeaks:
         stages.StageTimer = Recording  # type: ignore[misc]  # the bench's own instrumentation
         threading.Thread(target=self._sample, daemon=True).start()
 
+    def _files_mb(self) -> float:
+        total = 0
+        if self.work.is_dir():
+            for top in self.work.iterdir():
+                if top.name in self.before:
+                    continue
+                for path in [top] if not top.is_dir() else top.rglob("*"):
+                    with suppress(OSError):  # removed while walked
+                        total += path.stat().st_size if path.is_file() else 0
+        return total / 2**20
+
     def _sample(self) -> None:
+        files, n = 0.0, 0
         while True:
             with open("/proc/self/statm") as statm:
                 rss = int(statm.read().split()[1]) * 4096 / 2**20
+            if n % self.FILES_EVERY == 0:
+                files = self._files_mb()
+            n += 1
             self.peaks[self.stage] = max(self.peaks.get(self.stage, 0.0), rss)
+            self.totals[self.stage] = max(self.totals.get(self.stage, 0.0), rss + files)
             time.sleep(0.02)
 
 
@@ -105,7 +130,7 @@ def row(kind: str, seconds: int, variant: str) -> dict:
     """One measurement, in this process."""
     from job.devkit import demo
 
-    watch = StagePeaks() if kind in ("cover", "second-voice") else None
+    watch = StagePeaks(WORK / "tmp") if kind in ("cover", "second-voice") else None
 
     demo.write_models(WORK / "models", size="real")
     song = _song(seconds)
@@ -173,6 +198,7 @@ def row(kind: str, seconds: int, variant: str) -> dict:
         "cpu": time.process_time() - cpu0,
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "stage_peaks_mb": {k: round(v) for k, v in watch.peaks.items()} if watch else {},
+        "stage_totals_mb": {k: round(v) for k, v in watch.totals.items()} if watch else {},
     }
 
 
@@ -228,13 +254,16 @@ def main() -> None:
         + (f" --results {args.results}" if args.results != RESULTS else "")
         + "`",
         "",
-        "| what | variant | audio s | wall s | RTF | CPU s | peak RSS MB | peak RSS by stage MB |",
+        "| what | variant | audio s | wall s | RTF | CPU s | peak RSS MB | peak by stage MB: RSS / RSS + work files |",
         "|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['what']} | {r['variant']} | {r['audio_s']} | {r['wall']:.1f} | {r['rtf']:.3f} | "
         f"{r['cpu']:.1f} | {r['rss_mb']:.0f} | "
-        + ", ".join(f"{stage} {mb}" for stage, mb in r.get("stage_peaks_mb", {}).items())
+        + ", ".join(
+            f"{stage} {mb} / {r.get('stage_totals_mb', {}).get(stage, mb)}"
+            for stage, mb in r.get("stage_peaks_mb", {}).items()
+        )
         + " |"
         for r in rows
     ]

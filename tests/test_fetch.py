@@ -29,6 +29,20 @@ def test_a_good_song_is_decoded_to_44k_stereo(song, tmp_path):
     assert got.wav.is_file() and len(got.sha256) == 64
 
 
+def test_discarding_a_fetch_removes_its_own_files_never_the_users(song, tmp_path):
+    got = fetch(song, tmp_path / "w")
+    got.discard_files()
+    assert not got.wav.exists() and not got.original.exists() and song.is_file()
+    # a song that already sits where fetch would copy it is the user's file: kept
+    work = tmp_path / "w2"
+    work.mkdir()
+    mine = work / "source.wav"
+    mine.write_bytes(song.read_bytes())
+    got = fetch(mine, work)
+    got.discard_files()
+    assert got.original == mine and mine.is_file() and not got.wav.exists()
+
+
 def test_missing_file(tmp_path):
     assert _code(tmp_path / "nope.mp3", tmp_path / "w") is ErrorCode.INPUT_NOT_FOUND
 

@@ -66,3 +66,23 @@ def test_a_runner_sizes_its_requests_in_flight_and_heavy_slots_from_the_machine(
     assert compute.requests_in_flight(0, cuda) == 1
     assert compute.heavy_slots(0, cuda) == 2 and compute.heavy_slots(0, cpu) == 1 and compute.heavy_slots(3, cpu) == 3
     assert Pipeline(Settings(device="cpu")).heavy_slots == 1  # a CPU job's one heavy stage has every core
+
+
+def test_once_separated_the_song_leaves_the_work_folder_and_the_users_file_stays(store, song, tmp_path):
+    # on Cloud Run the work folder is in memory: during the conversion (the cover's peak) it should
+    # hold the stems, not also the decoded song and a copy of the original
+    work = tmp_path / "work"
+    settings = Settings(models_dir=store, work_dir=work, device="cpu", quality="off")
+    pipeline = Pipeline(settings)
+    seen: dict[str, set[str]] = {}
+
+    def progress(stage: str, fraction: float) -> None:
+        if stage not in seen:
+            seen[stage] = {p.name for p in work.rglob("*") if p.is_file()}
+
+    options = CoverOptions(conversion=ConversionOptions(f0_method="pm"), mix=MixOptions(format=OutputFormat.WAV))
+    result = pipeline.render(song, pipeline.store.voice(demo.DEMO_VOICE), tmp_path / "out.wav", options, progress)
+    assert {"song.wav", "source.wav"} <= seen["separate"]  # there while Demucs reads it
+    assert {"vocals.wav", "no_vocals.wav"} <= seen["convert"]
+    assert not {"song.wav", "source.wav"} & seen["convert"]
+    assert song.is_file() and result.output.is_file()

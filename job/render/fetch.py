@@ -43,6 +43,15 @@ class SongAudio(BaseModel):
     codec: str
     sha256: str
 
+    def discard_files(self) -> None:
+        """Remove the decoded WAV and the work folder's copy of the original: nothing reads them
+        after separation, and on an in-memory disk (Cloud Run's) they are memory until the cover
+        ends (a 15-minute song's WAV is 318 MB). A source that is itself the copy is kept."""
+        source = None if is_url(self.source) else Path(self.source).expanduser().resolve()
+        for path in (self.wav, self.original):
+            if path.resolve() != source:
+                path.unlink(missing_ok=True)
+
 
 def _duration(info: dict) -> float | None:
     for value in (info["stream"].get("duration"), info["format"].get("duration")):

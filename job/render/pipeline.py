@@ -255,6 +255,7 @@ class Pipeline:
                 stems, cached = self.separate(
                     fetched, work / "stems", options.separation, lambda f: report("separate", f)
                 )
+            fetched.discard_files()  # the stems are what the later stages read
             release_freed_memory(0)  # what separation freed goes back before the conversion's models load
             with self.device_turn(timer), timer("convert"):
                 converted = self.convert(
