@@ -31,6 +31,7 @@ def test_a_good_song_is_decoded_to_44k_stereo(song, tmp_path):
 
 def test_discarding_a_fetch_removes_its_own_files_never_the_users(song, tmp_path):
     got = fetch(song, tmp_path / "w")
+    assert got.original.samefile(song)  # on the same disk: a hard link, no second copy of the bytes
     got.discard_files()
     assert not got.wav.exists() and not got.original.exists() and song.is_file()
     # a song that already sits where fetch would copy it is the user's file: kept

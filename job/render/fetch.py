@@ -44,9 +44,9 @@ class SongAudio(BaseModel):
     sha256: str
 
     def discard_files(self) -> None:
-        """Remove the decoded WAV and the work folder's copy of the original: nothing reads them
-        after separation, and on an in-memory disk (Cloud Run's) they are memory until the cover
-        ends (a 15-minute song's WAV is 318 MB). A source that is itself the copy is kept."""
+        """Remove the decoded WAV and the work folder's copy (or hard link) of the original: nothing
+        reads them after separation, and on an in-memory disk (Cloud Run's) they are memory until
+        the cover ends (a 15-minute song's WAV is 318 MB). A source that is itself the copy is kept."""
         source = None if is_url(self.source) else Path(self.source).expanduser().resolve()
         for path in (self.wav, self.original):
             if path.resolve() != source:
@@ -78,7 +78,10 @@ def fetch(
             raise CoverError(ErrorCode.INPUT_NOT_FOUND, f"song not found: {path}")
         original = work_dir / f"source{path.suffix}"
         if path.resolve() != original.resolve():
-            shutil.copyfile(path, original)
+            try:  # a second name for the same bytes (the runner's download sits on the same disk)
+                original.hardlink_to(path)
+            except OSError:  # another file system, or one without hard links
+                shutil.copyfile(path, original)
     if original.stat().st_size == 0:
         raise CoverError(ErrorCode.INPUT_EMPTY, f"{Path(source_str).name} is empty (0 bytes)")
 
