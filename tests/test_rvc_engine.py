@@ -142,7 +142,7 @@ def test_tiled_decoder_matches_the_whole_decode():
 
     torch.manual_seed(0)
     synth = Synthesizer(SynthConfig.from_list(demo.tiny_config("v2", 48000)), 768, True).eval()
-    frames = gen.TILE_FRAMES * 2 + 57  # three tiles, the last one slid back
+    frames = gen.tile_frames(torch.float32) * 2 + 57  # three tiles, the last one slid back
     z, g = torch.randn(1, 16, frames), torch.randn(1, 16, 1)
     f0 = torch.full((1, frames), 220.0)
     with torch.inference_mode():

@@ -271,6 +271,7 @@ class Pipeline:
                         self.repair(
                             stems.vocals, converted, voice, options.conversion, quality, timer.timings["convert"]
                         )
+            release_freed_memory(0)  # and what scoring and repair freed, before the mix
             with timer("mix"):
                 mixed = mix(
                     stems.no_vocals,

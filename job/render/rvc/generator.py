@@ -17,11 +17,18 @@ from torch import nn
 LRELU_SLOPE = 0.1
 SINE_AMP = 0.1
 NOISE_STD = 0.003
-TILE_FRAMES = 400  # 4 s of output per decoder tile
-TILE_MARGIN = 16  # frames of context either side of a tile (the receptive field is about 7)
-
 # another runtime's copy of the layers (the int8 decoder): [B, C, T] float32 in, [B, 1, T * upp] out
 Layers = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+TILE_FRAMES = 400  # 4 s of output per decoder tile: bf16 (tuned on the Xeon with AMX) and the int8 decoder
+# fp32 (AVX2 CPUs, COVER_PRECISION=fp32): 2 s tiles. 60 s of vocals on the 2-core AMD EPYC, real-size
+# voice, two rounds each: 103-108 s with 4 s tiles, 79-85 s with 2 s; the decoder's peak 254-305 -> 149-163 MB
+TILE_FRAMES_FP32 = 200
+TILE_MARGIN = 16  # frames of context either side of a tile (the receptive field is about 7)
+
+
+def tile_frames(dtype: torch.dtype, layers: Layers | None = None) -> int:
+    """Frames of output per decoder tile for the torch layers in ``dtype`` (or ``layers``)."""
+    return TILE_FRAMES_FP32 if layers is None and dtype == torch.float32 else TILE_FRAMES
 
 
 def _padding(kernel_size: int, dilation: int = 1) -> int:
@@ -207,7 +214,7 @@ class Generator(nn.Module):
         ``dtype``, in tiles (below); otherwise the plain conv1d path runs on the whole chunk (the
         reference the fast path is tested against), under autocast when ``dtype`` is not float32.
 
-        ``tiled`` (the CPU's way) runs in tiles of ``TILE_FRAMES`` with ``TILE_MARGIN`` frames of
+        ``tiled`` (the CPU's way) runs in tiles of :func:`tile_frames` with ``TILE_MARGIN`` frames of
         context either side (the decoder sees about 7 frames each way), every tile the same shape:
         peak memory stays that of one tile, and the convolution kernels built for that shape are
         reused for the whole song. A GPU takes the whole batch in one call instead.
@@ -218,17 +225,18 @@ class Generator(nn.Module):
         frames = x.shape[-1]
         if layers is not None:
             fast = True
-        if not fast or not tiled or frames <= TILE_FRAMES + 2 * TILE_MARGIN:
+        tile = tile_frames(dtype, layers)
+        if not fast or not tiled or frames <= tile + 2 * TILE_MARGIN:
             return self._decode(x, g, source, dtype, fast, layers)
         pieces = []
-        span = TILE_FRAMES + 2 * TILE_MARGIN
-        for start in range(0, frames, TILE_FRAMES):
+        span = tile + 2 * TILE_MARGIN
+        for start in range(0, frames, tile):
             lo = max(0, start - TILE_MARGIN)
             hi = min(frames, lo + span)
             lo = max(0, hi - span)  # the last tile slides back rather than shrinking
             tile_src = source[..., lo * self.upp : hi * self.upp] if source is not None else None
             y = self._decode(x[..., lo:hi], g, tile_src, dtype, fast, layers)
-            keep = min(TILE_FRAMES, frames - start)
+            keep = min(tile, frames - start)
             pieces.append(y[..., (start - lo) * self.upp : (start - lo + keep) * self.upp])
         return torch.cat(pieces, dim=-1)
 
