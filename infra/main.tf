@@ -247,7 +247,8 @@ resource "google_cloud_run_v2_job" "cover" {
       containers {
         image = var.image
         resources {
-          # measured: peak 2.4 to 2.8 GB for 3.5- to 10-minute songs on 2 vCPUs (README, "Performance")
+          # measured: peak RSS 2.4 to 2.8 GB for 3.5- to 10-minute songs on 2 vCPUs; with the model files
+          # and the work folder (in memory here) 3.7 to 4.1 GB for a 15-minute song (README, "Performance")
           limits = { cpu = "2", memory = "4Gi" }
         }
         dynamic "env" {

@@ -86,3 +86,16 @@ def test_once_separated_the_song_leaves_the_work_folder_and_the_users_file_stays
     assert {"vocals.wav", "no_vocals.wav"} <= seen["convert"]
     assert not {"song.wav", "source.wav"} & seen["convert"]
     assert song.is_file() and result.output.is_file()
+
+    # the runner's download is its own copy: it goes too (a hard link of it in the work folder
+    # would otherwise keep its bytes)
+    download = tmp_path / "download"
+    download.write_bytes(song.read_bytes())
+    there: dict[str, bool] = {}
+
+    def watch(stage: str, fraction: float) -> None:
+        there.setdefault(stage, download.exists())
+
+    voice = pipeline.store.voice(demo.DEMO_VOICE)
+    pipeline.render(download, voice, tmp_path / "out2.wav", options, watch, discard_song=True)
+    assert there["separate"] and not there["convert"]

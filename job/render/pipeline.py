@@ -242,8 +242,11 @@ class Pipeline:
         options: CoverOptions | None = None,
         progress: StageProgress | None = None,
         title: str | None = None,
+        discard_song: bool = False,
     ) -> CoverResult:
-        """Render a cover of ``song`` (a file or URL) sung by ``voice`` into ``out``."""
+        """Render a cover of ``song`` (a file or URL) sung by ``voice`` into ``out``. With
+        ``discard_song``, the file ``song`` is the caller's own temporary copy (the runner's
+        download), removed with the work folder's song files once the song is separated."""
         options = options or CoverOptions()
         report = progress or (lambda stage, fraction: None)
         timer = StageTimer()
@@ -256,6 +259,8 @@ class Pipeline:
                     fetched, work / "stems", options.separation, lambda f: report("separate", f)
                 )
             fetched.discard_files()  # the stems are what the later stages read
+            if discard_song:
+                Path(song).unlink(missing_ok=True)
             release_freed_memory(0)  # what separation freed goes back before the conversion's models load
             with self.device_turn(timer), timer("convert"):
                 converted = self.convert(

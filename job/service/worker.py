@@ -297,6 +297,7 @@ class Worker:
                 cover_options,
                 progress,
                 title=f"{request.song_id} ({voice.info.display_name} cover)",
+                discard_song=True,  # our download: on Cloud Run's in-memory disk it is memory
             )
             self._store_report(cid, request, result, spec.content_type)
             self._gate(result.quality, request)  # before the cover is stored: a refused cover is never visible
