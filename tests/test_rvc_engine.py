@@ -200,3 +200,16 @@ def test_batched_chunks_give_what_one_at_a_time_gives(store, kernels):
     assert one.chunks == batched.chunks >= 5  # several batches, one of them partial
     assert np.abs(one.audio).max() > 0.01
     np.testing.assert_allclose(batched.audio, one.audio, atol=2e-5)
+
+
+def test_the_loudness_envelope_read_in_blocks_equals_the_whole_songs():
+    """``rms_mix_rate``'s envelope is summed 16 s at a time (memory); the numbers must be those of
+    the whole array, across block edges and a ragged end."""
+    from job.render.rvc.engine import frame_rms
+
+    x = (np.random.default_rng(1).standard_normal(48000 * 40 + 12345) * 0.1).astype(np.float32)
+    hop = 24000
+    padded = np.pad(x.astype(np.float64), (0, -len(x) % hop))
+    sums = np.append(np.square(padded).reshape(-1, hop).sum(axis=1), 0.0)
+    whole = np.sqrt((sums + np.concatenate([[0.0], sums[:-1]])) / (2 * hop)).astype(np.float32)
+    assert np.array_equal(frame_rms(x, 48000), whole)
