@@ -7,8 +7,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from job.render.audio import CONTENT_SAMPLE_RATE, read_16k, write_wav
-from job.render.rvc.engine import ConversionOptions, PartTimes, VoiceConverter
+from job.render.audio import WavWriter, read_16k
+from job.render.rvc.engine import ConversionOptions, PartTimes, VoiceConverter, prepare_input
 from shared.model_store import ResolvedVoice
 
 __all__ = ["ConversionOptions", "ConvertedVocals", "VoiceConverter", "convert_vocals"]
@@ -31,17 +31,21 @@ def convert_vocals(
     options: ConversionOptions | None = None,
     progress: Callable[[float], None] | None = None,
 ) -> ConvertedVocals:
-    """Convert the WAV ``vocals`` with the resolved ``voice`` into the mono WAV ``out``."""
+    """Convert the WAV ``vocals`` with the resolved ``voice`` into the mono WAV ``out``, written as
+    the conversion goes (the converted vocals are never whole in memory)."""
     source = read_16k(vocals)  # what the engine takes, read a block at a time: not the stem whole
+    x, n_in = prepare_input(source.audio)
     loaded = converter.load_voice(voice)
     frames = round(source.frames * loaded.sample_rate / source.sample_rate)
-    result = converter.convert(source.audio, CONTENT_SAMPLE_RATE, loaded, options, progress, out_frames=frames)
-    write_wav(out, result.audio, result.sample_rate)
+    del source  # the conversion reads its padded, high-passed copy
+    with WavWriter(out, loaded.sample_rate, 1) as writer:
+        sink = lambda block: writer.write(block[None])  # noqa: E731 - mono blocks to the file
+        stats = converter.convert_to(sink, x, n_in, loaded, frames, options, progress)
     return ConvertedVocals(
         path=out,
-        sample_rate=result.sample_rate,
-        duration_s=len(result.audio) / result.sample_rate,
-        pitch_shift=result.pitch_shift,
-        parts=result.times,
-        synthesised_s=result.synthesised_s,
+        sample_rate=stats.sample_rate,
+        duration_s=stats.frames / stats.sample_rate,
+        pitch_shift=stats.pitch_shift,
+        parts=stats.times,
+        synthesised_s=stats.synthesised_s,
     )

@@ -3,7 +3,10 @@
 Long audio is cut into bounded chunks at its quietest points (memory stays flat), each chunk is
 converted with half a second of real context on both sides, and neighbouring chunks crossfade
 over 40 ms. Stretches of silence are not synthesised at all. The output has exactly
-``round(len(input) * voice_rate / input_rate)`` samples.
+``round(len(input) * voice_rate / input_rate)`` samples, and goes to its sink (a cover's WAV file)
+as each stretch of it is final (:mod:`job.render.rvc.assembly`); the input is high-passed a block at
+a time (:mod:`job.render.rvc.highpass`). What the conversion holds that grows with the song is the
+16 kHz input alone (3.8 MB a minute).
 """
 
 from __future__ import annotations
@@ -12,14 +15,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel
-from scipy.signal import butter, sosfiltfilt
 
 from job.render.audio import to_16k
 from job.render.compute import (
@@ -31,9 +33,11 @@ from job.render.compute import (
     resolve_precision,
 )
 from job.render.rvc import pitch as pitch_mod
+from job.render.rvc.assembly import ArraySink, Assembler, Sink, frame_rms
 from job.render.rvc.checkpoint import build_synthesizer, read_checkpoint
 from job.render.rvc.content import HOP as CONTENT_HOP
 from job.render.rvc.content import ContentEncoder, load_content_encoder
+from job.render.rvc.highpass import highpass
 from job.render.rvc.int8_decoder import CALIBRATION_SHIFTS, Int8Decoder, Prior, build_key
 from job.render.rvc.int8_decoder import build as build_int8
 from job.render.rvc.retrieval import FeatureIndex
@@ -52,7 +56,7 @@ CROSSFADE = 2 * CONTENT_HOP  # 40 ms crossfade (20 ms each side of a cut)
 SILENCE_RMS_DB = -60.0  # 10 ms frames quieter than this are silence
 MIN_GAP_S = 0.5  # shorter silences are synthesised through
 REGION_PAD_S = 0.1
-HIGHPASS_HZ = 48.0
+PLAN_BLOCK = 4096  # 10 ms frames per block of the chunk plan's loudness (41 s)
 
 ProgressFn = Callable[[float], None]
 
@@ -76,15 +80,34 @@ class Voice:
     int8: Int8Decoder | None = None  # its decoder in int8 (COVER_DECODER=int8)
 
 
-@dataclass
-class ConversionResult:
-    audio: np.ndarray  # [samples] float32 at sample_rate
+class ConversionStats(BaseModel):
+    """What a conversion did, beside its audio."""
+
     sample_rate: int
+    frames: int  # output samples at sample_rate
     pitch_shift: int
     times: PartTimes
     chunks: int
     synthesised_s: float
-    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class ConversionResult:
+    audio: np.ndarray  # [samples] float32 at sample_rate
+    sample_rate: int
+    frames: int
+    pitch_shift: int
+    times: PartTimes
+    chunks: int
+    synthesised_s: float
+
+
+def prepare_input(x: np.ndarray) -> tuple[np.ndarray, int]:
+    """16 kHz mono ``x`` as the conversion takes it: zero-padded to whole content frames and
+    high-passed (a new array; :mod:`job.render.rvc.highpass`), with ``len(x)``."""
+    padded = np.zeros(len(x) + (-len(x) % CONTENT_HOP), dtype=np.float32)
+    padded[: len(x)] = x
+    return highpass(padded, SR, out=padded), len(x)
 
 
 def plan_chunks(x: np.ndarray, max_chunk_s: float) -> list[tuple[int, int]]:
@@ -92,7 +115,11 @@ def plan_chunks(x: np.ndarray, max_chunk_s: float) -> list[tuple[int, int]]:
     frames = len(x) // 160
     if frames == 0:
         return []
-    rms = np.sqrt(np.mean(x[: frames * 160].reshape(frames, 160).astype(np.float64) ** 2, axis=1) + 1e-20)
+    rms = np.empty(frames, dtype=np.float64)
+    for f in range(0, frames, PLAN_BLOCK):  # a block at a time: the whole song in float64 was 2 x 77 MB at 10 min
+        n = min(PLAN_BLOCK, frames - f)
+        block = x[f * 160 : (f + n) * 160].reshape(n, 160).astype(np.float64)
+        rms[f : f + n] = np.sqrt(np.mean(block**2, axis=1) + 1e-20)
     loud = 20 * np.log10(rms) > SILENCE_RMS_DB
     regions: list[list[int]] = []
     gap = int(MIN_GAP_S * 100)
@@ -121,33 +148,6 @@ def plan_chunks(x: np.ndarray, max_chunk_s: float) -> list[tuple[int, int]]:
         if b > a:
             aligned.append((int(a), int(b)))
     return aligned
-
-
-def frame_rms(x: np.ndarray, sample_rate: int) -> np.ndarray:
-    """RMS over 1 s windows centred every 0.5 s (frame k at k * 0.5 s), computed block by block."""
-    hop = sample_rate // 2
-    n_hops = -(-len(x) // hop)
-    sums = np.zeros(n_hops + 1, dtype=np.float64)
-    block = 32 * hop  # 16 s: 6 MB of float64 at 48 kHz (512 hops held 190 MB at once; the sums are the same)
-    for start in range(0, len(x), block):
-        seg = x[start : start + block].astype(np.float64)
-        seg = np.pad(seg, (0, -len(seg) % hop))
-        sums[start // hop : start // hop + len(seg) // hop] = np.square(seg).reshape(-1, hop).sum(axis=1)
-    windows = sums + np.concatenate([[0.0], sums[:-1]])  # hops k-1 and k around centre k
-    return np.sqrt(windows / (2 * hop)).astype(np.float32)
-
-
-def mix_rms(out: np.ndarray, out_rate: int, source: np.ndarray, source_rate: int, rate: float) -> None:
-    """RVC's ``rms_mix_rate``: give ``out`` (in place) the source's loudness envelope to the power
-    1 - rate; rate 1 keeps the output's own envelope."""
-    src, res = frame_rms(source, source_rate), np.maximum(frame_rms(out, out_rate), 1e-6)
-    k = min(len(src), len(res))
-    gain = (src[:k].astype(np.float64) ** (1 - rate)) * (res[:k].astype(np.float64) ** (rate - 1))
-    hop = out_rate // 2
-    block = 1 << 20
-    for start in range(0, len(out), block):
-        positions = np.arange(start, min(len(out), start + block)) / hop
-        out[start : start + block] *= np.interp(positions, np.arange(k), gain).astype(np.float32)
 
 
 class VoiceConverter:
@@ -289,19 +289,29 @@ class VoiceConverter:
     ) -> ConversionResult:
         """``audio`` sung by ``voice``. With ``record``, the decoder's inputs are appended to it
         instead of being decoded (the output is then silence): the int8 decoder's calibration.
-        ``out_frames``: the output's length at the voice's rate (default: ``audio``'s duration; a
-        caller passing audio already at 16 kHz gives the length of the file it came from)."""
+        ``out_frames``: the output's length at the voice's rate (default: ``audio``'s duration)."""
+        out_len = out_frames if out_frames is not None else round(audio.shape[-1] * voice.sample_rate / sample_rate)
+        x, n_in = prepare_input(to_16k(audio, sample_rate))
+        sink = ArraySink(out_len)
+        stats = self.convert_to(sink, x, n_in, voice, out_len, options, progress, record)
+        return ConversionResult(audio=sink.audio, **dict(stats))
+
+    def convert_to(
+        self,
+        sink: Sink,
+        x: np.ndarray,
+        n_in: int,
+        voice: Voice,
+        out_len: int,
+        options: ConversionOptions | None = None,
+        progress: ProgressFn | None = None,
+        record: list[Prior] | None = None,
+    ) -> ConversionStats:
+        """The conversion of ``x`` (from :func:`prepare_input`: 16 kHz, high-passed, its first
+        ``n_in`` samples the song's) into ``out_len`` samples at the voice's rate, handed to
+        ``sink`` in order as each stretch is final: the output is never whole in memory."""
         options = options or ConversionOptions()
         times = PartTimes()
-        out_len = out_frames if out_frames is not None else round(audio.shape[-1] * voice.sample_rate / sample_rate)
-        x = to_16k(audio, sample_rate)
-        n_in = len(x)
-        x = np.pad(x, (0, -len(x) % CONTENT_HOP))
-        x = (
-            sosfiltfilt(butter(5, HIGHPASS_HZ, btype="high", fs=SR, output="sos"), x).astype(np.float32)
-            if len(x) > 60
-            else x
-        )
         chunks = plan_chunks(x, self.max_chunk_s)
         ratio = voice.sample_rate / SR
         upp = voice.synth.upp
@@ -323,7 +333,8 @@ class VoiceConverter:
         else:
             semitones = int(options.pitch)
 
-        out = np.zeros(int(len(x) * ratio) + upp, dtype=np.float32)
+        envelope = (frame_rms(x[:n_in], SR), options.rms_mix_rate) if options.rms_mix_rate < 1 and chunks else None
+        out = Assembler(sink, out_len, voice.sample_rate, envelope, limit=int(len(x) * ratio) + upp)
         xf_out = int(CROSSFADE * ratio)
         half = CROSSFADE // 2
         encoder = self.content_encoder() if chunks else None
@@ -392,23 +403,18 @@ class VoiceConverter:
                 start = int((a - half) * ratio)
                 if start < 0:
                     piece, start = piece[-start:], 0
-                end = min(len(out), start + len(piece))
-                out[start:end] += piece[: end - start]
+                out.add(start, piece)
+                out.final(int((b - half) * ratio))  # the next chunk starts at or after b
             release_freed_memory()
             if progress:
                 progress(pitch_share + (1 - pitch_share) * group.stop / len(chunks))
 
-        out = out[:out_len]
-        if len(out) < out_len:
-            out = np.pad(out, (0, out_len - len(out)))
-        if options.rms_mix_rate < 1 and chunks:
-            mix_rms(out, voice.sample_rate, x[:n_in], SR, options.rms_mix_rate)
-        np.clip(out, -1, 1, out=out)
+        out.close()
         if progress:
             progress(1.0)
-        return ConversionResult(
-            audio=out,
+        return ConversionStats(
             sample_rate=voice.sample_rate,
+            frames=out_len,
             pitch_shift=semitones,
             times=times,
             chunks=len(chunks),
