@@ -150,12 +150,15 @@ class QualityMeter:
         f0 = np.zeros(count, dtype=np.float32)
         if not len(loud):
             return f0
-        x = torch.from_numpy(frames[loud]).to(self.device)
-        x = x - x.mean(dim=1, keepdim=True)
-        x = x / x.std(dim=1, keepdim=True).clamp_min(1e-10)
         model = self.crepe()
+        batches = []
         with torch.inference_mode():
-            probs = torch.cat([crepe_1d(model, chunk) for chunk in x.split(CREPE_BATCH)]).float().cpu()  # (frames, 360)
+            for i in range(0, len(loud), CREPE_BATCH):  # a batch at a time: all frames normalised were 3 x 0.8 song
+                x = torch.from_numpy(frames[loud[i : i + CREPE_BATCH]]).to(self.device)
+                x = x - x.mean(dim=1, keepdim=True)
+                x = x / x.std(dim=1, keepdim=True).clamp_min(1e-10)
+                batches.append(crepe_1d(model, x).float().cpu())
+        probs = torch.cat(batches)  # (frames, 360)
         confidence, peak = probs.max(dim=1)
         offsets = torch.arange(-4, 5)
         bins = (peak[:, None] + offsets[None, :]).clamp(0, probs.shape[1] - 1)

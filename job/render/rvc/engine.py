@@ -323,9 +323,11 @@ class VoiceConverter:
             f0s.append(
                 self.track_pitch(self._segment(x, a, b), options.f0_method, options.filter_radius) if voice.f0 else None
             )
+            release_freed_memory()  # each chunk's pitch tracking leaves the heap more fragmented (README)
             if progress and voice.f0:
                 progress(pitch_share * (i + 1) / len(chunks))
         times.pitch += time.perf_counter() - t0
+        release_freed_memory(0)  # before HuBERT and the decoder start on what the pitch pass freed
         if options.pitch == "auto":
             central = [f[CONTEXT // 160 : -(CONTEXT // 160)] for f in f0s if f is not None]
             singer = pitch_mod.median_voiced(np.concatenate(central)) if central else None
