@@ -64,7 +64,8 @@ def _apply_gain(out: np.ndarray, start: int, gain: np.ndarray, hop: int) -> None
 
 def mix_rms(out: np.ndarray, out_rate: int, source: np.ndarray, source_rate: int, rate: float) -> None:
     """RVC's ``rms_mix_rate`` over a whole output: give ``out`` (in place) the source's loudness
-    envelope to the power 1 - rate; rate 1 keeps the output's own envelope."""
+    envelope to the power 1 - rate; rate 1 keeps the output's own envelope. The whole-array form,
+    kept as the reference :class:`Assembler` is tested against."""
     gain = _gains(frame_rms(source, source_rate), frame_rms(out, out_rate), rate)
     _apply_gain(out, 0, gain, out_rate // 2)
 
@@ -113,25 +114,26 @@ class Assembler:
             return
         if start < self.done:
             raise ValueError(f"sample {start} was already final (up to {self.done})")
-        if end > self.base + len(self.buffer):
-            grown = np.zeros(end - self.base, dtype=np.float32)
-            grown[: len(self.buffer)] = self.buffer
-            self.buffer = grown
+        self._reach(end)
         self.buffer[start - self.base : end - self.base] += piece[: end - start]
 
     def final(self, position: int) -> None:
         position = min(self.length, position)
         if position <= self.done:
             return
-        if position > self.base + len(self.buffer):  # silence up to there
-            grown = np.zeros(position - self.base, dtype=np.float32)
-            grown[: len(self.buffer)] = self.buffer
-            self.buffer = grown
+        self._reach(position)  # silence up to there if nothing was added
         self.done = position
         self._emit()
 
     def close(self) -> None:
         self.final(self.length)
+
+    def _reach(self, end: int) -> None:
+        """Grow the buffer with silence to hold the samples before ``end``."""
+        if end > self.base + len(self.buffer):
+            grown = np.zeros(end - self.base, dtype=np.float32)
+            grown[: len(self.buffer)] = self.buffer
+            self.buffer = grown
 
     def _emit(self) -> None:
         if self.envelope is None:

@@ -91,15 +91,8 @@ class ConversionStats(BaseModel):
     synthesised_s: float
 
 
-@dataclass
-class ConversionResult:
+class ConversionResult(ConversionStats, arbitrary_types_allowed=True):
     audio: np.ndarray  # [samples] float32 at sample_rate
-    sample_rate: int
-    frames: int
-    pitch_shift: int
-    times: PartTimes
-    chunks: int
-    synthesised_s: float
 
 
 def prepare_input(x: np.ndarray) -> tuple[np.ndarray, int]:
