@@ -7,7 +7,8 @@
   (:mod:`job.render.safe_load`), so neither fairseq nor omegaconf is needed or imported.
 
 v1 voices take the 256-dim ``final_proj`` of layer 9, v2 voices the 768-dim output of layer 12.
-Features come at 50 per second of 16 kHz audio (one per 320 samples).
+Features come at 50 per second of 16 kHz audio (one per 320 samples). The convolutional front end
+runs a few seconds at a time (:mod:`job.render.rvc.feature_encoder`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 from transformers import HubertConfig, HubertModel
 
+from job.render.rvc.feature_encoder import TiledFeatureEncoder
 from job.render.rvc.weights import build_with_weights
 from job.render.safe_load import Inert, load_weights_only, load_with_inert_objects
 from shared.errors import CoverError, ErrorCode
@@ -123,6 +125,7 @@ class ContentEncoder:
     """HuBERT features for RVC. Load once, reuse for every conversion."""
 
     def __init__(self, model: HubertModel, final_proj: nn.Linear | None) -> None:
+        model.feature_extractor = TiledFeatureEncoder(model.feature_extractor)  # type: ignore[assignment]  # a drop-in
         self.model = model.eval()
         self.final_proj = final_proj.eval() if final_proj is not None else None
 
