@@ -9,14 +9,15 @@ The convolutions have no padding, so output frames ``[f0, f1)`` depend on input 
 ``[f0 * hop, (f1 - 1) * hop + field)`` alone and a tile's frames are the whole's. The one
 operation that is not local is base HuBERT's group norm after the first convolution (one group
 per channel, over the whole input): its per-channel mean and variance come from a first pass over
-the first convolution's output (each tile's in float32, combined in float64), and the second pass applies them
-(as ``scale * x + shift``, torch's own formula). Layer-norm front ends (``feat_extract_norm =
+the first convolution's output (each tile's in float32, combined in float64), and the second pass
+applies them (as ``scale * x + shift``, torch's own formula). Layer-norm front ends (``feat_extract_norm =
 "layer"``) are local and need no first pass. Within float32 rounding of the whole computation
 (tested).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -51,9 +52,7 @@ class TiledFeatureEncoder(nn.Module):
         self.normed_first = isinstance(first, nn.GroupNorm)  # a flag: the module stays conv_layers' own
         self.kernels = [c.kernel_size[0] for c in convs]
         self.strides = [c.stride[0] for c in convs]
-        self.hop = 1
-        for s in self.strides:
-            self.hop *= s
+        self.hop = math.prod(self.strides)
         field = 1
         for k, s in zip(reversed(self.kernels), reversed(self.strides), strict=True):
             field = (field - 1) * s + k
