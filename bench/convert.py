@@ -8,7 +8,7 @@ real-time factor (wall / audio duration), on CPU and on CUDA when a GPU is prese
 (fp32, reference kernels), fp32 with the fast kernels, the default (fast kernels, bf16 decoder on
 CPUs with native bf16) and, on the CPU, the int8 decoder (``COVER_DECODER=int8``; its one-time
 build per voice is timed apart). Each row's output is compared with the baseline's: relative L2,
-log-spectral distance, waveform correlation (``job/render/measures.py``) and the quality stage's
+log-spectral distance, waveform correlation (``bench/measures.py``) and the quality stage's
 F0 correlation, F0 RMSE and speaker similarity (the baseline's output as source and reference).
 """
 
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
+from bench.measures import compare
 from job.devkit import demo
-from job.render.audio import to_16k
-from job.render.measures import compare
-from job.render.quality import QualityMeter
+from job.render.media.audio import to_16k
+from job.render.quality.meter import QualityMeter
 from job.render.rvc.engine import ConversionOptions, VoiceConverter
 from job.render.rvc.int8_decoder import build_key
 from shared.model_store import ModelStore

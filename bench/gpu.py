@@ -100,10 +100,10 @@ def precision_rows(device: str, size: str, seconds: int = EXCERPT_S) -> list[dic
 def _precision_rows(device: str, size: str, seconds: int) -> list[dict]:
     import numpy as np
 
+    from bench.measures import compare
     from job.devkit import demo
-    from job.render.measures import compare
     from job.render.rvc.engine import VoiceConverter
-    from job.render.separate import Separator
+    from job.render.separate.separator import Separator
     from shared.model_store import ModelStore
     from shared.options import ConversionOptions, SeparationOptions
 
@@ -158,18 +158,26 @@ def _cold_child(song: Path, size: str) -> None:
     from job.render.pipeline import Pipeline
 
     pipeline = Pipeline(_settings(size))
-    result = pipeline.render(song, pipeline.store.voice(demo.DEMO_VOICE), WORK / "tmp" / "cold.mp3")
+    result = _render(pipeline, song, pipeline.store.voice(demo.DEMO_VOICE), WORK / "tmp" / "cold.mp3")
     print(json.dumps({"stages": {k: round(v, 2) for k, v in result.timings.items()}, "peak_mib": _peak_mib()}))
+
+
+def _render(pipeline, song: Path, voice, out: Path):
+    """One cover in a work folder of its own (removed after)."""
+    from job.render.workfolder import work_folder
+
+    with work_folder(pipeline.settings.work_dir) as work:
+        return pipeline.render(song, voice, out, work=work)
 
 
 def warm_cover(pipeline, song: Path, song_s: int) -> dict:
     from job.devkit import demo
 
     voice = pipeline.store.voice(demo.DEMO_VOICE)
-    pipeline.render(song, voice, WORK / "tmp" / "warmup.mp3")  # loads and warms every model
+    _render(pipeline, song, voice, WORK / "tmp" / "warmup.mp3")  # loads and warms every model
     _peak_mib(reset=True)
     started = time.perf_counter()
-    result = pipeline.render(song, voice, WORK / "tmp" / "warm.mp3")
+    result = _render(pipeline, song, voice, WORK / "tmp" / "warm.mp3")
     wall = time.perf_counter() - started
     return {
         "what": "warm cover",
@@ -189,7 +197,7 @@ def in_flight(pipeline, song: Path, n: int, covers: int) -> dict:
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=n) as pool:
         results = list(
-            pool.map(lambda i: pipeline.render(song, voice, WORK / "tmp" / f"flight-{n}-{i}.mp3"), range(covers))
+            pool.map(lambda i: _render(pipeline, song, voice, WORK / "tmp" / f"flight-{n}-{i}.mp3"), range(covers))
         )
     wall = time.perf_counter() - started
     waits = [r.timings.get("device_wait", 0.0) for r in results]

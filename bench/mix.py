@@ -26,9 +26,9 @@ def rss_mb() -> float:
 
 def one(seconds: float) -> dict[str, float]:
     from job.devkit import demo
-    from job.render.audio import MIX_SAMPLE_RATE, write_wav
     from job.render.compute import release_freed_memory
-    from job.render.mix import mix
+    from job.render.media.audio import MIX_SAMPLE_RATE, write_wav
+    from job.render.mix.mixer import mix
 
     work = Path(tempfile.mkdtemp(prefix="bench-mix-"))
     _, instrumental = demo.demo_song(seconds)

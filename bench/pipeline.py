@@ -81,6 +81,7 @@ class StagePeaks:
 
         from job.render import pipeline as stages
         from job.render.timing import StageTimer
+        from shared.stages import Stage
 
         self.peaks: dict[str, float] = {}
         self.totals: dict[str, float] = {}
@@ -91,8 +92,8 @@ class StagePeaks:
 
         class Recording(StageTimer):
             @contextmanager
-            def __call__(self, stage: str) -> Iterator[None]:
-                outer, watch.stage = watch.stage, stage
+            def __call__(self, stage: Stage) -> Iterator[None]:
+                outer, watch.stage = watch.stage, stage.value
                 try:
                     with super().__call__(stage):
                         yield
@@ -159,7 +160,8 @@ def row(kind: str, seconds: int, variant: str) -> dict:
         wall = time.perf_counter() - start
         return {"wall": wall, "cpu": child.ru_utime + child.ru_stime, "rss_mb": child.ru_maxrss / 1024}
     from job.render.pipeline import Pipeline
-    from job.render.stems import StemCache
+    from job.render.separate.stems import StemCache
+    from job.render.workfolder import work_folder
     from shared.options import SeparationOptions
     from shared.storage import LocalStorage
 
@@ -174,7 +176,7 @@ def row(kind: str, seconds: int, variant: str) -> dict:
         pipeline.converter.load_voice(voice)
         start, cpu0 = time.perf_counter(), time.process_time()
     if kind == "separate":
-        with pipeline.workdir() as work:
+        with work_folder(settings.work_dir) as work:
             fetched = pipeline.fetch(song, work)
             start, cpu0 = time.perf_counter(), time.process_time()
             pipeline.separate(fetched, work / "stems", SeparationOptions())
@@ -185,12 +187,14 @@ def row(kind: str, seconds: int, variant: str) -> dict:
         start, cpu0 = time.perf_counter(), time.process_time()
         pipeline.converter.convert(vocals, 44100, loaded)
     elif kind == "cover":
-        pipeline.render(song, voice, WORK / "tmp" / f"cover-{seconds}.mp3")
+        with work_folder(settings.work_dir) as work:
+            pipeline.render(song, voice, WORK / "tmp" / f"cover-{seconds}.mp3", work=work)
     elif kind == "second-voice":  # the stems of an earlier voice's cover are in the cache
-        with pipeline.workdir() as work:
+        with work_folder(settings.work_dir) as work:
             pipeline.separate(pipeline.fetch(song, work), work / "stems", SeparationOptions())
         start, cpu0 = time.perf_counter(), time.process_time()
-        result = pipeline.render(song, voice, WORK / "tmp" / f"second-voice-{seconds}.mp3")
+        with work_folder(settings.work_dir) as work:
+            result = pipeline.render(song, voice, WORK / "tmp" / f"second-voice-{seconds}.mp3", work=work)
         assert result.stems_cached
     wall = time.perf_counter() - start
     return {

@@ -12,8 +12,8 @@ import time
 import torch
 
 from job.devkit import demo
-from job.render.audio import MIX_SAMPLE_RATE, to_16k
-from job.render.quality import DNSMOS_SAMPLES, QualityMeter
+from job.render.media.audio import MIX_SAMPLE_RATE, to_16k
+from job.render.quality.meter import DNSMOS_SAMPLES, QualityMeter
 
 
 def main() -> None:

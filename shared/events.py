@@ -23,6 +23,7 @@ from shared.names import REQUEST_ID_PATTERN, SONG_ID_MAX_LENGTH, SONG_ID_PATTERN
 from shared.options import OutputFormat, RequestOptions
 from shared.quality import QualityReport
 from shared.routing import ATTRIBUTE, Runner
+from shared.stages import Stage
 
 SOURCE = "//melodia-cover"
 PIPELINE_VERSION = "1"  # bump when a change alters rendered output for the same inputs
@@ -71,26 +72,6 @@ REQUEST_ID_FIELD = Field(
 )
 
 
-# The stages a runner reports, in order, with their share of the whole render (roughly a CPU
-# runner's time; ``overall`` is the sum of the finished stages' shares and the current one's part).
-STAGE_SHARES: dict[str, float] = {
-    "accepted": 0.0,
-    "download": 0.02,
-    "fetch": 0.03,
-    "separate": 0.35,
-    "convert": 0.45,
-    "mix": 0.1,
-    "upload": 0.05,
-}
-
-
-def overall_progress(stage: str, fraction: float) -> float:
-    """The whole render's progress when ``stage`` is ``fraction`` done (see :data:`STAGE_SHARES`)."""
-    names = list(STAGE_SHARES)
-    done = sum(STAGE_SHARES[name] for name in names[: names.index(stage)])
-    return round(min(1.0, done + STAGE_SHARES[stage] * fraction), 3)
-
-
 class CoverProgress(BaseModel):
     """``cover.progress``: ``accepted`` when a runner takes the request, then each stage's
     progress (its end reported once) and the whole render's (``overall``)."""
@@ -99,7 +80,7 @@ class CoverProgress(BaseModel):
     request_id: str | None = REQUEST_ID_FIELD
     song_id: str
     voice_model: str
-    stage: str = Field(description="accepted, download, fetch, separate, convert, mix or upload")
+    stage: Stage = Field(description="The stage this event reports (shared/stages.py lists them in order).")
     progress: float = Field(ge=0, le=1, description="This stage's progress.")
     overall: float = Field(0.0, ge=0, le=1, description="The whole render's progress, across stages.")
     runner: str
@@ -158,7 +139,7 @@ class CoverStatus(BaseModel):
         pattern="^(queued|running|stalled|completed|failed)$",
         description="stalled: running, but its runner stopped renewing its lease (gone); a redelivery takes it over",
     )
-    stage: str | None = None
+    stage: Stage | None = None
     progress: float | None = None
     overall: float | None = None
     completed: CoverCompleted | None = None

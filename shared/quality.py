@@ -1,5 +1,5 @@
 """What a cover's quality report says, the thresholds it is held to, and the gate (torch-free: the
-events, the API and the command line share it). The measures themselves are job/render/quality.py.
+events, the API and the command line share it). The measures themselves are job/render/quality/meter.py.
 
 Thresholds. Published objective scores for a trained RVC v2 48 kHz voice on singing are about F0
 correlation 0.94, F0 RMSE 30 cents, speaker similarity 0.73 (Resemblyzer) and DNSMOS OVRL 3.1. A cover

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
 from platformdirs import user_cache_dir
@@ -188,8 +187,3 @@ class Settings(BaseSettings):
         "projects/melodia-local/locations/europe-west1/jobs/cover-job",
         description="Full name of the Cloud Run Job the push trigger executes.",
     )
-
-
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    return Settings()

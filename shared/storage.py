@@ -20,7 +20,7 @@ Keys (all under the bucket):
 
 ``separation_key`` is the first 16 hex digits of the sha256 of every setting that changes the stems'
 numbers: the separation model's name and the sha256 of its files, segment, overlap, shifts, the
-resolved precision (fp32/bf16) and the kernels (:class:`job.render.stems.StemKey`). The device is
+resolved precision (fp32/bf16) and the kernels (:class:`job.render.separate.stems.StemKey`). The device is
 not part of it, so CPU and GPU runners with the same precision share stems; a model swap changes it.
 """
 

@@ -12,7 +12,7 @@ import pytest
 from service_stack import emulator, s3, stack  # noqa: F401 - the service fixtures, for every module
 
 from job.devkit import demo
-from job.render.audio import MIX_SAMPLE_RATE, write_wav
+from job.render.media.audio import MIX_SAMPLE_RATE, write_wav
 
 
 @pytest.fixture(scope="session")
@@ -80,7 +80,7 @@ class CodeRunningPayload:
 @pytest.fixture
 def encodes(monkeypatch) -> list:
     """Every FFmpeg encode the mix stage starts in this test (the real encoder, counted)."""
-    from job.render import ffmpeg
+    from job.render.media import ffmpeg
 
     started: list = []
 

@@ -154,7 +154,7 @@ def of_type(events, kind):
 def stack(emulator, s3, store, tmp_path):
     stack = Stack(emulator, s3, store, tmp_path)
     vocals, inst = demo.demo_song(5.0)
-    from job.render.audio import write_wav
+    from job.render.media.audio import write_wav
 
     stack.put_song("song-1", write_wav(tmp_path / "song.wav", np.clip(vocals + inst, -1, 1), 44100))
     yield stack

@@ -7,7 +7,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from job.render.audio import RESAMPLE_BLOCK_S, WavWriter, read_16k, read_wav, to_16k
+from job.render.media.audio import RESAMPLE_BLOCK_S, WavWriter, read_16k, read_wav, to_16k
 
 
 def _write(path, seconds: float, rate: int, channels: int, seed: int = 0):

@@ -10,8 +10,8 @@ import zipfile
 import pytest
 
 from job.devkit import demo
-from job.render.audio import decode
-from job.render.ffmpeg import measure_loudness
+from job.render.media.audio import decode
+from job.render.media.ffmpeg import measure_loudness
 from tests.conftest import run_cover
 
 

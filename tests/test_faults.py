@@ -26,7 +26,7 @@ from tcp_proxy import TcpProxy
 
 from job.devkit import demo
 from job.devkit.stack import start_pubsub_emulator, stop
-from job.render.audio import write_wav
+from job.render.media.audio import write_wav
 from shared.events import COMPLETED, FAILED, STAGE_SHARES
 
 pytestmark = pytest.mark.slow

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from job.render.audio import write_wav
-from job.render.download import UrlPolicy
 from job.render.fetch import fetch
+from job.render.media.audio import write_wav
+from job.render.media.download import UrlPolicy
 from shared.errors import CoverError, ErrorCode
 
 

@@ -19,8 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from job.devkit import demo
-from job.render.download import UrlPolicy, download
 from job.render.fetch import fetch
+from job.render.media.download import UrlPolicy, download
 from shared.errors import CoverError, ErrorCode
 from shared.events import parse_request
 from shared.model_store import ModelStore
@@ -406,7 +406,7 @@ def test_a_demucs_package_declaring_more_than_it_holds_is_corrupt(tmp_path):
     import torch
 
     from job.render.safe_load import load_with_inert_objects
-    from job.render.separate import _demucs_classes, load_package
+    from job.render.separate.loading import _demucs_classes, load_package
 
     demo.write_demucs(tmp_path / "sep", size="tiny")
     original = next((tmp_path / "sep").glob("*.th"))

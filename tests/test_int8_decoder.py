@@ -11,11 +11,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from bench.measures import correlation, log_spectral_distance_db, relative_l2
 from job.devkit import demo
 from job.render import compute
-from job.render.audio import to_16k
-from job.render.measures import correlation, log_spectral_distance_db, relative_l2
-from job.render.quality import QualityMeter
+from job.render.media.audio import to_16k
+from job.render.quality.meter import QualityMeter
 from job.render.rvc import engine
 from job.render.rvc.engine import ConversionOptions, VoiceConverter
 from job.render.rvc.int8_decoder import build_key

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from job.devkit import demo
-from job.render.audio import MIX_SAMPLE_RATE, write_wav
-from job.render.ffmpeg import measure_loudness
-from job.render.limiter import ATTACK_S, RELEASE_S, limiter_gain
-from job.render.loudness import integrated_lufs, peak_envelope, true_peak_dbtp
-from job.render.mix import mix
+from job.render.media.audio import MIX_SAMPLE_RATE, write_wav
+from job.render.media.ffmpeg import measure_loudness
+from job.render.mix.limiter import ATTACK_S, RELEASE_S, limiter_gain
+from job.render.mix.loudness import integrated_lufs, peak_envelope, true_peak_dbtp
+from job.render.mix.mixer import mix
 from shared.options import MixOptions, OutputFormat
 
 RATE = MIX_SAMPLE_RATE
@@ -95,7 +95,7 @@ def test_a_mix_limited_so_hard_that_the_first_probe_falls_short_is_still_encoded
 def test_a_mix_whose_loudness_plateaus_under_the_target_is_probed_once_and_encoded_once(tmp_path, encodes, monkeypatch):
     # clicks in silence: held at the ceiling they measure about -45 LUFS whatever the gain, so no
     # gain reaches -14 (the old loop: 4 probe passes, then 6 encodes each missing by 30 LU)
-    from job.render import mix as mix_module
+    from job.render.mix import mixer as mix_module
 
     probes: list = []
     probe = mix_module._probe

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from job.devkit import demo
-from job.render.audio import MIX_SAMPLE_RATE, decode, write_wav
 from job.render.fetch import probe
-from job.render.ffmpeg import measure_loudness
-from job.render.mix import mix
+from job.render.media.audio import MIX_SAMPLE_RATE, decode, write_wav
+from job.render.media.ffmpeg import measure_loudness
+from job.render.mix.mixer import mix
 from shared.options import MixOptions, OutputFormat
 
 SNR_DB_MIN = 40.0  # output vs. input mix, after removing the loudness gain
@@ -78,7 +78,7 @@ def test_the_mix_made_a_block_at_a_time_is_the_whole_song_mix(stems, tmp_path, m
     and the result is the whole-stem polyphase resampling summed with the instrumental."""
     from scipy.signal import resample_poly
 
-    from job.render import mix as mixing
+    from job.render.mix import mixer as mixing
 
     monkeypatch.setattr(mixing, "BLOCK", 20_000)  # 12 s in 27 blocks
     _, inst, _ = stems
@@ -101,9 +101,9 @@ def test_the_mix_made_a_block_at_a_time_is_the_whole_song_mix(stems, tmp_path, m
 def test_the_limiter_and_meters_run_a_block_at_a_time_as_over_the_whole_song(monkeypatch):
     """Block edges change nothing: the limiter's look-ahead and release, the K-weighting filters,
     the 50 ms silence blocks and the waveform's columns carry across them."""
-    from job.render.limiter import Limiter, limiter_gain
-    from job.render.loudness import LoudnessMeter, envelope_windows, integrated_lufs, peak_envelope
-    from job.render.quality import MixMeter, mix_scores, waveform_peaks
+    from job.render.mix.limiter import Limiter, limiter_gain
+    from job.render.mix.loudness import LoudnessMeter, envelope_windows, integrated_lufs, peak_envelope
+    from job.render.mix.meter import MixMeter, mix_scores, waveform_peaks
 
     vocals, inst = demo.demo_song(6.0, seed=4)
     audio = (vocals + inst) * 0.05
@@ -145,7 +145,7 @@ def test_a_cover_that_needs_no_limiting_is_encoded_once(stems, tmp_path, encodes
 @pytest.mark.parametrize("fmt", [OutputFormat.MP3, OutputFormat.OPUS, OutputFormat.M4A])
 def test_a_lossy_cover_reports_what_the_codec_made_measured_while_encoding(stems, tmp_path, fmt, monkeypatch):
     vocals, inst, _ = stems
-    from job.render import ffmpeg
+    from job.render.media import ffmpeg
 
     decoded_again: list = []  # the encoded file is not read back after encoding
     monkeypatch.setattr(ffmpeg, "measure_loudness", lambda *a: decoded_again.append(a))
@@ -167,7 +167,7 @@ def test_the_mix_holds_a_few_blocks_whatever_the_songs_length(tmp_path):
     (numpy's included, traced) stay a few blocks' worth, far under one copy of the mix (85 MB)."""
     import tracemalloc
 
-    from job.render.audio import WavWriter
+    from job.render.media.audio import WavWriter
 
     rng = np.random.default_rng(6)
     seconds, chunk = 240, MIX_SAMPLE_RATE * 10
@@ -193,7 +193,7 @@ def test_the_mix_holds_a_few_blocks_whatever_the_songs_length(tmp_path):
 
 
 def test_blocks_made_ahead_come_in_order_and_a_failure_reaches_the_pass():
-    from job.render.mix import _ahead
+    from job.render.mix.mixer import _ahead
 
     made: list[int] = []
 

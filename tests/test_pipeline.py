@@ -36,9 +36,14 @@ def test_covers_in_flight_take_turns_on_the_device_and_match_one_at_a_time(store
             heavy.release()
 
     pipeline.heavy = Watched()  # type: ignore[assignment]
-    alone = pipeline.render(song, voice, tmp_path / "alone.wav", options)
+    alone = pipeline.render(song, voice, tmp_path / "alone.wav", options, work=tmp_path / "w-alone")
     with ThreadPoolExecutor(max_workers=3) as pool:
-        results = list(pool.map(lambda i: pipeline.render(song, voice, tmp_path / f"{i}.wav", options), range(3)))
+        results = list(
+            pool.map(
+                lambda i: pipeline.render(song, voice, tmp_path / f"{i}.wav", options, work=tmp_path / f"w{i}"),
+                range(3),
+            )
+        )
     assert max(overlaps) == 1 and len(overlaps) == 8  # separate and convert of 4 covers, one at a time
     assert any("device_wait" in r.timings for r in results)  # the others waited their turn
     assert all(r.output.read_bytes() == alone.output.read_bytes() for r in results)
@@ -81,7 +86,9 @@ def test_once_separated_the_song_leaves_the_work_folder_and_the_users_file_stays
             seen[stage] = {p.name for p in work.rglob("*") if p.is_file()}
 
     options = CoverOptions(conversion=ConversionOptions(f0_method="pm"), mix=MixOptions(format=OutputFormat.WAV))
-    result = pipeline.render(song, pipeline.store.voice(demo.DEMO_VOICE), tmp_path / "out.wav", options, progress)
+    result = pipeline.render(
+        song, pipeline.store.voice(demo.DEMO_VOICE), tmp_path / "out.wav", options, progress, work=work / "one"
+    )
     assert {"song.wav", "source.wav"} <= seen["separate"]  # there while Demucs reads it
     assert {"vocals.wav", "no_vocals.wav"} <= seen["convert"]
     assert not {"song.wav", "source.wav"} & seen["convert"]
@@ -97,5 +104,5 @@ def test_once_separated_the_song_leaves_the_work_folder_and_the_users_file_stays
         there.setdefault(stage, download.exists())
 
     voice = pipeline.store.voice(demo.DEMO_VOICE)
-    pipeline.render(download, voice, tmp_path / "out2.wav", options, watch, discard_song=True)
+    pipeline.render(download, voice, tmp_path / "out2.wav", options, watch, work=work / "two", discard_song=True)
     assert there["separate"] and not there["convert"]

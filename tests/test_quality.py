@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 
 from job.devkit import demo
-from job.render import quality
-from job.render.audio import MIX_SAMPLE_RATE, read_wav, to_16k, write_wav
-from job.render.quality import QualityMeter, melody_scores, mix_scores, reference_phrase, waveform_peaks
+from job.render.media.audio import MIX_SAMPLE_RATE, read_wav, to_16k, write_wav
+from job.render.mix.meter import mix_scores, waveform_peaks
+from job.render.phrase import reference_phrase
+from job.render.quality import meter as quality
+from job.render.quality.meter import QualityMeter, melody_scores
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -115,7 +117,7 @@ socket.socket.connect_ex = refuse
 socket.create_connection = refuse
 socket.getaddrinfo = refuse
 import numpy as np
-from job.render.quality import QualityMeter
+from job.render.quality.meter import QualityMeter
 m = QualityMeter()
 t = np.arange(3 * 16000) / 16000
 x = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
@@ -157,7 +159,9 @@ def test_a_cover_carries_its_report_and_an_identity_conversion_passes_the_melody
     pipeline = Identity(settings, ModelStore(store))
     options = CoverOptions()
     options.conversion.f0_method = "pm"
-    result = pipeline.render(song, pipeline.store.voice(demo.DEMO_VOICE), tmp_path / "cover.mp3", options)
+    result = pipeline.render(
+        song, pipeline.store.voice(demo.DEMO_VOICE), tmp_path / "cover.mp3", options, work=tmp_path / "work"
+    )
     report = result.quality
     assert report is not None and "quality" in result.timings and report.mix is not None
     assert report.whole.melody.f0_correlation >= 0.99 and report.whole.speaker_similarity >= 0.95
@@ -240,7 +244,7 @@ def test_a_reference_computed_at_a_cover_is_kept_in_a_local_voice(store, tmp_pat
 def test_our_one_dimensional_crepe_pass_matches_torchcrepes_own(meter):
     import torch
 
-    from job.render.quality import crepe_1d
+    from job.render.quality.meter import crepe_1d
 
     frames = torch.from_numpy(np.random.default_rng(3).standard_normal((40, 1024)).astype(np.float32))
     model = meter.crepe()

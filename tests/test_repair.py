@@ -1,4 +1,4 @@
-"""The repair loop (job/render/repair.py): weak segments rendered again in a fixed order of changes,
+"""The repair loop (job/render/quality/repair.py): weak segments rendered again in a fixed order of changes,
 the best render kept and crossfaded in, within a time budget.
 
 The known-mistake test uses a converter that stands in for the engine (tests only): it passes the
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from job.devkit import demo
-from job.render.audio import MIX_SAMPLE_RATE, to_16k, write_wav
-from job.render.quality import QualityMeter
-from job.render.repair import CROSSFADE_S, ORDER, RepairLoop, Voice, change, crossfade_into, octave_direction
+from job.render.media.audio import MIX_SAMPLE_RATE, to_16k, write_wav
+from job.render.quality.meter import QualityMeter
+from job.render.quality.repair import CROSSFADE_S, ORDER, RepairLoop, Voice, change, crossfade_into, octave_direction
 from shared.options import ConversionOptions, F0Method
 from shared.quality import Thresholds
 
@@ -174,7 +174,9 @@ def test_with_the_real_engine_the_loop_stays_within_its_budget(store, tmp_path):
     song = write_wav(tmp_path / "song.wav", np.clip(vocals + inst, -1, 1), MIX_SAMPLE_RATE)
     settings = Settings(models_dir=store, work_dir=tmp_path / "work", quality="measure", repair_budget=4.0)
     pipeline = Pipeline(settings, ModelStore(store))
-    result = pipeline.render(song, pipeline.store.voice(demo.DEMO_VOICE), tmp_path / "cover.wav", CoverOptions())
+    result = pipeline.render(
+        song, pipeline.store.voice(demo.DEMO_VOICE), tmp_path / "cover.wav", CoverOptions(), work=tmp_path / "work"
+    )
     repair = result.quality.repair
     assert repair is not None and repair.segments, "at least one candidate fits in a whole conversion's time"
     assert repair.budget_s == pytest.approx(4 * result.timings["convert"], rel=1e-3)

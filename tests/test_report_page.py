@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from job.devkit import demo
-from job.render import ffmpeg
-from job.render.audio import MIX_SAMPLE_RATE, to_16k, write_wav
-from job.render.quality import QualityMeter
-from job.render.report_page import CONVERTED_COLOUR, PLAYER_COLOUR, SOURCE_COLOUR, render_page
+from job.render.media import ffmpeg
+from job.render.media.audio import MIX_SAMPLE_RATE, to_16k, write_wav
+from job.render.quality.meter import QualityMeter
+from job.render.quality.report_page import CONVERTED_COLOUR, PLAYER_COLOUR, SOURCE_COLOUR, render_page
 from shared.quality import Thresholds
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

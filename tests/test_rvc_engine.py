@@ -10,8 +10,8 @@ import textwrap
 import numpy as np
 import pytest
 
+from bench.measures import log_spectral_distance_db
 from job.devkit import demo
-from job.render.measures import log_spectral_distance_db
 from job.render.rvc.engine import ConversionOptions, plan_chunks
 from shared.model_store import ModelStore
 from tests.conftest import sung_tone
@@ -90,7 +90,7 @@ def test_converting_ten_minutes_holds_no_more_than_one_minute_does_beyond_its_in
         import json, sys
         import numpy as np
         from pathlib import Path
-        from job.render.audio import write_wav
+        from job.render.media.audio import write_wav
         from job.render.convert import convert_vocals
         from job.render.rvc.engine import VoiceConverter, ConversionOptions
         from shared.model_store import ModelStore

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from job.devkit import demo
-from job.render.audio import read_wav
 from job.render.fetch import fetch
-from job.render.separate import Separator, load_package
+from job.render.media.audio import read_wav
+from job.render.separate.loading import load_package
+from job.render.separate.separator import Separator
 from shared.errors import CoverError, ErrorCode
 from shared.model_store import ModelStore
 from shared.options import SeparationOptions

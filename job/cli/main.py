@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from job.cli.flags import HelpFormatter, add_model_flags, model_from_args
+from job.render.workfolder import work_folder
 from shared.errors import EXIT_INTERNAL, EXIT_QUALITY_GATE, CoverError, ErrorCode
 from shared.logs import setup_logging
 from shared.model_store import ModelStore
@@ -25,6 +26,7 @@ from shared.names import printable
 from shared.options import ConversionOptions, MixOptions, OutputFormat, SeparationOptions, format_for
 from shared.quality import QualityReport, refuses, summary
 from shared.settings import Settings
+from shared.stages import Stage
 from shared.voices import VOICE_FILE, VoiceInfo
 
 if TYPE_CHECKING:
@@ -36,9 +38,9 @@ class StageBars:
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self.bars: dict[str, Any] = {}
+        self.bars: dict[Stage, Any] = {}
 
-    def __call__(self, stage: str, fraction: float) -> None:
+    def __call__(self, stage: Stage, fraction: float) -> None:
         if not self.enabled:
             return
         from tqdm import tqdm
@@ -47,7 +49,7 @@ class StageBars:
         if bar is None:
             bar = self.bars[stage] = tqdm(
                 total=100,
-                desc=f"{stage:<9}",
+                desc=f"{stage.value:<9}",
                 unit="%",
                 file=sys.stderr,
                 bar_format="{desc} {bar} {percentage:3.0f}% {elapsed}",
@@ -57,7 +59,7 @@ class StageBars:
         if fraction >= 1.0:
             bar.close()
 
-    def stage(self, name: str) -> Callable[[float], None]:
+    def stage(self, name: Stage) -> Callable[[float], None]:
         return lambda fraction: self(name, fraction)
 
 
@@ -77,7 +79,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _pipeline(args: argparse.Namespace, settings: Settings) -> Pipeline:
     from job.render.pipeline import Pipeline
-    from job.render.stems import StemCache
+    from job.render.separate.stems import StemCache
     from shared.storage import LocalStorage
 
     cache = None if getattr(args, "no_stem_cache", False) else StemCache(LocalStorage(settings.stem_cache_dir))
@@ -124,7 +126,8 @@ def cmd_make(args: argparse.Namespace) -> int:
     pipeline = _pipeline(args, settings)
     voice = pipeline.store.voice(args.voice)  # an unknown voice fails before any work
     options = _cover_options(args, args.output)
-    result = pipeline.render(args.song, voice, Path(args.output), options, StageBars(not args.json))
+    with work_folder(settings.work_dir) as work:
+        result = pipeline.render(args.song, voice, Path(args.output), options, StageBars(not args.json), work=work)
     refused = refuses(result.quality, settings.quality, args.publish_below_gate)
     _emit(
         args,
@@ -168,7 +171,7 @@ def cmd_make(args: argparse.Namespace) -> int:
 
 def _write_report(result: CoverResult, published: bool) -> Path | None:
     """``COVER.report.html`` beside the cover (the cover in its player)."""
-    from job.render.report_page import render_page
+    from job.render.quality.report_page import render_page
     from shared.options import FORMATS
 
     if result.quality is None:
@@ -198,12 +201,12 @@ def cmd_separate(args: argparse.Namespace) -> int:
     bars = StageBars(not args.json)
     timer = StageTimer()
     out_dir = Path(args.output)
-    with pipeline.workdir() as work:
-        with timer("fetch"):
+    with work_folder(settings.work_dir) as work:
+        with timer(Stage.FETCH):
             song = pipeline.fetch(args.song, work)
-        with timer("separate"):
+        with timer(Stage.SEPARATE):
             stems, cached = pipeline.separate(
-                song, out_dir, model_from_args(SeparationOptions, args), bars.stage("separate")
+                song, out_dir, model_from_args(SeparationOptions, args), bars.stage(Stage.SEPARATE)
             )
     _emit(
         args,
@@ -231,12 +234,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     voice = pipeline.store.voice(args.voice)
     bars = StageBars(not args.json)
     timer = StageTimer()
-    with pipeline.workdir() as work:
-        with timer("fetch"):
+    with work_folder(settings.work_dir) as work:
+        with timer(Stage.FETCH):
             song = pipeline.fetch(args.vocals, work)
-        with timer("convert"):
+        with timer(Stage.CONVERT):
             result = pipeline.convert(
-                song.wav, voice, Path(args.output), model_from_args(ConversionOptions, args), bars.stage("convert")
+                song.wav, voice, Path(args.output), model_from_args(ConversionOptions, args), bars.stage(Stage.CONVERT)
             )
     _emit(
         args,
@@ -272,7 +275,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.output)
     options = CoverOptions()
     options.mix.format = format_for(args.output)
-    result = pipeline.render(song, pipeline.store.voice(demo.DEMO_VOICE), out, options, StageBars(not args.json))
+    with work_folder(settings.work_dir) as work:
+        voice = pipeline.store.voice(demo.DEMO_VOICE)
+        result = pipeline.render(song, voice, out, options, StageBars(not args.json), work=work)
     timings = {"prepare": prepare, **result.timings}
     report_page = _write_report(result, published=True)  # the demo accepts covers below the gate
     _emit(
@@ -324,7 +329,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 def cmd_models_add(args: argparse.Namespace) -> int:
     from job.cli.voices import MAX_VOICE_BYTES, add_voice
-    from job.render.download import UrlPolicy
+    from job.render.media.download import UrlPolicy
 
     settings = _settings(args)
     policy = UrlPolicy.from_settings(settings, MAX_VOICE_BYTES)
@@ -345,14 +350,13 @@ def cmd_models_add(args: argparse.Namespace) -> int:
 def _add_reference(args: argparse.Namespace, settings: Settings, info: VoiceInfo) -> tuple[VoiceInfo, str]:
     """The voice's reference embedding, into its voice.json: of ``--clips`` (its training audio) when
     given, else of the reference phrase it sings; later, when the base models are not installed yet."""
-    from job.render.audio import decode
-    from job.render.quality import RATE, reference_embedding
+    from job.render.media.audio import CONTENT_SAMPLE_RATE, decode
 
     pipeline = _pipeline(args, settings)
     try:
         voice = pipeline.store.voice(info.name)
-        clips = [decode(Path(clip), RATE, 1)[0][0] for clip in args.clips or []]
-        embedding = reference_embedding(pipeline.converter, voice, pipeline.meter, clips)
+        clips = [decode(Path(clip), CONTENT_SAMPLE_RATE, 1)[0][0] for clip in args.clips or []]
+        embedding = pipeline.reference_embedding(voice, clips)
     except CoverError as error:
         if error.code is not ErrorCode.MODEL_MISSING:
             raise

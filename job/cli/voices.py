@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 
-from job.render.download import UrlPolicy, download, is_url
+from job.render.media.download import UrlPolicy, download, is_url
 from job.render.rvc.checkpoint import build_synthesizer, read_checkpoint
 from job.render.rvc.retrieval import FeatureIndex
 from shared.errors import CoverError, ErrorCode

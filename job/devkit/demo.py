@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from job.render.audio import MIX_SAMPLE_RATE, write_wav
+from job.render.media.audio import MIX_SAMPLE_RATE, write_wav
 from job.render.rvc.checkpoint import CONTENT_DIM, STANDARD_CONFIGS, write_checkpoint
 from job.render.rvc.retrieval import build_index
 from job.render.rvc.rmvpe import E2E

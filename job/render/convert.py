@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from job.render.audio import WavWriter, read_16k
+from job.render.media.audio import WavWriter, read_16k
 from job.render.rvc.engine import ConversionOptions, PartTimes, VoiceConverter, prepare_input
 from shared.model_store import ResolvedVoice
 

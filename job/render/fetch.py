@@ -10,7 +10,7 @@ Limits (all raise :class:`CoverError` with the code in brackets):
   least :data:`MIN_DURATION_S` [input.too_short];
 * a URL must pass the download guard [input.url_refused], answer 2xx in time
   [input.download_failed] and stay under ``max_download_bytes`` [input.too_long]
-  (:mod:`job.render.download`).
+  (:mod:`job.render.media.download`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 
-from job.render.audio import MIX_SAMPLE_RATE, SILENCE_DBFS, decode_to_wav
-from job.render.download import UrlPolicy, download, is_url, redact
-from job.render.ffmpeg import probe
+from job.render.media.audio import MIX_SAMPLE_RATE, SILENCE_DBFS, decode_to_wav
+from job.render.media.download import UrlPolicy, download, is_url, redact
+from job.render.media.ffmpeg import probe
 from shared.errors import CoverError, ErrorCode
 from shared.hashing import sha256_of
 from shared.names import safe_file_name

@@ -1,15 +1,15 @@
-"""The whole cover: fetch -> separate -> convert -> mix. The only place the stages are sequenced.
+"""The whole cover: fetch -> separate -> convert -> quality (and repair) -> mix. The only place the
+stages are sequenced (their names: :mod:`shared.stages`), and the only module that imports more
+than one stage's package.
 
 The worker, the command line and the benchmark all call :meth:`Pipeline.render` (or one of its
 stages). One :class:`Pipeline` keeps its models loaded, so a long-running runner renders many songs
-without reloading anything. With a :class:`~job.render.stems.StemCache`, separation is skipped for
+without reloading anything. With a :class:`~job.render.separate.stems.StemCache`, separation is skipped for
 a song whose stems were made before with the same model and settings.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,26 +19,27 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, Field
 
-from job.render.audio import CONTENT_SAMPLE_RATE, MIX_SAMPLE_RATE, read_16k, read_wav, write_wav
 from job.render.compute import heavy_slots, release_freed_memory
 from job.render.convert import ConversionOptions, ConvertedVocals, VoiceConverter, convert_vocals
-from job.render.download import UrlPolicy
 from job.render.fetch import SongAudio, fetch
-from job.render.mix import MixResult, mix
-from job.render.quality import QualityMeter, dnsmos_workers, reference_embedding
-from job.render.repair import CONTEXT_S, RepairLoop
-from job.render.repair import Voice as RepairVoice
-from job.render.separate import Separator
-from job.render.stems import StemCache, Stems
+from job.render.media.audio import CONTENT_SAMPLE_RATE, MIX_SAMPLE_RATE, read_16k, read_wav, to_16k, write_wav
+from job.render.media.download import UrlPolicy
+from job.render.mix.mixer import MixResult, mix
+from job.render.phrase import reference_phrase
+from job.render.quality.meter import QualityMeter, dnsmos_workers
+from job.render.quality.repair import CONTEXT_S, RepairLoop
+from job.render.quality.repair import Voice as RepairVoice
+from job.render.separate.separator import Separator
+from job.render.separate.stems import StemCache, Stems
 from job.render.timing import StageTimer
 from shared.model_store import ModelStore, ResolvedVoice
 from shared.options import MixOptions, SeparationOptions
 from shared.quality import QualityReport
 from shared.settings import Settings
+from shared.stages import Stage
 
-STAGES = ("fetch", "separate", "convert", "mix")
 WAIT_NOTED_S = 0.01  # a wait for the device shorter than this is not reported
-StageProgress = Callable[[str, float], None]
+StageProgress = Callable[[Stage, float], None]
 
 
 class CoverOptions(BaseModel):
@@ -56,10 +57,6 @@ class CoverResult(BaseModel):
     conversion: ConvertedVocals
     stems_cached: bool
     timings: dict[str, float]
-
-    @property
-    def total_s(self) -> float:
-        return sum(self.timings.values())
 
 
 class Pipeline:
@@ -120,11 +117,22 @@ class Pipeline:
         key = (voice.name, voice.info.model_version)
         with self._referencing:  # requests in flight for one voice compute it once
             if key not in self._references:
-                embedding = reference_embedding(self.converter, voice, self.meter)
+                embedding = self.reference_embedding(voice)
                 if embedding is not None:
                     self.store.keep_reference(voice.info, embedding)  # a local voice keeps it for next time
                 self._references[key] = embedding
             return self._references[key]
+
+    def reference_embedding(self, voice: ResolvedVoice, clips: list[np.ndarray] | None = None) -> list[float] | None:
+        """A voice's reference embedding: of its training clips (16 kHz mono) when given, else of the
+        reference phrase (:mod:`job.render.phrase`) converted by the voice with default options."""
+        if clips:
+            audio16 = np.concatenate(clips)
+        else:
+            result = self.converter.convert(reference_phrase(), MIX_SAMPLE_RATE, self.converter.load_voice(voice))
+            audio16 = to_16k(np.asarray(result.audio), result.sample_rate)
+        embedding = self.meter.embedding(audio16)
+        return None if embedding is None else [round(float(v), 6) for v in embedding]
 
     def measure(self, vocals: Path, converted: ConvertedVocals, voice: ResolvedVoice) -> QualityReport:
         # the quality models take 16 kHz mono: read so, a block at a time (memory flat in the song's length)
@@ -142,7 +150,7 @@ class Pipeline:
         report: QualityReport,
         convert_s: float,
     ) -> None:
-        """Re-render the segments of ``converted`` below the thresholds (job/render/repair.py), in
+        """Re-render the segments of ``converted`` below the thresholds (job/render/quality/repair.py), in
         ``repair_budget`` times ``convert_s`` at most; the file and ``report`` are updated."""
         source, rate = read_wav(vocals, mmap=True)
         out, out_rate = read_wav(converted.path)
@@ -189,15 +197,6 @@ class Pipeline:
             )
         return self._separators[key]
 
-    @contextmanager
-    def workdir(self) -> Iterator[Path]:
-        self.settings.work_dir.mkdir(parents=True, exist_ok=True)
-        path = Path(tempfile.mkdtemp(prefix="cover-", dir=self.settings.work_dir))
-        try:
-            yield path
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
-
     # --- the stages ----------------------------------------------------------------------------
     def fetch(self, song: str | Path, work: Path) -> SongAudio:
         return fetch(song, work, self.settings.max_duration_s, UrlPolicy.from_settings(self.settings))
@@ -241,52 +240,67 @@ class Pipeline:
         out: Path,
         options: CoverOptions | None = None,
         progress: StageProgress | None = None,
+        *,
+        work: Path,
         title: str | None = None,
         discard_song: bool = False,
     ) -> CoverResult:
-        """Render a cover of ``song`` (a file or URL) sung by ``voice`` into ``out``. With
-        ``discard_song``, the file ``song`` is the caller's own temporary copy (the runner's
-        download), removed with the work folder's song files once the song is separated."""
+        """Render a cover of ``song`` sung by ``voice`` into ``out``.
+
+        Args:
+            song: the song: a local file or an http(s) URL (fetched under the settings' URL policy).
+            voice: the voice model, resolved from the store (``ModelStore.voice``).
+            out: the cover's file; its format is ``options.mix.format``.
+            options: conversion, separation and mix options (defaults when None).
+            progress: called with ``(stage, fraction)`` as each stage advances, 1.0 at its end.
+            work: the caller's work folder for this render's files (the caller removes it:
+                :func:`job.render.workfolder.work_folder`).
+            title: the cover's title tag (default: the song's file name and the voice).
+            discard_song: the file ``song`` is the caller's own temporary copy (the runner's
+                download), removed with the work folder's song files once the song is separated.
+        """
         options = options or CoverOptions()
         report = progress or (lambda stage, fraction: None)
         timer = StageTimer()
-        with self.workdir() as work:
-            with timer("fetch"):
-                fetched = self.fetch(song, work)
-            report("fetch", 1.0)
-            with self.device_turn(timer), timer("separate"):
-                stems, cached = self.separate(
-                    fetched, work / "stems", options.separation, lambda f: report("separate", f)
-                )
-            fetched.discard_files()  # the stems are what the later stages read
-            if discard_song:
-                Path(song).unlink(missing_ok=True)
-            release_freed_memory(0)  # what separation freed goes back before the conversion's models load
-            with self.device_turn(timer), timer("convert"):
-                converted = self.convert(
-                    stems.vocals, voice, work / "converted.wav", options.conversion, lambda f: report("convert", f)
-                )
-            release_freed_memory(0)
-            quality = None
-            if self.settings.quality != "off":
-                with timer("quality"):
-                    quality = self.measure(stems.vocals, converted, voice)
-                if self.settings.repair_budget > 0 and any(s.below for s in quality.segments):
-                    with self.device_turn(timer), timer("repair"):
-                        self.repair(
-                            stems.vocals, converted, voice, options.conversion, quality, timer.timings["convert"]
-                        )
-            release_freed_memory(0)  # and what scoring and repair freed, before the mix
-            with timer("mix"):
-                mixed = mix(
-                    stems.no_vocals,
-                    converted.path,
-                    Path(out),
-                    options.mix,
-                    voice_name=voice.name,
-                    title=title or f"{Path(str(song)).stem} ({voice.info.display_name} cover)",
-                )
-            report("mix", 1.0)
+        work.mkdir(parents=True, exist_ok=True)
+        with timer(Stage.FETCH):
+            fetched = self.fetch(song, work)
+        report(Stage.FETCH, 1.0)
+        with self.device_turn(timer), timer(Stage.SEPARATE):
+            stems, cached = self.separate(
+                fetched, work / "stems", options.separation, lambda f: report(Stage.SEPARATE, f)
+            )
+        fetched.discard_files()  # the stems are what the later stages read
+        if discard_song:
+            Path(song).unlink(missing_ok=True)
+        release_freed_memory(0)  # what separation freed goes back before the conversion's models load
+        with self.device_turn(timer), timer(Stage.CONVERT):
+            converted = self.convert(
+                stems.vocals, voice, work / "converted.wav", options.conversion, lambda f: report(Stage.CONVERT, f)
+            )
+        release_freed_memory(0)
+        quality = None
+        if self.settings.quality != "off":
+            with timer(Stage.QUALITY):
+                quality = self.measure(stems.vocals, converted, voice)
+            report(Stage.QUALITY, 1.0)
+            if self.settings.repair_budget > 0 and any(s.below for s in quality.segments):
+                with self.device_turn(timer), timer(Stage.REPAIR):
+                    self.repair(
+                        stems.vocals, converted, voice, options.conversion, quality, timer.seconds(Stage.CONVERT)
+                    )
+                report(Stage.REPAIR, 1.0)
+        release_freed_memory(0)  # and what scoring and repair freed, before the mix
+        with timer(Stage.MIX):
+            mixed = mix(
+                stems.no_vocals,
+                converted.path,
+                Path(out),
+                options.mix,
+                voice_name=voice.name,
+                title=title or f"{Path(str(song)).stem} ({voice.info.display_name} cover)",
+            )
+        report(Stage.MIX, 1.0)
         if quality is not None:
             quality.mix = mixed.scores
             if quality.curves is not None:

@@ -6,20 +6,27 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from shared.stages import Stage
+
 
 class StageTimer:
-    """``with timer("separate"): ...`` adds the block's wall time to ``timer.timings["separate"]``."""
+    """``with timer(Stage.SEPARATE): ...`` adds the block's wall time to ``timer.timings["separate"]``
+    (keyed by the stage's name, so the timings are plain JSON)."""
 
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
 
     @contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
+    def __call__(self, stage: Stage) -> Iterator[None]:
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+            self.timings[stage.value] = self.seconds(stage) + time.perf_counter() - start
+
+    def seconds(self, stage: Stage) -> float:
+        """The time spent in ``stage`` so far (0 for a stage not run)."""
+        return self.timings.get(stage.value, 0.0)
 
     def rounded(self, digits: int = 3) -> dict[str, float]:
         return {stage: round(seconds, digits) for stage, seconds in self.timings.items()}

@@ -14,13 +14,14 @@ import logging
 import os
 import signal
 import threading
-import time
 from collections.abc import Mapping
 from enum import Enum
 
 from job.render.pipeline import CoverOptions, CoverResult, Pipeline
-from job.render.stems import StemCache
+from job.render.separate.stems import StemCache
 from job.render.timing import StageTimer
+from job.render.workfolder import work_folder
+from job.service.progress import ProgressReporter
 from shared.bus import EventBus
 from shared.claims import Claim, keep_renewed
 from shared.covers import resolve, served
@@ -37,7 +38,6 @@ from shared.events import (
     RequestIdentity,
     answer_event_id,
     now,
-    overall_progress,
     parse_request,
     request_identity,
 )
@@ -47,9 +47,16 @@ from shared.model_store import ModelStore, ResolvedVoice
 from shared.options import FORMATS, ConversionOptions, MixOptions
 from shared.quality import QualityReport, refuses, summary
 from shared.settings import Settings
+from shared.stages import Stage
 from shared.storage import Keys, Storage, make_storage
 
 log = logging.getLogger("melodia.worker")
+
+
+def _abort_if_lost(lost: threading.Event | None) -> None:
+    """Stop a render whose claim's lease was lost: another runner may have taken the cover over."""
+    if lost is not None and lost.is_set():
+        raise CoverError(ErrorCode.INTERNAL, "this render's lease was lost (see lease.lost)", retryable=True)
 
 
 class Outcome(str, Enum):
@@ -89,6 +96,12 @@ class Worker:
             if self._pipeline is None:  # models load once per process, then stay
                 self._pipeline = Pipeline(self.settings, self.models, StemCache(self.storage))
             return self._pipeline
+
+    def _failpoint(self, stage: Stage, cid: str) -> None:
+        """Tests only: ``COVER_FAILPOINT=after:STAGE`` kills this process when STAGE reports."""
+        if self.settings.failpoint == f"after:{stage.value}":
+            log.warning("failpoint: killing this process", extra=fields(event="failpoint", stage=stage, cover_id=cid))
+            os.kill(os.getpid(), signal.SIGKILL)
 
     # --- status and events ---------------------------------------------------------------------
     def _status(self, cid: str, state: str, **fields) -> None:
@@ -193,7 +206,7 @@ class Worker:
         will be published, without it when the gate refuses it."""
         if result.quality is None:
             return
-        from job.render.report_page import render_page
+        from job.render.quality.report_page import render_page
 
         refused = refuses(result.quality, self.settings.quality, request.publish_below_gate)
         page = render_page(
@@ -245,40 +258,29 @@ class Worker:
         request_id: str | None = None,
     ) -> CoverCompleted:
         """Download the song, render it, upload the cover; the completed event's data."""
-        last = {"t": 0.0}
-        ended: set[str] = set()
+        reporter = ProgressReporter(
+            CoverProgress(
+                cover_id=cid,
+                request_id=request_id,
+                song_id=request.song_id,
+                voice_model=request.voice_model,
+                stage=Stage.ACCEPTED,
+                progress=0.0,
+                overall=0.0,
+                runner=self.settings.runner,
+            ),
+            publish=lambda event: self.bus.publish_soon(PROGRESS, event, cid),
+            status=lambda event: self._status(
+                cid, "running", stage=event.stage, progress=event.progress, overall=event.overall
+            ),
+        )
 
-        def progress(stage: str, fraction: float) -> None:
-            if lost is not None and lost.is_set():
-                raise CoverError(ErrorCode.INTERNAL, "this render's lease was lost (see lease.lost)", retryable=True)
-            if stage in ended or (0.0 < fraction < 1.0 and time.monotonic() - last["t"] < 2.0):
-                return  # a stage's end is reported once; within a stage, every 2 s at most
-            if fraction >= 1.0:
-                ended.add(stage)
-            last["t"] = time.monotonic()
-            overall = overall_progress(stage, fraction)
-            self.bus.publish_soon(
-                PROGRESS,
-                CoverProgress(
-                    cover_id=cid,
-                    request_id=request_id,
-                    song_id=request.song_id,
-                    voice_model=request.voice_model,
-                    stage=stage,
-                    progress=round(fraction, 3),
-                    overall=overall,
-                    runner=self.settings.runner,
-                ),
-                cid,
-            )
-            self._status(cid, "running", stage=stage, progress=round(fraction, 3), overall=overall)
-            if self.settings.failpoint == f"after:{stage}":  # tests: a crash at this stage boundary
-                log.warning(
-                    "failpoint: killing this process", extra=fields(event="failpoint", stage=stage, cover_id=cid)
-                )
-                os.kill(os.getpid(), signal.SIGKILL)
+        def progress(stage: Stage, fraction: float) -> None:
+            _abort_if_lost(lost)
+            if reporter(stage, fraction):
+                self._failpoint(stage, cid)
 
-        progress("accepted", 0.0)
+        progress(Stage.ACCEPTED, 0.0)
         options = request.options
         spec = FORMATS[options.format]
         cover_options = CoverOptions(
@@ -286,27 +288,29 @@ class Worker:
             mix=MixOptions(format=options.format),
         )
         timer = StageTimer()
-        with self.pipeline.workdir() as work:
-            with timer("download"):
+        with work_folder(self.settings.work_dir) as work:
+            with timer(Stage.DOWNLOAD):
                 song = self.storage.download(self.keys.song(request.song_id), work / "song")
-            progress("download", 1.0)
+            progress(Stage.DOWNLOAD, 1.0)
             result = self.pipeline.render(
                 song,
                 voice,
                 work / f"cover.{spec.extension}",
                 cover_options,
                 progress,
+                work=work,
                 title=f"{request.song_id} ({voice.info.display_name} cover)",
                 discard_song=True,  # our download: on Cloud Run's in-memory disk it is memory
             )
             self._store_report(cid, request, result, spec.content_type)
             self._gate(result.quality, request)  # before the cover is stored: a refused cover is never visible
             key = Keys.cover(cid, spec.extension)
-            with timer("upload"):
+            with timer(Stage.UPLOAD):
                 digest = sha256_of(result.output)
                 stored = self.storage.upload_file(key, result.output, spec.content_type)
-            progress("upload", 1.0)
-        timings = {"download": timer.timings["download"], **result.timings, "upload": timer.timings["upload"]}
+            progress(Stage.UPLOAD, 1.0)
+        timings = {Stage.DOWNLOAD.value: timer.seconds(Stage.DOWNLOAD), **result.timings}
+        timings[Stage.UPLOAD.value] = timer.seconds(Stage.UPLOAD)
         return CoverCompleted(
             cover_id=cid,
             song_id=request.song_id,

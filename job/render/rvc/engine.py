@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel
 
-from job.render.audio import to_16k
 from job.render.compute import (
     batch_size,
     release_freed_memory,
@@ -32,6 +31,7 @@ from job.render.compute import (
     resolve_kernels,
     resolve_precision,
 )
+from job.render.media.audio import to_16k
 from job.render.rvc import pitch as pitch_mod
 from job.render.rvc.assembly import ArraySink, Assembler, Sink, frame_rms
 from job.render.rvc.checkpoint import build_synthesizer, read_checkpoint
@@ -216,7 +216,7 @@ class VoiceConverter:
         reference phrase at :data:`CALIBRATION_SHIFTS`) and kept in the model store."""
         target = self.store.derived("decoder-int8", build_key(pth))
         if not target.is_file():
-            from job.render.quality import reference_phrase  # the quality stage's phrase
+            from job.render.phrase import reference_phrase
 
             started = time.perf_counter()
             priors: list[Prior] = []

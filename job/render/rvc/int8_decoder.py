@@ -8,7 +8,7 @@ checkpoint's sha256, :data:`RECIPE` and ONNX Runtime's version:
 1. the decoder's layers (everything after the NSF excitation, :meth:`Generator._layers`) are
    exported to ONNX in the plain conv1d layout, batch and time dynamic;
 2. activation ranges (min/max per tensor) are calibrated on the voice's own decoder inputs for the
-   reference phrase (:func:`job.render.quality.reference_phrase`) sung at -12, 0 and +12 semitones,
+   reference phrase (:func:`job.render.phrase.reference_phrase`) sung at -12, 0 and +12 semitones,
    in tiles of :data:`CALIBRATION_FRAMES` frames, one tile's intermediate tensors in memory at a time;
 3. weights become int8 per output channel with a 7-bit range (``reduce_range``: AVX2 CPUs without
    VNNI multiply uint8 by int8 in 16-bit sums that saturate otherwise), activations uint8 per

@@ -5,16 +5,16 @@ The vocals are resampled to the instrumental's rate, made stereo, padded or trim
 length (no offset), and both stems get their gain; the sum is the mix. The stems are read a block
 at a time (:class:`MixSource`), never whole and never memory-mapped, and the mix is made again for
 each pass over it rather than kept. A first pass measures it: loudness (EBU R128) and true peak in
-numpy (:mod:`job.render.loudness`). The mix gets the gain that brings it to the target (default
+numpy (:mod:`job.render.mix.loudness`). The mix gets the gain that brings it to the target (default
 -14 LUFS integrated), and where that would push a true peak over the ceiling (default -1 dBTP), the
-look-ahead limiter (:mod:`job.render.limiter`) holds the peaks 0.5 dB under it; limiting eats
+look-ahead limiter (:mod:`job.render.mix.limiter`) holds the peaks 0.5 dB under it; limiting eats
 loudness, so probe passes measure the limited mix at several gains, encoding nothing, until two
 bracket the target (:func:`_limited_gain`), and the gain is interpolated between them (where
 loudness stops growing with gain short of the target, the mix aims at that plateau instead). The next
 pass feeds FFmpeg's encoder through a pipe while it measures what it feeds, and is normally the
 only encode; one that still misses the target is dropped and the gain corrected by the measured
 slope. A lossy or resampled format is measured as encoded (FFmpeg's ``ebur128`` on a copy of the
-encoded packets, decoded while the encoding goes on: :class:`job.render.ffmpeg.PipeEncoder`) and
+encoded packets, decoded while the encoding goes on: :class:`job.render.media.ffmpeg.PipeEncoder`) and
 encoded again with a lower ceiling only if the codec overshot it. The file is tagged as an
 AI-generated cover with the voice model's name, and appears at its path only when complete.
 """
@@ -34,11 +34,11 @@ import numpy as np
 from pydantic import BaseModel
 from scipy.signal import resample_poly
 
-from job.render import ffmpeg
-from job.render.audio import MIX_SAMPLE_RATE, WavReader, decode_to_wav
-from job.render.limiter import Limiter
-from job.render.loudness import TAPS_PER_PHASE, LoudnessMeter, envelope_windows, window_true_peak, windows
-from job.render.quality import MixMeter
+from job.render.media import ffmpeg
+from job.render.media.audio import MIX_SAMPLE_RATE, WavReader, decode_to_wav
+from job.render.mix.limiter import Limiter
+from job.render.mix.loudness import TAPS_PER_PHASE, LoudnessMeter, envelope_windows, window_true_peak, windows
+from job.render.mix.meter import MixMeter
 from shared.errors import CoverError, ErrorCode
 from shared.options import FORMATS, MixOptions, OutputFormat
 from shared.quality import MixScores

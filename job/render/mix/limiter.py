@@ -1,6 +1,6 @@
 """A look-ahead true-peak limiter, vectorised (no per-sample Python loop).
 
-From the signal's true-peak envelope (:func:`job.render.loudness.peak_envelope`) it computes one
+From the signal's true-peak envelope (:func:`job.render.mix.loudness.peak_envelope`) it computes one
 gain per sample, shared by the channels, that keeps every interpolated peak under the ceiling:
 
 1. the gain each sample needs, ``min(1, ceiling / peak)``;

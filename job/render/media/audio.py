@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from scipy.io import wavfile
 from scipy.signal import resample_poly
 
-from job.render.ffmpeg import decode_command, last_line, require_ffmpeg, spawn
+from job.render.media.ffmpeg import decode_command, last_line, require_ffmpeg, spawn
 from shared.errors import CoverError, ErrorCode
 
 MIX_SAMPLE_RATE = 44100  # Demucs' rate; the instrumental and the final mix use it.

@@ -19,24 +19,23 @@ on segments where the singer sings (``sung_in``).
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from job.render.audio import to_16k
+from job.render.media.audio import to_16k
+from job.render.quality.speaker import SpeakerEncoder
+from job.render.quality.wheels import wheel_file
 from shared.quality import (
     THRESHOLDS,
     Curves,
     Dnsmos,
     Melody,
-    MixScores,
     QualityReport,
     Scores,
     Segment,
@@ -73,14 +72,6 @@ DNSMOS_POLY = {
     "bak": (-0.13166888, 1.60915514, -0.39604546),
     "ovrl": (-0.06766283, 1.11546468, 0.04602535),
 }
-
-
-def wheel_file(package: str, *parts: str) -> Path:
-    """A file shipped inside an installed wheel, found without importing the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"{package} is not installed")
-    return Path(next(iter(spec.submodule_search_locations))).joinpath(*parts)
 
 
 class QualityMeter:
@@ -314,30 +305,6 @@ def crepe_1d(model, frames):
     return torch.sigmoid(model.classifier(h.transpose(1, 2).reshape(len(frames), -1)))
 
 
-def reference_phrase(rate: int = 44100) -> np.ndarray:
-    """The phrase a voice sings for its reference embedding when no training clips are given: an
-    open vowel (harmonics shaped by /a/'s formants at 700, 1220 and 2600 Hz) on the notes A3 to E4
-    and back, 0.8 s each with 5.5 Hz vibrato and 0.2 s rests: 9 s, mono, peak 0.5."""
-    notes = [220.0, 246.9, 277.2, 293.7, 329.6, 293.7, 277.2, 246.9, 220.0]
-    note, rest = int(0.8 * rate), int(0.2 * rate)
-    t = np.arange(note) / rate
-    pieces = []
-    for hz in notes:
-        f0 = hz * 2 ** (30 / 1200 * np.sin(2 * np.pi * 5.5 * t))
-        phase = 2 * np.pi * np.cumsum(f0) / rate
-        tone = np.zeros(note)
-        for k in range(1, int(5000 // hz) + 1):
-            formants = sum(
-                gain * np.exp(-0.5 * ((k * f0 - centre) / width) ** 2)
-                for centre, width, gain in ((700, 130, 1.0), (1220, 150, 0.6), (2600, 250, 0.25))
-            )
-            tone += (formants + 0.02) / k * np.sin(k * phase)
-        envelope = np.minimum(1.0, np.minimum(t, t[::-1]) / 0.05)
-        pieces += [tone * envelope, np.zeros(rest)]
-    phrase = np.concatenate(pieces)
-    return (0.5 * phrase / np.max(np.abs(phrase))).astype(np.float32)
-
-
 def segment_bounds(duration_s: float, segment_s: float = SEGMENT_S) -> list[tuple[float, float]]:
     """``segment_s`` pieces; a last piece shorter than half of one joins the one before."""
     edges = [*list(np.arange(0.0, duration_s, segment_s)), duration_s]
@@ -381,131 +348,6 @@ def melody_scores(f0_src: np.ndarray, f0_out: np.ndarray) -> Melody:
     )
 
 
-class MixMeter:
-    """The mix's clipping, silence and waveform, fed a block at a time (``[channels, samples]``
-    blocks of a signal ``length`` samples long, in order), so the mix never has to be whole in
-    memory: clipped samples are counted, 50 ms blocks' powers reduced to a count of silent ones,
-    and the waveform kept as the peak of each of ``columns`` equal stretches."""
-
-    def __init__(self, length: int, rate: int, columns: int = 1000) -> None:
-        self.block = max(1, int(0.05 * rate))
-        self.whole = length // self.block * self.block  # a trailing partial 50 ms block is left out
-        self.edges = np.linspace(0, length, min(columns, length) + 1).astype(int)
-        self.columns = np.zeros(len(self.edges) - 1)
-        self.position = self.clipped = self.samples = self.silent = self.blocks = 0
-        self._pending: np.ndarray | None = None  # the unfinished 50 ms block's samples
-
-    def add(self, block: np.ndarray) -> None:
-        stereo = np.atleast_2d(block)
-        n = stereo.shape[-1]
-        if n == 0:
-            return
-        magnitude = np.abs(stereo).max(axis=0)
-        self.clipped += int(np.count_nonzero(np.abs(stereo) >= 0.999))
-        self.samples += stereo.size
-        # waveform: each sample's column, then the largest magnitude per column
-        first = int(np.searchsorted(self.edges, self.position, side="right")) - 1
-        last = int(np.searchsorted(self.edges, self.position + n - 1, side="right")) - 1
-        starts = np.maximum(self.edges[first : last + 1], self.position) - self.position
-        np.maximum.at(self.columns, np.arange(first, last + 1), np.maximum.reduceat(magnitude, starts))
-        # 50 ms blocks: power over the channels, counted as silent under -60 dB
-        usable = stereo[:, : max(0, min(n, self.whole - self.position))]
-        if self._pending is not None:
-            usable = np.concatenate([self._pending, usable], axis=1)
-        full = usable.shape[-1] // self.block * self.block
-        power = np.mean(
-            np.square(usable[:, :full].reshape(len(usable), -1, self.block), dtype=np.float64), axis=(-1, 0)
-        )
-        self.silent += int(np.count_nonzero(10 * np.log10(np.maximum(power, 1e-20)) < -60))
-        self.blocks += len(power)
-        self._pending = usable[:, full:].copy()
-        self.position += n
-
-    def scores(self, loudness_lufs: float, true_peak_dbtp: float) -> MixScores:
-        """Clipping and silence of what was fed, with its loudness and true peak."""
-        return MixScores(
-            loudness_lufs=round(loudness_lufs, 2),
-            true_peak_dbtp=round(true_peak_dbtp, 2),
-            clipped_share=_round(self.clipped / max(1, self.samples), 6) or 0.0,
-            silent_share=_round(self.silent / self.blocks if self.blocks else 0.0) or 0.0,
-        )
-
-    def peaks(self) -> list[float]:
-        """The peak of each stretch (either channel), 0 to 1: the report page's waveform."""
-        return [round(float(min(1.0, peak)), 3) for peak in self.columns]
-
-
-def _metered(audio: np.ndarray, rate: int, columns: int = 1000, block: int = 1 << 20) -> MixMeter:
-    stereo = np.atleast_2d(audio)
-    meter = MixMeter(stereo.shape[-1], rate, columns)
-    for start in range(0, stereo.shape[-1], block):
-        meter.add(stereo[:, start : start + block])
-    return meter
-
-
-def waveform_peaks(audio: np.ndarray, columns: int = 1000) -> list[float]:
-    """The peak of each of ``columns`` equal stretches of ``audio`` (either channel), 0 to 1."""
-    return _metered(audio, 1, columns).peaks()
-
-
-def mix_scores(audio: np.ndarray, rate: int, loudness_lufs: float, true_peak_dbtp: float) -> MixScores:
-    """Clipping and silence of the final mix (before encoding), with its loudness and true peak."""
-    return _metered(audio, rate).scores(loudness_lufs, true_peak_dbtp)
-
-
-class SpeakerEncoder:
-    """Resemblyzer's speaker encoder, rebuilt here from its published layout and loaded from the
-    ``pretrained.pt`` in its wheel (importing the package would pull webrtcvad for its VAD, which we
-    do not use: CREPE's silence gate and our segments stand in)."""
-
-    MEL_BANDS = 40
-    PARTIAL_FRAMES = 160  # 1.6 s at a 10 ms hop
-
-    def __init__(self, lstm, linear, device: str) -> None:
-        self.lstm, self.linear, self.device = lstm, linear, device
-
-    @classmethod
-    def load(cls, device: str) -> SpeakerEncoder:
-        import torch
-
-        lstm = torch.nn.LSTM(cls.MEL_BANDS, 256, num_layers=3, batch_first=True)
-        linear = torch.nn.Linear(256, 256)
-        checkpoint = torch.load(wheel_file("resemblyzer", "pretrained.pt"), map_location="cpu", weights_only=True)
-        state = checkpoint["model_state"]
-        lstm.load_state_dict({k.removeprefix("lstm."): v for k, v in state.items() if k.startswith("lstm.")})
-        linear.load_state_dict({k.removeprefix("linear."): v for k, v in state.items() if k.startswith("linear.")})
-        return cls(lstm.eval().to(device), linear.eval().to(device), device)
-
-    def mels(self, audio16: np.ndarray) -> np.ndarray:
-        import librosa
-
-        spec = librosa.feature.melspectrogram(
-            y=audio16, sr=RATE, n_fft=int(RATE * 0.025), hop_length=int(RATE * 0.010), n_mels=self.MEL_BANDS
-        )
-        return spec.astype(np.float32).T  # (frames, 40)
-
-    def embed(self, audio16: np.ndarray) -> np.ndarray | None:
-        import torch
-
-        peak = float(np.max(np.abs(audio16))) if len(audio16) else 0.0
-        if peak < 1e-4:
-            return None
-        rms = float(np.sqrt(np.mean(audio16.astype(np.float64) ** 2)))
-        wav = audio16 * (10 ** (-30 / 20) / max(rms, 1e-10))  # Resemblyzer's -30 dBFS normalisation
-        mels = self.mels(wav.astype(np.float32))
-        step = self.PARTIAL_FRAMES  # back to back (Resemblyzer overlaps them at 1.3 a second: twice the cost)
-        starts = list(range(0, max(1, len(mels) - self.PARTIAL_FRAMES + 1), step))
-        if len(mels) < self.PARTIAL_FRAMES:
-            mels = np.pad(mels, ((0, self.PARTIAL_FRAMES - len(mels)), (0, 0)))
-        batch = torch.from_numpy(np.stack([mels[s : s + self.PARTIAL_FRAMES] for s in starts])).to(self.device)
-        with torch.inference_mode():
-            _, (hidden, _) = self.lstm(batch)
-            partial = torch.relu(self.linear(hidden[-1]))
-            partial = partial / partial.norm(dim=1, keepdim=True).clamp_min(1e-10)
-            mean = partial.mean(0)
-            return (mean / mean.norm().clamp_min(1e-10)).cpu().numpy()
-
-
 def _weighted(values: list[float | None], weights: np.ndarray) -> float | None:
     pairs = [(v, w) for v, w in zip(values, weights, strict=False) if v is not None]
     if not pairs:
@@ -515,17 +357,3 @@ def _weighted(values: list[float | None], weights: np.ndarray) -> float | None:
 
 def _round(value: float | None, digits: int = 4) -> float | None:
     return None if value is None or not np.isfinite(value) else round(value, digits)
-
-
-def reference_embedding(
-    converter, voice, meter: QualityMeter, clips: list[np.ndarray] | None = None
-) -> list[float] | None:
-    """A voice's reference embedding: of its training clips (16 kHz mono) when given, else of the
-    reference phrase converted by the voice (default conversion options)."""
-    if clips:
-        audio16 = np.concatenate(clips)
-    else:
-        result = converter.convert(reference_phrase(), 44100, converter.load_voice(voice))
-        audio16 = to_16k(np.asarray(result.audio), result.sample_rate)
-    embedding = meter.embedding(audio16)
-    return None if embedding is None else [round(float(v), 6) for v in embedding]

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from job.render.audio import to_16k
-from job.render.quality import QualityMeter, frame_span
+from job.render.media.audio import to_16k
+from job.render.quality.meter import QualityMeter, frame_span
 from shared.options import ConversionOptions, F0Method
 from shared.quality import Candidate, QualityReport, Repair, RepairedSegment, shortfall
 

@@ -1,0 +1,83 @@
+"""The mix's own scores, measured as it is rendered: clipping, silence and the report page's waveform."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from shared.quality import MixScores
+
+
+def _round(value: float, digits: int = 4) -> float:
+    return round(value, digits) if np.isfinite(value) else 0.0
+
+
+class MixMeter:
+    """The mix's clipping, silence and waveform, fed a block at a time (``[channels, samples]``
+    blocks of a signal ``length`` samples long, in order), so the mix never has to be whole in
+    memory: clipped samples are counted, 50 ms blocks' powers reduced to a count of silent ones,
+    and the waveform kept as the peak of each of ``columns`` equal stretches."""
+
+    def __init__(self, length: int, rate: int, columns: int = 1000) -> None:
+        self.block = max(1, int(0.05 * rate))
+        self.whole = length // self.block * self.block  # a trailing partial 50 ms block is left out
+        self.edges = np.linspace(0, length, min(columns, length) + 1).astype(int)
+        self.columns = np.zeros(len(self.edges) - 1)
+        self.position = self.clipped = self.samples = self.silent = self.blocks = 0
+        self._pending: np.ndarray | None = None  # the unfinished 50 ms block's samples
+
+    def add(self, block: np.ndarray) -> None:
+        stereo = np.atleast_2d(block)
+        n = stereo.shape[-1]
+        if n == 0:
+            return
+        magnitude = np.abs(stereo).max(axis=0)
+        self.clipped += int(np.count_nonzero(np.abs(stereo) >= 0.999))
+        self.samples += stereo.size
+        # waveform: each sample's column, then the largest magnitude per column
+        first = int(np.searchsorted(self.edges, self.position, side="right")) - 1
+        last = int(np.searchsorted(self.edges, self.position + n - 1, side="right")) - 1
+        starts = np.maximum(self.edges[first : last + 1], self.position) - self.position
+        np.maximum.at(self.columns, np.arange(first, last + 1), np.maximum.reduceat(magnitude, starts))
+        # 50 ms blocks: power over the channels, counted as silent under -60 dB
+        usable = stereo[:, : max(0, min(n, self.whole - self.position))]
+        if self._pending is not None:
+            usable = np.concatenate([self._pending, usable], axis=1)
+        full = usable.shape[-1] // self.block * self.block
+        power = np.mean(
+            np.square(usable[:, :full].reshape(len(usable), -1, self.block), dtype=np.float64), axis=(-1, 0)
+        )
+        self.silent += int(np.count_nonzero(10 * np.log10(np.maximum(power, 1e-20)) < -60))
+        self.blocks += len(power)
+        self._pending = usable[:, full:].copy()
+        self.position += n
+
+    def scores(self, loudness_lufs: float, true_peak_dbtp: float) -> MixScores:
+        """Clipping and silence of what was fed, with its loudness and true peak."""
+        return MixScores(
+            loudness_lufs=round(loudness_lufs, 2),
+            true_peak_dbtp=round(true_peak_dbtp, 2),
+            clipped_share=_round(self.clipped / max(1, self.samples), 6) or 0.0,
+            silent_share=_round(self.silent / self.blocks if self.blocks else 0.0) or 0.0,
+        )
+
+    def peaks(self) -> list[float]:
+        """The peak of each stretch (either channel), 0 to 1: the report page's waveform."""
+        return [round(float(min(1.0, peak)), 3) for peak in self.columns]
+
+
+def _metered(audio: np.ndarray, rate: int, columns: int = 1000, block: int = 1 << 20) -> MixMeter:
+    stereo = np.atleast_2d(audio)
+    meter = MixMeter(stereo.shape[-1], rate, columns)
+    for start in range(0, stereo.shape[-1], block):
+        meter.add(stereo[:, start : start + block])
+    return meter
+
+
+def waveform_peaks(audio: np.ndarray, columns: int = 1000) -> list[float]:
+    """The peak of each of ``columns`` equal stretches of ``audio`` (either channel), 0 to 1."""
+    return _metered(audio, 1, columns).peaks()
+
+
+def mix_scores(audio: np.ndarray, rate: int, loudness_lufs: float, true_peak_dbtp: float) -> MixScores:
+    """Clipping and silence of the final mix (before encoding), with its loudness and true peak."""
+    return _metered(audio, rate).scores(loudness_lufs, true_peak_dbtp)
