@@ -33,7 +33,7 @@ class Problem(BaseModel):
     title: str
     status: int = Field(ge=400, le=599)
     detail: str
-    code: str = Field(description="Stable error code (see the README's table).")
+    code: str = Field(description="Stable error code (docs/api.md, 'Limits and errors').")
 
 
 class Accepted(BaseModel):

@@ -114,7 +114,7 @@ class CoverCompleted(BaseModel):
     runner: str
     completed_at: datetime
     quality: QualityReport | None = Field(
-        None, description="The cover's measured quality (README, 'Quality'); absent when not measured."
+        None, description="The cover's measured quality (docs/quality.md); absent when not measured."
     )
 
 

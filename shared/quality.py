@@ -7,7 +7,7 @@ fails the gate when, over the whole song, it falls clearly below that: F0 correl
 RMSE over 100 cents (a semitone), more than 10 % of the frames voiced in both an octave off, more than
 30 % of the singer's voiced frames unvoiced in the cover, speaker similarity to the voice's reference
 under 0.60, or DNSMOS OVRL under 2.5. The margins below the published figures are our choice: no
-trained voice can be had here to calibrate them (README, "Quality").
+trained voice can be had here to calibrate them (docs/quality.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Settings from the environment, all under the ``COVER_`` prefix (see README, "Settings")."""
+"""Settings from the environment, all under the ``COVER_`` prefix (docs/operations.md, "Settings")."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ class Settings(BaseSettings):
         description=(
             "The RVC decoder's runtime: torch (in the precision and kernels above) or int8 (quantised once per voice "
             "on ONNX Runtime, calibrated on the voice's reference phrase; CPUs only; about twice as fast as fp32 on "
-            "CPUs without native bf16, see the README's 'Performance')."
+            "CPUs without native bf16, see docs/performance.md)."
         ),
     )
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")

@@ -328,11 +328,11 @@ def test_redirects_within_the_rules_are_followed(server, tmp_path):
 
 
 def test_a_server_trickling_bytes_is_cut_off_at_the_deadline(server, tmp_path):
-    start = time.monotonic()
     policy = LOOPBACK_OK.model_copy(update={"deadline_s": 2.0})
     with pytest.raises(CoverError) as info:
         download(f"http://127.0.0.1:{server.port}/trickle?token=secret", tmp_path / "f", policy)
-    assert info.value.code is ErrorCode.INPUT_DOWNLOAD_FAILED and time.monotonic() - start < 6
+    # the deadline ended it (the trickle never stalls long enough for a read timeout)
+    assert info.value.code is ErrorCode.INPUT_DOWNLOAD_FAILED and "did not finish within 2 s" in info.value.message
     assert "secret" not in info.value.message  # no query strings in messages
     assert not list(tmp_path.iterdir())  # no partial file
 
@@ -368,16 +368,27 @@ def _load_voice(path: Path) -> None:
 
 
 @pytest.mark.parametrize(("field", "value"), [(3, 1_000_000), (6, 10_000), (13, 2**20), (12, [64] * 20), (16, 10**9)])
-def test_a_voice_declaring_an_oversized_architecture_is_corrupt_before_any_allocation(tmp_path, field, value):
+def test_a_voice_declaring_an_oversized_architecture_is_corrupt_before_any_allocation(
+    tmp_path, monkeypatch, field, value
+):
     def declare(config):
         config = list(config)
         config[field] = value
         return config
 
+    from job.render.rvc import synthesizer
+
     path = _voice_file(tmp_path, config=declare)
-    started = time.monotonic()
+    built: list[object] = []
+    real_init = synthesizer.Synthesizer.__init__
+
+    def counted(self, *args, **kwargs):
+        built.append(args)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(synthesizer.Synthesizer, "__init__", counted)
     assert code_of(lambda: _load_voice(path)) is ErrorCode.MODEL_CORRUPT
-    assert time.monotonic() - started < 10  # refused, not allocated
+    assert built == []  # refused from its declared sizes, before any network (or its tensors) was built
 
 
 def test_a_tensor_view_declaring_gigabytes_over_one_float_is_corrupt(tmp_path):

@@ -53,6 +53,18 @@ class OctaveSlips:
         return out
 
 
+class Ticks:
+    """A clock for the loop that advances ``step`` seconds each time it is read: the budget's logic
+    is tested on counted reads, never on how fast this machine is."""
+
+    def __init__(self, step: float) -> None:
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
 @pytest.fixture(scope="module")
 def meter() -> QualityMeter:
     # the synthetic demo vocals are buzzers: DNSMOS OVRL 1.5 to 1.8 for the singer itself, so the
@@ -72,7 +84,9 @@ def test_the_loop_replaces_exactly_the_segments_with_a_known_mistake_and_the_sco
     assert weak == MISTAKES  # the measures find exactly the mistakes
 
     first = out.copy()
-    loop = RepairLoop(meter, converter.render, Voice(f0=True, index=True), 600.0, 0.01, 0.01, reference)
+    loop = RepairLoop(
+        meter, converter.render, Voice(f0=True, index=True), 600.0, 0.01, 0.01, reference, clock=Ticks(0.01)
+    )
     repair = loop.run(report, out, MIX_SAMPLE_RATE, ConversionOptions(pitch=0))
 
     assert [(s.start_s, s.end_s) for s in repair.segments] == MISTAKES and repair.untried == 0
@@ -102,14 +116,14 @@ def test_a_candidate_starts_only_when_its_estimate_fits_what_is_left_of_the_budg
     """The estimate is 1.5 times (conversion rate x seconds converted + scoring rate x seconds
     scored): with rates of 1 s a second, a 10 s segment converted with its crossfades' 0.04 s and 1 s
     of context is estimated at 1.5 x (11.04 + 10) = 31.56 s. A budget of that plus 0.05 s fits the
-    first candidate and, whatever it really costs past 0.05 s, not a second: the other weak segment
-    is left untried and unchanged."""
+    first candidate (the clock reads 0.02 s at the first check) and not a second (0.10 s by then,
+    the clock read four times more): the other weak segment is left untried and unchanged."""
     vocals = demo.demo_song(SECONDS)[0].mean(axis=0).astype(np.float32)
     converter = OctaveSlips(vocals)
     out = converter.first_render()
     report = meter.conversion(vocals, MIX_SAMPLE_RATE, out, MIX_SAMPLE_RATE, 0, None)
     first = out.copy()
-    loop = RepairLoop(meter, converter.render, Voice(f0=True, index=True), 31.61, 1.0, 1.0, None)
+    loop = RepairLoop(meter, converter.render, Voice(f0=True, index=True), 31.61, 1.0, 1.0, None, clock=Ticks(0.02))
     assert loop.estimate(11.04, 10.0) == pytest.approx(31.56)
     repair = loop.run(report, out, MIX_SAMPLE_RATE, ConversionOptions(pitch=0))
     assert len(converter.rendered) == 1 and repair.untried == 1 and repair.spent_s <= repair.budget_s
@@ -160,12 +174,11 @@ def test_a_kept_render_is_joined_with_linear_crossfades_at_ends_that_have_neighb
 
 
 @pytest.mark.slow
-def test_with_the_real_engine_the_loop_stays_within_its_budget(store, tmp_path):
+def test_with_the_real_engine_the_loop_is_budgeted_and_accounted(store, tmp_path):
     """The tiny random-weight demo voice fails every segment: the loop tries what fits in its budget
-    (here four times the conversion stage's time, COVER_REPAIR_BUDGET=4) and stops there. With these tiny
-    models scoring a segment costs more than converting it, and a candidate is estimated at 1.5 times
-    its conversion and scoring costs: about one conversion stage's time for the first, on a cold
-    process (measured 3.2 s of a 3.3 s stage, the candidate then taking 2.2 s)."""
+    (here four times the conversion stage's time, COVER_REPAIR_BUDGET=4) and stops there. The
+    budget's logic is tested above on a clock of the test's own; here, with the real engine, its
+    wiring and bookkeeping (no wall time is asserted: a busy machine makes any estimate miss)."""
     from job.render.pipeline import CoverOptions, Pipeline
     from shared.model_store import ModelStore
     from shared.settings import Settings
@@ -180,7 +193,6 @@ def test_with_the_real_engine_the_loop_stays_within_its_budget(store, tmp_path):
     repair = result.quality.repair
     assert repair is not None and repair.segments, "at least one candidate fits in a whole conversion's time"
     assert repair.budget_s == pytest.approx(4 * result.timings["convert"], rel=1e-3)
-    assert repair.spent_s <= repair.budget_s and result.timings["repair"] <= repair.budget_s + 2.0
     tried = [c for s in repair.segments for c in s.tried]
     assert all(c.change in ORDER for c in tried) and sum(c.seconds for c in tried) <= repair.spent_s
     starts = [s.start_s for s in repair.segments]

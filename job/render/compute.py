@@ -46,8 +46,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     """The compute type of the heavy networks (Demucs, the RVC decoder). ``auto``: float16 on a
     GPU (on an H200 its error against fp32 was 4 to 15 times smaller than bf16's at the same
     speed, and it is what RVC itself runs on GPUs), bfloat16 on CPUs with native bf16, float32
-    elsewhere (older CPUs emulate bf16 slowly). Tolerances against fp32 are tested (README,
-    "Performance"; the GPU's own errors in bench/RESULTS-gpu.md).
+    elsewhere (older CPUs emulate bf16 slowly). Tolerances against fp32 are tested (docs/engine.md,
+    "Quality checks for the approximations"; the GPU's own errors in bench/RESULTS-gpu.md).
 
     ``fp32`` on a GPU also turns TF32 off for the process (convolutions and matmuls), so the
     exact path is exact there too."""
@@ -156,7 +156,7 @@ def release_freed_memory(above: int = TRIM_ABOVE_BYTES) -> None:
     Chunks of different lengths leave the heap fragmented: converting 5 minutes of vocals let peak
     RSS grow by about 4 MB per second of audio. Trimming after every chunk held it flat but cost
     about 10 % of the conversion's time (freed pages fault back in); trimming only past a quarter
-    GiB of free heap keeps the bound for less (README, "Performance")."""
+    GiB of free heap keeps the bound for less (docs/performance.md)."""
     libc = _libc()
     if libc is not None and libc.mallinfo2().fordblks > above:
         libc.malloc_trim(0)

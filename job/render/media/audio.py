@@ -106,7 +106,7 @@ class WavWriter:
     has to be whole in memory; the RIFF sizes are filled in on close.
 
     Kept over libsndfile (``soundfile.SoundFile``): writing 3.7 minutes of stereo float in 64k-frame
-    blocks took 0.18-0.24 s here against 0.40-0.53 s through soundfile (5 runs each, README)."""
+    blocks took 0.18-0.24 s here against 0.40-0.53 s through soundfile (5 runs each, docs/architecture.md)."""
 
     _HEADER = struct.Struct("<4sI4s4sIHHIIHHH4sII4sI")  # RIFF, fmt (18 bytes), fact, data
 

@@ -114,7 +114,7 @@ class QualityMeter:
                 # no memory arena: ONNX Runtime's grows by doubling and keeps what it took (520 to 535 MB
                 # taken, 310 MB resident, after two windows side by side) for the session's life,
                 # which is the runner's; without it the scoring peaks 60 MB lower and hands its
-                # 250 MB back, for about 1 s more per 400 s scored (README, "Memory by song length")
+                # 250 MB back, for about 1 s more per 400 s scored (bench/JOURNAL.md, "Memory by song length")
                 options.enable_cpu_mem_arena = False
                 path = wheel_file("speechmos", "dnsmos_models", "sig_bak_ovr.onnx")
                 self._dnsmos = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

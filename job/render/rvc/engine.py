@@ -316,7 +316,7 @@ class VoiceConverter:
             f0s.append(
                 self.track_pitch(self._segment(x, a, b), options.f0_method, options.filter_radius) if voice.f0 else None
             )
-            release_freed_memory()  # each chunk's pitch tracking leaves the heap more fragmented (README)
+            release_freed_memory()  # each chunk's pitch tracking leaves the heap more fragmented (bench/JOURNAL.md)
             if progress and voice.f0:
                 progress(pitch_share * (i + 1) / len(chunks))
         times.pitch += time.perf_counter() - t0

@@ -3,7 +3,7 @@
 HuBERT turns 16 kHz audio into one frame per 320 samples with seven strided convolutions. Whole,
 the first one's output is 512 channels at 3,200 per second: 131 MB for a 20 s chunk, held two or
 three times over (its group norm and GELU each make a new tensor, the next convolution reorders
-its input), which made HuBERT the conversion's peak (README, "Memory by song length").
+its input), which made HuBERT the conversion's peak (bench/JOURNAL.md, "Memory by song length").
 
 The convolutions have no padding, so output frames ``[f0, f1)`` depend on input samples
 ``[f0 * hop, (f1 - 1) * hop + field)`` alone and a tile's frames are the whole's. The one

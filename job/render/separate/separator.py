@@ -57,8 +57,8 @@ class _FunctionalAttention:
     In fp32 inference ``nn.MultiheadAttention`` takes torch's native fast path, which on the CPU
     multiplies out the whole attention matrix (8 x 2688 x 2688 per layer in HTDemucs' frequency
     branch) and then softmaxes it: 17 % of a segment's time on an AVX2 CPU. The functional path
-    gives the same numbers (4e-7 apart on the real-size model) in 83 % of the time (README,
-    "Performance"). Under autocast (bf16, fp16) torch already takes the functional path. The switch
+    gives the same numbers (4e-7 apart on the real-size model) in 83 % of the time (docs/engine.md,
+    "What made it fast"). Under autocast (bf16, fp16) torch already takes the functional path. The switch
     is torch's process-wide ``torch.backends.mha`` flag (nothing else here uses
     ``nn.MultiheadAttention``); concurrent separations share it, the last one out restores it."""
 
