@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import subprocess
 import sys
@@ -46,10 +49,35 @@ def env(store, tmp_path) -> dict[str, str]:
     }
 
 
-def run_cover(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "job.cli.main", *args], env=env, capture_output=True, text=True, timeout=timeout
-    )
+def run_cover(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``cover ARGS`` in this process: ``job.cli.main.main`` with ``env`` as the whole environment
+    and its standard output and error captured, answered as a finished process would be (exit
+    status, stdout, stderr). The process boundary is not what these tests test (one test runs the
+    installed ``cover`` as a process); in-process they share the loaded models and save an
+    interpreter's start and torch's import per command."""
+    from job.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                status = main(args)
+            except SystemExit as exit_:  # argparse's usage errors
+                status = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        logging.getLogger().handlers[:] = []  # the command's handler wrote to the captured stream
+    return subprocess.CompletedProcess(["cover", *args], status, out.getvalue(), err.getvalue())
+
+
+def run_cover_process(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """``cover ARGS`` as the installed console script, in a process of its own."""
+    cover = Path(sys.executable).parent / "cover"
+    return subprocess.run([str(cover), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def sung_tone(seconds: float, f0: float = 220.0, sample_rate: int = 16000, vibrato: float = 0.0) -> np.ndarray:

@@ -12,7 +12,7 @@ import pytest
 from job.devkit import demo
 from job.render.media.audio import decode
 from job.render.media.ffmpeg import measure_loudness
-from tests.conftest import run_cover
+from tests.conftest import run_cover, run_cover_process
 
 
 def test_make_renders_a_cover_and_reports_timings(env, song, tmp_path):
@@ -131,8 +131,8 @@ def test_unknown_voice(env, song, tmp_path):
     assert "demo-voice" in proc.stderr  # it says which voices exist
 
 
-def test_models_list(env):
-    proc = run_cover(["models", "list", "--json"], env)
+def test_models_list_from_the_installed_command(env):
+    proc = run_cover_process(["models", "list", "--json"], env)  # the console script, as a user runs it
     voices = json.loads(proc.stdout)
     assert [v["name"] for v in voices] == [demo.DEMO_VOICE] and voices[0]["untrained_demo"] is True
 
