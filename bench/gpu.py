@@ -244,7 +244,7 @@ def table(rows: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main() -> None:  # noqa: PLR0915 - reads best top to bottom
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--song-s", type=int, default=210, help="length of the demo song (3.5 minutes)")
     parser.add_argument(

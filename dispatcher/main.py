@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import functions_framework
 from flask import Request, Response
@@ -58,6 +58,9 @@ from shared.routing import routed_to
 from shared.settings import Settings
 from shared.storage import Keys, Storage, make_storage
 
+if TYPE_CHECKING:
+    from dispatcher.local_jobs import LocalJobs
+
 log = logging.getLogger("melodia.dispatcher")
 setup_logging()
 
@@ -72,16 +75,16 @@ class Services:
         self.keys = Keys(settings.song_key_template)
         self.models = ModelStore(settings.models_dir, self.storage)
         self.jobs_client: Any = None
-        self._local_jobs: Any = None
+        self._local_jobs: LocalJobs | None = None
 
-    def jobs(self):
+    def jobs(self) -> Any:  # run_v2.JobsClient (the library ships no type information)
         if self.jobs_client is None:
             from google.cloud import run_v2
 
             self.jobs_client = run_v2.JobsClient()
         return self.jobs_client
 
-    def local_jobs(self):
+    def local_jobs(self) -> LocalJobs:
         if self._local_jobs is None:
             from dispatcher.local_jobs import LocalJobs
 
@@ -114,7 +117,7 @@ def problem(status: int, code: ErrorCode | str, detail: str) -> Response:
     return Response(body.model_dump_json(), status=status, content_type=PROBLEM_TYPE)
 
 
-def _submit(request: Request) -> Response:
+def _submit(request: Request) -> Response:  # noqa: PLR0911 - reads best top to bottom
     svc = services()
     if request.mimetype != "application/json":
         return problem(415, "request.unsupported_media_type", "the body must be application/json")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
 from functools import cached_property
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -19,7 +21,7 @@ class EventBus:
         self.settings = settings
 
     @cached_property
-    def publisher(self):
+    def publisher(self) -> Any:  # pubsub_v1.PublisherClient (the library ships no type information)
         from google.cloud import pubsub_v1  # type: ignore[attr-defined]  # namespace package, untyped
 
         return pubsub_v1.PublisherClient()
@@ -29,7 +31,10 @@ class EventBus:
 
     def publish_request(self, request: CoverRequest, cover_id: str | None = None, timeout_s: float = 30.0) -> str:
         data, attributes = to_message(REQUESTED, request, subject=cover_id)
-        return self.publisher.publish(self.topic(self.settings.requests_topic), data, **attributes).result(timeout_s)
+        message_id: str = self.publisher.publish(self.topic(self.settings.requests_topic), data, **attributes).result(
+            timeout_s
+        )
+        return message_id
 
     def publish_event(
         self,
@@ -44,7 +49,7 @@ class EventBus:
         with backoff meanwhile), then raises."""
         payload, attributes = to_message(event_type, data, subject=cover_id, event_id=event_id)
         future = self.publisher.publish(self.topic(self.settings.events_topic), payload, **attributes)
-        message_id = future.result(timeout_s or self.settings.publish_deadline_s)
+        message_id: str = future.result(timeout_s or self.settings.publish_deadline_s)
         log.info("event published", extra=fields(event=event_type, cover_id=cover_id, message_id=message_id))
         return message_id
 
@@ -54,7 +59,7 @@ class EventBus:
         payload, attributes = to_message(event_type, data, subject=cover_id)
         future = self.publisher.publish(self.topic(self.settings.events_topic), payload, **attributes)
 
-        def done(outcome) -> None:
+        def done(outcome: Future[str]) -> None:
             error = outcome.exception()
             if error is not None:
                 log.warning(

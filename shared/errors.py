@@ -11,7 +11,7 @@ import errno
 from enum import Enum
 
 
-class ErrorCode(str, Enum):
+class ErrorCode(str, Enum):  # noqa: UP042 - str() of a member is its value, in messages
     INPUT_NOT_FOUND = "input.not_found"
     INPUT_NOT_AUDIO = "input.not_audio"
     INPUT_EMPTY = "input.empty"

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class F0Method(str, Enum):
+class F0Method(str, Enum):  # noqa: UP042 - str() of a member is its value, in messages
     RMVPE = "rmvpe"
     CREPE = "crepe"
     CREPE_TINY = "crepe-tiny"
@@ -20,7 +20,7 @@ class F0Method(str, Enum):
     PM = "pm"
 
 
-class OutputFormat(str, Enum):
+class OutputFormat(str, Enum):  # noqa: UP042 - str() of a member is its value, in messages
     MP3 = "mp3"
     OPUS = "opus"
     M4A = "m4a"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from enum import Enum
 
 
-class Stage(str, Enum):
+class Stage(str, Enum):  # noqa: UP042 - str() of a member is its value, in messages
     ACCEPTED = "accepted"
     DOWNLOAD = "download"
     FETCH = "fetch"

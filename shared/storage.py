@@ -263,7 +263,8 @@ class S3Storage(Storage):
         from botocore.exceptions import ClientError
 
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            body: bytes = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            return body
         except ClientError as exc:
             if self._missing(exc):
                 return None
@@ -276,9 +277,10 @@ class S3Storage(Storage):
         return sorted(keys)
 
     def url(self, key: str) -> str:
-        return self.client.generate_presigned_url(
+        url: str = self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.url_expiry_s
         )
+        return url
 
 
 def make_storage(settings: Settings) -> Storage:

@@ -423,7 +423,7 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
 # --- parser ------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - reads best top to bottom
 
     formatter = HelpFormatter
     parser = argparse.ArgumentParser(prog="cover", description="AI covers on one machine.", formatter_class=formatter)

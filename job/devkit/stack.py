@@ -41,7 +41,7 @@ def wait_for_port(port: int, timeout: float = 60.0, proc: subprocess.Popen | Non
 def start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start ``cmd`` in its own session, so that stopping it stops every child (gcloud's java too)."""
     handle = open(log, "ab")  # noqa: SIM115 - the child writes to it for its whole life
-    return subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)  # noqa: S603 - an argument list, never a shell
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:

@@ -63,7 +63,7 @@ def _duration(info: dict) -> float | None:
     return None
 
 
-def fetch(
+def fetch(  # noqa: PLR0912 - reads best top to bottom
     source: str | Path, work_dir: Path, max_duration_s: float = 900.0, policy: UrlPolicy | None = None
 ) -> SongAudio:
     """Copy or download ``source`` into ``work_dir``, validate it, and decode it once."""

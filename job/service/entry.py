@@ -96,7 +96,7 @@ def gpu_memory() -> dict:
     }
 
 
-def serve(settings: Settings, stop: threading.Event | None = None) -> None:
+def serve(settings: Settings, stop: threading.Event | None = None) -> None:  # noqa: PLR0915 - reads best top to bottom
     """Pull requests until ``stop`` (or SIGTERM / SIGINT), holding up to ``in_flight`` at once.
 
     On stop, pulling ends and every request in hand is rendered, answered and acknowledged before

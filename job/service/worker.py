@@ -59,7 +59,7 @@ def _abort_if_lost(lost: threading.Event | None) -> None:
         raise CoverError(ErrorCode.INTERNAL, "this render's lease was lost (see lease.lost)", retryable=True)
 
 
-class Outcome(str, Enum):
+class Outcome(str, Enum):  # noqa: UP042 - str() of a member is its value, in messages
     ACK = "ack"
     RETRY = "retry"
     BUSY = "busy"  # another runner holds the cover: hand the message back for later, not a failure

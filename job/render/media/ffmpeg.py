@@ -52,7 +52,7 @@ def spawn(
 ) -> subprocess.Popen:
     """Start an FFmpeg tool under the memory and CPU-time limits (set on the child by pid, which is
     safe in threaded programs where ``preexec_fn`` is not)."""
-    proc = subprocess.Popen(cmd, stdin=stdin, stdout=stdout, stderr=stderr)
+    proc = subprocess.Popen(cmd, stdin=stdin, stdout=stdout, stderr=stderr)  # noqa: S603 - an argument list, never a shell
     try:
         resource.prlimit(proc.pid, resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
         resource.prlimit(proc.pid, resource.RLIMIT_CPU, (CPU_LIMIT_S, CPU_LIMIT_S))

@@ -261,7 +261,7 @@ def _gain_for(points: list[tuple[float, float]], target: float) -> float:
     return near[0] + max(-12.0, min(12.0, (target - near[1]) / slope))
 
 
-def mix(
+def mix(  # noqa: PLR0915 - reads best top to bottom
     instrumental: Path,
     vocals: Path,
     out: Path,

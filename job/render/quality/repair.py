@@ -131,7 +131,7 @@ class RepairLoop:
         """A candidate's estimated cost, seconds."""
         return SAFETY * (self.convert_rate * converted_s + self.score_rate * scored_s)
 
-    def run(self, report: QualityReport, out: np.ndarray, out_rate: int, options: ConversionOptions) -> Repair:
+    def run(self, report: QualityReport, out: np.ndarray, out_rate: int, options: ConversionOptions) -> Repair:  # noqa: PLR0915 - reads best top to bottom
         """Repair ``out`` (the converted vocals, mono, changed in place) and ``report`` (its segments,
         whole-song scores, verdict and curves) with ``options`` (the first render's, pitch fixed)."""
         assert report.curves is not None

@@ -101,7 +101,7 @@ def _repair(repair: Repair | None) -> str:
     if repair is None:
         return "<p>Every segment met the thresholds (or repair is off): nothing was re-rendered.</p>"
     rows = "".join(
-        f"<tr><th>{s.start_s:.0f}–{s.end_s:.0f} s</th><td>{html.escape(', '.join(s.why))}</td>"
+        f"<tr><th>{s.start_s:.0f}–{s.end_s:.0f} s</th><td>{html.escape(', '.join(s.why))}</td>"  # noqa: RUF001
         f"<td>{html.escape(c.setting)}</td><td>{html.escape(', '.join(c.below) or 'none')}</td>"
         f'<td class="{"ok" if c.kept else ""}">{"kept" if c.kept else "dropped"}</td><td>{c.seconds:.1f} s</td></tr>'
         for s in repair.segments
@@ -167,7 +167,7 @@ def render_page(
         player = f'<audio id="player" controls preload="auto" src="data:{content_type};base64,{data}"></audio>'
     else:
         player = '<p id="player-missing">the cover is not embedded in this page</p>'
-    rows = "".join(_row(f"{s.start_s:.0f}–{s.end_s:.0f} s", s) for s in report.segments)
+    rows = "".join(_row(f"{s.start_s:.0f}–{s.end_s:.0f} s", s) for s in report.segments)  # noqa: RUF001
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}: quality report</title>
 <style>

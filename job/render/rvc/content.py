@@ -50,7 +50,7 @@ _LAYER_RENAMES = [
 _DROPPED = ("label_embs_concat", "final_proj.")
 
 
-def _find_setting(obj: Any, key: str, depth: int = 0) -> Any:
+def _find_setting(obj: Any, key: str, depth: int = 0) -> Any:  # noqa: PLR0911 - reads best top to bottom
     """Find ``key`` in a config tree of dicts, lists and inert records (omegaconf's nodes included)."""
     if depth > 12:
         return None

@@ -289,7 +289,7 @@ class VoiceConverter:
         stats = self.convert_to(sink, x, n_in, voice, out_len, options, progress, record)
         return ConversionResult(audio=sink.audio, **dict(stats))
 
-    def convert_to(
+    def convert_to(  # noqa: PLR0912, PLR0915 - reads best top to bottom
         self,
         sink: Sink,
         x: np.ndarray,
