@@ -46,7 +46,15 @@ class EventBus:
     ) -> str:
         """Publish and wait until Pub/Sub has it: a final answer (completed, failed) is retried
         through an outage for up to ``publish_deadline_s`` (the client library retries UNAVAILABLE
-        with backoff meanwhile), then raises."""
+        with backoff meanwhile), then raises.
+
+        Args:
+            event_type: ``cover.progress``, ``cover.completed`` or ``cover.failed``
+            data: the event's data
+            cover_id: the subject (and a filterable attribute)
+            event_id: the ``ce-id`` (default: a new one)
+            timeout_s: how long to wait (default: ``publish_deadline_s``)
+        """
         payload, attributes = to_message(event_type, data, subject=cover_id, event_id=event_id)
         future = self.publisher.publish(self.topic(self.settings.events_topic), payload, **attributes)
         message_id: str = future.result(timeout_s or self.settings.publish_deadline_s)

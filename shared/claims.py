@@ -25,6 +25,15 @@ log = logging.getLogger("melodia.claims")
 
 
 class Claim:
+    """A render's claim on a cover: a conditional create in the bucket, renewed while it renders.
+
+    Args:
+        storage: where the claim objects live (the bucket)
+        cover_id: the cover claimed
+        runner: who claims it (logged and stored in the claim)
+        lease_s: how long a claim holds without renewal
+    """
+
     def __init__(self, storage: Storage, cover_id: str, runner: str, lease_s: float) -> None:
         self.storage = storage
         self.cover_id = cover_id

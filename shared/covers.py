@@ -18,7 +18,14 @@ def song_identity(storage: Storage, keys: Keys, song_id: str) -> str:
 
 
 def resolve(storage: Storage, keys: Keys, models: ModelStore, request: CoverRequest) -> tuple[str, VoiceInfo]:
-    """(cover id, voice) of a request, or :class:`CoverError` (unknown voice, missing song)."""
+    """(cover id, voice) of a request, or :class:`CoverError` (unknown voice, missing song).
+
+    Args:
+        storage: the bucket
+        keys: the bucket's key table
+        models: the model store (the voice's ``voice.json``)
+        request: the request
+    """
     info = models.voice_info(request.voice_model)
     if request.options.speaker >= info.speakers:
         raise CoverError(

@@ -156,7 +156,14 @@ EVENT_MODELS: dict[str, type[BaseModel]] = {
 
 
 def cover_id(song_identity: str, voice: str, voice_version: str, options: RequestOptions) -> str:
-    """Deterministic id of a cover: what determines its output, hashed."""
+    """Deterministic id of a cover: what determines its output, hashed.
+
+    Args:
+        song_identity: the song object's identity (bucket, key, ETag)
+        voice: the voice's name
+        voice_version: the voice's version (its model's sha256 prefix)
+        options: the request's options
+    """
     canonical = json.dumps(
         {
             "song": song_identity,
@@ -175,7 +182,14 @@ def answer_event_id(kind: str, cover_id: str | None, request_id: str | None, dat
     """The ``ce-id`` of a final answer (``completed`` or ``failed``): one per cover and request id
     (before a cover id is known, per request message), the same on every runner and redelivery of
     that request, distinct across facts. The rule for consumers: deduplicate by ``ce-id``; each
-    request gets its own answer even when two requests name one cover."""
+    request gets its own answer even when two requests name one cover.
+
+    Args:
+        kind: ``completed`` or ``failed``
+        cover_id: the cover (None when the request could not be read)
+        request_id: the request's id
+        data: the request message's data (identifies it when there is no cover id)
+    """
     subject = cover_id or f"request-{hashlib.sha256(data).hexdigest()[:32]}"
     return f"{subject}.{kind}" + (f".{request_id}" if request_id else "")
 
@@ -187,7 +201,14 @@ def now() -> datetime:
 def to_message(
     event_type: str, data: BaseModel, subject: str | None = None, event_id: str | None = None
 ) -> tuple[bytes, dict[str, str]]:
-    """(data bytes, attributes) of a Pub/Sub message carrying this CloudEvent."""
+    """(data bytes, attributes) of a Pub/Sub message carrying this CloudEvent.
+
+    Args:
+        event_type: the CloudEvents type
+        data: the event's data
+        subject: ``ce-subject`` (the cover id)
+        event_id: ``ce-id`` (default: a new one)
+    """
     payload = data.model_dump(mode="json")
     attributes = {
         "ce-specversion": "1.0",

@@ -102,7 +102,14 @@ class Storage(ABC):
 
     @abstractmethod
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/json", if_absent: bool = False) -> bool:
-        """Write ``data``; with ``if_absent``, only if no object has the key (returns False then)."""
+        """Write ``data``; with ``if_absent``, only if no object has the key (returns False then).
+
+        Args:
+            key: the object's key
+            data: its bytes
+            content_type: its media type
+            if_absent: write only if no object has the key
+        """
 
     @abstractmethod
     def get_bytes(self, key: str) -> bytes | None: ...
@@ -191,6 +198,17 @@ class LocalStorage(Storage):
 
 
 class S3Storage(Storage):
+    """Storage in an S3 bucket (Cloudflare R2 in production) through boto3.
+
+    Args:
+        bucket: the bucket
+        endpoint: the S3 endpoint (R2's account URL; None: AWS)
+        region: the region (``auto`` for R2)
+        access_key: the access key id (None: the environment's credentials)
+        secret_key: the secret access key
+        url_expiry_s: how long a signed URL is valid
+    """
+
     def __init__(
         self,
         bucket: str,

@@ -4,6 +4,7 @@ the repo, and commands that exist (make targets, ``cover`` subcommands, ``python
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import re
 from pathlib import Path
@@ -89,3 +90,54 @@ def test_every_python_module_the_docs_run_exists():
     assert named, "the docs name their commands"
     missing = sorted(m for m in named if importlib.util.find_spec(m) is None)
     assert missing == []
+
+
+ENTRY_POINT_MIN_PARAMETERS = 4
+
+
+def undocumented_parameters(path: Path) -> list[str]:
+    """Public functions and classes of ``path`` with four or more parameters whose docstring does
+    not name each one (a method overriding one of a base class in the module inherits its doc)."""
+    tree = ast.parse(path.read_text())
+    documented_methods = {
+        (fn.name)
+        for cls in ast.walk(tree)
+        if isinstance(cls, ast.ClassDef)
+        for fn in cls.body
+        if isinstance(fn, ast.FunctionDef) and ast.get_docstring(fn)
+    }
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.FunctionDef | ast.ClassDef) or node.name.startswith("_"):
+            continue
+        fn = node
+        if isinstance(node, ast.ClassDef):
+            fn = next((n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
+            if fn is None:
+                continue
+        params = [a.arg for a in fn.args.args + fn.args.kwonlyargs if a.arg not in ("self", "cls")]
+        if len(params) < ENTRY_POINT_MIN_PARAMETERS:
+            continue
+        doc = (ast.get_docstring(node) or "") + (ast.get_docstring(fn) or "")
+        if not doc and node.name in documented_methods:
+            continue  # an override: the base class's method says it
+        missing = [p for p in params if not re.search(rf"\b{p}\b", doc)]
+        if missing:
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {', '.join(missing)}")
+    return found
+
+
+def test_every_public_entry_point_with_four_or_more_parameters_names_each_one():
+    """As whisper's ``transcribe`` and demucs' ``apply_model`` do: the product code's public
+    functions and classes taking four or more parameters say what each one is."""
+    sources = [p for top in ("job", "shared", "dispatcher") for p in (ROOT / top).rglob("*.py")]
+    assert [line for p in sources for line in undocumented_parameters(p)] == []
+
+
+def test_the_parameter_rule_sees_an_undocumented_one(tmp_path):
+    probe = ROOT / "tests" / "probe_for_the_rule.py"
+    try:
+        probe.write_text('def render(song, voice, out, options):\n    """A cover of ``song`` by ``voice``."""\n')
+        assert undocumented_parameters(probe) == ["tests/probe_for_the_rule.py:1 render: out, options"]
+    finally:
+        probe.unlink()

@@ -59,7 +59,15 @@ def add_model_flags(
     exclude: Iterable[str] = (),
     rename: dict[str, str] | None = None,
 ) -> None:
-    """One flag per field of ``model`` (``rename`` maps a field to another flag name)."""
+    """One flag per field of ``model`` (``rename`` maps a field to another flag name).
+
+    Args:
+        parser: the (sub)command's parser the flags go on
+        model: the pydantic options model whose fields become flags (descriptions as help, defaults shown)
+        title: the heading of the flags' group in ``--help``
+        exclude: fields that get no flag
+        rename: a field's flag name where it differs from the field's
+    """
     group = parser.add_argument_group(title)
     for name, field in model.model_fields.items():
         if name in exclude:

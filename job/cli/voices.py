@@ -95,6 +95,17 @@ def add_voice(
     vocal_range_hz: tuple[float, float] | None = None,
     policy: UrlPolicy | None = None,
 ) -> VoiceInfo:
+    """Check a voice and move it into ``store`` in one rename; its ``voice.json`` (with the sha256 of
+    each file). A bad or malicious file leaves the store as it was.
+
+    Args:
+        store: the local model store the voice goes into
+        source: a ``.pth``, a folder or a ``.zip``, as a local path or an http(s) URL
+        name: the voice's name (default: from the source's file name, made a slug)
+        replace: replace an installed voice of that name (otherwise refused)
+        vocal_range_hz: the voice's sung range, for ``pitch=auto`` (written into ``voice.json``)
+        policy: what a URL may reach and how much it may download (default: the settings')
+    """
     store.voices_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=store.voices_dir, prefix=".incoming-") as tmp:
         scratch = Path(tmp)

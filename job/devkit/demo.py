@@ -50,7 +50,19 @@ def write_voice(
     seed: int = 0,
     vocal_range_hz: tuple[float, float] | None = (130.0, 520.0),
 ) -> VoiceInfo:
-    """A voice folder (model.pth, model.index, voice.json) with random weights."""
+    """A voice folder (model.pth, model.index, voice.json) with random weights.
+
+    Args:
+        folder: the voice folder to write
+        name: the voice's name in ``voice.json``
+        version: the RVC version, ``v1`` or ``v2``
+        sample_rate: 32000, 40000 or 48000 (a standard configuration of that rate)
+        f0: a pitch-conditioned voice (RVC's usual) or one without pitch
+        size: ``real`` (the standard configuration) or ``tiny`` (narrow layers, for fast tests)
+        with_index: also write a faiss retrieval index
+        seed: the random weights' seed
+        vocal_range_hz: the range written into ``voice.json`` (None: none)
+    """
     torch.manual_seed(seed)
     config = STANDARD_CONFIGS[(version, sample_rate)] if size == "real" else tiny_config(version, sample_rate)
     model = Synthesizer(SynthConfig.from_list(config), CONTENT_DIM[version], f0)
@@ -125,7 +137,15 @@ def write_demucs(
     folder: Path, size: Size = "real", seed: int = 0, name: str = DEMO_SEPARATOR, heads: int | None = None
 ) -> Path:
     """An HTDemucs package and its bag file in Demucs' local-repo layout (``NAME.yaml``, ``SIG-CHECKSUM.th``).
-    ``heads``: the transformer's attention heads (default: 8 real-size, 1 tiny)."""
+    ``heads``: the transformer's attention heads (default: 8 real-size, 1 tiny).
+
+    Args:
+        folder: the store's ``separation/`` folder
+        size: ``real`` (htdemucs' own size) or ``tiny``
+        seed: the random weights' seed
+        name: the bag's name (``NAME.yaml``)
+        heads: the transformer's attention heads (default: 8 real-size, 1 tiny)
+    """
     from demucs.htdemucs import HTDemucs
     from demucs.states import save_with_checksum
 

@@ -100,6 +100,13 @@ class Rehearsal:
     The subscriptions carry the filters of ``shared/routing.py``. The emulator accepts filters but
     does not apply them, so each consumer also checks the route (``COVER_SERVES``) and acknowledges
     what is not its own: every request is rendered by exactly one of the two paths.
+
+    Args:
+        settings: the stack's settings (storage, topics, project)
+        logs: the folder every process's log goes to
+        port: the API's port
+        trigger_port: the push trigger's port
+        emulator: a running Pub/Sub emulator's ``HOST:PORT`` (default: start one)
     """
 
     def __init__(self, settings, logs: Path, port: int, trigger_port: int, emulator: str | None = None) -> None:

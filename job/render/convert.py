@@ -32,7 +32,16 @@ def convert_vocals(
     progress: Callable[[float], None] | None = None,
 ) -> ConvertedVocals:
     """Convert the WAV ``vocals`` with the resolved ``voice`` into the mono WAV ``out``, written as
-    the conversion goes (the converted vocals are never whole in memory)."""
+    the conversion goes (the converted vocals are never whole in memory).
+
+    Args:
+        converter: the engine, with its shared models loaded once
+        vocals: the separated vocals (a WAV at any rate)
+        voice: the voice, resolved from the store
+        out: the converted vocals' WAV, at the voice's rate
+        options: the conversion options (defaults when None)
+        progress: called with the fraction done, 0 to 1
+    """
     source = read_16k(vocals)  # what the engine takes, read a block at a time: not the stem whole
     x, n_in = prepare_input(source.audio)
     loaded = converter.load_voice(voice)

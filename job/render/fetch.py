@@ -66,7 +66,14 @@ def _duration(info: dict) -> float | None:
 def fetch(  # noqa: PLR0912 - reads best top to bottom
     source: str | Path, work_dir: Path, max_duration_s: float = 900.0, policy: UrlPolicy | None = None
 ) -> SongAudio:
-    """Copy or download ``source`` into ``work_dir``, validate it, and decode it once."""
+    """Copy or download ``source`` into ``work_dir``, validate it, and decode it once.
+
+    Args:
+        source: a local file or an http(s) URL
+        work_dir: the request's work folder
+        max_duration_s: the longest song accepted (``input.too_long`` past it)
+        policy: what a URL may reach and how much it may download (default: https, public addresses)
+    """
     work_dir.mkdir(parents=True, exist_ok=True)
     source_str = str(source)
     if is_url(source_str):

@@ -151,7 +151,16 @@ class Pipeline:
         convert_s: float,
     ) -> None:
         """Re-render the segments of ``converted`` below the thresholds (job/render/quality/repair.py), in
-        ``repair_budget`` times ``convert_s`` at most; the file and ``report`` are updated."""
+        ``repair_budget`` times ``convert_s`` at most; the file and ``report`` are updated.
+
+        Args:
+            vocals: the separated vocals (the source the segments are converted from again)
+            converted: the first conversion, its file changed in place where a candidate is kept
+            voice: the voice
+            options: the first conversion's options (its pitch shift kept)
+            report: the quality report, updated (segments, whole-song scores, verdict, curves, ``repair``)
+            convert_s: the conversion stage's time, the budget's unit
+        """
         source, rate = read_wav(vocals, mmap=True)
         out, out_rate = read_wav(converted.path)
         loaded = self.converter.load_voice(voice)
@@ -177,7 +186,16 @@ class Pipeline:
         self, source: np.ndarray, rate: int, lo_s: float, hi_s: float, voice: ResolvedVoice, options: ConversionOptions
     ) -> np.ndarray:
         """The converted audio from ``lo_s`` to ``hi_s`` of ``source`` (at the voice's rate), converted
-        alone with ``CONTEXT_S`` of the song either side."""
+        alone with ``CONTEXT_S`` of the song either side.
+
+        Args:
+            source: the separated vocals, ``[channels, samples]``
+            rate: their sample rate
+            lo_s: the stretch's start, seconds
+            hi_s: its end, seconds
+            voice: the voice
+            options: the conversion options to try
+        """
         a = max(0, int((lo_s - CONTEXT_S) * rate))
         b = min(source.shape[-1], int(np.ceil((hi_s + CONTEXT_S) * rate)))
         result = self.converter.convert(source[..., a:b], rate, self.converter.load_voice(voice), options)
@@ -208,7 +226,14 @@ class Pipeline:
         options: SeparationOptions,
         progress: Callable[[float], None] | None = None,
     ) -> tuple[Stems, bool]:
-        """The song's stems in ``out_dir`` and whether they came from the stem cache."""
+        """The song's stems in ``out_dir`` and whether they came from the stem cache.
+
+        Args:
+            song: the fetched song
+            out_dir: where ``vocals.wav`` and ``no_vocals.wav`` go
+            options: the separation options (model, segment, overlap, shifts)
+            progress: called with the fraction done, 0 to 1
+        """
         separator = self.separator(options)
         key = separator.stem_key(song.sha256)
         if self.stem_cache is not None:
@@ -230,6 +255,15 @@ class Pipeline:
         options: ConversionOptions,
         progress: Callable[[float], None] | None = None,
     ) -> ConvertedVocals:
+        """The vocals re-sung by ``voice`` into ``out`` (:func:`job.render.convert.convert_vocals`).
+
+        Args:
+            vocals: the separated vocals
+            voice: the voice
+            out: the converted vocals' WAV
+            options: the conversion options
+            progress: called with the fraction done, 0 to 1
+        """
         return convert_vocals(self.converter, vocals, voice, out, options, progress)
 
     # --- the whole cover -----------------------------------------------------------------------

@@ -14,7 +14,14 @@ REPORT_INTERVAL_S = 2.0  # within a stage, one report every this many seconds at
 class ProgressReporter:
     """Reports a render's progress: each stage's end once, and within a stage every
     :data:`REPORT_INTERVAL_S` at most. ``publish`` takes the event; ``status`` writes the cover's
-    status object. Calling the reporter answers whether it reported."""
+    status object. Calling the reporter answers whether it reported.
+
+    Args:
+        template: the event's fields that do not change (cover, request, song, voice, runner)
+        publish: publishes a ``cover.progress`` event
+        status: writes the cover's status object
+        clock: seconds, for the reporting interval
+    """
 
     def __init__(
         self,

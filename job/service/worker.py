@@ -66,6 +66,15 @@ class Outcome(str, Enum):  # noqa: UP042 - str() of a member is its value, in me
 
 
 class Worker:
+    """Answers ``cover.requested`` messages: one cover and one final event each.
+
+    Args:
+        settings: the runner's settings
+        storage: the bucket (default: from the settings)
+        bus: the events topic (default: from the settings)
+        pipeline: the pipeline (default: made on first use, with the bucket's stem cache)
+    """
+
     def __init__(
         self,
         settings: Settings,
@@ -158,7 +167,14 @@ class Worker:
         self, data: bytes, attempt: int = 1, attributes: Mapping[str, str] | None = None, message_id: str = ""
     ) -> Outcome:
         """Answer one request message (``attributes``: its Pub/Sub attributes; ``message_id``: its
-        Pub/Sub id, the request's id of last resort)."""
+        Pub/Sub id, the request's id of last resort).
+
+        Args:
+            data: the message's data (the request's JSON)
+            attempt: this delivery's attempt, from the platform that retries
+            attributes: its Pub/Sub attributes
+            message_id: its Pub/Sub id, the request's id of last resort
+        """
         identity = request_identity(data, attributes, message_id)
         request: CoverRequest | None = None
         cid: str | None = None
@@ -257,7 +273,15 @@ class Worker:
         lost: threading.Event | None = None,
         request_id: str | None = None,
     ) -> CoverCompleted:
-        """Download the song, render it, upload the cover; the completed event's data."""
+        """Download the song, render it, upload the cover; the completed event's data.
+
+        Args:
+            request: the request
+            cid: its cover id
+            voice: the voice, resolved
+            lost: set when the claim's lease is lost: the render stops at its next progress report
+            request_id: the id the events answer
+        """
         reporter = ProgressReporter(
             CoverProgress(
                 cover_id=cid,

@@ -55,7 +55,16 @@ def decode_to_wav(
 ) -> Decoded:
     """Decode any FFmpeg-readable file into the float WAV ``out``, clipped to [-1, 1], block by
     block (memory stays that of one block whatever the length). Stops reading after ``max_frames``
-    plus one block, so an over-long file is not decoded to its end."""
+    plus one block, so an over-long file is not decoded to its end.
+
+    Args:
+        path: the file to decode (any format FFmpeg reads and the allow-list admits)
+        out: the float WAV to write
+        sample_rate: the output's rate
+        channels: the output's channels
+        max_frames: stop after this many frames and one block (None: the whole file)
+        block_frames: frames read from FFmpeg at a time
+    """
     require_ffmpeg()
     cmd = decode_command(path, sample_rate, channels)
     block_bytes = block_frames * channels * 4

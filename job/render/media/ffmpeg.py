@@ -51,7 +51,14 @@ def spawn(
     stdin: int | IO[bytes] | None = subprocess.DEVNULL,
 ) -> subprocess.Popen:
     """Start an FFmpeg tool under the memory and CPU-time limits (set on the child by pid, which is
-    safe in threaded programs where ``preexec_fn`` is not)."""
+    safe in threaded programs where ``preexec_fn`` is not).
+
+    Args:
+        cmd: the argument list (never a shell)
+        stdout: where its standard output goes (a pipe, a file or None)
+        stderr: where its standard error goes
+        stdin: its standard input (closed by default)
+    """
     proc = subprocess.Popen(cmd, stdin=stdin, stdout=stdout, stderr=stderr)  # noqa: S603 - an argument list, never a shell
     try:
         resource.prlimit(proc.pid, resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
@@ -116,7 +123,16 @@ class PipeEncoder:
     codec made of the mix (integrated LUFS, true peak dBTP) with no second pass over the file. The
     copy lacks only the file's gapless-playback header (some encoder padding more), which moves
     neither measure by more than one 0.1 step of what FFmpeg prints (tested against
-    :func:`measure_loudness` on the finished file)."""
+    :func:`measure_loudness` on the finished file).
+
+    Args:
+        rate: the samples' rate
+        channels: the samples' channels
+        out_args: the encoder's output arguments (codec, bit rate, tags)
+        muxer: the output file's muxer
+        out: the encoded file
+        measure: (format, codec) of a copy of the encoded packets for a second FFmpeg to measure, or None
+    """
 
     def __init__(
         self,

@@ -79,5 +79,12 @@ def waveform_peaks(audio: np.ndarray, columns: int = 1000) -> list[float]:
 
 
 def mix_scores(audio: np.ndarray, rate: int, loudness_lufs: float, true_peak_dbtp: float) -> MixScores:
-    """Clipping and silence of the final mix (before encoding), with its loudness and true peak."""
+    """Clipping and silence of the final mix (before encoding), with its loudness and true peak.
+
+    Args:
+        audio: the final mix before encoding, ``[channels, samples]``
+        rate: its sample rate
+        loudness_lufs: its integrated loudness, measured by the mix
+        true_peak_dbtp: its true peak, measured by the mix
+    """
     return _metered(audio, rate).scores(loudness_lufs, true_peak_dbtp)

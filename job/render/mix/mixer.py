@@ -83,7 +83,14 @@ class MixSource:
     Vocals at another rate are resampled a block at a time with the same polyphase filter as
     ``resample_poly`` on the whole stem: each block starts on a sample where the two rates' grids
     meet and takes ``context`` input samples beyond its ends (beyond the filter's reach), so every
-    block's samples are those of the whole-stem resampling."""
+    block's samples are those of the whole-stem resampling.
+
+    Args:
+        instrumental: the instrumental stem (its length is the mix's)
+        vocals: the converted vocals, at any rate
+        options: the stems' gains
+        scratch: where a stem that is not a float WAV is decoded to one
+    """
 
     def __init__(self, instrumental: Path, vocals: Path, options: MixOptions, scratch: Path) -> None:
         self.inst = _open(instrumental, scratch / "instrumental")
@@ -269,7 +276,16 @@ def mix(  # noqa: PLR0915 - reads best top to bottom
     voice_name: str = "",
     title: str = "",
 ) -> MixResult:
-    """Mix ``vocals`` over ``instrumental`` into ``out`` (written atomically)."""
+    """Mix ``vocals`` over ``instrumental`` into ``out`` (written atomically).
+
+    Args:
+        instrumental: the instrumental stem (``no_vocals``)
+        vocals: the converted vocals
+        out: the cover's file; its format is ``options.format``
+        options: gains, loudness target, true-peak ceiling, format (defaults when None)
+        voice_name: written into the file's tags (``AI-generated cover; voice model: NAME``)
+        title: the file's title tag
+    """
     options = options or MixOptions()
     spec = FORMATS[options.format]
     out.parent.mkdir(parents=True, exist_ok=True)

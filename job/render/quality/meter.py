@@ -199,7 +199,16 @@ class QualityMeter:
         reference: list[float] | None,
     ) -> QualityReport:
         """Score the converted vocals against the separated ones (without the mix); the report's
-        ``measured_s`` is the scoring's time, the models loaded first."""
+        ``measured_s`` is the scoring's time, the models loaded first.
+
+        Args:
+            source: the separated vocals, mono
+            source_rate: their sample rate
+            converted: the converted vocals, mono
+            converted_rate: their sample rate
+            pitch_shift: the semitones the conversion moved the melody (the source's melody is moved alike)
+            reference: the voice's reference embedding (None: likeness not scored)
+        """
         self.load()
         started = time.perf_counter()
         src = to_16k(source, source_rate)
@@ -243,7 +252,14 @@ class QualityMeter:
         self, segment: Segment, f0_src: np.ndarray, audio16: np.ndarray, reference: list[float] | None
     ) -> tuple[Segment, np.ndarray]:
         """Score a new render of ``segment`` (``audio16``: its audio at 16 kHz) against the source's
-        F0 over the segment; the scores and the render's F0 (the repair loop's candidates)."""
+        F0 over the segment; the scores and the render's F0 (the repair loop's candidates).
+
+        Args:
+            segment: the segment as first scored (its bounds)
+            f0_src: the source's melody over the segment, Hz (0 unvoiced)
+            audio16: the new render of the segment at 16 kHz
+            reference: the voice's reference embedding
+        """
         f0_out = self.pitch(audio16)[: len(f0_src)]
         f0_out = np.pad(f0_out, (0, len(f0_src) - len(f0_out)))
         ref = np.asarray(reference, dtype=np.float32) if reference else None

@@ -65,7 +65,15 @@ def change(
     name: str, options: ConversionOptions, failed: set[str], voice: Voice, octave_direction: int
 ) -> tuple[str, ConversionOptions] | None:
     """The setting ``name`` tries on top of ``options`` for a segment failing ``failed``, or None
-    when it does not apply."""
+    when it does not apply.
+
+    Args:
+        name: the change (one of :data:`ORDER`)
+        options: the best options found so far for the segment
+        failed: the measures the segment fails
+        voice: what the voice has (pitch, an index)
+        octave_direction: +1 or -1: which way the tracker slipped an octave (0: none seen)
+    """
     if name == "octave" and voice.f0 and "octave_error_share" in failed and octave_direction:
         assert options.pitch != "auto"  # the loop fixes the pitch the first render chose
         pitch = int(options.pitch) - 12 * octave_direction
@@ -108,6 +116,20 @@ def crossfade_into(out: np.ndarray, piece: np.ndarray, start: int, fade: int) ->
 
 
 class RepairLoop:
+    """Re-renders a cover's weak segments, worst first, one change at a time, within a time budget.
+
+    Args:
+        meter: the quality meter (its models loaded)
+        render: converts a stretch of the song with given options (``Pipeline.convert_span``)
+        voice: what the voice has (pitch, an index)
+        budget_s: the most the loop may spend, seconds
+        convert_rate: the first estimate of converting, seconds per second of audio (with context)
+        score_rate: the first estimate of scoring, seconds per second of audio
+        reference: the voice's reference embedding
+        clock: measures the time spent, seconds (tests give a clock of their own, so the budget's
+            logic is tested without timing anything)
+    """
+
     def __init__(
         self,
         meter: QualityMeter,
@@ -133,7 +155,14 @@ class RepairLoop:
 
     def run(self, report: QualityReport, out: np.ndarray, out_rate: int, options: ConversionOptions) -> Repair:  # noqa: PLR0915 - reads best top to bottom
         """Repair ``out`` (the converted vocals, mono, changed in place) and ``report`` (its segments,
-        whole-song scores, verdict and curves) with ``options`` (the first render's, pitch fixed)."""
+        whole-song scores, verdict and curves) with ``options`` (the first render's, pitch fixed).
+
+        Args:
+            report: the first render's quality report, updated in place
+            out: the converted vocals, mono, changed in place where a candidate is kept
+            out_rate: their sample rate
+            options: the first render's options, pitch fixed
+        """
         assert report.curves is not None
         started = self.clock()
         f0_src = np.asarray(report.curves.source_hz, dtype=np.float32)

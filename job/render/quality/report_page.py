@@ -123,7 +123,15 @@ def render_page(
     content_type: str = "audio/mpeg",
     published: bool = True,
 ) -> str:
-    """The page's HTML. ``audio``: the cover, embedded for the player (omitted when None)."""
+    """The page's HTML. ``audio``: the cover, embedded for the player (omitted when None).
+
+    Args:
+        report: the cover's quality report
+        title: the page's title
+        audio: the cover, embedded for the player (omitted when None)
+        content_type: the cover's media type
+        published: whether the cover was published (a refused cover's page says so)
+    """
     curves = report.curves or Curves(frame_s=0.08, source_hz=[], converted_hz=[], waveform=[], duration_s=0.0)
     duration = curves.duration_s or (report.segments[-1].end_s if report.segments else 1.0)
     times = [i * curves.frame_s for i in range(len(curves.source_hz))]

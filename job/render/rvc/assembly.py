@@ -65,7 +65,15 @@ def _apply_gain(out: np.ndarray, start: int, gain: np.ndarray, hop: int) -> None
 def mix_rms(out: np.ndarray, out_rate: int, source: np.ndarray, source_rate: int, rate: float) -> None:
     """RVC's ``rms_mix_rate`` over a whole output: give ``out`` (in place) the source's loudness
     envelope to the power 1 - rate; rate 1 keeps the output's own envelope. The whole-array form,
-    kept as the reference :class:`Assembler` is tested against."""
+    kept as the reference :class:`Assembler` is tested against.
+
+    Args:
+        out: the converted audio, changed in place
+        out_rate: its sample rate
+        source: the source audio
+        source_rate: its sample rate
+        rate: RVC's ``rms_mix_rate``
+    """
     gain = _gains(frame_rms(source, source_rate), frame_rms(out, out_rate), rate)
     _apply_gain(out, 0, gain, out_rate // 2)
 

@@ -38,6 +38,15 @@ def _band_indices(length: int, window: int, device: torch.device) -> tuple[torch
 
 
 class MultiHeadAttention(nn.Module):
+    """Multi-head self-attention with windowed relative-position embeddings (the reference's layout).
+
+    Args:
+        channels: the input's channels
+        out_channels: the output's channels
+        n_heads: attention heads
+        window_size: the relative-position window, frames either side
+    """
+
     def __init__(self, channels: int, out_channels: int, n_heads: int, window_size: int = WINDOW_SIZE) -> None:
         super().__init__()
         self.n_heads = n_heads
@@ -73,6 +82,15 @@ class MultiHeadAttention(nn.Module):
 
 
 class FFN(nn.Module):
+    """The encoder's feed-forward part: two masked convolutions with a ReLU between.
+
+    Args:
+        in_channels: the input's channels
+        out_channels: the output's channels
+        filter_channels: the hidden width
+        kernel_size: the two convolutions' kernel
+    """
+
     def __init__(self, in_channels: int, out_channels: int, filter_channels: int, kernel_size: int) -> None:
         super().__init__()
         self.kernel_size = kernel_size
@@ -88,7 +106,15 @@ class FFN(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Post-norm Transformer encoder (``attn_layers``, ``norm_layers_1``, ``ffn_layers``, ``norm_layers_2``)."""
+    """Post-norm Transformer encoder (``attn_layers``, ``norm_layers_1``, ``ffn_layers``, ``norm_layers_2``).
+
+    Args:
+        hidden_channels: the width
+        filter_channels: the feed-forward parts' hidden width
+        n_heads: attention heads
+        n_layers: layers
+        kernel_size: the feed-forward convolutions' kernel
+    """
 
     def __init__(
         self, hidden_channels: int, filter_channels: int, n_heads: int, n_layers: int, kernel_size: int

@@ -235,7 +235,15 @@ def build_synthesizer(ckpt: VoiceCheckpoint, name: str = "checkpoint") -> Synthe
 
 
 def write_checkpoint(model: Synthesizer, version: str, path: Path, half: bool = True, info: str = "") -> Path:
-    """Save ``model`` as the reference trainer does (used by the demo assets and the tests)."""
+    """Save ``model`` as the reference trainer does (used by the demo assets and the tests).
+
+    Args:
+        model: the network
+        version: ``v1`` or ``v2``
+        path: the ``.pth`` to write
+        half: store the weights in float16, as the trainer's inference exports do
+        info: the checkpoint's ``info`` string
+    """
     state = unfold_weight_norm({k: v.detach() for k, v in model.state_dict().items()})
     if half:
         state = {k: v.half() for k, v in state.items()}

@@ -144,7 +144,17 @@ def plan_chunks(x: np.ndarray, max_chunk_s: float) -> list[tuple[int, int]]:
 
 
 class VoiceConverter:
-    """Holds the shared models (content encoder, RMVPE) and loaded voices between conversions."""
+    """Holds the shared models (content encoder, RMVPE) and loaded voices between conversions.
+
+    Args:
+        store: the model store (base models and voices)
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``
+        max_chunk_s: the longest chunk converted at once, seconds
+        precision: the decoder's compute type: ``auto``, ``fp32``, ``bf16`` or ``fp16``
+        kernels: ``fast`` (channels-last, tiled) or ``reference`` (the exact path)
+        batch: chunks per decoder call (0: 1 on the CPU, 8 on a GPU)
+        decoder: ``torch`` or ``int8`` (ONNX Runtime, CPUs only)
+    """
 
     def __init__(
         self,
@@ -282,7 +292,17 @@ class VoiceConverter:
     ) -> ConversionResult:
         """``audio`` sung by ``voice``. With ``record``, the decoder's inputs are appended to it
         instead of being decoded (the output is then silence): the int8 decoder's calibration.
-        ``out_frames``: the output's length at the voice's rate (default: ``audio``'s duration)."""
+        ``out_frames``: the output's length at the voice's rate (default: ``audio``'s duration).
+
+        Args:
+            audio: the vocals, mono or ``[channels, samples]``
+            sample_rate: their rate
+            voice: the loaded voice
+            options: the conversion options (defaults when None)
+            progress: called with the fraction done, 0 to 1
+            record: collect the decoder's inputs instead of decoding (calibration)
+            out_frames: the output's length at the voice's rate
+        """
         out_len = out_frames if out_frames is not None else round(audio.shape[-1] * voice.sample_rate / sample_rate)
         x, n_in = prepare_input(to_16k(audio, sample_rate))
         sink = ArraySink(out_len)
@@ -302,7 +322,18 @@ class VoiceConverter:
     ) -> ConversionStats:
         """The conversion of ``x`` (from :func:`prepare_input`: 16 kHz, high-passed, its first
         ``n_in`` samples the song's) into ``out_len`` samples at the voice's rate, handed to
-        ``sink`` in order as each stretch is final: the output is never whole in memory."""
+        ``sink`` in order as each stretch is final: the output is never whole in memory.
+
+        Args:
+            sink: takes the output in order, a stretch at a time
+            x: the prepared input (16 kHz, high-passed)
+            n_in: how many of ``x``'s samples are the song's
+            voice: the loaded voice
+            out_len: the output's length at the voice's rate
+            options: the conversion options (defaults when None)
+            progress: called with the fraction done, 0 to 1
+            record: collect the decoder's inputs instead of decoding (calibration)
+        """
         options = options or ConversionOptions()
         times = PartTimes()
         chunks = plan_chunks(x, self.max_chunk_s)

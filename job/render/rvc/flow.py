@@ -7,7 +7,15 @@ from torch import nn
 
 
 class WN(nn.Module):
-    """WaveNet-style gated residual stack conditioned on the speaker embedding."""
+    """WaveNet-style gated residual stack conditioned on the speaker embedding.
+
+    Args:
+        hidden_channels: the width
+        kernel_size: the dilated convolutions' kernel
+        dilation_rate: the dilation's growth per layer
+        n_layers: layers
+        gin_channels: the speaker embedding's channels (0: unconditioned)
+    """
 
     def __init__(
         self, hidden_channels: int, kernel_size: int, dilation_rate: int, n_layers: int, gin_channels: int
@@ -44,6 +52,17 @@ class WN(nn.Module):
 
 
 class ResidualCouplingLayer(nn.Module):
+    """One mean-only affine coupling layer of the flow, run in reverse at inference.
+
+    Args:
+        channels: the latent's channels (half are transformed, conditioned on the other half)
+        hidden_channels: the WaveNet's width
+        kernel_size: its convolutions' kernel
+        dilation_rate: its dilation's growth per layer
+        n_layers: its layers
+        gin_channels: the speaker embedding's channels
+    """
+
     def __init__(
         self,
         channels: int,
@@ -66,7 +85,17 @@ class ResidualCouplingLayer(nn.Module):
 
 
 class ResidualCouplingBlock(nn.Module):
-    """``flows`` alternates coupling layers (even indices) and channel flips (odd, no weights)."""
+    """``flows`` alternates coupling layers (even indices) and channel flips (odd, no weights).
+
+    Args:
+        channels: the latent's channels
+        hidden_channels: each coupling layer's width
+        kernel_size: their convolutions' kernel
+        dilation_rate: their dilation's growth per layer
+        n_layers: their WaveNet layers
+        n_flows: coupling layers
+        gin_channels: the speaker embedding's channels
+    """
 
     def __init__(
         self,

@@ -138,6 +138,20 @@ class SourceModuleHnNSF(nn.Module):
 
 
 class Generator(nn.Module):
+    """The HiFi-GAN decoder, with the NSF harmonic source when the voice has pitch.
+
+    Args:
+        initial_channel: the latent's channels
+        resblock: ``1`` or ``2``, the residual block's kind
+        resblock_kernel_sizes: the residual blocks' kernels
+        resblock_dilation_sizes: their dilations
+        upsample_rates: each upsampling step's factor (their product: samples per frame)
+        upsample_initial_channel: the first upsampling step's channels (halved at each)
+        upsample_kernel_sizes: the upsampling steps' kernels
+        gin_channels: the speaker embedding's channels
+        sample_rate: the output's rate (the NSF source's; None: a decoder without pitch)
+    """
+
     def __init__(
         self,
         initial_channel: int,
@@ -186,7 +200,16 @@ class Generator(nn.Module):
         fast: bool = True,
     ) -> torch.Tensor:
         """Latent [B, C, frames] (+ f0 [B, frames]) -> float32 waveform [B, 1, frames * upp]:
-        :meth:`source`, then :meth:`decode`."""
+        :meth:`source`, then :meth:`decode`.
+
+        Args:
+            x: the latent, ``[B, C, frames]``
+            g: the speaker embedding
+            f0: the pitch in Hz, ``[B, frames]`` (None without pitch)
+            generator: the random source of the NSF excitation
+            dtype: the decoder's compute type
+            fast: the channels-last tiled path (else the reference path)
+        """
         return self.decode(x, g, self.source(f0, generator), dtype, fast)
 
     def source(self, f0: torch.Tensor | None, generator: torch.Generator | None = None) -> torch.Tensor | None:
@@ -221,6 +244,15 @@ class Generator(nn.Module):
 
         ``layers`` replaces the layers with another runtime's copy of them (the int8 decoder), in
         the same tiles; ``dtype`` and ``fast`` are then not used.
+
+        Args:
+            x: the latent, ``[B, C, frames]``
+            g: the speaker embedding
+            source: the NSF excitation, ``[B, 1, frames * upp]`` (None without pitch)
+            dtype: the compute type
+            fast: the channels-last tiled path (else the reference path)
+            tiled: decode in tiles (the CPU's cache measure; a GPU runs untiled)
+            layers: the layers to run (default: the decoder's own; the int8 decoder passes its own)
         """
         frames = x.shape[-1]
         if layers is not None:

@@ -93,7 +93,14 @@ def calibration_tiles(
     priors: Sequence[Prior], upp: int, frames: int = CALIBRATION_FRAMES, most: int = CALIBRATION_TILES
 ) -> list[dict[str, np.ndarray]]:
     """The decoder's inputs cut into tiles of ``frames`` (a last shorter piece is dropped), at most
-    ``most`` of them, evenly spread."""
+    ``most`` of them, evenly spread.
+
+    Args:
+        priors: the decoder's recorded inputs
+        upp: samples per frame
+        frames: a tile's frames
+        most: tiles at most
+    """
     tiles = []
     for z, g, source in priors:
         for k in range(z.shape[0]):

@@ -31,7 +31,15 @@ THRESHOLD = 0.03
 def mel_filterbank(
     sample_rate: int = SAMPLE_RATE, n_fft: int = N_FFT, n_mels: int = N_MELS, fmin: float = FMIN, fmax: float = FMAX
 ) -> np.ndarray:
-    """HTK-scale triangular filters with area (Slaney) normalisation: [n_mels, n_fft // 2 + 1]."""
+    """HTK-scale triangular filters with area (Slaney) normalisation: [n_mels, n_fft // 2 + 1].
+
+    Args:
+        sample_rate: the audio's rate
+        n_fft: the FFT's size
+        n_mels: filters
+        fmin: the lowest filter's edge, Hz
+        fmax: the highest filter's edge, Hz
+    """
 
     def to_mel(f: np.ndarray) -> np.ndarray:
         return 2595.0 * np.log10(1.0 + f / 700.0)
@@ -68,6 +76,15 @@ class ConvBlockRes(nn.Module):
 
 
 class ResEncoderBlock(nn.Module):
+    """Residual convolution blocks, then an average pool.
+
+    Args:
+        in_channels: input channels
+        out_channels: output channels
+        kernel_size: the pool's kernel (None: no pool)
+        n_blocks: residual blocks
+    """
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int] | None, n_blocks: int) -> None:
         super().__init__()
         self.conv = nn.ModuleList(
@@ -83,6 +100,16 @@ class ResEncoderBlock(nn.Module):
 
 
 class UNetEncoder(nn.Module):
+    """The U-Net's encoder.
+
+    Args:
+        in_channels: input channels
+        n_encoders: encoder blocks (each halves the resolution, doubles the channels)
+        kernel_size: the pools' kernel
+        n_blocks: residual blocks per encoder block
+        out_channels: the first block's channels
+    """
+
     def __init__(
         self, in_channels: int, n_encoders: int, kernel_size: tuple[int, int], n_blocks: int, out_channels: int = 16
     ) -> None:
@@ -104,6 +131,15 @@ class UNetEncoder(nn.Module):
 
 
 class Intermediate(nn.Module):
+    """The U-Net's bottom, at one resolution.
+
+    Args:
+        in_channels: input channels
+        out_channels: output channels
+        n_inters: blocks
+        n_blocks: residual blocks per block
+    """
+
     def __init__(self, in_channels: int, out_channels: int, n_inters: int, n_blocks: int) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
@@ -118,6 +154,15 @@ class Intermediate(nn.Module):
 
 
 class ResDecoderBlock(nn.Module):
+    """Up by ``stride``, then residual blocks over it and the skip connection.
+
+    Args:
+        in_channels: input channels
+        out_channels: output channels
+        stride: the transposed convolution's stride
+        n_blocks: residual blocks
+    """
+
     def __init__(self, in_channels: int, out_channels: int, stride: tuple[int, int], n_blocks: int) -> None:
         super().__init__()
         out_padding = (0, 1) if stride == (1, 2) else (1, 1)
@@ -139,6 +184,15 @@ class ResDecoderBlock(nn.Module):
 
 
 class UNetDecoder(nn.Module):
+    """The U-Net's decoder.
+
+    Args:
+        in_channels: input channels
+        n_decoders: decoder blocks
+        stride: their strides
+        n_blocks: residual blocks per decoder block
+    """
+
     def __init__(self, in_channels: int, n_decoders: int, stride: tuple[int, int], n_blocks: int) -> None:
         super().__init__()
         self.layers = nn.ModuleList()
@@ -153,6 +207,17 @@ class UNetDecoder(nn.Module):
 
 
 class DeepUnet(nn.Module):
+    """RMVPE's U-Net over the log-mel spectrogram.
+
+    Args:
+        kernel_size: the pools' kernel and the decoders' stride
+        n_blocks: residual blocks per level
+        en_de_layers: encoder and decoder levels
+        inter_layers: bottom blocks
+        in_channels: input channels
+        en_out_channels: the first level's channels
+    """
+
     def __init__(
         self,
         kernel_size: tuple[int, int],
@@ -184,7 +249,16 @@ class BiGRU(nn.Module):
 
 
 class E2E(nn.Module):
-    """The RMVPE network: log-mel [B, 128, frames] -> pitch-bin salience [B, frames, 360]."""
+    """The RMVPE network: log-mel [B, 128, frames] -> pitch-bin salience [B, frames, 360].
+
+    Args:
+        n_blocks: residual blocks per U-Net level
+        n_gru: bidirectional GRU layers
+        kernel_size: the U-Net's pools
+        en_de_layers: U-Net levels
+        inter_layers: U-Net bottom blocks
+        en_out_channels: the U-Net's first level's channels
+    """
 
     def __init__(
         self,

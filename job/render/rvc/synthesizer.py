@@ -56,7 +56,18 @@ class SynthConfig(BaseModel):
 
 
 class TextEncoder(nn.Module):
-    """Content features (+ coarse pitch) -> prior mean and log-std ``[B, inter, frames]``."""
+    """Content features (+ coarse pitch) -> prior mean and log-std ``[B, inter, frames]``.
+
+    Args:
+        content_dim: the content features' width (256 for v1, 768 for v2)
+        out_channels: the prior's channels
+        hidden_channels: the encoder's width
+        filter_channels: its feed-forward width
+        n_heads: attention heads
+        n_layers: encoder layers
+        kernel_size: the feed-forward convolutions' kernel
+        f0: the voice has pitch (a coarse-pitch embedding is added)
+    """
 
     def __init__(
         self,
@@ -132,7 +143,15 @@ class Synthesizer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Everything before the decoder: the latent ``z`` [B, inter, frames], the speaker
         embedding ``g`` [1, gin, 1] and the NSF excitation [B, 1, frames * upp] (None without
-        pitch), drawing the random numbers in the reference's order from ``generator``."""
+        pitch), drawing the random numbers in the reference's order from ``generator``.
+
+        Args:
+            phone: content features, ``[B, frames, content_dim]``
+            pitch: coarse pitch 1..255, ``[B, frames]`` (None without pitch)
+            pitchf: pitch in Hz, ``[B, frames]`` (None without pitch)
+            speaker: the speaker id
+            generator: the random source
+        """
         g = self.emb_g(torch.tensor([speaker], device=phone.device)).unsqueeze(-1)
         m_p, logs_p = self.enc_p(phone, pitch)
         noise = torch.randn(m_p.shape, generator=generator, device=m_p.device, dtype=m_p.dtype)
@@ -153,6 +172,16 @@ class Synthesizer(nn.Module):
         """phone [B, frames, content_dim], pitch (coarse 1..255) and pitchf (Hz) [B, frames]
         -> audio [B, frames * upp]. The decoder (about 95 % of the compute) runs in
         ``decoder_dtype`` and, with ``fast``, in its channels-last layout (see generator.py); the
-        encoder and flow stay in float32."""
+        encoder and flow stay in float32.
+
+        Args:
+            phone: content features, ``[B, frames, content_dim]``
+            pitch: coarse pitch 1..255 (None without pitch)
+            pitchf: pitch in Hz (None without pitch)
+            speaker: the speaker id
+            generator: the random source
+            decoder_dtype: the decoder's compute type
+            fast: the decoder's channels-last layout
+        """
         z, g, source = self.prior(phone, pitch, pitchf, speaker, generator)
         return self.dec.decode(z, g, source, decoder_dtype, fast)[:, 0]

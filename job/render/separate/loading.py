@@ -141,5 +141,12 @@ def load_separator_model(name: str, store: ModelStore, allow_download: bool = Fa
 
 @lru_cache(maxsize=4)
 def cached_model(name: str, root: str, allow_download: bool, digest: str) -> Any:
-    """One loaded copy per model; ``digest`` in the key, so a model replaced on disk is loaded anew."""
+    """One loaded copy per model; ``digest`` in the key, so a model replaced on disk is loaded anew.
+
+    Args:
+        name: the separation model's name
+        root: the model store's folder
+        allow_download: let Demucs fetch a named model the store lacks
+        digest: the model's files' digest (a replaced model is another key)
+    """
     return load_separator_model(name, ModelStore(Path(root)), allow_download)

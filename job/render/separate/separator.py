@@ -88,7 +88,17 @@ functional_attention = _FunctionalAttention()
 
 class Separator:
     """Splits songs into vocals and instrumental. Identifies its model's weights at once (for the
-    stem cache key) and loads them on the first separation, then keeps them loaded."""
+    stem cache key) and loads them on the first separation, then keeps them loaded.
+
+    Args:
+        store: the model store
+        options: the separation options (defaults when None)
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``
+        allow_download: let Demucs fetch a named model the store lacks
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``
+        kernels: ``fast`` or ``reference`` (the exact path)
+        batch: segments per network call (0: 1 on the CPU, 8 on a GPU)
+    """
 
     def __init__(
         self,
