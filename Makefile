@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: browser run test test-fast lint bench bench-gpu gpu-runner serve setup system-deps pubsub-emulator clean
+.PHONY: browser run test test-fast coverage lint bench bench-gpu gpu-runner serve setup system-deps pubsub-emulator clean
 
 system-deps:  ## Debian's ffmpeg (ffmpeg + ffprobe)
 	@command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 || \
@@ -37,11 +37,19 @@ $(CHECKOV):
 run: setup  ## prepare demo models and song, render a cover, print its path and stage timings
 	$(BIN)/cover demo -o out/demo-cover.mp3
 
-test: setup pubsub-emulator browser  ## the whole suite (starts the emulator and an S3 server itself)
-	$(BIN)/python -m pytest
+TEST_WORKERS ?= auto
 
-test-fast: setup  ## the inner loop: everything but the tests marked slow (under 5 minutes here)
-	$(BIN)/python -m pytest -m "not slow"
+test: setup pubsub-emulator browser  ## the whole suite, one worker per core (starts the emulator and an S3 server itself)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+
+coverage: setup pubsub-emulator browser  ## the whole suite under coverage.py: line coverage of job/, shared/, dispatcher/
+	rm -rf .cache/coverage
+	$(BIN)/coverage run -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/coverage combine -q
+	$(BIN)/coverage report --sort=cover
+
+test-fast: setup  ## the inner loop: everything but the tests marked slow
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow"
 
 lint: setup $(CHECKOV)  ## ruff (lint and format), mypy, hadolint, yamllint, shellcheck and checkov, as CI runs them
 	$(BIN)/ruff check .

@@ -161,6 +161,16 @@ class Settings(BaseSettings):
             "after a crash, GET /covers/{id} says stalled and a redelivery takes over within this time."
         ),
     )
+    message_lease_extension_s: float = Field(
+        30.0,
+        ge=10,
+        le=600,
+        description=(
+            "A GPU runner extends the Pub/Sub lease of a message it renders by at most this much at a time "
+            "(the client library's max_duration_per_lease_extension): if the runner dies, Pub/Sub redelivers "
+            "the message to another runner within about this long."
+        ),
+    )
     busy_retry_s: float = Field(
         10.0,
         ge=0,

@@ -18,6 +18,17 @@ from job.devkit import demo
 from job.render.media.audio import MIX_SAMPLE_RATE, write_wav
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test``: one worker per core) each worker computes on one thread,
+    and so does every process it starts (``cover``, ``python -m job``): the workers share the
+    cores instead of each spinning up a thread per core."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
+
+
 @pytest.fixture(scope="session")
 def store(tmp_path_factory) -> Path:
     """Tiny Demucs, tiny-but-768-wide HuBERT, the real-size RMVPE, a tiny v2 48k demo voice."""

@@ -78,6 +78,7 @@ class Stack:
             "COVER_MODELS_DIR": str(models),
             "COVER_WORK_DIR": str(tmp / "work"),
             "COVER_BUSY_RETRY_S": "1",
+            "COVER_MESSAGE_LEASE_EXTENSION_S": "10",  # a killed runner's message comes back within ~10 s
             "COVER_LOG_LEVEL": "INFO",
             "COVER_QUALITY": "off",  # random-weight voices; the quality stage and its gate have tests of their own
         }
@@ -129,7 +130,8 @@ class Stack:
         deadline = time.monotonic() + timeout
         sub = subscription or self.catalog_sub
         while time.monotonic() < deadline and not until(got):
-            response = self.subscriber.pull(subscription=sub, max_messages=50, timeout=10, return_immediately=False)
+            wait = max(1.0, min(10.0, deadline - time.monotonic()))  # a quiet topic costs no more than asked
+            response = self.subscriber.pull(subscription=sub, max_messages=50, timeout=wait, return_immediately=False)
             if response.received_messages:
                 self.subscriber.acknowledge(subscription=sub, ack_ids=[m.ack_id for m in response.received_messages])
             for item in response.received_messages:

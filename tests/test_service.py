@@ -187,7 +187,7 @@ def test_bad_messages_fail_with_their_own_code_once(stack, tmp_path):
     bad["options.invalid"].append(valid)
     message_ids.append(attributes["ce-id"])
     events = stack.events(lambda got: len(of_type(got, FAILED)) >= 6, timeout=180)
-    time.sleep(12)  # longer than the ack deadline: a message that was not acked would come back
+    # watched past the worker subscription's 10 s ack deadline: a message not acked would come back
     events += stack.events(lambda got: False, timeout=12)
     failed = of_type(events, FAILED)
     codes = sorted(f["code"] for f in failed)

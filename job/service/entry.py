@@ -151,7 +151,13 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:  # n
         else:
             message.nack()
 
-    flow = pubsub_v1.types.FlowControl(max_messages=limit, max_lease_duration=4 * 3600)
+    flow = pubsub_v1.types.FlowControl(
+        max_messages=limit,
+        max_lease_duration=4 * 3600,
+        # each extension short, so a dead runner's message comes back soon (not after the client's
+        # p99-based extension, which grows to minutes with long renders)
+        max_duration_per_lease_extension=round(settings.message_lease_extension_s),
+    )
     scheduler = ThreadScheduler(ThreadPoolExecutor(max_workers=limit, thread_name_prefix="render"))
     future = subscriber.subscribe(path, callback, flow_control=flow, scheduler=scheduler)
     log.info(
