@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: browser run test test-fast coverage lint bench bench-gpu gpu-runner serve setup system-deps pubsub-emulator clean
+.PHONY: browser run test test-fast test-full coverage lint bench bench-gpu gpu-runner serve setup system-deps pubsub-emulator clean
 
 system-deps:  ## Debian's ffmpeg (ffmpeg + ffprobe)
 	@command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 || \
@@ -40,16 +40,19 @@ run: setup  ## prepare demo models and song, render a cover, print its path and 
 TEST_WORKERS ?= auto
 
 test: setup pubsub-emulator browser  ## the whole suite, one worker per core (starts the emulator and an S3 server itself)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
+
+test-full: setup pubsub-emulator browser  ## the tests marked sweep, whole: every kill point, ten minutes of audio (.ci/run)
+	COVER_TEST_FULL=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal -m sweep
 
 coverage: setup pubsub-emulator browser  ## the whole suite under coverage.py: line coverage of job/, shared/, dispatcher/
 	rm -rf .cache/coverage
-	$(BIN)/coverage run -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/coverage run -m pytest -n $(TEST_WORKERS) --dist worksteal
 	$(BIN)/coverage combine -q
 	$(BIN)/coverage report --sort=cover
 
 test-fast: setup  ## the inner loop: everything but the tests marked slow
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 lint: setup $(CHECKOV)  ## ruff (lint and format), mypy, hadolint, yamllint, shellcheck and checkov, as CI runs them
 	$(BIN)/ruff check .

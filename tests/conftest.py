@@ -17,6 +17,10 @@ from service_stack import emulator, s3, stack  # noqa: F401 - the service fixtur
 from job.devkit import demo
 from job.render.media.audio import MIX_SAMPLE_RATE, write_wav
 
+# ``make test`` runs narrowed sweeps (a few kill points, a shorter long song); ``.ci/run`` runs the
+# tests marked ``sweep`` once more with COVER_TEST_FULL=1: every kill point, ten minutes of audio.
+FULL_SWEEPS = os.environ.get("COVER_TEST_FULL") == "1"
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (``make test``: one worker per core) each worker computes on one thread,
@@ -27,6 +31,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
         torch.set_num_threads(1)
         os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The tests marked ``slow`` first, so that the workers start the long ones early and finish
+    together (``--dist worksteal`` hands the short ones to whichever worker is free)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")
