@@ -3,8 +3,11 @@ topics of one test's own, and the dispatcher and workers as processes (fixtures 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -146,6 +149,27 @@ class Stack:
     def close(self) -> None:
         for proc in self.procs:
             stop(proc)
+
+
+def run_job_here(env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``python -m job run``, as a Cloud Run task runs it, in this process: the entry point's
+    ``main`` with ``env`` as the whole environment (as Google's Cloud Run job samples test theirs),
+    answered as a finished process would be (exit status, what it logged). Kills and resource
+    limits need a process of their own (tests/test_faults.py)."""
+    from job.service.entry import main
+
+    err = io.StringIO()
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        with contextlib.redirect_stderr(err):
+            status = main(["run"])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        logging.getLogger().handlers[:] = []  # the entry point's handler wrote to the captured stream
+    return subprocess.CompletedProcess(["python", "-m", "job", "run"], status, "", err.getvalue())
 
 
 def of_type(events, kind):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
+
+from service_stack import run_job_here
 
 from shared.logs import TRACE_KEY, CloudJsonFormatter, fields, set_trace
 
@@ -39,7 +39,8 @@ def test_a_record_becomes_one_cloud_logging_entry():
 
 
 def test_the_job_entry_point_logs_json_lines(tmp_path):
-    """`python -m job run` with no request: what it logs is JSON a line (the runner's own log)."""
+    """`python -m job run` with no request (its ``main``, in this process): what it logs is JSON a
+    line (the runner's own log)."""
     env = {
         "COVER_MODELS_DIR": str(tmp_path),
         "COVER_STORAGE_DIR": str(tmp_path / "bucket"),
@@ -47,7 +48,7 @@ def test_the_job_entry_point_logs_json_lines(tmp_path):
         "COVER_REQUEST": "",
         "COVER_LOG_LEVEL": "DEBUG",
     }
-    proc = subprocess.run([sys.executable, "-m", "job", "run"], env=env, capture_output=True, text=True, timeout=120)
+    proc = run_job_here(env)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.startswith("{")]
     entries = [json.loads(line) for line in lines]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from service_stack import FAST, ROOT, _check_against_bucket, assert_matches_schema, of_type
+from service_stack import FAST, ROOT, _check_against_bucket, assert_matches_schema, of_type, run_job_here
 
 from job.devkit import demo
 from job.devkit.stack import stop
@@ -523,26 +523,12 @@ def test_cloud_run_job_entry_point_reads_the_request_from_its_environment(stack)
     `gcloud run jobs execute --update-env-vars COVER_REQUEST=...`) runs it."""
     good = json.dumps({"song_id": "song-1", "voice_model": demo.DEMO_VOICE, "options": FAST})
     for request in (good, "not json"):
-        proc = subprocess.run(
-            [sys.executable, "-m", "job", "run"],
-            env={**stack.env, "COVER_REQUEST": request},
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        proc = run_job_here({**stack.env, "COVER_REQUEST": request})
         assert proc.returncode == 0, proc.stderr[-2000:]  # finished either way: no Cloud Run retry
     events = stack.events(lambda got: of_type(got, COMPLETED) and of_type(got, FAILED))
     _check_against_bucket(stack, of_type(events, COMPLETED)[0])
     assert of_type(events, FAILED)[0]["code"] == "options.invalid"
-    assert (
-        subprocess.run(
-            [sys.executable, "-m", "job", "run"],
-            env={**stack.env, "COVER_REQUEST": ""},
-            capture_output=True,
-            timeout=120,
-        ).returncode
-        == 2
-    )
+    assert run_job_here({**stack.env, "COVER_REQUEST": ""}).returncode == 2
 
 
 def test_a_runner_holds_its_in_flight_limit_and_finishes_them_when_stopped(stack):
@@ -643,14 +629,7 @@ def test_the_last_cloud_run_attempt_publishes_cover_failed_and_a_final_status(st
     }
     codes = []
     for attempt in range(4):  # CLOUD_RUN_TASK_ATTEMPT counts from 0; max_retries 3 gives 4 attempts
-        proc = subprocess.run(
-            [sys.executable, "-m", "job", "run"],
-            env={**env, "CLOUD_RUN_TASK_ATTEMPT": str(attempt)},
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        codes.append(proc.returncode)
+        codes.append(run_job_here({**env, "CLOUD_RUN_TASK_ATTEMPT": str(attempt)}).returncode)
     assert codes == [1, 1, 1, 0]  # retry, retry, retry, finished: Cloud Run stops either way
     failed = of_type(stack.events(lambda got: of_type(got, FAILED), timeout=60), FAILED)
     assert len(failed) == 1 and failed[0]["attempt"] == 4 and failed[0]["code"] == "internal"
