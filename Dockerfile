@@ -7,7 +7,7 @@
 # does not reinstall torch. job/devkit, tests/ and bench/ are left out (.dockerignore).
 # torch: TORCH=cpu (the default) takes the CPU-only build from PyTorch's CPU index (torch
 # 2.13.0+cpu, the build the tests run: 754 MB installed); TORCH=cuda takes PyPI's Linux wheel, which
-# is the CUDA build and pulls NVIDIA's runtime libraries (several GB; README, "GPU runner").
+# is the CUDA build and pulls NVIDIA's runtime libraries (several GB; docs/operations.md, "GPU runner").
 ARG TORCH=cpu
 FROM python:3.11.7-slim-bookworm AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
@@ -60,5 +60,5 @@ CMD ["python", "-m", "job", "run"]
 
 FROM app AS gpu
 ENV COVER_DEVICE=cuda COVER_RUNNER=gpu-runner
-# COVER_IN_FLIGHT=0: requests in flight chosen from the card's memory (README, "GPU runner")
+# COVER_IN_FLIGHT=0: requests in flight chosen from the card's memory (docs/operations.md, "GPU runner")
 CMD ["python", "-m", "job", "serve"]

@@ -248,7 +248,7 @@ resource "google_cloud_run_v2_job" "cover" {
         image = var.image
         resources {
           # measured: peak RSS 2.4 to 2.8 GB for 3.5- to 10-minute songs on 2 vCPUs; with the model files
-          # and the work folder (in memory here) 3.7 to 4.1 GB for a 15-minute song (README, "Performance")
+          # and the work folder (in memory here) 3.7 to 4.1 GB for a 15-minute song (bench/JOURNAL.md, "Memory by song length")
           limits = { cpu = "2", memory = "4Gi" }
         }
         dynamic "env" {

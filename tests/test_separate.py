@@ -95,15 +95,16 @@ BF16_MIN_SDR_DB = 40.0  # measured 47.6 dB on the real-size htdemucs (README, "P
 @pytest.mark.sweep
 def test_bf16_separation_stays_within_tolerance_of_fp32(tmp_path):
     """The default on CPUs with native bf16 (autocast, channels-last) against fp32 reference
-    kernels, on a real-size htdemucs and one segment of noise-like music. Where bf16 is emulated
-    (7 times slower than fp32), make test separates one 2 s segment; .ci/run (COVER_TEST_FULL=1)
-    and CPUs with native bf16 the model's own 7.8 s segment."""
+    kernels, on a real-size htdemucs and one segment of noise-like music. Where the CPU emulates
+    bf16 (7 times slower than fp32; one real-size segment took 104 s on the AMD EPYC), make test
+    checks the same on the tiny htdemucs (same architecture, narrow: the bf16 path runs, its error
+    bounded the same); .ci/run (COVER_TEST_FULL=1) and CPUs with native bf16 on the real size."""
     from job.render.compute import native_bf16
 
-    demo.write_demucs(tmp_path / "models" / "separation", size="real")
-    whole = FULL_SWEEPS or native_bf16(torch.device("cpu"))
-    seconds, options = (7, SeparationOptions()) if whole else (2, SeparationOptions(segment=2.0))
-    mix = np.random.default_rng(1).standard_normal((2, 44100 * seconds)).astype(np.float32) * 0.2
+    size = "real" if FULL_SWEEPS or native_bf16(torch.device("cpu")) else "tiny"
+    demo.write_demucs(tmp_path / "models" / "separation", size=size)
+    mix = np.random.default_rng(1).standard_normal((2, 44100 * 7)).astype(np.float32) * 0.2
+    options = SeparationOptions()
     outputs = {}
     for precision, kernels in (("fp32", "reference"), ("bf16", "fast")):
         separator = Separator(ModelStore(tmp_path / "models"), options, "cpu", precision=precision, kernels=kernels)
