@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import os
 import subprocess
 import sys
@@ -12,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from in_process import run_main
 from service_stack import emulator, s3, stack  # noqa: F401 - the service fixtures, for every module
 
 from job.devkit import demo
@@ -71,28 +69,12 @@ def env(store, tmp_path) -> dict[str, str]:
 
 
 def run_cover(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    """``cover ARGS`` in this process: ``job.cli.main.main`` with ``env`` as the whole environment
-    and its standard output and error captured, answered as a finished process would be (exit
-    status, stdout, stderr). The process boundary is not what these tests test (one test runs the
-    installed ``cover`` as a process); in-process they share the loaded models and save an
-    interpreter's start and torch's import per command."""
+    """``cover ARGS`` in this process (tests/in_process.py): the process boundary is not what these
+    tests test (one test runs the installed ``cover`` as a process); in-process they share the
+    loaded models and save an interpreter's start and torch's import per command."""
     from job.cli.main import main
 
-    out, err = io.StringIO(), io.StringIO()
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(env)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                status = main(args)
-            except SystemExit as exit_:  # argparse's usage errors
-                status = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-        logging.getLogger().handlers[:] = []  # the command's handler wrote to the captured stream
-    return subprocess.CompletedProcess(["cover", *args], status, out.getvalue(), err.getvalue())
+    return run_main(main, args, env)
 
 
 def run_cover_process(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:

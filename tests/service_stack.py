@@ -3,11 +3,8 @@ topics of one test's own, and the dispatcher and workers as processes (fixtures 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -19,6 +16,7 @@ import boto3
 import jsonschema
 import numpy as np
 import pytest
+from in_process import run_main
 
 from job.devkit import demo
 from job.devkit.stack import free_port, start, start_pubsub_emulator, start_s3, stop, wait_for_port
@@ -153,23 +151,11 @@ class Stack:
 
 def run_job_here(env: dict[str, str]) -> subprocess.CompletedProcess:
     """``python -m job run``, as a Cloud Run task runs it, in this process: the entry point's
-    ``main`` with ``env`` as the whole environment (as Google's Cloud Run job samples test theirs),
-    answered as a finished process would be (exit status, what it logged). Kills and resource
-    limits need a process of their own (tests/test_faults.py)."""
+    ``main`` with ``env`` as the whole environment (as Google's Cloud Run job samples test theirs).
+    Kills and resource limits need a process of their own (tests/test_faults.py)."""
     from job.service.entry import main
 
-    err = io.StringIO()
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(env)
-    try:
-        with contextlib.redirect_stderr(err):
-            status = main(["run"])
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-        logging.getLogger().handlers[:] = []  # the entry point's handler wrote to the captured stream
-    return subprocess.CompletedProcess(["python", "-m", "job", "run"], status, "", err.getvalue())
+    return run_main(main, ["run"], env)
 
 
 def of_type(events, kind):
