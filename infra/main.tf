@@ -46,6 +46,10 @@ variable "job_max_retries" {
   default     = 3
   description = "Cloud Run retries of a failed task; the job's last attempt (max_retries + 1) publishes cover.failed."
 }
+variable "catalog_service_account" {
+  type        = string
+  description = "The Catalog's service account (email): it calls the API, publishes requests and reads the events subscription this file makes for it."
+}
 variable "gpu_max_delivery_attempts" {
   type        = number
   default     = 5
@@ -139,6 +143,9 @@ resource "google_pubsub_subscription" "trigger" {
   topic                = google_pubsub_topic.requests.id
   filter               = local.runner_filters.cpu
   ack_deadline_seconds = 60
+  expiration_policy {
+    ttl = "" # never: an idle subscription (the on-demand GPU path, the Catalog's) must not be deleted after 31 days
+  }
   push_config {
     push_endpoint = google_cloudfunctions2_function.trigger.service_config[0].uri
     oidc_token {
@@ -164,6 +171,9 @@ resource "google_pubsub_subscription" "gpu" {
   filter                     = local.runner_filters.gpu
   ack_deadline_seconds       = 600
   enable_exactly_once_delivery = false
+  expiration_policy {
+    ttl = "" # never: an idle subscription (the on-demand GPU path, the Catalog's) must not be deleted after 31 days
+  }
   retry_policy {
     minimum_backoff = "10s"
     maximum_backoff = "600s"
@@ -177,6 +187,46 @@ resource "google_pubsub_subscription" "gpu" {
 resource "google_pubsub_subscription" "dead_letter_inspect" {
   name  = "cover-requests-dead-letter-inspect"
   topic = google_pubsub_topic.dead_letter.id
+  expiration_policy {
+    ttl = "" # never: an idle subscription (the on-demand GPU path, the Catalog's) must not be deleted after 31 days
+  }
+}
+
+# The Catalog's subscription to the answers. Made here, not in the Catalog's own infrastructure: a
+# topic without a subscription discards what is published to it, so the events must have a
+# subscriber from the first deploy on, whoever deploys first (docs/operations.md, "Deploy").
+resource "google_pubsub_subscription" "catalog_events" {
+  name                 = "cover-events-catalog"
+  topic                = google_pubsub_topic.events.id
+  filter               = "attributes.type = \"cover.completed\" OR attributes.type = \"cover.failed\""
+  ack_deadline_seconds = 60
+  message_retention_duration = "604800s" # a week of answers if the Catalog is down
+  expiration_policy {
+    ttl = "" # never: an idle subscription (the on-demand GPU path, the Catalog's) must not be deleted after 31 days
+  }
+  retry_policy {
+    minimum_backoff = "10s"
+    maximum_backoff = "600s"
+  }
+}
+
+# What the Catalog may do: call the API (gen2 functions require IAM), publish requests itself, and
+# read its subscription. Nothing else: not the bucket, not the job.
+resource "google_cloud_run_service_iam_member" "catalog_invokes_api" {
+  location = var.region
+  service  = google_cloudfunctions2_function.http.name
+  role     = "roles/run.invoker"
+  member   = "serviceAccount:${var.catalog_service_account}"
+}
+resource "google_pubsub_topic_iam_member" "catalog_publishes_requests" {
+  topic  = google_pubsub_topic.requests.id
+  role   = "roles/pubsub.publisher"
+  member = "serviceAccount:${var.catalog_service_account}"
+}
+resource "google_pubsub_subscription_iam_member" "catalog_reads_events" {
+  subscription = google_pubsub_subscription.catalog_events.id
+  role         = "roles/pubsub.subscriber"
+  member       = "serviceAccount:${var.catalog_service_account}"
 }
 
 # Pub/Sub's own agent must be able to forward to the dead-letter topic and ack the source.
@@ -285,11 +335,12 @@ resource "google_cloud_run_v2_job" "cover" {
   }
 }
 
-# The trigger runs the job with overrides: it needs run.jobs.runWithOverrides on this job.
+# The trigger runs the job with overrides (run.jobs.runWithOverrides and reading executions) and
+# nothing more: it may not change or delete the job.
 resource "google_cloud_run_v2_job_iam_member" "trigger_runs_job" {
   name     = google_cloud_run_v2_job.cover.name
   location = var.region
-  role     = "roles/run.developer"
+  role     = "roles/run.jobsExecutorWithOverrides"
   member   = "serviceAccount:${google_service_account.trigger.email}"
 }
 resource "google_service_account_iam_member" "trigger_acts_as_job" {
@@ -370,6 +421,10 @@ resource "google_cloud_run_service_iam_member" "pusher_invokes_trigger" {
 }
 
 output "api_url" { value = google_cloudfunctions2_function.http.service_config[0].uri }
+output "catalog_events_subscription" {
+  description = "The Catalog's subscription to cover.completed and cover.failed"
+  value       = google_pubsub_subscription.catalog_events.id
+}
 output "gpu_runner_env" {
   description = "What a GPU runner (infra/gpu-runner.sh) sets besides its credentials"
   value = {

@@ -152,3 +152,70 @@ def test_every_setting_the_code_needs_in_production_is_set_where_it_runs():
     assert {"COVER_S3_ACCESS_KEY_ID", "COVER_S3_SECRET_ACCESS_KEY", "COVER_MAX_ATTEMPTS"} <= names
     limits = task["containers"][0]["resources"][0]["limits"]
     assert limits == {"cpu": '"2"', "memory": '"4Gi"'}  # the measured 2.8 GB peak fits
+
+
+def test_every_subscription_never_expires():
+    """Pub/Sub deletes a subscription idle for 31 days unless its expiration policy says never
+    (an empty ttl): the on-demand GPU path's first, after which its requests would be dropped."""
+    subscriptions = _resources(_terraform(), "google_pubsub_subscription")
+    assert len(subscriptions) >= 4
+    for name, body in subscriptions.items():
+        policy = body.get("expiration_policy")
+        assert policy and policy[0]["ttl"] in ("", '""'), f"{name} may expire"  # python-hcl2 keeps quotes
+
+
+def test_the_events_have_the_catalogs_subscription_and_the_catalog_its_grants():
+    """A topic without a subscription discards its messages: the answers get the Catalog's
+    subscription (completed and failed), and the Catalog may call the API, publish requests and
+    read that subscription, and nothing else."""
+    tf = _terraform()
+    subscriptions = _resources(tf, "google_pubsub_subscription")
+    on_events = [b for b in subscriptions.values() if "google_pubsub_topic.events" in b["topic"]]
+    assert len(on_events) == 1
+    assert "cover.completed" in on_events[0]["filter"] and "cover.failed" in on_events[0]["filter"]
+    catalog = '"serviceAccount:${var.catalog_service_account}"'
+    granted = {
+        (kind, body["role"].strip('"'))
+        for kind in (
+            "google_cloud_run_service_iam_member",
+            "google_pubsub_topic_iam_member",
+            "google_pubsub_subscription_iam_member",
+        )
+        for body in _resources(tf, kind).values()
+        if body["member"] == catalog
+    }
+    assert granted == {
+        ("google_cloud_run_service_iam_member", "roles/run.invoker"),
+        ("google_pubsub_topic_iam_member", "roles/pubsub.publisher"),
+        ("google_pubsub_subscription_iam_member", "roles/pubsub.subscriber"),
+    }
+    invoke = next(b for b in _resources(tf, "google_cloud_run_service_iam_member").values() if b["member"] == catalog)
+    assert "cloudfunctions2_function.http" in invoke["service"]
+    publish = next(b for b in _resources(tf, "google_pubsub_topic_iam_member").values() if b["member"] == catalog)
+    assert "google_pubsub_topic.requests" in publish["topic"]
+
+
+def test_the_trigger_may_run_the_job_with_overrides_and_not_change_it():
+    runs = _resources(_terraform(), "google_cloud_run_v2_job_iam_member")
+    assert [r["role"].strip('"') for r in runs.values()] == ["roles/run.jobsExecutorWithOverrides"]
+    assert "roles/run.developer" not in (ROOT / "infra" / "main.tf").read_text()
+
+
+def test_every_build_names_what_it_deploys_and_makes_its_archive_with_what_its_image_has():
+    """Manual builds (``gcloud builds submit``) have no $SHORT_SHA: tags and the function source are
+    named after $BUILD_ID, which every build has; the slim Cloud SDK image has python3, not zip."""
+    import yaml
+
+    build = yaml.safe_load((ROOT / "cloudbuild.yaml").read_text())
+    text = (ROOT / "cloudbuild.yaml").read_text()
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert "SHORT_SHA" not in code and "$BUILD_ID" in code
+    for image in build["images"]:
+        assert image.endswith("-$BUILD_ID")
+    env = dict(item.split("=", 1) for item in build["options"]["env"])
+    assert env["TF_VAR_image"] in build["images"] and env["TF_VAR_source_object"].endswith("-$BUILD_ID.zip")
+    assert "TF_VAR_catalog_service_account" in env
+    (source,) = [s for s in build["steps"] if s["id"] == "function-source"]
+    script = source["args"][-1]
+    assert "cloud-sdk:slim" in source["name"] and not re.search(r"^\s*zip ", script, re.M)
+    assert "python3 -m zipfile -c" in script
