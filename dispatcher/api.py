@@ -142,8 +142,28 @@ def document() -> dict[str, Any]:
                     ],
                     "responses": {
                         "200": {
-                            "description": "the quality report page: self-contained HTML",
+                            "description": "the quality report page: HTML, its player playing /covers/{cover_id}/audio",
                             "content": {"text/html": {"schema": {"type": "string"}}},
+                        },
+                        **_problems(404),
+                    },
+                }
+            },
+            "/covers/{cover_id}/audio": {
+                "get": {
+                    "operationId": "getCoverAudio",
+                    "parameters": [
+                        {
+                            "name": "cover_id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string", "pattern": COVER_ID_PATTERN},
+                        }
+                    ],
+                    "responses": {
+                        "302": {
+                            "description": "the published cover: redirects to its URL, signed now",
+                            "headers": {"Location": {"schema": {"type": "string", "format": "uri"}}},
                         },
                         **_problems(404),
                     },

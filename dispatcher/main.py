@@ -4,7 +4,8 @@
     functions-framework --source dispatcher/main.py --target trigger --port 8081
 
 API: ``POST /cover``, ``GET /models``, ``GET /covers/{cover_id}``, ``GET /covers/{cover_id}/report``,
-``GET /healthz``, ``GET /openapi.json`` (the contract, :mod:`dispatcher.api`). Every error is
+``GET /covers/{cover_id}/audio``, ``GET /healthz``, ``GET /openapi.json`` (the contract,
+:mod:`dispatcher.api`). Every error is
 ``application/problem+json`` (RFC 7807) with a stable ``code``: the codes of :mod:`shared.errors`,
 ``route.unknown`` (404), ``route.method_not_allowed`` (405), ``request.too_large`` (413, bodies
 over 64 KiB), ``request.unsupported_media_type`` (415), ``cover.unknown`` (404), ``report.unknown`` (404).
@@ -195,6 +196,22 @@ def _cover_report(cid: str) -> Response:
     return Response(page, status=200, content_type="text/html; charset=utf-8")
 
 
+def _cover_audio(cid: str) -> Response:
+    """The cover itself: a redirect to its URL signed now (the report page's player plays this, so
+    a page kept for days still plays; signed URLs are never stored)."""
+    svc = services()
+    if not re.match(COVER_ID_PATTERN, cid):
+        return problem(404, "cover.unknown", "a cover id is 32 hexadecimal digits")
+    manifest = svc.storage.get_bytes(Keys.manifest(cid))
+    if manifest is None:
+        return problem(404, "cover.unknown", f"no published cover {cid}")
+    completed = served(CoverCompleted.model_validate_json(manifest), svc.storage)
+    answer = Response(status=302)
+    answer.headers["Location"] = completed.url
+    answer.headers["Cache-Control"] = "no-store"  # the signature expires; ask again each time
+    return answer
+
+
 def _models() -> Response:
     return _model(ModelList(models=services().models.voices()))
 
@@ -219,6 +236,8 @@ def http(request: Request) -> Response:
             }
         elif path.startswith("/covers/") and path.endswith("/report") and path.count("/") == 3:
             handlers = {"GET": lambda _: _cover_report(path.split("/")[2])}
+        elif path.startswith("/covers/") and path.endswith("/audio") and path.count("/") == 3:
+            handlers = {"GET": lambda _: _cover_audio(path.split("/")[2])}
         else:
             handlers = ROUTES.get(path, {})
         if not handlers:

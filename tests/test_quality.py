@@ -203,7 +203,9 @@ def test_the_gate_refuses_the_untrained_demo_voice_unless_the_request_accepts_it
     assert completed["quality"]["mix"]["clipped_share"] == 0.0 and completed["timings"]["quality"] > 0
     assert_matches_schema(COMPLETED, completed)
     page = requests.get(f"{url}/covers/{completed['cover_id']}/report", timeout=30)
-    assert 'src="data:audio/mpeg;base64,' in page.text and "; published." in page.text
+    assert '<source src="audio" type="audio/mpeg">' in page.text and "; published." in page.text
+    played = requests.get(f"{url}/covers/{completed['cover_id']}/audio", timeout=30)  # what the player fetches
+    assert played.status_code == 200 and len(played.content) == completed["size_bytes"]
     missing = requests.get(f"{url}/covers/{'0' * 32}/report", timeout=30)
     assert missing.status_code == 404 and missing.json()["code"] == "report.unknown"
     ask(False, "refused-again")

@@ -51,6 +51,13 @@ def test_post_cover_to_completed_event(stack):
     _check_against_bucket(stack, completed[0])
     status = requests.get(f"{url}/covers/{cover_id}").json()
     assert status["state"] == "completed" and status["completed"]["sha256"] == completed[0]["sha256"]
+    # the report page's player: the cover behind a redirect signed now
+    audio = requests.get(f"{url}/covers/{cover_id}/audio", allow_redirects=False)
+    assert audio.status_code == 302 and audio.headers["Cache-Control"] == "no-store"
+    body = requests.get(audio.headers["Location"]).content
+    assert hashlib.sha256(body).hexdigest() == completed[0]["sha256"]
+    missing = requests.get(f"{url}/covers/{'0' * 32}/audio")
+    assert missing.status_code == 404 and missing.json()["code"] == "cover.unknown"
     again = requests.post(f"{url}/cover", json={"song_id": "song-1", "voice_model": demo.DEMO_VOICE, "options": FAST})
     assert again.status_code == 200 and again.json()["completed"]["key"] == completed[0]["key"]
     models = requests.get(f"{url}/models").json()["models"]

@@ -170,7 +170,7 @@ def cmd_make(args: argparse.Namespace) -> int:
 
 
 def _write_report(result: CoverResult, published: bool) -> Path | None:
-    """``COVER.report.html`` beside the cover (the cover in its player)."""
+    """``COVER.report.html`` beside the cover, its player naming the cover's file (keep the two together)."""
     from job.render.quality.report_page import render_page
     from shared.options import FORMATS
 
@@ -179,7 +179,10 @@ def _write_report(result: CoverResult, published: bool) -> Path | None:
     path = result.output.with_name(result.output.stem + ".report.html")
     content_type = FORMATS[result.mix.format].content_type
     title = f"{Path(result.song.source).stem} ({result.voice} cover)"
-    path.write_text(render_page(result.quality, title, result.output, content_type, published=published))
+    from urllib.parse import quote
+
+    page = render_page(result.quality, title, quote(result.output.name), content_type, published=published)
+    path.write_text(page)
     print(f"report: {path}", file=sys.stderr)
     return path
 

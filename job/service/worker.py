@@ -228,7 +228,7 @@ class Worker:
         page = render_page(
             result.quality,
             f"{request.song_id} ({request.voice_model} cover)",
-            None if refused else result.output,
+            None if refused else "audio",  # the page is served at /covers/{id}/report: /covers/{id}/audio
             content_type,
             published=not refused,
         )

@@ -1,20 +1,21 @@
-"""A cover's quality report as one self-contained HTML page (no network at view time).
+"""A cover's quality report as one HTML page: everything inline but the cover, which its player
+refers to by URL (so the page's size does not grow with the song).
 
 The page shows the verdict and the whole song's scores, the mix's waveform, the source melody (the
 separated vocals moved by the request's pitch shift) and the converted melody drawn over each other
 with each segment shaded by whether it meets the thresholds, a table of every segment's scores (a
 cell turns red below its threshold), what repair changed, and an audio player whose position is
-drawn on both plots (click a plot to seek). The cover is embedded as a data URI, the styles and the
-small script inline. ``cover make --report`` writes it beside the cover; the service stores it as
-``reports/{cover_id}.html`` and ``GET /covers/{cover_id}/report`` serves it.
+drawn on both plots (click a plot to seek). The styles and the small script are inline; the player's
+source is a URL: ``cover make --report`` writes the page beside the cover and names the cover's
+file; the service stores it as ``reports/{cover_id}.html``, serves it at
+``GET /covers/{cover_id}/report`` and names ``audio``, that is ``GET /covers/{cover_id}/audio``,
+which redirects to a freshly signed URL of the cover (a page kept for days still plays).
 """
 
 from __future__ import annotations
 
-import base64
 import html
 import math
-from pathlib import Path
 
 from shared.quality import Curves, QualityReport, Repair, Scores, Thresholds
 
@@ -119,16 +120,17 @@ def _repair(repair: Repair | None) -> str:
 def render_page(
     report: QualityReport,
     title: str,
-    audio: Path | None = None,
+    audio_url: str | None = None,
     content_type: str = "audio/mpeg",
     published: bool = True,
 ) -> str:
-    """The page's HTML. ``audio``: the cover, embedded for the player (omitted when None).
+    """The page's HTML.
 
     Args:
         report: the cover's quality report
         title: the page's title
-        audio: the cover, embedded for the player (omitted when None)
+        audio_url: the cover's URL for the player, relative to the page or absolute (no player when
+            None: a refused cover is never visible)
         content_type: the cover's media type
         published: whether the cover was published (a refused cover's page says so)
     """
@@ -169,12 +171,11 @@ def render_page(
         if mix
         else "not measured"
     )
-    player = ""
-    if audio is not None and audio.is_file():
-        data = base64.b64encode(audio.read_bytes()).decode()
-        player = f'<audio id="player" controls preload="auto" src="data:{content_type};base64,{data}"></audio>'
+    if audio_url is not None:
+        audio_source = f'<source src="{html.escape(audio_url)}" type="{html.escape(content_type)}">'
+        player = f'<audio id="player" controls preload="metadata">{audio_source}</audio>'
     else:
-        player = '<p id="player-missing">the cover is not embedded in this page</p>'
+        player = '<p id="player-missing">the cover is not published, so this page has no player</p>'
     rows = "".join(_row(f"{s.start_s:.0f}–{s.end_s:.0f} s", s) for s in report.segments)  # noqa: RUF001
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}: quality report</title>
