@@ -38,7 +38,7 @@ run: setup  ## prepare demo models and song, render a cover, print its path and 
 	$(BIN)/cover demo -o out/demo-cover.mp3
 
 # one pytest-xdist worker per core and one more: the workers wait on the emulator, process starts and
-# I/O a good part of the time (2 cores: 9:30 with 2 workers, 8:12 with 3; docs/development.md)
+# I/O a good part of the time (2 cores, a clean clone: 9:30 with 2 workers, 9:03 with 3; docs/development.md)
 TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 
 test: setup pubsub-emulator browser  ## the whole suite, one worker per core and one more (starts the emulator and an S3 server itself)
