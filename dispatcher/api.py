@@ -72,6 +72,14 @@ def _problems(*statuses: int) -> dict[str, Any]:
     return {str(s): {"description": "problem details", "content": {PROBLEM_TYPE: {"schema": ref}}} for s in statuses}
 
 
+COVER_ID_PARAMETER = {
+    "name": "cover_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": COVER_ID_PATTERN},
+}
+
+
 def _json_answer(model: str, description: str) -> dict[str, Any]:
     return {
         "description": description,
@@ -118,28 +126,14 @@ def document() -> dict[str, Any]:
             "/covers/{cover_id}": {
                 "get": {
                     "operationId": "getCover",
-                    "parameters": [
-                        {
-                            "name": "cover_id",
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "string", "pattern": COVER_ID_PATTERN},
-                        }
-                    ],
+                    "parameters": [COVER_ID_PARAMETER],
                     "responses": {"200": _json_answer("CoverStatus", "the cover's state"), **_problems(404)},
                 }
             },
             "/covers/{cover_id}/report": {
                 "get": {
                     "operationId": "getCoverReport",
-                    "parameters": [
-                        {
-                            "name": "cover_id",
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "string", "pattern": COVER_ID_PATTERN},
-                        }
-                    ],
+                    "parameters": [COVER_ID_PARAMETER],
                     "responses": {
                         "200": {
                             "description": "the quality report page: HTML, its player playing /covers/{cover_id}/audio",
@@ -152,14 +146,7 @@ def document() -> dict[str, Any]:
             "/covers/{cover_id}/audio": {
                 "get": {
                     "operationId": "getCoverAudio",
-                    "parameters": [
-                        {
-                            "name": "cover_id",
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "string", "pattern": COVER_ID_PATTERN},
-                        }
-                    ],
+                    "parameters": [COVER_ID_PARAMETER],
                     "responses": {
                         "302": {
                             "description": "the published cover: redirects to its URL, signed now",

@@ -164,10 +164,17 @@ def _submit(request: Request) -> Response:  # noqa: PLR0911 - reads best top to 
     return _model(Accepted(cover_id=cid, request_id=str(routed.request_id), state="queued", status_url=status_url), 202)
 
 
+def _unknown_id(cid: str) -> Response | None:
+    """A 404 for a path whose cover id cannot be one (never looked up), else None."""
+    if re.match(COVER_ID_PATTERN, cid):
+        return None
+    return problem(404, "cover.unknown", "a cover id is 32 hexadecimal digits")
+
+
 def _cover_status(cid: str) -> Response:
     svc = services()
-    if not re.match(COVER_ID_PATTERN, cid):
-        return problem(404, "cover.unknown", "a cover id is 32 hexadecimal digits")
+    if (refused := _unknown_id(cid)) is not None:
+        return refused
     manifest = svc.storage.get_bytes(Keys.manifest(cid))
     if manifest is not None:
         completed = served(CoverCompleted.model_validate_json(manifest), svc.storage)
@@ -188,8 +195,8 @@ def _cover_status(cid: str) -> Response:
 def _cover_report(cid: str) -> Response:
     """The cover's quality report page (self-contained HTML), stored by its runner."""
     svc = services()
-    if not re.match(COVER_ID_PATTERN, cid):
-        return problem(404, "cover.unknown", "a cover id is 32 hexadecimal digits")
+    if (refused := _unknown_id(cid)) is not None:
+        return refused
     page = svc.storage.get_bytes(Keys.report(cid))
     if page is None:
         return problem(404, "report.unknown", f"no quality report for {cid} (yet)")
@@ -200,8 +207,8 @@ def _cover_audio(cid: str) -> Response:
     """The cover itself: a redirect to its URL signed now (the report page's player plays this, so
     a page kept for days still plays; signed URLs are never stored)."""
     svc = services()
-    if not re.match(COVER_ID_PATTERN, cid):
-        return problem(404, "cover.unknown", "a cover id is 32 hexadecimal digits")
+    if (refused := _unknown_id(cid)) is not None:
+        return refused
     manifest = svc.storage.get_bytes(Keys.manifest(cid))
     if manifest is None:
         return problem(404, "cover.unknown", f"no published cover {cid}")
