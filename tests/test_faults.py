@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import FULL_SWEEPS
 from service_stack import FAST, _check_against_bucket, of_type
 from tcp_proxy import TcpProxy
 
@@ -30,6 +29,7 @@ from job.devkit.stack import start_pubsub_emulator, stop
 from job.render.media.audio import write_wav
 from shared.events import COMPLETED, FAILED
 from shared.stages import Stage
+from tests.conftest import FULL_SWEEPS
 
 pytestmark = pytest.mark.slow
 

@@ -333,8 +333,8 @@ class Worker:
                 digest = sha256_of(result.output)
                 stored = self.storage.upload_file(key, result.output, spec.content_type)
             progress(Stage.UPLOAD, 1.0)
-        timings = {Stage.DOWNLOAD.value: timer.seconds(Stage.DOWNLOAD), **result.timings}
-        timings[Stage.UPLOAD.value] = timer.seconds(Stage.UPLOAD)
+        download, upload = (timer.seconds(stage) for stage in (Stage.DOWNLOAD, Stage.UPLOAD))
+        timings = {Stage.DOWNLOAD.value: download, **result.timings, Stage.UPLOAD.value: upload}  # in stage order
         return CoverCompleted(
             cover_id=cid,
             song_id=request.song_id,
