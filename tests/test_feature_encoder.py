@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import torch
@@ -52,21 +57,33 @@ def test_tiles_give_the_whole_front_ends_frames(mode, samples):
 
 
 def test_the_front_end_holds_a_tile_not_the_whole_input():
-    """Base HuBERT's front end (512 channels) on 30 s: whole, its first convolution alone is 197 MB."""
-    whole = _front_end("group", 512)
-    tiled = TiledFeatureEncoder(whole)
-    x = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 16000 * 30)).astype(np.float32) * 0.1)
+    """Base HuBERT's front end (512 channels) on 30 s: whole, its first convolution alone is 197 MB.
+    Measured in a fresh process: in a suite worker's process, the heap other tests left behind moved
+    the high-water mark (106 MB once, where a fresh process holds 78)."""
+    script = textwrap.dedent("""
+        import json, sys
+        import numpy as np, torch
+        sys.path.insert(0, "tests")
+        from test_feature_encoder import TiledFeatureEncoder, _front_end, _status_mb
 
-    def held_mb(encoder: torch.nn.Module) -> float:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # the high-water mark starts again from what is resident now
-        base = _status_mb("VmRSS")
+        whole = _front_end("group", 512)
+        tiled = TiledFeatureEncoder(whole)
+        x = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 16000 * 30)).astype(np.float32) * 0.1)
+
+        def held_mb(encoder):
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # the high-water mark starts again from what is resident now
+            base = _status_mb("VmRSS")
+            with torch.inference_mode():
+                encoder(x)
+            return _status_mb("VmHWM") - base
+
         with torch.inference_mode():
-            encoder(x)
-        return _status_mb("VmHWM") - base
-
-    with torch.inference_mode():
-        tiled(x[:, : 16000 * 6])  # the kernels built before measuring
-    tiled_mb, whole_mb = held_mb(tiled), held_mb(whole)
+            tiled(x[:, : 16000 * 6])  # the kernels built before measuring
+        print(json.dumps([held_mb(tiled), held_mb(whole)]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tiled_mb, whole_mb = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"front end on 30 s: whole {whole_mb:.0f} MB, tiled {tiled_mb:.0f} MB")
     assert tiled_mb < 100, (tiled_mb, whole_mb)
