@@ -175,8 +175,9 @@ class Settings(BaseSettings):
         10.0,
         ge=0,
         description=(
-            "How soon a request another runner renders is looked at again (a runner hands the message back for "
-            "this long; a Cloud Run task checks the holder's lease this often while it waits)."
+            "How often a request for a cover another runner renders is looked at again while it waits (a GPU "
+            "runner keeps the message leased meanwhile, a Cloud Run task keeps running): at most this long, "
+            "sooner when the holder's lease would lapse."
         ),
     )
     busy_wait_max_s: float = Field(

@@ -86,12 +86,22 @@ class Stack:
         self.procs: list[subprocess.Popen] = []
         self.url = ""
 
-    def subscription(self, topic: str, name: str, ack_deadline: int = 10, filter_: str = "") -> str:
+    def subscription(
+        self, topic: str, name: str, ack_deadline: int = 10, filter_: str = "", dead_letter: str | None = None
+    ) -> str:
+        """A subscription; with ``dead_letter`` (a topic), Pub/Sub's policy of 5 delivery attempts."""
         path = self.subscriber.subscription_path(self.project, name)
-        self.subscriber.create_subscription(
-            request={"name": path, "topic": topic, "ack_deadline_seconds": ack_deadline, "filter": filter_}
-        )
+        request = {"name": path, "topic": topic, "ack_deadline_seconds": ack_deadline, "filter": filter_}
+        if dead_letter:
+            request["dead_letter_policy"] = {"dead_letter_topic": dead_letter, "max_delivery_attempts": 5}
+        self.subscriber.create_subscription(request=request)
         return path
+
+    def dead_letter_topic(self) -> tuple[str, str]:
+        """A dead-letter topic of this test's own and a subscription that keeps what reaches it."""
+        topic = self.publisher.topic_path(self.project, f"dead-letter-{uuid.uuid4().hex[:8]}")
+        self.publisher.create_topic(name=topic)
+        return topic, self.subscription(topic, f"{topic.rsplit('/', 1)[1]}-keep")
 
     def put_song(self, song_id: str, path: Path) -> None:
         self.s3.upload_file(str(path), self.bucket, f"songs/{song_id}")

@@ -17,6 +17,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 from service_stack import FAST, ROOT, _check_against_bucket, assert_matches_schema, of_type, run_job_here
@@ -156,6 +157,38 @@ def test_catalog_publishing_directly_and_duplicates_with_two_workers(stack):
     claims = stack.s3.list_objects_v2(Bucket=stack.bucket, Prefix=f"claims/{cover_id}/").get("KeyCount", 0)
     assert claims == 1  # one claim: one render
     _check_against_bucket(stack, first)
+
+
+def test_a_second_request_for_a_cover_being_rendered_waits_without_spending_delivery_attempts(stack):
+    """A GPU runner on a subscription with Pub/Sub's dead-letter policy (5 attempts) gets a request
+    for a cover that another runner (here a Cloud Run task) is rendering. It waits, keeping the
+    message leased, and answers from the stored cover: both requests get their cover.completed and
+    nothing is dead-lettered (a runner that handed the busy message back spent an attempt a look)."""
+    from job.devkit.stack import start
+    from job.render.media.audio import write_wav
+
+    vocals, inst = demo.demo_song(40.0)  # a render long enough for the second request to meet it
+    stack.put_song("song-40s", write_wav(stack.tmp / "song-40s.wav", np.clip(vocals + inst, -1, 1), 44100))
+    dead_letter, kept = stack.dead_letter_topic()
+    subscription = stack.subscription(stack.requests_topic, f"gpu-dl-{uuid.uuid4().hex[:6]}", dead_letter=dead_letter)
+    first, second = (
+        CoverRequest(song_id="song-40s", voice_model=demo.DEMO_VOICE, options=FAST, request_id=f"request-{n}")
+        for n in (1, 2)
+    )
+    holder = {**stack.env, "COVER_RUNNER": "cloud-run-job", "COVER_REQUEST": first.model_dump_json()}
+    stack.procs.append(start([sys.executable, "-m", "job", "run"], stack.tmp / "job.log", holder))
+    stack.start_worker("gpu-1", COVER_REQUESTS_SUBSCRIPTION=subscription.rsplit("/", 1)[1], COVER_BUSY_RETRY_S="1")
+    rendering = stack.events(lambda got: any(d.get("stage") == "separate" for d in of_type(got, "cover.progress")))
+    stack.publish_request(*to_message(REQUESTED, second))
+    events = rendering + stack.events(lambda got: len(of_type(got, COMPLETED)) >= 2, timeout=240)
+    completed = {c["request_id"]: c for c in of_type(events, COMPLETED)}
+    assert set(completed) == {"request-1", "request-2"} and not of_type(events, FAILED)
+    assert completed["request-1"]["cover_id"] == completed["request-2"]["cover_id"]
+    assert completed["request-2"]["runner"] == "cloud-run-job"  # rendered once, by the task
+    logs = (stack.tmp / "gpu-1.log").read_text()
+    assert '"cover.busy"' in logs  # the runner did meet the render in progress,
+    assert '"cover.completed"' in logs  # kept the message and answered it from the stored cover
+    assert not stack.subscriber.pull(subscription=kept, max_messages=10, timeout=3).received_messages
 
 
 def test_killed_worker_leaves_nothing_visible_and_the_redelivery_completes(stack):

@@ -10,8 +10,10 @@
 * ``python -m job serve``: the GPU runner, a long-running streaming-pull subscriber on
   ``COVER_REQUESTS_SUBSCRIPTION``: up to ``COVER_IN_FLIGHT`` requests at once (the heavy stages
   take turns on the device), models kept loaded, lease extension by the client library while a
-  render runs, a ``runner.health`` line every ``COVER_HEALTH_INTERVAL_S``, graceful stop on
-  SIGTERM (every request in hand finishes). Outbound connections only.
+  render runs (a request for a cover another runner renders waits on its runner, leased, and is
+  answered from the stored cover: no busy round spends a delivery attempt), a ``runner.health``
+  line every ``COVER_HEALTH_INTERVAL_S``, graceful stop on SIGTERM (every request in hand
+  finishes; one waiting on another runner goes back to Pub/Sub). Outbound connections only.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def run_once(settings: Settings) -> int:
             break
         # A task cannot hand its request back, and a busy round is not a failure: wait here while
         # the holder renews its lease, and take over once it lapses (or answer from the stored cover)
-        time.sleep(max(0.2, min(settings.busy_retry_s, worker.busy_until - time.time() + 0.1)))
+        time.sleep(_busy_wait(worker, settings))
     return 0 if outcome is Outcome.ACK else 1
 
 
@@ -96,6 +98,12 @@ def gpu_memory() -> dict:
     }
 
 
+def _busy_wait(worker: Worker, settings: Settings) -> float:
+    """How long to wait before looking again at a cover another runner holds: until its lease would
+    lapse unless renewed, at most ``busy_retry_s``, at least 0.2 s."""
+    return max(0.2, min(settings.busy_retry_s, worker.busy_until - time.time() + 0.1))
+
+
 def serve(settings: Settings, stop: threading.Event | None = None) -> None:  # noqa: PLR0915 - reads best top to bottom
     """Pull requests until ``stop`` (or SIGTERM / SIGINT), holding up to ``in_flight`` at once.
 
@@ -113,8 +121,7 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:  # n
     health = RunnerHealth(limit)
     subscriber = pubsub_v1.SubscriberClient()
     path = subscriber.subscription_path(settings.project, settings.requests_subscription)
-    attempts: dict[str, int] = {}  # deliveries seen here per message, and busy rounds among them
-    busy_rounds: dict[str, int] = {}
+    attempts: dict[str, int] = {}  # deliveries seen here per message
     attempts_lock = threading.Lock()
     stop = stop or threading.Event()
 
@@ -129,12 +136,17 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:  # n
             return
         with attempts_lock:
             attempts[key] = attempts.get(key, 0) + 1
-            # busy rounds are not failures: they do not count against the retry budget
-            attempt = max(1, (message.delivery_attempt or attempts[key]) - busy_rounds.get(key, 0))
+            attempt = message.delivery_attempt or attempts[key]
         health.started()
         outcome = Outcome.RETRY
         try:
             outcome = worker.handle(message.data, attempt, dict(message.attributes), message.message_id)
+            # Another runner renders this cover: wait here (the client library keeps the message leased)
+            # and answer from the stored cover, or take over once the holder's lease lapses. Handing the
+            # message back would spend one of Pub/Sub's delivery attempts per look, and a long render
+            # would dead-letter a request that only had to wait (issue 29).
+            while outcome is Outcome.BUSY and not stop.wait(_busy_wait(worker, settings)):
+                outcome = worker.handle(message.data, attempt, dict(message.attributes), message.message_id)
         except Exception:  # e.g. the answer could not be published: deliver it again
             log.exception("request not answered", extra=fields(event="request.unanswered", message_id=key))
         finally:
@@ -143,12 +155,7 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:  # n
             message.ack()
             with attempts_lock:
                 attempts.pop(key, None)
-                busy_rounds.pop(key, None)
-        elif outcome is Outcome.BUSY:  # back to Pub/Sub for later; this slot serves the next request now
-            with attempts_lock:
-                busy_rounds[key] = busy_rounds.get(key, 0) + 1
-            message.modify_ack_deadline(max(1, round(settings.busy_retry_s)))
-        else:
+        else:  # a retry, or a wait cut short by stopping: back to Pub/Sub
             message.nack()
 
     flow = pubsub_v1.types.FlowControl(

@@ -3,7 +3,7 @@
 Every entry point (a Cloud Run Job execution, the GPU runner's subscriber, the local stack) calls
 :meth:`Worker.handle`. It answers ACK (done: completed, or failed for good with ``cover.failed``),
 RETRY (a retryable error: let Pub/Sub / Cloud Run deliver it again) or BUSY (another runner holds
-the cover: the caller hands the message back after ``busy_retry_s`` without counting an
+the cover: the caller waits, holding the message, and asks again; a busy round is never a delivery
 attempt). Idempotent: a cover that exists is answered from its manifest, so duplicate deliveries
 give the same ``cover.completed`` (same event id, same content).
 """
@@ -62,7 +62,7 @@ def _abort_if_lost(lost: threading.Event | None) -> None:
 class Outcome(str, Enum):  # noqa: UP042 - str() of a member is its value, in messages
     ACK = "ack"
     RETRY = "retry"
-    BUSY = "busy"  # another runner holds the cover: hand the message back for later, not a failure
+    BUSY = "busy"  # another runner holds the cover: wait and ask again, not a failure
 
 
 class Worker:
