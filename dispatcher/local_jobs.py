@@ -4,13 +4,19 @@ A Cloud Run Job execution, played by child processes: each attempt is ``python -
 environment Cloud Run gives a task (``CLOUD_RUN_JOB``, ``CLOUD_RUN_EXECUTION``,
 ``CLOUD_RUN_TASK_INDEX``, ``CLOUD_RUN_TASK_COUNT``, ``CLOUD_RUN_TASK_ATTEMPT`` counted from 0) plus the
 trigger's overrides (``COVER_REQUEST``, ``COVER_REQUEST_ID``). An attempt that exits non-zero or dies
-(a crash, a kill) is retried at once, up to ``COVER_JOB_MAX_RETRIES`` times, as Cloud Run retries a
-task; then the execution has failed, which is logged (``execution.failed``) and is not the end of
-the trigger. Each attempt's pid is logged (``execution.attempt``), its output goes to the trigger's.
+(a crash, a kill; one that runs past ``COVER_JOB_TASK_TIMEOUT_S`` is killed, as Cloud Run's task
+timeout does) is retried at once, up to ``COVER_JOB_MAX_RETRIES`` times, as Cloud Run retries a
+task; then the execution has failed, which is logged (``execution.failed``) and signalled on
+``COVER_EXECUTIONS_TOPIC`` with a message shaped as Cloud Run's log entry (what the log sink
+forwards in Google Cloud), for the ``unanswered`` function. Each execution's state is kept in
+``{work_dir}/executions/{name}.json`` (what the Admin API tells in Google Cloud:
+:class:`dispatcher.executions.LocalExecutions`). Each attempt's pid is logged
+(``execution.attempt``), its output goes to the trigger's.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -19,6 +25,8 @@ import threading
 import uuid
 from pathlib import Path
 
+from dispatcher.executions import ExecutionState, local_records
+from shared.bus import EventBus
 from shared.logs import fields
 from shared.settings import Settings
 
@@ -30,6 +38,34 @@ class LocalJobs:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.job = settings.cloud_run_job.rsplit("/", 1)[-1]
+        self.records = local_records(settings)
+        self.records.mkdir(parents=True, exist_ok=True)
+        self._running: set[str] = set()
+        self._lock = threading.Lock()
+
+    def running(self) -> int:
+        """Executions not finished yet."""
+        with self._lock:
+            return len(self._running)
+
+    def _record(self, state: ExecutionState) -> None:
+        path = self.records / f"{state.name}.json"
+        path.with_suffix(".tmp").write_text(state.model_dump_json())
+        path.with_suffix(".tmp").replace(path)
+        with self._lock:
+            (self._running.discard if state.finished else self._running.add)(state.name)
+
+    def _signal_failed(self, execution: str) -> None:
+        """What Cloud Run's log sink forwards for a failed execution, on the executions topic."""
+        entry = {
+            "logName": f"projects/{self.settings.project}/logs/run.googleapis.com%2Fvarlog%2Fsystem",
+            "resource": {"type": "cloud_run_job", "labels": {"job_name": self.job}},
+            "labels": {"run.googleapis.com/execution_name": execution},
+            "severity": "ERROR",
+            "textPayload": f"Execution {execution} has failed to complete.",
+        }
+        bus = EventBus(self.settings)
+        bus.publisher.publish(bus.topic(self.settings.executions_topic), json.dumps(entry).encode()).result(30)
 
     def launch(self, overrides: dict[str, str]) -> str:
         """Start an execution in the background (as the Admin API accepts one); its name."""
@@ -39,6 +75,8 @@ class LocalJobs:
 
     def _execute(self, execution: str, overrides: dict[str, str]) -> None:
         attempts = self.settings.job_max_retries + 1
+        state = ExecutionState(name=execution, finished=False, succeeded=False, attempts=0, env=overrides)
+        self._record(state)
         for attempt in range(attempts):
             env = {
                 **os.environ,
@@ -55,15 +93,36 @@ class LocalJobs:
                 "task attempt started",
                 extra=fields(event="execution.attempt", execution=execution, attempt=attempt, pid=proc.pid),
             )
-            status = proc.wait()
+            status = self._wait(proc, execution, attempt)
+            state = state.model_copy(update={"attempts": attempt + 1})
             if status == 0:
+                self._record(state.model_copy(update={"finished": True, "succeeded": True}))
                 log.info("execution succeeded", extra=fields(event="execution.succeeded", execution=execution))
                 return
             log.warning(  # a crash of the worker is reported here; the trigger carries on
                 "task attempt failed",
                 extra=fields(event="execution.attempt_failed", execution=execution, attempt=attempt, status=status),
             )
+        self._record(state.model_copy(update={"finished": True}))
         log.error(
             "execution failed: no retries left",
             extra=fields(event="execution.failed", execution=execution, attempts=attempts),
         )
+        try:
+            self._signal_failed(execution)
+        except Exception as exc:  # noqa: BLE001 - logged; Cloud Run's own signal is a log line too
+            log.warning(
+                "execution signal not sent", extra=fields(event="execution.signal_failed", error=str(exc)[:200])
+            )
+
+    def _wait(self, proc: subprocess.Popen[bytes], execution: str, attempt: int) -> int:
+        """The attempt's exit status; one that runs past the task timeout is killed (SIGKILL)."""
+        try:
+            return proc.wait(self.settings.job_task_timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning(
+                "task attempt timed out: killing it",
+                extra=fields(event="execution.attempt_timed_out", execution=execution, attempt=attempt),
+            )
+            proc.kill()
+            return proc.wait()

@@ -1,7 +1,9 @@
-"""functions-framework functions: ``http`` (the API) and ``trigger`` (Pub/Sub push -> Cloud Run Job).
+"""functions-framework functions: ``http`` (the API), ``trigger`` (Pub/Sub push -> Cloud Run Job)
+and ``unanswered`` (Pub/Sub push of dead letters and failed executions -> their answer).
 
     functions-framework --source dispatcher/main.py --target http --port 8080
     functions-framework --source dispatcher/main.py --target trigger --port 8081
+    functions-framework --source dispatcher/main.py --target unanswered --port 8082
 
 API: ``POST /cover``, ``GET /models``, ``GET /covers/{cover_id}``, ``GET /covers/{cover_id}/report``,
 ``GET /covers/{cover_id}/audio``, ``GET /healthz``, ``GET /openapi.json`` (the contract,
@@ -61,6 +63,7 @@ from shared.storage import Keys, Storage, make_storage
 
 if TYPE_CHECKING:
     from dispatcher.local_jobs import LocalJobs
+    from dispatcher.unanswered import Unanswered
 
 log = logging.getLogger("melodia.dispatcher")
 setup_logging()
@@ -77,6 +80,7 @@ class Services:
         self.models = ModelStore(settings.models_dir, self.storage)
         self.jobs_client: Any = None
         self._local_jobs: LocalJobs | None = None
+        self._unanswered: Unanswered | None = None
 
     def jobs(self) -> Any:  # run_v2.JobsClient (the library ships no type information)
         if self.jobs_client is None:
@@ -84,6 +88,14 @@ class Services:
 
             self.jobs_client = run_v2.JobsClient()
         return self.jobs_client
+
+    def unanswered(self) -> Unanswered:
+        if self._unanswered is None:
+            from dispatcher.executions import executions
+            from dispatcher.unanswered import Unanswered
+
+            self._unanswered = Unanswered(self.storage, self.keys, self.models, self.bus, executions(self.settings))
+        return self._unanswered
 
     def local_jobs(self) -> LocalJobs:
         if self._local_jobs is None:
@@ -359,4 +371,42 @@ def trigger(request: Request) -> Response:
         "job execution started",
         extra=fields(event="execution.started", execution=execution, request_id=who.request_id),
     )
+    return Response(status=204)
+
+
+@functions_framework.http
+def unanswered(request: Request) -> Response:
+    """Pub/Sub push of what the platform ended without an answer -> that request's one answer.
+
+    A dead-lettered request (Pub/Sub's dead-letter attributes) or a failed job execution's signal
+    (a log entry naming the execution): :mod:`dispatcher.unanswered`. 204 once answered (or when
+    there is nothing to answer); 503 when the answer could not be published, so Pub/Sub pushes it
+    again.
+    """
+    svc = services()
+    refused = _verify_push(request, svc.settings)
+    if refused is not None:
+        return refused
+    from dispatcher.unanswered import DEAD_LETTER_SOURCE
+
+    try:
+        envelope = PushEnvelope.model_validate_json(request.get_data())
+        data = base64.b64decode(envelope.message.data, validate=True)
+    except (ValidationError, ValueError):
+        log.warning("not a push", extra=fields(event="unanswered.not_a_push"))
+        return Response(status=204)  # nothing to answer, and nothing a redelivery would change
+    attributes = envelope.message.attributes
+    try:
+        if DEAD_LETTER_SOURCE in attributes:
+            svc.unanswered().dead_lettered(data, attributes, envelope.message.message_id)
+        else:
+            try:
+                entry = json.loads(data)
+            except ValueError:
+                entry = None
+            if isinstance(entry, dict):
+                svc.unanswered().execution_signal(entry)
+    except Exception as exc:
+        log.exception("not answered", extra=fields(event="unanswered.failed"))
+        return problem(503, ErrorCode.INTERNAL, f"the answer was not published: {type(exc).__name__}")
     return Response(status=204)

@@ -32,6 +32,9 @@ class ErrorCode(str, Enum):  # noqa: UP042 - str() of a member is its value, in 
     TOOL_MISSING = "tool.missing"
     WORK_NO_SPACE = "work.no_space"
     QUALITY_GATE = "quality.gate"
+    # the platform, not our code, ended the request: answered by the `unanswered` function
+    REQUEST_DEAD_LETTERED = "request.dead_lettered"  # Pub/Sub gave up delivering it
+    JOB_EXECUTION_FAILED = "job.execution_failed"  # its Cloud Run execution failed without answering
     INTERNAL = "internal"
 
 
@@ -41,7 +44,13 @@ EXIT_BAD_MODEL = 4
 EXIT_INTERNAL = 5
 EXIT_QUALITY_GATE = 6
 
-_RETRYABLE = {ErrorCode.INPUT_DOWNLOAD_FAILED, ErrorCode.INTERNAL, ErrorCode.WORK_NO_SPACE}
+_RETRYABLE = {
+    ErrorCode.INPUT_DOWNLOAD_FAILED,
+    ErrorCode.INTERNAL,
+    ErrorCode.WORK_NO_SPACE,
+    ErrorCode.REQUEST_DEAD_LETTERED,
+    ErrorCode.JOB_EXECUTION_FAILED,
+}
 
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 

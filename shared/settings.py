@@ -146,10 +146,26 @@ class Settings(BaseSettings):
     job_max_retries: int = Field(
         3, ge=0, le=10, description="The local launcher's task retries (Cloud Run's max_retries)."
     )
+    job_task_timeout_s: float = Field(
+        3600.0,
+        gt=0,
+        description="The local launcher kills a task attempt that runs longer than this (Cloud Run's task timeout).",
+    )
+    executions_topic: str = Field(
+        "cover-executions-ended",
+        description=(
+            "Where a failed job execution is signalled (in Google Cloud a log sink publishes Cloud Run's log "
+            "entries there; the local launcher publishes its own): the `unanswered` function answers the request "
+            "of an execution that failed without answering."
+        ),
+    )
     failpoint: str | None = Field(
         None,
-        pattern="^after:[a-z]+$",
-        description="Tests only: 'after:STAGE' makes a worker kill itself (SIGKILL) right after reporting STAGE's end.",
+        pattern="^(after|raise):[a-z]+$",
+        description=(
+            "Tests only: 'after:STAGE' makes a worker kill itself (SIGKILL) right after reporting STAGE's end; "
+            "'raise:STAGE' makes that render fail there with an error a retry might fix."
+        ),
     )
     # the worker
     runner: str = Field("local", description="Name of this runner in events (e.g. 'cloud-run-cpu', 'gpu-1').")

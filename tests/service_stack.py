@@ -75,6 +75,7 @@ class Stack:
             "COVER_PROJECT": self.project,
             "COVER_REQUESTS_TOPIC": self.requests_topic.rsplit("/", 1)[1],
             "COVER_EVENTS_TOPIC": self.events_topic.rsplit("/", 1)[1],
+            "COVER_EXECUTIONS_TOPIC": f"cover-executions-ended-{tag}",
             "COVER_REQUESTS_SUBSCRIPTION": self.worker_sub.rsplit("/", 1)[1],
             "COVER_MODELS_DIR": str(models),
             "COVER_WORK_DIR": str(tmp / "work"),

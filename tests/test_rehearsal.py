@@ -41,7 +41,10 @@ def _log_lines(path) -> list[dict]:
 
 
 @pytest.fixture
-def rehearsal(stack, tmp_path):
+def rehearsal(stack, tmp_path, request):
+    """The stack as ``make serve`` runs it; ``@pytest.mark.stack_env(NAME=VALUE, ...)`` adds to the
+    environment every process of it gets."""
+    marker = request.node.get_closest_marker("stack_env")
     port = free_port()
     gpu_subscription = f"gpu-{uuid.uuid4().hex[:8]}"
     env = {
@@ -50,6 +53,7 @@ def rehearsal(stack, tmp_path):
         "COVER_WORK_DIR": str(tmp_path / "work"),
         "COVER_LEASE_S": str(LEASE_S),
         "COVER_BUSY_RETRY_S": "1",
+        **(marker.kwargs if marker else {}),
     }
     log = tmp_path / "stack.out"
     proc = start(
@@ -145,3 +149,41 @@ def test_a_killed_job_is_reported_and_its_retry_takes_over(stack, rehearsal):
 
 def _sent_at(event: dict) -> float:
     return datetime.fromisoformat(event["_attributes"]["ce-time"]).timestamp()
+
+
+@pytest.mark.stack_env(COVER_FAILPOINT="raise:separate", COVER_MAX_ATTEMPTS="99")
+def test_a_request_pubsub_dead_letters_gets_one_cover_failed(stack, rehearsal):
+    """A GPU runner that retries for ever (its attempt limit set above the subscription's 5
+    deliveries, and every render failing after separation): Pub/Sub dead-letters the request after
+    5 deliveries, and the unanswered function answers it once, request.dead_lettered."""
+    proc, url, logs = rehearsal
+    answer = _post(url, 2, "gpu")
+    events = stack.events(lambda got: of_type(got, FAILED), timeout=240)
+    events += stack.events(lambda got: False, timeout=5)  # one answer, no more
+    (failed,) = of_type(events, FAILED)
+    assert failed["code"] == "request.dead_lettered" and failed["retryable"] is True
+    assert failed["request_id"] == answer["request_id"] and failed["cover_id"] == answer["cover_id"]
+    assert failed["attempt"] == 5 and "5 deliveries" in failed["message"]
+    assert not of_type(events, COMPLETED)
+    runner = _log_lines(logs / "gpu-runner.log")
+    assert sum(line.get("event") == "cover.retry" for line in runner) == 5  # the runner saw five deliveries
+    assert requests.get(answer["status_url"], timeout=30).json()["state"] == "failed"
+    assert proc.poll() is None
+
+
+@pytest.mark.stack_env(COVER_JOB_TASK_TIMEOUT_S="2", COVER_JOB_MAX_RETRIES="1")
+def test_a_job_killed_on_its_last_attempt_gets_one_cover_failed(stack, rehearsal):
+    """Every attempt of the execution runs past the task timeout and the launcher kills it (as Cloud
+    Run kills a task out of time or memory: the task publishes nothing). The failed execution's
+    signal reaches the unanswered function, which answers the request once, job.execution_failed."""
+    proc, url, logs = rehearsal
+    answer = _post(url, 4, "cpu")
+    events = stack.events(lambda got: of_type(got, FAILED), timeout=180)
+    events += stack.events(lambda got: False, timeout=5)
+    (failed,) = of_type(events, FAILED)
+    assert failed["code"] == "job.execution_failed" and failed["request_id"] == answer["request_id"]
+    assert failed["cover_id"] == answer["cover_id"] and failed["attempt"] == 2
+    trigger = _log_lines(logs / "trigger.log")
+    assert [line["attempt"] for line in trigger if line.get("event") == "execution.attempt_timed_out"] == [0, 1]
+    assert sum(line.get("event") == "execution.failed" for line in trigger) == 1
+    assert not of_type(events, COMPLETED)

@@ -95,7 +95,12 @@ class Rehearsal:
       environment, retried up to ``COVER_JOB_MAX_RETRIES`` (``dispatcher/local_jobs.py``);
     * a GPU runner (``python -m job serve``; on the CPU when there is no GPU) pulling its own
       subscription ``COVER_REQUESTS_SUBSCRIPTION``; restarted when it dies;
-    * a Catalog subscription ``{events_topic}-catalog`` filtered on completed and failed events.
+    * a Catalog subscription ``{events_topic}-catalog`` filtered on completed and failed events;
+    * the answers for what the platform ends (``unanswered``) on ``answers_port``: both request
+      subscriptions dead-letter to ``{requests_topic}-dead-letter`` after ``dead_letter_attempts``
+      deliveries, pushed to it from ``{requests_topic}-dead-letter-answer``; the local launcher
+      signals each failed execution on ``COVER_EXECUTIONS_TOPIC``, pushed to it from
+      ``{executions_topic}-answer``.
 
     The subscriptions carry the filters of ``shared/routing.py``. The emulator accepts filters but
     does not apply them, so each consumer also checks the route (``COVER_SERVES``) and acknowledges
@@ -107,9 +112,20 @@ class Rehearsal:
         port: the API's port
         trigger_port: the push trigger's port
         emulator: a running Pub/Sub emulator's ``HOST:PORT`` (default: start one)
+        answers_port: the ``unanswered`` function's port (0: any free one)
+        dead_letter_attempts: Pub/Sub's delivery attempts before a request is dead-lettered (5 to 100)
     """
 
-    def __init__(self, settings, logs: Path, port: int, trigger_port: int, emulator: str | None = None) -> None:
+    def __init__(
+        self,
+        settings,
+        logs: Path,
+        port: int,
+        trigger_port: int,
+        emulator: str | None = None,
+        answers_port: int = 0,
+        dead_letter_attempts: int = 5,
+    ) -> None:
         from shared.routing import subscription_filters
 
         self.settings = settings
@@ -120,6 +136,9 @@ class Rehearsal:
         self.filters = subscription_filters(settings.default_runner)
         self.push_subscription = f"{settings.requests_topic}-cpu"
         self.catalog_subscription = f"{settings.events_topic}-catalog"
+        self.answers_port = answers_port or free_port()
+        self.dead_letter_topic = f"{settings.requests_topic}-dead-letter"
+        self.dead_letter_attempts = dead_letter_attempts
         self.procs: dict[str, subprocess.Popen] = {}
         self.root = Path(__file__).resolve().parents[2]
 
@@ -150,9 +169,13 @@ class Rehearsal:
         publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
         requests_topic = publisher.topic_path(s.project, s.requests_topic)
         events_topic = publisher.topic_path(s.project, s.events_topic)
-        for topic in (requests_topic, events_topic):
+        dead_letter_topic = publisher.topic_path(s.project, self.dead_letter_topic)
+        executions_topic = publisher.topic_path(s.project, s.executions_topic)
+        for topic in (requests_topic, events_topic, dead_letter_topic, executions_topic):
             with contextlib.suppress(AlreadyExists):
                 publisher.create_topic(name=topic)
+        dead_letter = {"dead_letter_topic": dead_letter_topic, "max_delivery_attempts": self.dead_letter_attempts}
+        answers = {"push_endpoint": f"http://127.0.0.1:{self.answers_port}/"}
         subscriptions = [
             {
                 "name": subscriber.subscription_path(s.project, self.push_subscription),
@@ -160,17 +183,29 @@ class Rehearsal:
                 "ack_deadline_seconds": 60,
                 "filter": self.filters["cpu"],
                 "push_config": {"push_endpoint": f"http://127.0.0.1:{self.trigger_port}/"},
+                "dead_letter_policy": dead_letter,
             },
             {
                 "name": subscriber.subscription_path(s.project, s.requests_subscription),
                 "topic": requests_topic,
                 "ack_deadline_seconds": 60,
                 "filter": self.filters["gpu"],
+                "dead_letter_policy": dead_letter,
             },
             {
                 "name": subscriber.subscription_path(s.project, self.catalog_subscription),
                 "topic": events_topic,
                 "filter": CATALOG_FILTER,
+            },
+            {
+                "name": subscriber.subscription_path(s.project, f"{self.dead_letter_topic}-answer"),
+                "topic": dead_letter_topic,
+                "push_config": answers,
+            },
+            {
+                "name": subscriber.subscription_path(s.project, f"{s.executions_topic}-answer"),
+                "topic": executions_topic,
+                "push_config": answers,
             },
         ]
         for subscription in subscriptions:
@@ -190,9 +225,11 @@ class Rehearsal:
             COVER_SERVES="cpu",
             COVER_RUNNER=os.environ.get("COVER_JOB_RUNNER", "cloud-run-job"),
         )
+        self.procs["unanswered"] = self._function("unanswered", self.answers_port, COVER_JOB_LAUNCHER="local")
         self.procs["gpu-runner"] = self._gpu_runner()
         wait_for_port(self.port, 60, self.procs["http"])
         wait_for_port(self.trigger_port, 60, self.procs["trigger"])
+        wait_for_port(self.answers_port, 60, self.procs["unanswered"])
 
     def banner(self) -> str:
         s = self.settings
@@ -203,6 +240,8 @@ melodia-cover is up, in the production topology (logs in {self.logs}):
              routed to "cpu" runs as a job execution (python -m job run, Cloud Run's task env,
              up to {s.job_max_retries} retries)
   GPU runner python -m job serve on subscription {s.requests_subscription} (requests routed to "gpu")
+  answers    http://127.0.0.1:{self.answers_port}   requests dead-lettered after {self.dead_letter_attempts} deliveries
+             ({self.dead_letter_topic}) and failed executions ({s.executions_topic}) get cover.failed
   Pub/Sub    PUBSUB_EMULATOR_HOST={self.emulator_host}, project {s.project}, topics {s.requests_topic} and
              {s.events_topic}; the Catalog's subscription {self.catalog_subscription} ({CATALOG_FILTER})
   default runner for requests that name none: {s.default_runner}
@@ -230,7 +269,7 @@ Ctrl-C stops everything."""
             time.sleep(0.5)
 
     def stop(self) -> None:
-        for name in ("gpu-runner", "trigger", "http", "emulator"):
+        for name in ("gpu-runner", "trigger", "unanswered", "http", "emulator"):
             if name in self.procs:
                 stop(self.procs[name])
 
@@ -247,6 +286,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")), help="the API's port")
     parser.add_argument("--trigger-port", type=int, default=0, help="the push trigger's port (0: any free one)")
     parser.add_argument("--emulator", help="use this running Pub/Sub emulator (HOST:PORT) instead of starting one")
+    parser.add_argument(
+        "--dead-letter-attempts",
+        type=int,
+        default=5,
+        choices=range(5, 101),
+        metavar="5..100",
+        help="Pub/Sub's delivery attempts before a request is dead-lettered (default 5, as deployed)",
+    )
     args = parser.parse_args(argv)
     settings = Settings()
     logs = settings.work_dir / "stack-logs"
@@ -255,7 +302,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.write_models(settings.models_dir)
     song = demo.write_demo_song(settings.work_dir / "demo-song.wav")
     make_storage(settings).upload_file("songs/demo", song, "audio/wav")
-    rehearsal = Rehearsal(settings, logs, args.port, args.trigger_port or free_port(), args.emulator)
+    rehearsal = Rehearsal(
+        settings,
+        logs,
+        args.port,
+        args.trigger_port or free_port(),
+        args.emulator,
+        dead_letter_attempts=args.dead_letter_attempts,
+    )
     stopped = False
 
     def on_signal(*_):

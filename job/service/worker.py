@@ -107,10 +107,13 @@ class Worker:
             return self._pipeline
 
     def _failpoint(self, stage: Stage, cid: str) -> None:
-        """Tests only: ``COVER_FAILPOINT=after:STAGE`` kills this process when STAGE reports."""
+        """Tests only: ``COVER_FAILPOINT=after:STAGE`` kills this process when STAGE reports;
+        ``raise:STAGE`` fails the render there with a retryable error."""
         if self.settings.failpoint == f"after:{stage.value}":
             log.warning("failpoint: killing this process", extra=fields(event="failpoint", stage=stage, cover_id=cid))
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.settings.failpoint == f"raise:{stage.value}":
+            raise CoverError(ErrorCode.INTERNAL, f"failpoint: the render fails after {stage.value}", retryable=True)
 
     # --- status and events ---------------------------------------------------------------------
     def _status(self, cid: str, state: str, **fields) -> None:

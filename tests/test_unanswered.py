@@ -1,0 +1,76 @@
+"""The ``unanswered`` function's reading of executions (its answers run on the rehearsal stack:
+tests/test_rehearsal.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from google.cloud import run_v2
+
+from dispatcher.executions import CloudRunExecutions, ExecutionState, LocalExecutions
+from dispatcher.unanswered import EXECUTION_LABEL, Unanswered
+from shared.settings import Settings
+
+JOB = "projects/p/locations/europe-west1/jobs/cover-job"
+
+
+class FakeExecutionsClient:
+    """A fake of Cloud Run's Admin API (nothing here can run it): answers get_execution with a real
+    ``run_v2.Execution`` message, as the client library returns it."""
+
+    def __init__(self, execution: run_v2.Execution) -> None:
+        self.execution = execution
+        self.asked: list[str] = []
+
+    def get_execution(self, name: str) -> run_v2.Execution:
+        self.asked.append(name)
+        return self.execution
+
+
+def test_an_execution_is_read_from_the_admin_api_with_the_request_its_trigger_gave_it():
+    env = [
+        run_v2.EnvVar(name="COVER_REQUEST", value='{"song_id": "s"}'),
+        run_v2.EnvVar(name="COVER_REQUEST_ID", value="r1"),
+    ]
+    execution = run_v2.Execution(
+        task_count=1,
+        failed_count=1,
+        retried_count=3,
+        completion_time={"seconds": 1_800_000_000},
+        template=run_v2.TaskTemplate(containers=[run_v2.Container(env=env)]),
+    )
+    client = FakeExecutionsClient(execution)
+    state = CloudRunExecutions(Settings(cloud_run_job=JOB), client).get("cover-job-x1")
+    assert client.asked == [f"{JOB}/executions/cover-job-x1"]
+    assert state == ExecutionState(
+        name="cover-job-x1",
+        finished=True,
+        succeeded=False,
+        attempts=4,
+        env={"COVER_REQUEST": '{"song_id": "s"}', "COVER_REQUEST_ID": "r1"},
+    )
+    running = CloudRunExecutions(Settings(cloud_run_job=JOB), FakeExecutionsClient(run_v2.Execution(task_count=1)))
+    assert running.get("cover-job-x2").finished is False
+
+
+@pytest.mark.parametrize(
+    ("entry", "reason"),
+    [
+        ({"textPayload": "Container called exit(1)."}, "names no execution"),
+        ({"labels": {EXECUTION_LABEL: "cover-job-gone"}}, "no execution cover-job-gone"),
+        ({"labels": {EXECUTION_LABEL: "cover-job-running"}}, "running or succeeded"),
+        ({"labels": {EXECUTION_LABEL: "cover-job-done"}}, "running or succeeded"),
+    ],
+)
+def test_a_signal_for_an_execution_that_may_still_answer_is_left_alone(tmp_path, entry, reason):
+    """A retried attempt, a success, or an execution it cannot find: nothing is published (the bus
+    and the bucket are not even there to be used)."""
+    settings = Settings(work_dir=tmp_path, job_launcher="local")
+    records = LocalExecutions(settings).folder
+    records.mkdir(parents=True)
+    for name, finished, succeeded in (("cover-job-running", False, False), ("cover-job-done", True, True)):
+        state = ExecutionState(name=name, finished=finished, succeeded=succeeded, attempts=1, env={})
+        (records / f"{name}.json").write_text(json.dumps(state.model_dump()))
+    answered = Unanswered(None, None, None, None, LocalExecutions(settings)).execution_signal(entry)  # type: ignore[arg-type]
+    assert answered.action == "ignored" and reason in answered.reason
