@@ -74,7 +74,9 @@ _STATUS_FOR = {ErrorCode.VOICE_UNKNOWN: 404, ErrorCode.INPUT_NOT_FOUND: 404, Err
 class Services:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.storage: Storage = make_storage(settings)
+        self.storage: Storage = make_storage(settings)  # read only: the API's keys may not write
+        # the one thing the API writes: 'queued' markers (a bucket of their own where configured)
+        self.queue: Storage = make_storage(settings, queue=True) if settings.queue_bucket else self.storage
         self.bus = EventBus(settings)
         self.keys = Keys(settings.song_key_template)
         self.models = ModelStore(settings.models_dir, self.storage)
@@ -167,7 +169,7 @@ def _submit(request: Request) -> Response:  # noqa: PLR0911 - reads best top to 
             )
         )
     queued = CoverStatus(cover_id=cid, state="queued", updated_at=now())
-    svc.storage.put_bytes(Keys.status(cid), queued.model_dump_json().encode(), if_absent=True)
+    svc.queue.put_bytes(Keys.status(cid), queued.model_dump_json().encode(), if_absent=True)
     try:
         svc.bus.publish_request(routed, cid)
     except Exception as exc:
@@ -194,6 +196,8 @@ def _cover_status(cid: str) -> Response:
             CoverStatus(cover_id=cid, state="completed", completed=completed, updated_at=completed.completed_at)
         )
     raw = svc.storage.get_bytes(Keys.status(cid))
+    if raw is None and svc.queue is not svc.storage:
+        raw = svc.queue.get_bytes(Keys.status(cid))  # no runner has it yet
     if raw is None:
         return problem(404, "cover.unknown", f"no cover {cid}")
     status = CoverStatus.model_validate_json(raw)

@@ -106,6 +106,20 @@ class Settings(BaseSettings):
     s3_region: str = Field("auto", description="Region ('auto' for R2).")
     s3_access_key_id: SecretStr | None = None
     s3_secret_access_key: SecretStr | None = Field(None, description="Never printed: repr shows '**********'.")
+    queue_bucket: str | None = Field(
+        None,
+        description=(
+            "A bucket of its own for the API's 'queued' status markers, the one thing the API writes, so that its "
+            "credentials for the covers bucket can be read-only (an R2 token is scoped per bucket). Unset: the "
+            "covers bucket."
+        ),
+    )
+    queue_s3_access_key_id: SecretStr | None = Field(
+        None, description="The queue bucket's key (unset: s3_access_key_id)."
+    )
+    queue_s3_secret_access_key: SecretStr | None = Field(
+        None, description="The queue bucket's secret (unset: s3_secret_access_key). Never printed."
+    )
     song_key_template: str = Field("songs/{song_id}", description="Where the Catalog stores source songs.")
     url_expiry_s: int = Field(7 * 24 * 3600, gt=0, description="Lifetime of presigned cover URLs.")
 

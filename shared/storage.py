@@ -301,15 +301,21 @@ class S3Storage(Storage):
         return url
 
 
-def make_storage(settings: Settings) -> Storage:
+def make_storage(settings: Settings, *, queue: bool = False) -> Storage:
+    """The covers bucket, or (``queue``) the bucket of the API's 'queued' markers: ``queue_bucket``
+    with its own keys where set, else the covers bucket."""
+    bucket = (settings.queue_bucket if queue else None) or settings.bucket
     if settings.storage == "s3":
         key_id, secret = settings.s3_access_key_id, settings.s3_secret_access_key
+        if queue and settings.queue_bucket and settings.queue_s3_access_key_id:
+            key_id, secret = settings.queue_s3_access_key_id, settings.queue_s3_secret_access_key
         return S3Storage(
-            settings.bucket,
+            bucket,
             settings.s3_endpoint,
             settings.s3_region,
             key_id.get_secret_value() if key_id else None,
             secret.get_secret_value() if secret else None,
             settings.url_expiry_s,
         )
-    return LocalStorage(settings.storage_dir, settings.bucket)
+    own_folder = queue and settings.queue_bucket
+    return LocalStorage(settings.storage_dir / bucket if own_folder else settings.storage_dir, bucket)

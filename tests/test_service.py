@@ -191,6 +191,24 @@ def test_a_second_request_for_a_cover_being_rendered_waits_without_spending_deli
     assert not stack.subscriber.pull(subscription=kept, max_messages=10, timeout=3).received_messages
 
 
+def test_the_api_writes_nothing_to_the_covers_bucket_when_its_queue_has_a_bucket_of_its_own(stack):
+    """Deployed, the API holds read-only keys for the covers bucket: with ``COVER_QUEUE_BUCKET`` its
+    one write, the 'queued' marker, goes to a bucket of its own, and the status still reads queued
+    until a runner takes the request."""
+    queue = f"{stack.bucket}-queue"
+    stack.s3.create_bucket(Bucket=queue)
+    url = stack.start_dispatcher(COVER_QUEUE_BUCKET=queue)
+    before = {o["Key"] for o in stack.s3.list_objects_v2(Bucket=stack.bucket).get("Contents", [])}
+    body = {"song_id": "song-1", "voice_model": demo.DEMO_VOICE, "options": FAST}
+    answer = requests.post(f"{url}/cover", json=body, timeout=30)
+    assert answer.status_code == 202, answer.text
+    after = {o["Key"] for o in stack.s3.list_objects_v2(Bucket=stack.bucket).get("Contents", [])}
+    assert after == before  # nothing written where covers, models and voices live
+    cid = answer.json()["cover_id"]
+    assert stack.s3.head_object(Bucket=queue, Key=f"status/{cid}.json")
+    assert requests.get(answer.json()["status_url"], timeout=30).json()["state"] == "queued"
+
+
 def test_killed_worker_leaves_nothing_visible_and_the_redelivery_completes(stack):
     doomed = stack.start_worker("doomed", COVER_LEASE_S="4")
     request = CoverRequest(song_id="song-1", voice_model=demo.DEMO_VOICE, options=FAST)
