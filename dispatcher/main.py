@@ -26,7 +26,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import functions_framework
-from flask import Request, Response
+from flask import Request, Response, g
 from pydantic import BaseModel, ValidationError
 
 from dispatcher.api import (
@@ -153,6 +153,7 @@ def _submit(request: Request) -> Response:  # noqa: PLR0911 - reads best top to 
         )
     except CoverError as error:
         return problem(_STATUS_FOR.get(error.code, 400), error.code, error.message)
+    g.access.update(cover_id=cid, request_id=routed.request_id)
     manifest = svc.storage.get_bytes(Keys.manifest(cid))
     status_url = f"{svc.settings.public_base_url.rstrip('/')}/covers/{cid}"
     stored = CoverCompleted.model_validate_json(manifest) if manifest is not None else None
@@ -170,8 +171,9 @@ def _submit(request: Request) -> Response:  # noqa: PLR0911 - reads best top to 
         )
     queued = CoverStatus(cover_id=cid, state="queued", updated_at=now())
     svc.queue.put_bytes(Keys.status(cid), queued.model_dump_json().encode(), if_absent=True)
+    g.access.update(cover_id=cid, request_id=routed.request_id)
     try:
-        svc.bus.publish_request(routed, cid)
+        g.access["message_id"] = svc.bus.publish_request(routed, cid)
     except Exception as exc:
         log.exception("publish failed")
         return problem(503, ErrorCode.INTERNAL, f"could not queue the request: {type(exc).__name__}")
@@ -249,10 +251,32 @@ ROUTES: dict[str, dict[str, Callable[[Request], Response]]] = {
 
 @functions_framework.http
 def http(request: Request) -> Response:
-    """The API. Every answer that is not a success is problem+json, whatever went wrong."""
+    """The API. Every answer that is not a success is problem+json, whatever went wrong; each
+    request writes one access log line (``http.request``: method, path, status, latency, and the
+    cover id, request id and Pub/Sub message id where the request has them)."""
+    started = time.monotonic()
+    g.access = {}
+    answer = _route(request)
+    log.info(
+        "request",
+        extra=fields(
+            event="http.request",
+            method=request.method,
+            path=request.path[:200],
+            status=answer.status_code,
+            latency_ms=round((time.monotonic() - started) * 1000, 1),
+            **g.access,
+        ),
+    )
+    return answer
+
+
+def _route(request: Request) -> Response:
     path = request.path.rstrip("/") or "/"
     try:
         set_trace(request.headers.get("X-Cloud-Trace-Context"), services().settings.project)
+        if path.startswith("/covers/"):
+            g.access["cover_id"] = path.split("/")[2][:64]
         if path.startswith("/covers/") and path.count("/") == 2:
             handlers: dict[str, Callable[[Request], Response]] = {
                 "GET": lambda _: _cover_status(path.removeprefix("/covers/"))

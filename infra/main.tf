@@ -50,6 +50,11 @@ variable "catalog_service_account" {
   type        = string
   description = "The Catalog's service account (email): it calls the API, publishes requests and reads the events subscription this file makes for it."
 }
+variable "queue_bucket" {
+  type        = string
+  default     = "melodia-covers-queue"
+  description = "The bucket of the API's 'queued' markers (its R2 token may write there and only there)"
+}
 variable "gpu_max_delivery_attempts" {
   type        = number
   default     = 5
@@ -75,6 +80,7 @@ resource "google_project_service" "apis" {
   for_each = toset([
     "artifactregistry.googleapis.com", "cloudbuild.googleapis.com", "cloudfunctions.googleapis.com",
     "iam.googleapis.com", "pubsub.googleapis.com", "run.googleapis.com", "secretmanager.googleapis.com",
+    "logging.googleapis.com", "monitoring.googleapis.com", "iamcredentials.googleapis.com", "sts.googleapis.com",
   ])
   service            = each.value
   disable_on_destroy = false
@@ -94,32 +100,52 @@ resource "google_service_account" "trigger" { account_id = "cover-trigger" }    
 resource "google_service_account" "job" { account_id = "cover-job" }
 resource "google_service_account" "pusher" { account_id = "cover-push" } # Pub/Sub push -> trigger
 resource "google_service_account" "gpu_runner" { account_id = "cover-gpu-runner" }
+resource "google_service_account" "unanswered" { account_id = "cover-unanswered" } # answers what the platform ended
 
-# --- secrets: R2 keys -------------------------------------------------------------------------------
-resource "google_secret_manager_secret" "r2_key_id" {
-  secret_id = "cover-r2-access-key-id"
-  replication {
-    auto {}
+# --- secrets: R2 keys, one pair per permission -----------------------------------------------------
+# An R2 API token has one permission on the buckets it names, so each kind of access is a pair of its
+# own (docs/operations.md, "Deploy from zero", makes the three tokens and adds the secret versions):
+#   writer: Object Read & Write on the covers bucket: the runners and the unanswered function
+#   reader: Object Read only on the covers bucket: the public API, which must not write models or voices
+#   queue:  Object Read & Write on the queue bucket only: the API's one write, the 'queued' markers
+locals {
+  r2_keys = {
+    writer = { prefix = "cover-r2", readers = ["job", "gpu_runner", "unanswered"] }
+    reader = { prefix = "cover-r2-read", readers = ["dispatcher"] }
+    queue  = { prefix = "cover-r2-queue", readers = ["dispatcher"] }
+  }
+  r2_secrets = {
+    for pair in setproduct(keys(local.r2_keys), ["access-key-id", "secret-access-key"]) :
+    "${pair[0]}-${pair[1]}" => { key = pair[0], part = pair[1] }
+  }
+  r2_secret_readers = {
+    for item in flatten([
+      for name, secret in local.r2_secrets : [
+        for who in local.r2_keys[secret.key].readers : { id = "${name}-${who}", secret = name, who = who }
+      ]
+    ]) : item.id => item
   }
 }
-resource "google_secret_manager_secret" "r2_secret" {
-  secret_id = "cover-r2-secret-access-key"
+resource "google_secret_manager_secret" "r2" {
+  for_each  = local.r2_secrets
+  secret_id = "${local.r2_keys[each.value.key].prefix}-${each.value.part}"
   replication {
     auto {}
   }
 }
 resource "google_secret_manager_secret_iam_member" "readers" {
-  # static keys (known at plan time): who reads which R2 key
-  for_each = {
-    for pair in setproduct(["key_id", "secret"], ["dispatcher", "job", "gpu_runner"]) :
-    "${pair[0]}-${pair[1]}" => {
-      secret = pair[0] == "key_id" ? google_secret_manager_secret.r2_key_id.id : google_secret_manager_secret.r2_secret.id
-      member = local.accounts[pair[1]]
-    }
-  }
-  secret_id = each.value.secret
+  for_each  = local.r2_secret_readers # static keys (known at plan time): who reads which R2 key
+  secret_id = google_secret_manager_secret.r2[each.value.secret].id
   role      = "roles/secretmanager.secretAccessor"
-  member    = "serviceAccount:${each.value.member}"
+  member    = "serviceAccount:${local.accounts[each.value.who]}"
+}
+moved {
+  from = google_secret_manager_secret.r2_key_id
+  to   = google_secret_manager_secret.r2["writer-access-key-id"]
+}
+moved {
+  from = google_secret_manager_secret.r2_secret
+  to   = google_secret_manager_secret.r2["writer-secret-access-key"]
 }
 
 # --- topics and subscriptions -----------------------------------------------------------------------
@@ -184,9 +210,12 @@ resource "google_pubsub_subscription" "gpu" {
   }
 }
 
+# Each dead letter is answered (answers.tf) and also kept here a week, to inspect and replay
+# (docs/operations.md, "Replay dead letters").
 resource "google_pubsub_subscription" "dead_letter_inspect" {
-  name  = "cover-requests-dead-letter-inspect"
-  topic = google_pubsub_topic.dead_letter.id
+  name                       = "cover-requests-dead-letter-inspect"
+  topic                      = google_pubsub_topic.dead_letter.id
+  message_retention_duration = "604800s"
   expiration_policy {
     ttl = "" # never: an idle subscription (the on-demand GPU path, the Catalog's) must not be deleted after 31 days
   }
@@ -252,8 +281,14 @@ resource "google_pubsub_topic_iam_member" "request_publishers" {
   member = "serviceAccount:${google_service_account.dispatcher.email}"
 }
 resource "google_pubsub_topic_iam_member" "event_publishers" {
-  # runners publish progress and answers; the trigger answers pushes that can never be a request
-  for_each = { job = local.accounts.job, gpu_runner = local.accounts.gpu_runner, trigger = local.accounts.trigger }
+  # runners publish progress and answers; the trigger answers pushes that can never be a request; the
+  # unanswered function answers what the platform ended (answers.tf)
+  for_each = {
+    job        = local.accounts.job
+    gpu_runner = local.accounts.gpu_runner
+    trigger    = local.accounts.trigger
+    unanswered = local.accounts.unanswered
+  }
   topic    = google_pubsub_topic.events.id
   role     = "roles/pubsub.publisher"
   member   = "serviceAccount:${each.value}"
@@ -271,6 +306,7 @@ locals {
     trigger    = google_service_account.trigger.email
     job        = google_service_account.job.email
     gpu_runner = google_service_account.gpu_runner.email
+    unanswered = google_service_account.unanswered.email
   }
   common_env = {
     COVER_STORAGE     = "s3"
@@ -288,6 +324,8 @@ locals {
 resource "google_cloud_run_v2_job" "cover" {
   name     = "cover-job"
   location = var.region
+  # a revision that reads a secret needs the grant first (and a version: docs/operations.md, "Deploy from zero")
+  depends_on = [google_secret_manager_secret_iam_member.readers]
   template {
     task_count = 1
     template {
@@ -298,8 +336,10 @@ resource "google_cloud_run_v2_job" "cover" {
         image = var.image
         resources {
           # measured: peak RSS 2.4 to 2.8 GB for 3.5- to 10-minute songs on 2 vCPUs; with the model files
-          # and the work folder (in memory here) 3.7 to 4.1 GB for a 15-minute song (bench/JOURNAL.md, "Memory by song length")
-          limits = { cpu = "2", memory = "4Gi" }
+          # and the work folder (in memory here) 3.7 to 4.1 GB for a 15-minute song, the longest accepted
+          # (bench/JOURNAL.md, "Memory by song length"). 6 GiB (6.4 GB) is that peak with 1.5x headroom;
+          # 8 GiB is the most 2 vCPUs may have.
+          limits = { cpu = "2", memory = "6Gi" }
         }
         dynamic "env" {
           for_each = local.common_env
@@ -316,7 +356,7 @@ resource "google_cloud_run_v2_job" "cover" {
           name = "COVER_S3_ACCESS_KEY_ID"
           value_source {
             secret_key_ref {
-              secret  = google_secret_manager_secret.r2_key_id.secret_id
+              secret  = google_secret_manager_secret.r2["writer-access-key-id"].secret_id
               version = "latest"
             }
           }
@@ -325,7 +365,7 @@ resource "google_cloud_run_v2_job" "cover" {
           name = "COVER_S3_SECRET_ACCESS_KEY"
           value_source {
             secret_key_ref {
-              secret  = google_secret_manager_secret.r2_secret.secret_id
+              secret  = google_secret_manager_secret.r2["writer-secret-access-key"].secret_id
               version = "latest"
             }
           }
@@ -352,8 +392,9 @@ resource "google_service_account_iam_member" "trigger_acts_as_job" {
 # --- the functions ----------------------------------------------------------------------------------
 resource "google_cloudfunctions2_function" "http" {
   # checkov:skip=CKV_GCP_124: this is the public API the Catalog calls from outside Google Cloud; the trigger is internal-only
-  name     = "cover-api"
-  location = var.region
+  name       = "cover-api"
+  location   = var.region
+  depends_on = [google_secret_manager_secret_iam_member.readers] # see the job
   build_config {
     runtime     = "python311"
     entry_point = "http"
@@ -371,18 +412,22 @@ resource "google_cloudfunctions2_function" "http" {
     # the 202 answers' status URLs: gen2 functions also answer at REGION-PROJECT.cloudfunctions.net/NAME
     environment_variables = merge(local.common_env, {
       COVER_PUBLIC_BASE_URL = "https://${var.region}-${var.project}.cloudfunctions.net/cover-api"
+      COVER_QUEUE_BUCKET    = var.queue_bucket
     })
-    secret_environment_variables {
-      key        = "COVER_S3_ACCESS_KEY_ID"
-      project_id = var.project
-      secret     = google_secret_manager_secret.r2_key_id.secret_id
-      version    = "latest"
-    }
-    secret_environment_variables {
-      key        = "COVER_S3_SECRET_ACCESS_KEY"
-      project_id = var.project
-      secret     = google_secret_manager_secret.r2_secret.secret_id
-      version    = "latest"
+    # read-only keys for the covers bucket; read-write only on the queue bucket (see "secrets" above)
+    dynamic "secret_environment_variables" {
+      for_each = {
+        COVER_S3_ACCESS_KEY_ID           = "reader-access-key-id"
+        COVER_S3_SECRET_ACCESS_KEY       = "reader-secret-access-key"
+        COVER_QUEUE_S3_ACCESS_KEY_ID     = "queue-access-key-id"
+        COVER_QUEUE_S3_SECRET_ACCESS_KEY = "queue-secret-access-key"
+      }
+      content {
+        key        = secret_environment_variables.key
+        project_id = var.project
+        secret     = google_secret_manager_secret.r2[secret_environment_variables.value].secret_id
+        version    = "latest"
+      }
     }
   }
 }

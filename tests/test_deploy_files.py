@@ -8,6 +8,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+from shared.settings import Settings
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -40,10 +42,19 @@ def test_the_cpu_image_takes_the_cpu_build_of_torch_and_the_gpu_image_the_cuda_b
 
 
 def _terraform() -> dict:
+    """Every ``infra/*.tf`` file, merged as Terraform reads them (one module)."""
     import hcl2
 
-    with (ROOT / "infra" / "main.tf").open() as file:
-        return hcl2.load(file)
+    merged: dict = {}
+    for path in sorted((ROOT / "infra").glob("*.tf")):
+        with path.open() as file:
+            for kind, blocks in hcl2.load(file).items():
+                merged.setdefault(kind, []).extend(blocks)
+    return merged
+
+
+def _text() -> str:
+    return "\n".join(path.read_text() for path in sorted((ROOT / "infra").glob("*.tf")))
 
 
 def _resources(tf: dict, kind: str) -> dict:
@@ -99,7 +110,7 @@ def test_terraform_keeps_remote_state_and_plans_on_a_new_project():
     assert '"gcs"' in block["backend"][0]  # remote state: cloudbuild.yaml passes its bucket
     build = (ROOT / "cloudbuild.yaml").read_text()
     assert build.count("-backend-config=bucket=${_TF_STATE_BUCKET}") == 2  # bootstrap and deploy
-    text = (ROOT / "infra" / "main.tf").read_text()
+    text = _text()
     # for_each keys must be known before apply: no set built from resource attributes
     assert not re.search(r"toset\(\[[^\]]*google_", text)
     assert {"pubsub.googleapis.com", "run.googleapis.com", "artifactregistry.googleapis.com"} <= set(
@@ -111,20 +122,66 @@ def test_terraform_keeps_remote_state_and_plans_on_a_new_project():
 
 def test_each_identity_can_do_only_its_part():
     """The public API only queues requests (and reads the bucket); only the trigger may run the
-    job; only runners write covers and progress."""
+    job, the unanswered function only read its executions; only runners write covers and progress."""
     tf = _terraform()
     functions = _resources(tf, "google_cloudfunctions2_function")
     assert functions["http"]["service_config"][0]["service_account_email"].endswith("dispatcher.email}")
     assert functions["trigger"]["service_config"][0]["service_account_email"].endswith("trigger.email}")
-    runs = _resources(tf, "google_cloud_run_v2_job_iam_member")
-    assert [r["member"] for r in runs.values()] == ['"serviceAccount:${google_service_account.trigger.email}"']
+    assert functions["unanswered"]["service_config"][0]["service_account_email"].endswith("unanswered.email}")
+    runs = {
+        r["member"].strip('"${}').split(".")[1]: r["role"]
+        for r in _resources(tf, "google_cloud_run_v2_job_iam_member").values()
+    }
+    assert runs == {"trigger": '"roles/run.jobsExecutorWithOverrides"', "unanswered": '"roles/run.viewer"'}
     acts = _resources(tf, "google_service_account_iam_member")
     assert all("trigger.email" in r["member"] for r in acts.values())
-    text = (ROOT / "infra" / "main.tf").read_text()
+    text = _text()
     events = text.split('resource "google_pubsub_topic_iam_member" "event_publishers"', 1)[1].split("\n}", 1)[0]
     assert "dispatcher" not in events and "local.accounts.job" in events
-    secrets = text.split('resource "google_secret_manager_secret_iam_member" "readers"', 1)[1].split("\n}", 1)[0]
-    assert '"trigger"' not in secrets  # the trigger never touches the bucket
+    assert "trigger" not in str(_r2_keys(tf))  # the trigger never touches the bucket
+
+
+def _r2_keys(tf: dict) -> dict:
+    return _unquoted(next(block for block in tf["locals"] if "r2_keys" in block)["r2_keys"])
+
+
+def _unquoted(value):
+    """python-hcl2 keeps string literals' quotes: without them, all the way down."""
+    if isinstance(value, dict):
+        return {_unquoted(k): _unquoted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unquoted(v) for v in value]
+    return value.strip('"') if isinstance(value, str) else value
+
+
+def test_no_write_credential_is_reachable_from_the_api():
+    """The internet-facing API holds the covers bucket's read-only key and the queue bucket's key;
+    the writer key (models, voices, covers) reaches only the runners and the unanswered function."""
+    tf = _terraform()
+    keys = {name: (body["prefix"], set(body["readers"])) for name, body in _r2_keys(tf).items()}
+    assert keys == {
+        "writer": ("cover-r2", {"job", "gpu_runner", "unanswered"}),
+        "reader": ("cover-r2-read", {"dispatcher"}),
+        "queue": ("cover-r2-queue", {"dispatcher"}),
+    }
+    http = _resources(tf, "google_cloudfunctions2_function")["http"]["service_config"][0]
+    secrets = _unquoted(http["dynamic"][0])["secret_environment_variables"]["for_each"]
+    assert secrets == {
+        "COVER_S3_ACCESS_KEY_ID": "reader-access-key-id",
+        "COVER_S3_SECRET_ACCESS_KEY": "reader-secret-access-key",
+        "COVER_QUEUE_S3_ACCESS_KEY_ID": "queue-access-key-id",
+        "COVER_QUEUE_S3_SECRET_ACCESS_KEY": "queue-secret-access-key",
+    }
+    assert "COVER_QUEUE_BUCKET" in http["environment_variables"]
+    variables = {name.strip('"'): body for block in tf["variable"] for name, body in block.items()}
+    assert variables["queue_bucket"]["default"] != variables["bucket"]["default"]
+    # nothing that runs a revision before its secrets are readable
+    for kind, name in (
+        ("google_cloud_run_v2_job", "cover"),
+        ("google_cloudfunctions2_function", "http"),
+        ("google_cloudfunctions2_function", "unanswered"),
+    ):
+        assert "google_secret_manager_secret_iam_member.readers" in str(_resources(tf, kind)[name]["depends_on"]), name
 
 
 def test_every_setting_the_code_needs_in_production_is_set_where_it_runs():
@@ -136,10 +193,6 @@ def test_every_setting_the_code_needs_in_production_is_set_where_it_runs():
     functions = _resources(tf, "google_cloudfunctions2_function")
     http = functions["http"]["service_config"][0]
     assert "COVER_PUBLIC_BASE_URL" in http["environment_variables"] and "COVER_DEFAULT_RUNNER" in common
-    assert {s["key"].strip('"') for s in http["secret_environment_variables"]} == {
-        "COVER_S3_ACCESS_KEY_ID",
-        "COVER_S3_SECRET_ACCESS_KEY",
-    }
     assert "COVER_CLOUD_RUN_JOB" in common  # the trigger's target
     trigger_env = functions["trigger"]["service_config"][0]["environment_variables"]
     for name in ("COVER_PUSH_AUDIENCE", "COVER_PUSH_SERVICE_ACCOUNT", "COVER_SERVES"):
@@ -151,7 +204,9 @@ def test_every_setting_the_code_needs_in_production_is_set_where_it_runs():
     names = {e["name"].strip('"') for e in task["containers"][0]["env"]}
     assert {"COVER_S3_ACCESS_KEY_ID", "COVER_S3_SECRET_ACCESS_KEY", "COVER_MAX_ATTEMPTS"} <= names
     limits = task["containers"][0]["resources"][0]["limits"]
-    assert limits == {"cpu": '"2"', "memory": '"4Gi"'}  # the measured 2.8 GB peak fits
+    memory_gb = int(limits["memory"].strip('"').removesuffix("Gi")) * 2**30 / 1e9
+    # the measured peak of the longest song accepted (15 minutes: 4.1 GB, work folder in memory), with headroom
+    assert Settings().max_duration_s == 900 and memory_gb >= 1.25 * 4.1 and limits["cpu"] == '"2"'
 
 
 def test_every_subscription_never_expires():
@@ -197,7 +252,7 @@ def test_the_events_have_the_catalogs_subscription_and_the_catalog_its_grants():
 
 def test_the_trigger_may_run_the_job_with_overrides_and_not_change_it():
     runs = _resources(_terraform(), "google_cloud_run_v2_job_iam_member")
-    assert [r["role"].strip('"') for r in runs.values()] == ["roles/run.jobsExecutorWithOverrides"]
+    assert runs["trigger_runs_job"]["role"].strip('"') == "roles/run.jobsExecutorWithOverrides"
     assert "roles/run.developer" not in (ROOT / "infra" / "main.tf").read_text()
 
 
@@ -219,3 +274,60 @@ def test_every_build_names_what_it_deploys_and_makes_its_archive_with_what_its_i
     script = source["args"][-1]
     assert "cloud-sdk:slim" in source["name"] and not re.search(r"^\s*zip ", script, re.M)
     assert "python3 -m zipfile -c" in script
+
+
+def test_what_the_platform_ends_reaches_the_unanswered_function():
+    """Dead letters and the job's failed executions (its system log entries of severity ERROR,
+    through a log sink allowed to publish) are pushed, with Pub/Sub's OIDC token, to the function
+    that answers them; it may read executions and publish answers."""
+    tf = _terraform()
+    (pushes,) = [b for b in _resources(tf, "google_pubsub_subscription").values() if "unanswered_sources" in str(b)]
+    sources = next(block for block in tf["locals"] if "unanswered_sources" in block)["unanswered_sources"]
+    assert {v.strip('"${}') for v in sources.values()} == {
+        "google_pubsub_topic.dead_letter.id",
+        "google_pubsub_topic.executions.id",
+    }
+    push = pushes["push_config"][0]
+    assert "cloudfunctions2_function.unanswered" in push["push_endpoint"]
+    assert push["oidc_token"][0]["audience"] == "${local.unanswered_audience}"
+    function = _resources(tf, "google_cloudfunctions2_function")["unanswered"]
+    assert function["build_config"][0]["entry_point"].strip('"') == "unanswered"
+    assert "local.unanswered_audience" in function["service_config"][0]["environment_variables"]
+    assert function["service_config"][0]["ingress_settings"].strip('"') == "ALLOW_INTERNAL_ONLY"
+    (sink,) = _resources(tf, "google_logging_project_sink").values()
+    assert "google_pubsub_topic.executions.id" in sink["destination"]
+    for clause in ('resource.type=\\"cloud_run_job\\"', "run.googleapis.com/varlog/system", "severity>=ERROR"):
+        assert clause in str(sink["filter"]), clause
+    publishers = _resources(tf, "google_pubsub_topic_iam_member")
+    assert "executions_ended.writer_identity" in publishers["sink_publishes_executions"]["member"]
+    assert "unanswered" in str(publishers["event_publishers"]["for_each"])
+    from dispatcher.unanswered import EXECUTION_LABEL
+
+    assert EXECUTION_LABEL == "run.googleapis.com/execution_name"  # the label Cloud Run puts on a job's entries
+
+
+def test_operators_get_metrics_alerts_a_dashboard_and_an_uptime_check():
+    tf = _terraform()
+    metrics = {b["name"].strip('"') for b in _resources(tf, "google_logging_metric").values()}
+    assert {"cover/answers", "cover/failures", "cover/platform_answers", "cover/tasks_killed_for_memory"} <= metrics
+    policies = _resources(tf, "google_monitoring_alert_policy")
+    text = str(policies)
+    for watched in (
+        "google_pubsub_subscription.dead_letter_inspect.name",  # the dead-letter backlog
+        "num_undelivered_messages",
+        "oldest_unacked_message_age",
+        "run.googleapis.com/job/completed_execution_count",
+        "google_logging_metric.killed_for_memory.name",
+        "quality.gate",
+        "uptime_check/check_passed",
+    ):
+        assert watched in text, watched
+    limits = next(block for block in tf["locals"] if "oldest_unacked_limits" in block)["oldest_unacked_limits"]
+    for subscription in ("trigger", "gpu", "catalog_events"):
+        assert any(f"google_pubsub_subscription.{subscription}.name" in key for key in limits), subscription
+    assert len(_resources(tf, "google_monitoring_dashboard")) == 1
+    (check,) = _resources(tf, "google_monitoring_uptime_check_config").values()
+    http_check = check["http_check"][0]
+    assert http_check["path"].strip('"') == "/healthz" and http_check["service_agent_authentication"][0]["type"].strip('"') == "OIDC_TOKEN"
+    invokers = _resources(tf, "google_cloud_run_service_iam_member")
+    assert "gcp-sa-monitoring-notification" in invokers["uptime_invokes_api"]["member"]

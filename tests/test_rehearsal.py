@@ -176,7 +176,7 @@ def test_a_job_killed_on_its_last_attempt_gets_one_cover_failed(stack, rehearsal
     """Every attempt of the execution runs past the task timeout and the launcher kills it (as Cloud
     Run kills a task out of time or memory: the task publishes nothing). The failed execution's
     signal reaches the unanswered function, which answers the request once, job.execution_failed."""
-    proc, url, logs = rehearsal
+    _, url, logs = rehearsal
     answer = _post(url, 4, "cpu")
     events = stack.events(lambda got: of_type(got, FAILED), timeout=180)
     events += stack.events(lambda got: False, timeout=5)

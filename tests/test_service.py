@@ -63,6 +63,20 @@ def test_post_cover_to_completed_event(stack):
     assert again.status_code == 200 and again.json()["completed"]["key"] == completed[0]["key"]
     models = requests.get(f"{url}/models").json()["models"]
     assert models[0]["name"] == demo.DEMO_VOICE and models[0]["untrained_demo"] is True
+    # one access log line per request, with the ids an operator follows a request by
+    lines = [json.loads(x) for x in (stack.tmp / "dispatcher.log").read_text().splitlines() if x.startswith("{")]
+    access = [line for line in lines if line.get("event") == "http.request"]
+    assert [(a["method"], a["status"]) for a in access] == [
+        ("POST", 202),
+        ("GET", 200),
+        ("GET", 302),
+        ("GET", 404),
+        ("POST", 200),
+        ("GET", 200),
+    ]
+    queued = access[0]
+    assert (queued["cover_id"], queued["request_id"]) == (cover_id, request_id) and queued["message_id"]
+    assert all(a["latency_ms"] >= 0 and a["path"].startswith("/") for a in access)
 
 
 def test_dispatcher_answers_problem_json(stack):
