@@ -134,7 +134,14 @@ def test_each_identity_can_do_only_its_part():
     }
     assert runs == {"trigger": '"roles/run.jobsExecutorWithOverrides"', "unanswered": '"roles/run.viewer"'}
     acts = _resources(tf, "google_service_account_iam_member")
-    assert all("trigger.email" in r["member"] for r in acts.values())
+    assert acts["trigger_acts_as_job"]["member"].endswith('trigger.email}"')
+    federated = acts["gpu_runners_federated"]  # GPU runners sign in with a token of their host's issuer
+    assert federated["role"].strip('"') == "roles/iam.workloadIdentityUser"
+    assert (
+        "gpu_runner.name" in federated["service_account_id"]
+        and "/subject/${var.gpu_runner_oidc_subject}" in federated["member"]
+    )
+    assert set(acts) == {"trigger_acts_as_job", "gpu_runners_federated"}
     text = _text()
     events = text.split('resource "google_pubsub_topic_iam_member" "event_publishers"', 1)[1].split("\n}", 1)[0]
     assert "dispatcher" not in events and "local.accounts.job" in events
@@ -328,6 +335,27 @@ def test_operators_get_metrics_alerts_a_dashboard_and_an_uptime_check():
     assert len(_resources(tf, "google_monitoring_dashboard")) == 1
     (check,) = _resources(tf, "google_monitoring_uptime_check_config").values()
     http_check = check["http_check"][0]
-    assert http_check["path"].strip('"') == "/healthz" and http_check["service_agent_authentication"][0]["type"].strip('"') == "OIDC_TOKEN"
+    assert (
+        http_check["path"].strip('"') == "/healthz"
+        and http_check["service_agent_authentication"][0]["type"].strip('"') == "OIDC_TOKEN"
+    )
     invokers = _resources(tf, "google_cloud_run_service_iam_member")
     assert "gcp-sa-monitoring-notification" in invokers["uptime_invokes_api"]["member"]
+
+
+def test_the_gpu_runner_takes_its_credentials_from_a_private_file_not_the_command_line(tmp_path):
+    env_file = tmp_path / "runner.env"
+    env_file.write_text("# the runner's settings\nCOVER_PROJECT=from-file\nCOVER_BUCKET=covers\n")
+    base = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "COVER_RUNNER_ENV": str(env_file), "PYTHON": "/nonexistent"}
+
+    def start() -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(ROOT / "infra" / "gpu-runner.sh")], env=base, capture_output=True, text=True)
+
+    env_file.chmod(0o644)
+    refused = start()
+    assert refused.returncode == 2 and "chmod 600" in refused.stderr  # others could read the keys
+    env_file.chmod(0o600)
+    read = start()  # COVER_PROJECT and COVER_BUCKET came from the file: it gets as far as Python
+    assert read.returncode == 2 and "Python 3.11 is needed" in read.stderr, read.stderr
+    env_file.write_text("COVER_PROJECT=p\nrm -rf /=1\n")
+    assert "is not a variable name" in start().stderr  # lines are read as data, never run

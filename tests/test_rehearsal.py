@@ -25,8 +25,10 @@ from job.devkit.stack import free_port, start, stop
 from shared.events import COMPLETED, FAILED
 
 pytestmark = pytest.mark.slow
-# the lease of the stack's runners: short here; REHEARSAL_LEASE_S=60 measures the production default
+# the leases of the stack's runners, short here; REHEARSAL_LEASE_S=60 REHEARSAL_LEASE_EXTENSION_S=30
+# measure the production defaults (the claim on a cover; the Pub/Sub lease extension of a GPU runner)
 LEASE_S = float(os.environ.get("REHEARSAL_LEASE_S", "10"))
+LEASE_EXTENSION_S = os.environ.get("REHEARSAL_LEASE_EXTENSION_S", "10")
 
 
 def _log_lines(path) -> list[dict]:
@@ -52,6 +54,7 @@ def rehearsal(stack, tmp_path, request):
         "COVER_REQUESTS_SUBSCRIPTION": gpu_subscription,
         "COVER_WORK_DIR": str(tmp_path / "work"),
         "COVER_LEASE_S": str(LEASE_S),
+        "COVER_MESSAGE_LEASE_EXTENSION_S": LEASE_EXTENSION_S,
         "COVER_BUSY_RETRY_S": "1",
         **(marker.kwargs if marker else {}),
     }
@@ -187,3 +190,39 @@ def test_a_job_killed_on_its_last_attempt_gets_one_cover_failed(stack, rehearsal
     assert [line["attempt"] for line in trigger if line.get("event") == "execution.attempt_timed_out"] == [0, 1]
     assert sum(line.get("event") == "execution.failed" for line in trigger) == 1
     assert not of_type(events, COMPLETED)
+
+
+def test_a_gpu_runner_killed_mid_render_has_its_request_taken_up_within_two_minutes(stack, rehearsal):
+    """SIGKILL the GPU runner in the middle of a render: the stack starts another, Pub/Sub hands the
+    request to it once the dead runner's last lease extension runs out (COVER_MESSAGE_LEASE_EXTENSION_S,
+    10 s here, 30 s deployed) and the lease on the cover lapses, and the request completes once.
+    Prints the time from the kill to the new runner's first progress event."""
+    proc, url, logs = rehearsal
+    answer = _post(url, 9, "gpu")
+    cid = answer["cover_id"]
+
+    def separating(got) -> bool:
+        return any(e["cover_id"] == cid and e["stage"] == "separate" for e in of_type(got, "cover.progress"))
+
+    assert separating(stack.events(separating, timeout=240))
+    (started,) = [line for line in _log_lines(logs / "gpu-runner.log") if line.get("event") == "runner.started"]
+    os.kill(started["pid"], signal.SIGKILL)
+    killed_at = time.time()
+
+    def taken_up(got) -> bool:
+        return any(
+            e["cover_id"] == cid and e["stage"] == "accepted" and _sent_at(e) > killed_at
+            for e in of_type(got, "cover.progress")
+        )
+
+    events = stack.events(lambda got: taken_up(got) and of_type(got, COMPLETED), timeout=360)
+    events += stack.events(lambda got: False, timeout=3)
+    takeover = min(
+        _sent_at(e) for e in of_type(events, "cover.progress") if e["stage"] == "accepted" and _sent_at(e) > killed_at
+    )
+    print(f"\nGPU runner killed: its request taken up {takeover - killed_at:.1f} s after the kill")
+    (completed,) = of_type(events, COMPLETED)
+    assert completed["request_id"] == answer["request_id"] and completed["runner"] == "gpu-runner"
+    _check_against_bucket(stack, completed)
+    assert takeover - killed_at < 120
+    assert proc.poll() is None

@@ -171,6 +171,7 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:  # n
         "runner started",
         extra=fields(
             event="runner.started",
+            pid=os.getpid(),
             subscription=path,
             runner=settings.runner,
             in_flight=limit,
