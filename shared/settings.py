@@ -121,6 +121,16 @@ class Settings(BaseSettings):
         None, description="The queue bucket's secret (unset: s3_secret_access_key). Never printed."
     )
     song_key_template: str = Field("songs/{song_id}", description="Where the Catalog stores source songs.")
+    lifecycle_days: dict[str, int] = Field(
+        {"stems/": 30, "claims/": 2, "status/": 30, "reports/": 180},
+        description=(
+            "Days the bucket keeps each prefix after an object's last write (python -m shared.lifecycle applies "
+            "them; 0 keeps for ever). Stems are a cache (150 MB per 3.5-minute song), claims matter for a "
+            "minute, a status object only until its cover is stored or has failed. Covers, manifests, songs, "
+            "models and voices are never expired."
+        ),
+    )
+    lifecycle_queue_days: int = Field(7, ge=1, description="Days the queue bucket keeps a 'queued' marker.")
     url_expiry_s: int = Field(7 * 24 * 3600, gt=0, description="Lifetime of presigned cover URLs.")
 
     # events (Pub/Sub; PUBSUB_EMULATOR_HOST points the clients at the emulator)
