@@ -50,6 +50,11 @@ variable "catalog_service_account" {
   type        = string
   description = "The Catalog's service account (email): it calls the API, publishes requests and reads the events subscription this file makes for it."
 }
+variable "build_service_account" {
+  type        = string
+  default     = ""
+  description = "The identity Cloud Build runs cloudbuild.yaml as (empty: the project's Cloud Build service account); it reads the read-only R2 key"
+}
 variable "queue_bucket" {
   type        = string
   default     = "melodia-covers-queue"
@@ -111,7 +116,7 @@ resource "google_service_account" "unanswered" { account_id = "cover-unanswered"
 locals {
   r2_keys = {
     writer = { prefix = "cover-r2", readers = ["job", "gpu_runner", "unanswered"] }
-    reader = { prefix = "cover-r2-read", readers = ["dispatcher"] }
+    reader = { prefix = "cover-r2-read", readers = ["dispatcher", "build"] } # build: bakes models/ into the image
     queue  = { prefix = "cover-r2-queue", readers = ["dispatcher"] }
   }
   r2_secrets = {
@@ -307,6 +312,7 @@ locals {
     job        = google_service_account.job.email
     gpu_runner = google_service_account.gpu_runner.email
     unanswered = google_service_account.unanswered.email
+    build      = var.build_service_account != "" ? var.build_service_account : "${data.google_project.this.number}@cloudbuild.gserviceaccount.com"
   }
   common_env = {
     COVER_STORAGE     = "s3"

@@ -57,10 +57,10 @@ class AdminApi(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_GET(self) -> None:  # noqa: N802 - the handler's API
+    def do_GET(self) -> None:
         self._answer(EXECUTION if "/executions/" in self.path else JOB)
 
-    def do_POST(self) -> None:  # noqa: N802 - the handler's API
+    def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
         bodies.append({"path": self.path.split("?")[0], "body": body})
         self._answer(EXECUTION)

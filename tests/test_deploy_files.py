@@ -168,7 +168,7 @@ def test_no_write_credential_is_reachable_from_the_api():
     keys = {name: (body["prefix"], set(body["readers"])) for name, body in _r2_keys(tf).items()}
     assert keys == {
         "writer": ("cover-r2", {"job", "gpu_runner", "unanswered"}),
-        "reader": ("cover-r2-read", {"dispatcher"}),
+        "reader": ("cover-r2-read", {"dispatcher", "build"}),
         "queue": ("cover-r2-queue", {"dispatcher"}),
     }
     http = _resources(tf, "google_cloudfunctions2_function")["http"]["service_config"][0]
@@ -359,3 +359,42 @@ def test_the_gpu_runner_takes_its_credentials_from_a_private_file_not_the_comman
     assert read.returncode == 2 and "Python 3.11 is needed" in read.stderr, read.stderr
     env_file.write_text("COVER_PROJECT=p\nrm -rf /=1\n")
     assert "is not a variable name" in start().stderr  # lines are read as data, never run
+
+
+def test_the_function_source_exports_every_entry_point_terraform_deploys():
+    import yaml
+
+    build = yaml.safe_load((ROOT / "cloudbuild.yaml").read_text())
+    (source,) = [s for s in build["steps"] if s["id"] == "function-source"]
+    exported = re.search(r"from dispatcher\.main import ([\w, ]+)", source["args"][-1])
+    assert exported
+    entry_points = {
+        body["build_config"][0]["entry_point"].strip('"')
+        for body in _resources(_terraform(), "google_cloudfunctions2_function").values()
+    }
+    assert entry_points == {"http", "trigger", "unanswered"}
+    assert entry_points <= {name.strip() for name in exported[1].split(",")}
+    import dispatcher.main as functions
+
+    assert all(callable(getattr(functions, name)) for name in entry_points)
+
+
+def test_the_cpu_image_bakes_the_bucket_s_base_models_and_builds_on_the_last_build_s_layers():
+    """An execution starts with the base models in the image (the bucket's manifest decides what;
+    the start-up sync fetches only what changed since); each image builds from the previous one's
+    cached layers."""
+    import yaml
+
+    build = yaml.safe_load((ROOT / "cloudbuild.yaml").read_text())
+    steps = {s["id"]: s for s in build["steps"]}
+    order = list(steps)
+    assert order.index("image-cpu") < order.index("models") < order.index("image-cpu-models") < order.index("push")
+    models = steps["models"]
+    assert models["name"] == "cover-job:cpu-bare" and models["args"][:3] == ["models", "pull", "--base-only"]
+    secrets = {s["env"]: s["versionName"] for s in build["availableSecrets"]["secretManager"]}
+    assert set(models["secretEnv"]) == set(secrets) and all("cover-r2-read-" in v for v in secrets.values())
+    assert "--build-arg=MODELS=build-models" in steps["image-cpu-models"]["args"]
+    assert build["images"][0].endswith("cpu-$BUILD_ID")
+    for step in ("image-cpu", "image-gpu"):
+        assert "--cache-from=" in str(steps[step]["args"]), step
+    assert "COPY --chown=cover ${MODELS} /models" in (ROOT / "Dockerfile").read_text()

@@ -409,7 +409,7 @@ def cmd_models_push(args: argparse.Namespace) -> int:
 def cmd_models_pull(args: argparse.Namespace) -> int:
     store = _bucket_store(args)
     report = store.sync()
-    names = args.voices or [v.name for v in store.voices()]
+    names = [] if args.base_only else args.voices or [v.name for v in store.voices()]
     for name in names:
         store.voice(name)
     _emit(
@@ -521,6 +521,9 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - reads best top
         help="make the local base models equal to the bucket's, and fetch voices (hash-checked)",
     )
     p.add_argument("voices", nargs="*", help="voices to fetch (default: every voice in the bucket)")
+    p.add_argument(
+        "--base-only", action="store_true", help="the base models only, no voice (what the job image bakes in)"
+    )
     p.set_defaults(func=cmd_models_pull)
     return parser
 
