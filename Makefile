@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: browser run test test-fast test-full coverage lint bench bench-gpu gpu-runner serve setup system-deps pubsub-emulator clean
+.PHONY: browser run test test-fast test-full coverage lint bench bench-cold-start bench-gpu gpu-runner serve setup system-deps pubsub-emulator clean
 
 system-deps:  ## Debian's ffmpeg (ffmpeg + ffprobe)
 	@command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 || \
@@ -74,6 +74,9 @@ bench: setup
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.quality
 	$(BIN)/python -m bench.mix
+
+bench-cold-start: setup  ## a job execution's start-to-first-stage time, models baked in or downloaded
+	$(BIN)/python -m bench.cold_start
 
 bench-gpu: setup  ## the GPU benchmark (bench/gpu.py): on a machine with a GPU, one command
 	$(BIN)/python -m bench.gpu
