@@ -17,6 +17,8 @@ from pydantic import BaseModel, Field
 
 from shared.settings import Settings
 
+RUNNING_PAGE = 100
+
 
 class ExecutionState(BaseModel):
     """One job execution, as far as answering its request needs."""
@@ -31,6 +33,9 @@ class ExecutionState(BaseModel):
 class Executions(Protocol):
     def get(self, name: str) -> ExecutionState | None:
         """The execution ``name`` (short), or None when there is none."""
+
+    def running(self) -> int:
+        """Executions of the job not finished yet."""
 
 
 class CloudRunExecutions:
@@ -64,6 +69,13 @@ class CloudRunExecutions:
             env=env,
         )
 
+    def running(self) -> int:
+        """Counted on the newest page of executions (RUNNING_PAGE): more than that many running at
+        once is beyond any bound this deployment sets."""
+        page = self.client().list_executions(request={"parent": self.job, "page_size": RUNNING_PAGE}).pages
+        first = next(iter(page), None)
+        return sum(not execution.completion_time for execution in first.executions) if first else 0
+
 
 class LocalExecutions:
     """The local launcher's records: ``{work_dir}/executions/{name}.json``, one per execution,
@@ -75,6 +87,10 @@ class LocalExecutions:
     def get(self, name: str) -> ExecutionState | None:
         path = self.folder / f"{Path(name).name}.json"
         return ExecutionState.model_validate(json.loads(path.read_text())) if path.exists() else None
+
+    def running(self) -> int:
+        states = (ExecutionState.model_validate_json(path.read_text()) for path in self.folder.glob("*.json"))
+        return sum(not state.finished for state in states)
 
 
 def local_records(settings: Settings) -> Path:

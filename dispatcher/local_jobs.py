@@ -40,20 +40,11 @@ class LocalJobs:
         self.job = settings.cloud_run_job.rsplit("/", 1)[-1]
         self.records = local_records(settings)
         self.records.mkdir(parents=True, exist_ok=True)
-        self._running: set[str] = set()
-        self._lock = threading.Lock()
-
-    def running(self) -> int:
-        """Executions not finished yet."""
-        with self._lock:
-            return len(self._running)
 
     def _record(self, state: ExecutionState) -> None:
         path = self.records / f"{state.name}.json"
         path.with_suffix(".tmp").write_text(state.model_dump_json())
         path.with_suffix(".tmp").replace(path)
-        with self._lock:
-            (self._running.discard if state.finished else self._running.add)(state.name)
 
     def _signal_failed(self, execution: str) -> None:
         """What Cloud Run's log sink forwards for a failed execution, on the executions topic."""

@@ -62,6 +62,7 @@ from shared.settings import Settings
 from shared.storage import Keys, Storage, make_storage
 
 if TYPE_CHECKING:
+    from dispatcher.executions import Executions
     from dispatcher.local_jobs import LocalJobs
     from dispatcher.unanswered import Unanswered
 
@@ -83,6 +84,7 @@ class Services:
         self.jobs_client: Any = None
         self._local_jobs: LocalJobs | None = None
         self._unanswered: Unanswered | None = None
+        self._executions: Executions | None = None
 
     def jobs(self) -> Any:  # run_v2.JobsClient (the library ships no type information)
         if self.jobs_client is None:
@@ -91,12 +93,18 @@ class Services:
             self.jobs_client = run_v2.JobsClient()
         return self.jobs_client
 
+    def executions(self) -> Executions:
+        if self._executions is None:
+            from dispatcher.executions import executions
+
+            self._executions = executions(self.settings)
+        return self._executions
+
     def unanswered(self) -> Unanswered:
         if self._unanswered is None:
-            from dispatcher.executions import executions
             from dispatcher.unanswered import Unanswered
 
-            self._unanswered = Unanswered(self.storage, self.keys, self.models, self.bus, executions(self.settings))
+            self._unanswered = Unanswered(self.storage, self.keys, self.models, self.bus, self.executions())
         return self._unanswered
 
     def local_jobs(self) -> LocalJobs:
@@ -358,8 +366,10 @@ def trigger(request: Request) -> Response:
     """Pub/Sub push of ``cover.requested`` -> one Cloud Run Job execution with the request in its env.
 
     2xx only once the execution was accepted, so Pub/Sub redelivers otherwise (and the subscription's
-    dead-letter policy catches what keeps failing). A message that is not a valid request is answered
-    with ``cover.failed`` here and acknowledged: no execution is spent on it.
+    dead-letter policy catches what keeps failing). With ``COVER_MAX_EXECUTIONS`` running already,
+    429 ``executions.at_capacity``: the request waits in its subscription for Pub/Sub's next push.
+    A message that is not a valid request is answered with ``cover.failed`` here and acknowledged:
+    no execution is spent on it.
     """
     svc = services()
     settings = svc.settings
@@ -388,6 +398,13 @@ def trigger(request: Request) -> Response:
         )
         svc.bus.publish_event(FAILED, failed, None, event_id=answer_event_id("failed", None, who.request_id, data))
         return Response(status=204)
+    if settings.max_executions and svc.executions().running() >= settings.max_executions:
+        log.info(  # Pub/Sub pushes it again with its backoff; the request waits in the subscription
+            "at the execution bound", extra=fields(event="execution.deferred", request_id=who.request_id)
+        )
+        answer = problem(429, "executions.at_capacity", f"{settings.max_executions} job executions are running")
+        answer.headers["Retry-After"] = "30"
+        return answer
     overrides = {"COVER_REQUEST": data.decode(), "COVER_REQUEST_ID": who.request_id or ""}
     try:
         local = settings.job_launcher == "local"

@@ -60,6 +60,20 @@ variable "queue_bucket" {
   default     = "melodia-covers-queue"
   description = "The bucket of the API's 'queued' markers (its R2 token may write there and only there)"
 }
+variable "max_executions" {
+  type        = number
+  default     = 20
+  description = "Job executions running at once (a burst's bound, within the region's quotas); the rest wait in the trigger's subscription."
+}
+variable "trigger_max_delivery_attempts" {
+  type        = number
+  default     = 100
+  description = "Pushes of a request to the trigger before it is dead-lettered: each push the execution bound turns away (429) spends one, so this is Pub/Sub's maximum; with the 10-600 s backoff a request waits up to about 16 hours at the bound."
+  validation {
+    condition     = var.trigger_max_delivery_attempts >= 5 && var.trigger_max_delivery_attempts <= 100
+    error_message = "Pub/Sub allows 5 to 100 delivery attempts."
+  }
+}
 variable "gpu_max_delivery_attempts" {
   type        = number
   default     = 5
@@ -190,7 +204,7 @@ resource "google_pubsub_subscription" "trigger" {
   }
   dead_letter_policy {
     dead_letter_topic     = google_pubsub_topic.dead_letter.id
-    max_delivery_attempts = 5
+    max_delivery_attempts = var.trigger_max_delivery_attempts
   }
 }
 
@@ -460,6 +474,7 @@ resource "google_cloudfunctions2_function" "trigger" {
       COVER_PUSH_AUDIENCE        = local.push_audience
       COVER_PUSH_SERVICE_ACCOUNT = google_service_account.pusher.email
       COVER_SERVES               = "cpu" # idle behind the filter; refuses a GPU request if it is ever changed
+      COVER_MAX_EXECUTIONS       = tostring(var.max_executions)
     })
   }
 }

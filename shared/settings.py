@@ -170,6 +170,15 @@ class Settings(BaseSettings):
     job_max_retries: int = Field(
         3, ge=0, le=10, description="The local launcher's task retries (Cloud Run's max_retries)."
     )
+    max_executions: int = Field(
+        0,
+        ge=0,
+        description=(
+            "The trigger starts no job execution while this many are running (0: no bound); it answers the push "
+            "429 instead and the request waits in its subscription, pushed again with Pub/Sub's backoff. Bounds a "
+            "burst within the region's quotas."
+        ),
+    )
     job_task_timeout_s: float = Field(
         3600.0,
         gt=0,

@@ -99,6 +99,14 @@ def test_each_path_s_attempt_limit_is_the_platform_s():
     assert env["COVER_MAX_ATTEMPTS"] == "${tostring(var.job_max_retries + 1)}"
     gpu = _resources(tf, "google_pubsub_subscription")["gpu"]
     assert gpu["dead_letter_policy"][0]["max_delivery_attempts"] == "${var.gpu_max_delivery_attempts}"
+    # the CPU path: a push turned away at the execution bound (429) spends a delivery attempt, so the
+    # trigger's subscription allows Pub/Sub's most, and the trigger knows its bound
+    trigger = _resources(tf, "google_pubsub_subscription")["trigger"]
+    assert trigger["dead_letter_policy"][0]["max_delivery_attempts"] == "${var.trigger_max_delivery_attempts}"
+    variables = {name.strip('"'): body for block in tf["variable"] for name, body in block.items()}
+    assert variables["trigger_max_delivery_attempts"]["default"] == 100
+    trigger_env = _resources(tf, "google_cloudfunctions2_function")["trigger"]["service_config"][0]
+    assert "COVER_MAX_EXECUTIONS" in str(trigger_env["environment_variables"])
     output = next(block['"gpu_runner_env"'] for block in tf["output"] if '"gpu_runner_env"' in block)
     assert output["value"]["COVER_MAX_ATTEMPTS"] == "${tostring(var.gpu_max_delivery_attempts)}"
 

@@ -397,8 +397,9 @@ class FakeJobsClient:
         return object()
 
 
-def _serve_trigger(stack, client):
-    """The trigger function in-process (to hold the fake client), served over HTTP on a real port."""
+def _serve_trigger(stack, client, executions=None):
+    """The trigger function in-process (to hold the fake client, and ``executions`` where given),
+    served over HTTP on a real port."""
     import threading
 
     import functions_framework
@@ -419,6 +420,8 @@ def _serve_trigger(stack, client):
     for module in {id(m): m for m in [*loaded, dispatcher_main]}.values():
         module.services.cache_clear()
         module.services().jobs_client = client
+        if executions is not None:
+            module.services()._executions = executions
     server = make_server("127.0.0.1", 0, app, threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_port}"
@@ -452,6 +455,45 @@ def test_trigger_starts_a_job_execution_with_the_request(stack):
         ids = [f["_attributes"]["ce-id"] for f in failed]
         assert ids.count(ids[0]) == 2 and len(set(ids)) == 5  # one id per fact, stable across redelivery
         assert [f["request_id"] for f in failed].count("2") == 2  # the garbage names its message
+    finally:
+        server.shutdown()
+
+
+def test_the_trigger_starts_no_execution_beyond_its_bound_and_lets_the_request_wait(stack, monkeypatch):
+    """With COVER_MAX_EXECUTIONS running (counted through the Admin API: a fake, nothing real runs
+    here), a push is answered 429 and no execution starts; Pub/Sub pushes it again later (its retry
+    policy's backoff) and once one has finished, it starts."""
+    from google.cloud import run_v2
+
+    from dispatcher.executions import CloudRunExecutions
+    from shared.settings import Settings
+
+    class FakeExecutionsList:
+        def __init__(self) -> None:
+            self.running = 2
+
+        def list_executions(self, request):
+            done = {"seconds": 1_800_000_000}
+            executions = [run_v2.Execution(), run_v2.Execution(completion_time=done)] + [run_v2.Execution()] * (
+                self.running - 1
+            )
+
+            class Pager:
+                pages = iter([run_v2.ListExecutionsResponse(executions=executions)])
+
+            return Pager()
+
+    monkeypatch.setitem(stack.env, "COVER_MAX_EXECUTIONS", "2")
+    client, listing = FakeJobsClient(), FakeExecutionsList()
+    server, url = _serve_trigger(stack, client, CloudRunExecutions(Settings(), listing))
+    try:
+        data = json.dumps({"song_id": "song-1", "voice_model": demo.DEMO_VOICE}).encode()
+        envelope = {"message": {"data": base64.b64encode(data).decode(), "messageId": "7"}}
+        held = requests.post(url, json=envelope)
+        assert held.status_code == 429 and held.json()["code"] == "executions.at_capacity"
+        assert held.headers["Retry-After"] and not client.calls
+        listing.running = 1
+        assert requests.post(url, json=envelope).status_code == 204 and len(client.calls) == 1
     finally:
         server.shutdown()
 
