@@ -172,6 +172,9 @@ moved {
 resource "google_pubsub_topic" "requests" {
   # checkov:skip=CKV_GCP_83: Google-managed encryption (see above)
   name = "cover-requests"
+  # a week of requests kept on the topic itself: a replaced subscription (switching the default
+  # runner) seeks back to before the switch and loses nothing (docs/operations.md, "Switch the default runner")
+  message_retention_duration = "604800s"
 }
 resource "google_pubsub_topic" "events" {
   # checkov:skip=CKV_GCP_83: Google-managed encryption (see above)

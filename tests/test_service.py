@@ -223,6 +223,52 @@ def test_the_api_writes_nothing_to_the_covers_bucket_when_its_queue_has_a_bucket
     assert requests.get(answer.json()["status_url"], timeout=30).json()["state"] == "queued"
 
 
+def test_dead_letters_are_replayed_to_the_requests_topic_under_their_own_request_id(stack, monkeypatch):
+    """A request dead-lettered for real (5 deliveries, none answered) and kept: the replay tool lists
+    it without touching it (--dry-run), then publishes it again with its own attributes (not
+    Pub/Sub's dead-letter ones) and acknowledges the kept copy."""
+    from dispatcher.replay import main as replay_main
+
+    dead_letter, kept = stack.dead_letter_topic()
+    source = stack.subscription(stack.requests_topic, f"dl-source-{uuid.uuid4().hex[:6]}", dead_letter=dead_letter)
+    replayed_to = stack.subscription(stack.requests_topic, f"replayed-{uuid.uuid4().hex[:6]}")
+    request = CoverRequest(song_id="song-1", voice_model=demo.DEMO_VOICE, request_id="request-dl")
+    stack.publish_request(*to_message(REQUESTED, request))
+    for _ in range(5):  # a runner that never answers
+        got = stack.subscriber.pull(subscription=source, max_messages=1, timeout=10).received_messages
+        stack.subscriber.modify_ack_deadline(subscription=source, ack_ids=[got[0].ack_id], ack_deadline_seconds=0)
+    # the emulator forwards to the dead-letter topic when it would deliver a sixth time
+    assert not stack.subscriber.pull(subscription=source, max_messages=1, timeout=5).received_messages
+    stack.subscriber.acknowledge(  # what reached the plain subscription before: not a replay
+        subscription=replayed_to,
+        ack_ids=[
+            m.ack_id
+            for m in stack.subscriber.pull(subscription=replayed_to, max_messages=5, timeout=10).received_messages
+        ],
+    )
+    for name in ("PUBSUB_EMULATOR_HOST", "COVER_PROJECT", "COVER_REQUESTS_TOPIC"):
+        monkeypatch.setenv(name, stack.env[name])
+    args = ["--subscription", kept.rsplit("/", 1)[1]]
+    import contextlib
+    import io
+
+    def run(*extra: str) -> list[dict]:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert replay_main([*args, *extra]) == 0
+        return [json.loads(line) for line in out.getvalue().splitlines()]
+
+    (listed,) = run("--dry-run")
+    assert listed["request_id"] == "request-dl" and listed["deliveries"] == "5" and listed["republished_as"] is None
+    (done,) = run()
+    assert done["republished_as"]
+    (again,) = stack.subscriber.pull(subscription=replayed_to, max_messages=5, timeout=10).received_messages
+    attributes = dict(again.message.attributes)
+    assert json.loads(again.message.data)["request_id"] == "request-dl" and attributes["ce-type"] == REQUESTED
+    assert not any(name.startswith("CloudPubSubDeadLetter") for name in attributes)
+    assert run() == []  # the kept copy was acknowledged
+
+
 def test_killed_worker_leaves_nothing_visible_and_the_redelivery_completes(stack):
     doomed = stack.start_worker("doomed", COVER_LEASE_S="4")
     request = CoverRequest(song_id="song-1", voice_model=demo.DEMO_VOICE, options=FAST)
