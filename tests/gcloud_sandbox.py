@@ -71,8 +71,19 @@ class AdminApi(BaseHTTPRequestHandler):
         pass
 
 
+def _loopback_up() -> None:
+    """Bring the namespace's loopback interface up (SIOCGIFFLAGS / SIOCSIFFLAGS with IFF_UP)."""
+    import fcntl
+    import socket
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        flags = struct.unpack("16sh", fcntl.ioctl(sock, 0x8913, struct.pack("16sh", b"lo", 0)))[1]
+        fcntl.ioctl(sock, 0x8914, struct.pack("16sh", b"lo", flags | 0x1))
+
+
 def main(command: str) -> int:
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    _loopback_up()
     work = Path(tempfile.mkdtemp())
     hosts = work / "hosts"
     hosts.write_text(f"127.0.0.1 localhost {REGION}-127.0.0.1\n")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
+from shared.events import CoverRequest
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -406,3 +408,40 @@ def test_the_cpu_image_bakes_the_bucket_s_base_models_and_builds_on_the_last_bui
     for step in ("image-cpu", "image-gpu"):
         assert "--cache-from=" in str(steps[step]["args"]), step
     assert "COPY --chown=cover ${MODELS} /models" in (ROOT / "Dockerfile").read_text()
+
+
+def _runbook_command() -> str:
+    text = (ROOT / "docs" / "operations.md").read_text()
+    block = text.split("<!-- tested: tests/test_deploy_files.py parses this command with the real gcloud CLI -->", 1)[1]
+    return block.split("```bash\n", 1)[1].split("```", 1)[0].strip()
+
+
+def _sandboxed_gcloud(command: str) -> subprocess.CompletedProcess:
+    """``command`` run by the real gcloud CLI in a network namespace of its own with a loopback
+    stand-in of the Admin API (tests/gcloud_sandbox.py): nothing can leave this machine."""
+    sandbox = ROOT / "tests" / "gcloud_sandbox.py"
+    return subprocess.run(
+        ["unshare", "-rnm", sys.executable, str(sandbox), command], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_the_runbook_s_manual_run_reaches_cloud_run_with_the_request_whole():
+    """The documented `gcloud run jobs execute` line, parsed by the real gcloud CLI: the request's
+    JSON arrives whole as COVER_REQUEST; the same line without gcloud's `^@^` escaping is refused
+    (gcloud splits it at its commas), as the issue reproduced."""
+    import shutil
+
+    assert shutil.which("gcloud") and shutil.which("unshare"), "make setup installs the Cloud SDK"
+    command = _runbook_command()
+    assert command.startswith("gcloud run jobs execute cover-job")
+    sent = _sandboxed_gcloud(command)
+    assert sent.returncode == 0, sent.stderr[-2000:]
+    (run,) = [json.loads(line) for line in sent.stdout.splitlines() if line.startswith("{")]
+    assert run["path"].endswith("/jobs/cover-job:run")
+    (override,) = run["body"]["overrides"]["containerOverrides"]
+    env = {e["name"]: e["value"] for e in override["env"]}
+    request = json.loads(env["COVER_REQUEST"])
+    assert request == {"song_id": "songs-1", "voice_model": "demo-voice", "options": {"pitch": 2}}
+    CoverRequest.model_validate(request)  # and it is a request the job accepts
+    naive = _sandboxed_gcloud(command.replace("'^@^COVER_REQUEST=", "'COVER_REQUEST="))
+    assert naive.returncode != 0 and "Bad syntax for dict arg" in naive.stderr
