@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         _child(args.child)
         return 0
     import boto3
+    from pydantic import SecretStr
 
     from job.devkit import demo
     from job.devkit.stack import start_s3, stop
@@ -97,8 +98,14 @@ def main(argv: list[str] | None = None) -> int:
         }
         source = work / "source"
         demo.write_models(source, size="real")
-        settings = Settings(**{k[6:].lower(): v for k, v in env.items() if k.startswith("COVER_S3_")})
-        settings = settings.model_copy(update={"storage": "s3", "bucket": bucket})
+        settings = Settings(
+            storage="s3",
+            bucket=bucket,
+            s3_endpoint=endpoint,
+            s3_region="us-east-1",
+            s3_access_key_id=SecretStr("t"),
+            s3_secret_access_key=SecretStr("t"),
+        )
         store = ModelStore(source, make_storage(settings))
         manifest = store.push()
         total_mb = sum(d.size for d in manifest.files.values()) / 1e6
