@@ -20,10 +20,17 @@ from job.render.media.audio import MIX_SAMPLE_RATE, write_wav
 FULL_SWEEPS = os.environ.get("COVER_TEST_FULL") == "1"
 
 
+# Network in tests is loopback only: google-auth never probes the metadata server (NO_GCE_CHECK),
+# and should anything ask it anyway, its address is a dead loopback port. Every process the tests
+# start inherits this.
+NO_METADATA_SERVER = {"NO_GCE_CHECK": "True", "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9"}
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (``make test``: one worker per core) each worker computes on one thread,
     and so does every process it starts (``cover``, ``python -m job``): the workers share the
-    cores instead of each spinning up a thread per core."""
+    cores instead of each spinning up a thread per core. No test reaches the metadata server."""
+    os.environ.update(NO_METADATA_SERVER)
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
 

@@ -226,3 +226,27 @@ def test_a_gpu_runner_killed_mid_render_has_its_request_taken_up_within_two_minu
     _check_against_bucket(stack, completed)
     assert takeover - killed_at < 120
     assert proc.poll() is None
+
+
+def test_two_requests_for_one_cover_on_the_gpu_path_both_get_their_answer(stack, rehearsal):
+    """The second request for a cover arrives while the GPU runner renders it: both are answered,
+    with their own request ids and one render, and neither is dead-lettered (the stack's
+    subscriptions dead-letter after 5 deliveries, and the unanswered function would answer a dead
+    letter with cover.failed)."""
+    proc, url, logs = rehearsal
+    first = _post(url, 11, "gpu")
+
+    def rendering(got) -> bool:
+        return any(e["cover_id"] == first["cover_id"] for e in of_type(got, "cover.progress"))
+
+    events = stack.events(rendering, timeout=240)
+    second = _post(url, 11, "gpu")
+    assert second["cover_id"] == first["cover_id"] and second["request_id"] != first["request_id"]
+    events += stack.events(lambda got: len(of_type(got, COMPLETED)) >= 2, timeout=300)
+    events += stack.events(lambda got: False, timeout=5)
+    answered = {e["request_id"] for e in of_type(events, COMPLETED)}
+    assert answered == {first["request_id"], second["request_id"]} and not of_type(events, FAILED)
+    claims = stack.s3.list_objects_v2(Bucket=stack.bucket, Prefix=f"claims/{first['cover_id']}/")
+    assert claims["KeyCount"] == 1  # one render
+    assert not [line for line in _log_lines(logs / "unanswered.log") if line.get("event") == "request.answered"]
+    assert proc.poll() is None

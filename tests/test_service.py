@@ -529,7 +529,7 @@ def test_the_trigger_starts_no_execution_beyond_its_bound_and_lets_the_request_w
 
             return Pager()
 
-    monkeypatch.setitem(stack.env, "COVER_MAX_EXECUTIONS", "2")
+    monkeypatch.setenv("COVER_MAX_EXECUTIONS", "2")  # undone after the test: other triggers have no bound
     client, listing = FakeJobsClient(), FakeExecutionsList()
     server, url = _serve_trigger(stack, client, CloudRunExecutions(Settings(), listing))
     try:
