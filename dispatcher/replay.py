@@ -34,9 +34,20 @@ class Replayed(BaseModel):
     republished_as: str | None = None
 
 
-def replay(settings: Settings, subscription: str, limit: int, dry_run: bool = False) -> list[Replayed]:
+def replay(
+    settings: Settings, subscription: str, limit: int, dry_run: bool = False, wait_s: float = 10.0
+) -> list[Replayed]:
     """Republish up to ``limit`` messages of ``subscription`` (a name in ``settings.project``) to
-    the requests topic; acknowledge each once it is published (none with ``dry_run``)."""
+    the requests topic; acknowledge each once it is published (none with ``dry_run``). Stops at
+    ``limit`` or at a pull that finds nothing within ``wait_s``.
+
+    Args:
+        settings: the project and the requests topic
+        subscription: where the dead letters are kept
+        limit: at most this many
+        dry_run: list them, replay nothing
+        wait_s: how long a pull waits for a message
+    """
     from google.cloud import pubsub_v1  # type: ignore[attr-defined]  # namespace package, untyped
 
     subscriber: Any = pubsub_v1.SubscriberClient()
@@ -44,7 +55,7 @@ def replay(settings: Settings, subscription: str, limit: int, dry_run: bool = Fa
     path = subscriber.subscription_path(settings.project, subscription)
     done: list[Replayed] = []
     while len(done) < limit:
-        response = subscriber.pull(subscription=path, max_messages=min(100, limit - len(done)), timeout=10)
+        response = subscriber.pull(subscription=path, max_messages=min(100, limit - len(done)), timeout=wait_s)
         if not response.received_messages:
             break
         for received in response.received_messages:
@@ -74,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
     parser.add_argument("--dry-run", action="store_true", help="list them, replay nothing")
+    parser.add_argument("--wait", type=float, default=10.0, help="seconds a pull waits for a message (default 10)")
     args = parser.parse_args(argv)
-    for item in replay(Settings(), args.subscription, args.limit, args.dry_run):
+    for item in replay(Settings(), args.subscription, args.limit, args.dry_run, args.wait):
         print(json.dumps(item.model_dump()))
     return 0
 

@@ -248,7 +248,7 @@ def test_dead_letters_are_replayed_to_the_requests_topic_under_their_own_request
     )
     for name in ("PUBSUB_EMULATOR_HOST", "COVER_PROJECT", "COVER_REQUESTS_TOPIC"):
         monkeypatch.setenv(name, stack.env[name])
-    args = ["--subscription", kept.rsplit("/", 1)[1]]
+    args = ["--subscription", kept.rsplit("/", 1)[1], "--wait", "3"]
     import contextlib
     import io
 
