@@ -341,6 +341,16 @@ def _verify_push(request: Request, settings: Settings) -> Response | None:
     return None
 
 
+def _pushed(request: Request) -> tuple[PushEnvelope | None, bytes]:
+    """A push's envelope and its message's data; (None, the body, at most 64 KiB) when the body is
+    not a Pub/Sub envelope with base64 data."""
+    try:
+        envelope = PushEnvelope.model_validate_json(request.get_data())
+        return envelope, base64.b64decode(envelope.message.data, validate=True)
+    except (ValidationError, ValueError):
+        return None, request.get_data()[:MAX_REQUEST_BYTES]
+
+
 def _run_job(svc: Services, overrides: dict[str, str]) -> str:
     """One execution of the Cloud Run Job with ``overrides`` in its container's environment."""
     from google.cloud import run_v2
@@ -376,11 +386,7 @@ def trigger(request: Request) -> Response:
     refused = _verify_push(request, settings)
     if refused is not None:
         return refused
-    try:
-        envelope = PushEnvelope.model_validate_json(request.get_data())
-        data = base64.b64decode(envelope.message.data, validate=True)
-    except (ValidationError, ValueError):
-        envelope, data = None, request.get_data()[:MAX_REQUEST_BYTES]
+    envelope, data = _pushed(request)
     attributes, message_id = (envelope.message.attributes, envelope.message.message_id) if envelope else ({}, "")
     if settings.serves and routed_to(attributes, settings.default_runner) != settings.serves:
         log.info(  # only where the filter is not applied (the emulator): a GPU runner's request
@@ -434,10 +440,8 @@ def unanswered(request: Request) -> Response:
         return refused
     from dispatcher.unanswered import DEAD_LETTER_SOURCE
 
-    try:
-        envelope = PushEnvelope.model_validate_json(request.get_data())
-        data = base64.b64decode(envelope.message.data, validate=True)
-    except (ValidationError, ValueError):
+    envelope, data = _pushed(request)
+    if envelope is None:
         log.warning("not a push", extra=fields(event="unanswered.not_a_push"))
         return Response(status=204)  # nothing to answer, and nothing a redelivery would change
     attributes = envelope.message.attributes

@@ -123,39 +123,33 @@ resource "google_monitoring_alert_policy" "oldest_unacked" {
   }
 }
 
-resource "google_monitoring_alert_policy" "executions_failed" {
-  display_name          = "melodia-cover: job executions failed"
-  combiner              = "OR"
-  notification_channels = local.alert_channels
-  documentation {
-    content = "Executions of cover-job that failed (their requests were answered job.execution_failed). Look at the execution's logs: memory, time limit, a crash."
-  }
-  conditions {
-    display_name = "failed executions"
-    condition_threshold {
-      filter          = "resource.type=\"cloud_run_job\" AND resource.labels.job_name=\"${google_cloud_run_v2_job.cover.name}\" AND metric.type=\"run.googleapis.com/job/completed_execution_count\" AND metric.labels.result=\"failed\""
-      comparison      = "COMPARISON_GT"
-      threshold_value = 0
-      duration        = "0s"
-      aggregations {
-        alignment_period   = "600s"
-        per_series_aligner = "ALIGN_SUM"
-      }
+# alerts on any event at all in ten minutes
+locals {
+  any_event_alerts = {
+    executions_failed = {
+      title  = "job executions failed"
+      doc    = "Executions of cover-job that failed (their requests were answered job.execution_failed). Look at the execution's logs: memory, time limit, a crash."
+      filter = "resource.type=\"cloud_run_job\" AND resource.labels.job_name=\"${google_cloud_run_v2_job.cover.name}\" AND metric.type=\"run.googleapis.com/job/completed_execution_count\" AND metric.labels.result=\"failed\""
+    }
+    killed_for_memory = {
+      title  = "job tasks killed for memory"
+      doc    = "A task ran out of its memory limit (infra/main.tf sizes it from the measured peak of the longest song): raise the limit or lower COVER_MAX_DURATION_S."
+      filter = "resource.type=\"cloud_run_job\" AND metric.type=\"logging.googleapis.com/user/${google_logging_metric.killed_for_memory.name}\""
     }
   }
 }
-
-resource "google_monitoring_alert_policy" "killed_for_memory" {
-  display_name          = "melodia-cover: job tasks killed for memory"
+resource "google_monitoring_alert_policy" "any_event" {
+  for_each              = local.any_event_alerts
+  display_name          = "melodia-cover: ${each.value.title}"
   combiner              = "OR"
   notification_channels = local.alert_channels
   documentation {
-    content = "A task ran out of its memory limit (infra/main.tf sizes it from the measured peak of the longest song): raise the limit or lower COVER_MAX_DURATION_S."
+    content = each.value.doc
   }
   conditions {
-    display_name = "tasks killed for memory"
+    display_name = each.value.title
     condition_threshold {
-      filter          = "resource.type=\"cloud_run_job\" AND metric.type=\"logging.googleapis.com/user/${google_logging_metric.killed_for_memory.name}\""
+      filter          = each.value.filter
       comparison      = "COMPARISON_GT"
       threshold_value = 0
       duration        = "0s"

@@ -328,7 +328,8 @@ def test_operators_get_metrics_alerts_a_dashboard_and_an_uptime_check():
     metrics = {b["name"].strip('"') for b in _resources(tf, "google_logging_metric").values()}
     assert {"cover/answers", "cover/failures", "cover/platform_answers", "cover/tasks_killed_for_memory"} <= metrics
     policies = _resources(tf, "google_monitoring_alert_policy")
-    text = str(policies)
+    assert policies["any_event"]["for_each"] == "${local.any_event_alerts}"
+    text = str(policies) + str(next(block for block in tf["locals"] if "any_event_alerts" in block))
     for watched in (
         "google_pubsub_subscription.dead_letter_inspect.name",  # the dead-letter backlog
         "num_undelivered_messages",

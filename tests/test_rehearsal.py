@@ -115,28 +115,10 @@ def test_a_killed_job_is_reported_and_its_retry_takes_over(stack, rehearsal):
     proc, url, logs = rehearsal
     answer = _post(url, 7, "cpu")
     cid = answer["cover_id"]
-
-    def separating(got) -> bool:
-        return any(e["cover_id"] == cid and e["stage"] == "separate" for e in of_type(got, "cover.progress"))
-
-    events = stack.events(separating, timeout=240)
-    assert separating(events)
+    assert _separating(cid)(stack.events(_separating(cid), timeout=240))
     (attempt,) = [line for line in _log_lines(logs / "trigger.log") if line.get("event") == "execution.attempt"]
-    os.kill(attempt["pid"], signal.SIGKILL)
-    killed_at = time.time()
-
-    def taken_over(got) -> bool:
-        return any(
-            e["cover_id"] == cid and e["stage"] == "accepted" and _sent_at(e) > killed_at
-            for e in of_type(got, "cover.progress")
-        )
-
-    events = stack.events(lambda got: taken_over(got) and of_type(got, COMPLETED), timeout=300)
-    events += stack.events(lambda got: False, timeout=3)
-    takeover = min(
-        _sent_at(e) for e in of_type(events, "cover.progress") if e["stage"] == "accepted" and _sent_at(e) > killed_at
-    )
-    print(f"\ntakeover: the retry's first progress {takeover - killed_at:.1f} s after the kill (lease {LEASE_S:g} s)")
+    events, takeover = _kill_and_time_the_takeover(stack, cid, attempt["pid"], timeout=300)
+    print(f"\ntakeover: the retry's first progress {takeover:.1f} s after the kill (lease {LEASE_S:g} s)")
     (completed,) = of_type(events, COMPLETED)
     assert completed["request_id"] == answer["request_id"] and completed["runner"] == "cloud-run-job"
     _check_against_bucket(stack, completed)
@@ -145,9 +127,36 @@ def test_a_killed_job_is_reported_and_its_retry_takes_over(stack, rehearsal):
     assert [(f["attempt"], f["status"]) for f in failed] == [(0, -signal.SIGKILL)]  # reported
     assert [line["attempt"] for line in trigger if line.get("event") == "execution.attempt"] == [0, 1]
     assert any(line.get("event") == "execution.succeeded" for line in trigger)
-    assert takeover - killed_at < LEASE_S + 30  # the lease, and a task's start
+    assert takeover < LEASE_S + 30  # the lease, and a task's start
     assert proc.poll() is None  # the stack lives on
     assert requests.get(answer["status_url"], timeout=30).json()["state"] == "completed"
+
+
+def _separating(cid: str):
+    """``until`` for Stack.events: the cover's separation has begun."""
+
+    def until(got) -> bool:
+        return any(e["cover_id"] == cid and e["stage"] == "separate" for e in of_type(got, "cover.progress"))
+
+    return until
+
+
+def _kill_and_time_the_takeover(stack, cid: str, pid: int, timeout: float) -> tuple[list, float]:
+    """SIGKILL ``pid`` mid-render; the events until the cover completes, and the seconds from the
+    kill to the first progress event of whoever took the request up."""
+    os.kill(pid, signal.SIGKILL)
+    killed_at = time.time()
+
+    def restarted(event) -> bool:
+        return event["cover_id"] == cid and event["stage"] == "accepted" and _sent_at(event) > killed_at
+
+    def taken_up(got) -> bool:
+        return any(restarted(e) for e in of_type(got, "cover.progress"))
+
+    events = stack.events(lambda got: taken_up(got) and of_type(got, COMPLETED), timeout=timeout)
+    events += stack.events(lambda got: False, timeout=3)
+    takeover = min(_sent_at(e) for e in of_type(events, "cover.progress") if restarted(e))
+    return events, takeover - killed_at
 
 
 def _sent_at(event: dict) -> float:
@@ -200,31 +209,14 @@ def test_a_gpu_runner_killed_mid_render_has_its_request_taken_up_within_two_minu
     proc, url, logs = rehearsal
     answer = _post(url, 9, "gpu")
     cid = answer["cover_id"]
-
-    def separating(got) -> bool:
-        return any(e["cover_id"] == cid and e["stage"] == "separate" for e in of_type(got, "cover.progress"))
-
-    assert separating(stack.events(separating, timeout=240))
+    assert _separating(cid)(stack.events(_separating(cid), timeout=240))
     (started,) = [line for line in _log_lines(logs / "gpu-runner.log") if line.get("event") == "runner.started"]
-    os.kill(started["pid"], signal.SIGKILL)
-    killed_at = time.time()
-
-    def taken_up(got) -> bool:
-        return any(
-            e["cover_id"] == cid and e["stage"] == "accepted" and _sent_at(e) > killed_at
-            for e in of_type(got, "cover.progress")
-        )
-
-    events = stack.events(lambda got: taken_up(got) and of_type(got, COMPLETED), timeout=360)
-    events += stack.events(lambda got: False, timeout=3)
-    takeover = min(
-        _sent_at(e) for e in of_type(events, "cover.progress") if e["stage"] == "accepted" and _sent_at(e) > killed_at
-    )
-    print(f"\nGPU runner killed: its request taken up {takeover - killed_at:.1f} s after the kill")
+    events, takeover = _kill_and_time_the_takeover(stack, cid, started["pid"], timeout=360)
+    print(f"\nGPU runner killed: its request taken up {takeover:.1f} s after the kill")
     (completed,) = of_type(events, COMPLETED)
     assert completed["request_id"] == answer["request_id"] and completed["runner"] == "gpu-runner"
     _check_against_bucket(stack, completed)
-    assert takeover - killed_at < 120
+    assert takeover < 120
     assert proc.poll() is None
 
 
