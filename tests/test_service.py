@@ -181,12 +181,12 @@ def test_a_second_request_for_a_cover_being_rendered_waits_without_spending_deli
     from job.devkit.stack import start
     from job.render.media.audio import write_wav
 
-    vocals, inst = demo.demo_song(40.0)  # a render long enough for the second request to meet it
-    stack.put_song("song-40s", write_wav(stack.tmp / "song-40s.wav", np.clip(vocals + inst, -1, 1), 44100))
+    vocals, inst = demo.demo_song(25.0)  # a render long enough for the second request to meet it
+    stack.put_song("song-25s", write_wav(stack.tmp / "song-25s.wav", np.clip(vocals + inst, -1, 1), 44100))
     dead_letter, kept = stack.dead_letter_topic()
     subscription = stack.subscription(stack.requests_topic, f"gpu-dl-{uuid.uuid4().hex[:6]}", dead_letter=dead_letter)
     first, second = (
-        CoverRequest(song_id="song-40s", voice_model=demo.DEMO_VOICE, options=FAST, request_id=f"request-{n}")
+        CoverRequest(song_id="song-25s", voice_model=demo.DEMO_VOICE, options=FAST, request_id=f"request-{n}")
         for n in (1, 2)
     )
     holder = {**stack.env, "COVER_RUNNER": "cloud-run-job", "COVER_REQUEST": first.model_dump_json()}
