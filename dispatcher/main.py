@@ -165,7 +165,8 @@ def _submit(request: Request) -> Response:  # noqa: PLR0911 - reads best top to 
     manifest = svc.storage.get_bytes(Keys.manifest(cid))
     status_url = f"{svc.settings.public_base_url.rstrip('/')}/covers/{cid}"
     stored = CoverCompleted.model_validate_json(manifest) if manifest is not None else None
-    if stored is not None and not refuses(stored.quality, svc.settings.quality, routed.publish_below_gate):
+    gate = (svc.settings.quality, routed.publish_below_gate, svc.settings.quality_unmeasurable)
+    if stored is not None and not refuses(stored.quality, *gate):
         completed = served(stored, svc.storage)
         completed = completed.model_copy(update={"request_id": routed.request_id})
         return _model(

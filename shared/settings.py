@@ -85,6 +85,15 @@ class Settings(BaseSettings):
             "the request sets publish_below_gate), measure (report only), off."
         ),
     )
+    quality_unmeasurable: str = Field(
+        "refuse",
+        pattern="^(refuse|publish)$",
+        description=(
+            "What the gate does with a cover it could not measure (under one sung second in both the singer's and "
+            "the cover's pitch): refuse it (quality.gate, the safe default: nothing unchecked is published as if "
+            "checked) or publish it, its verdict saying not_measurable. publish_below_gate accepts either."
+        ),
+    )
     repair_budget: float = Field(
         0.3,
         ge=0,

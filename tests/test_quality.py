@@ -20,6 +20,7 @@ from job.render.mix.meter import mix_scores, waveform_peaks
 from job.render.phrase import reference_phrase
 from job.render.quality import meter as quality
 from job.render.quality.meter import QualityMeter, melody_scores
+from shared.quality import QualityReport, Scores, Verdict, judge, refuses, settle, summary
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,11 +73,32 @@ def test_noise_for_vocals_fails_the_gate(meter, vocals):
 
 
 def test_melody_measures_on_known_tracks():
-    src = np.array([0, 200, 200, 200, 200, 0, 300, 300], dtype=np.float32)
-    out = np.array([0, 200, 400, 0, 200, 0, 300, 301], dtype=np.float32)
+    src = np.tile(np.array([0, 200, 200, 200, 200, 0, 300, 300], dtype=np.float32), 4)
+    out = np.tile(np.array([0, 200, 400, 0, 200, 0, 300, 301], dtype=np.float32), 4)
     m = melody_scores(src, out)
-    assert m.voiced_frames == 5 and m.unvoiced_share == pytest.approx(1 / 6, abs=1e-4)
+    assert m.voiced_frames == 20 and m.voiced_s == 1.6 and m.unvoiced_share == pytest.approx(1 / 6, abs=1e-4)
     assert m.octave_error_share == pytest.approx(1 / 5)
+
+
+def test_under_one_sung_second_nothing_is_scored_and_the_verdict_is_not_measurable_never_passed():
+    """Two frames always correlate at +-1: a melody score needs one sung second voiced in both
+    tracks (13 frames at the 80 ms hop). With less, every melody score is None, the verdict is
+    not_measurable, and the gate refuses it unless told to publish what it could not check."""
+    src = np.zeros(200, dtype=np.float32)
+    src[50:62] = 220.0  # 12 frames: 0.96 s
+    short = judge(Scores(melody=melody_scores(src, src.copy())))
+    assert short.melody.voiced_frames == 12 and short.melody.f0_correlation is None
+    assert short.melody.unvoiced_share is None and short.below == []
+    assert short.verdict is Verdict.NOT_MEASURABLE
+    report = settle(QualityReport(whole=short, segments=[], passed=False, measured_s=0.0))
+    assert report.verdict is Verdict.NOT_MEASURABLE and report.passed is False
+    assert refuses(report, "gate", accepted=False)  # the safe default
+    assert not refuses(report, "gate", accepted=False, unmeasurable="publish")
+    assert not refuses(report, "gate", accepted=True) and not refuses(report, "measure", accepted=False)
+    assert summary(report).endswith("(not measurable: 0.96 s sung in both, 1 s needed)")
+    src[62] = 220.0  # 13 frames: measured
+    enough = judge(Scores(melody=melody_scores(src, src.copy())))
+    assert enough.melody.f0_correlation == 1.0 and enough.verdict is Verdict.PASSED
 
 
 def test_mix_measures_count_clipping_and_silence():

@@ -105,9 +105,33 @@ def test_the_page_says_what_repair_tried_and_kept(page):
     repaired.repair = Repair(budget_s=9.0, spent_s=2.4, segments=[segment], untried=1)
     text = render_page(repaired, "song", None)
     table = text[text.index('<table id="repair">') :]
-    assert "re-rendered 1 of 2 weak segments in 2.4 s of a 9.0 s budget; 1 left for lack of time" in text
+    assert (
+        "re-rendered 1 of 2 weak segments in 2.4 s of a 9.0 s budget; 1 left as they were: the budget ran out" in text
+    )
+    repaired.repair = Repair(budget_s=9.0, spent_s=2.4, segments=[segment], untried=1, next_estimate_s=7.5)
+    assert "the next re-render was estimated at 7.5 s, more than the 6.6 s left" in render_page(repaired, "s", None)
     assert table.index("pitch -12") < table.index("protect 0.18")  # in the order tried
-    assert ">kept<" in table and ">dropped<" in table and "octave_error_share, dnsmos_ovrl" in table
+    assert ">kept<" in table and ">dropped<" in table and "octave errors, naturalness (DNSMOS)" in table
+
+
+def test_what_was_not_measured_is_grey_and_said_so(page):
+    """A segment with too little singing is grey on the chart and "not measured" in the table,
+    never green or "ok"; a song with too little singing says not measurable, never passed."""
+    from job.render.quality.report_page import PASS_SHADE, UNMEASURED_SHADE
+    from shared.quality import Melody, Scores, Segment, Verdict, judge, settle
+
+    _, report = page
+    quiet = judge(Scores(melody=Melody(voiced_frames=3, voiced_s=0.24)))
+    first = report.segments[0]
+    segments = [Segment(start_s=first.start_s, end_s=first.end_s, **quiet.model_dump()), *report.segments[1:]]
+    unmeasured = settle(report.model_copy(update={"whole": quiet, "segments": segments}))
+    assert unmeasured.verdict is Verdict.NOT_MEASURABLE and not unmeasured.passed
+    text = render_page(unmeasured, "song", None, published=False)
+    assert f'fill="{UNMEASURED_SHADE}"' in text and text.count(f'fill="{PASS_SHADE}"') == 0
+    assert 'class="verdict na"' in text and "not measurable: 0.24 s sung" in text
+    assert "meets every threshold" not in text and ">n/a<" not in text
+    whole_row = text[text.index("<th>whole song</th>") : text.index("</tr>", text.index("<th>whole song</th>"))]
+    assert whole_row.count('<td class="na">not measured</td>') == 6
 
 
 def test_a_long_covers_page_stays_small(page):

@@ -24,7 +24,7 @@ from shared.logs import setup_logging
 from shared.model_store import ModelStore
 from shared.names import printable
 from shared.options import ConversionOptions, MixOptions, OutputFormat, SeparationOptions, format_for
-from shared.quality import QualityReport, refuses, summary
+from shared.quality import QualityReport, refusal, refuses, summary
 from shared.settings import Settings
 from shared.stages import Stage
 from shared.voices import VOICE_FILE, VoiceInfo
@@ -128,7 +128,7 @@ def cmd_make(args: argparse.Namespace) -> int:
     options = _cover_options(args, args.output)
     with work_folder(settings.work_dir) as work:
         result = pipeline.render(args.song, voice, Path(args.output), options, StageBars(not args.json), work=work)
-    refused = refuses(result.quality, settings.quality, args.publish_below_gate)
+    refused = refuses(result.quality, settings.quality, args.publish_below_gate, settings.quality_unmeasurable)
     _emit(
         args,
         {
@@ -161,8 +161,8 @@ def cmd_make(args: argparse.Namespace) -> int:
         _write_report(result, published=not refused)
     if refused:
         print(
-            f"cover: the cover is below the quality gate; it is kept at {result.output} "
-            f"(--publish-below-gate accepts it) [{ErrorCode.QUALITY_GATE.value}]",
+            f"cover: the cover {refusal(result.quality) if result.quality else 'is below the quality gate'}; "
+            f"it is kept at {result.output} (--publish-below-gate accepts it) [{ErrorCode.QUALITY_GATE.value}]",
             file=sys.stderr,
         )
         return EXIT_QUALITY_GATE
@@ -303,7 +303,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 "the demo voice is untrained (random weights): expect noise, not singing",
                 *_quality_lines(result.quality),
                 *(
-                    ["below the quality gate, as an untrained voice must be: written anyway (the demo accepts it)"]
+                    [
+                        "not passed, as an untrained voice through random-weight models must not: written anyway "
+                        "(the demo accepts it)"
+                    ]
                     if result.quality is not None and not result.quality.passed
                     else []
                 ),

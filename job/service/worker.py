@@ -45,7 +45,7 @@ from shared.hashing import sha256_of
 from shared.logs import fields
 from shared.model_store import ModelStore, ResolvedVoice
 from shared.options import FORMATS, ConversionOptions, MixOptions
-from shared.quality import QualityReport, refuses, summary
+from shared.quality import QualityReport, refusal, refuses, summary
 from shared.settings import Settings
 from shared.stages import Stage
 from shared.storage import Keys, Storage, make_storage
@@ -227,7 +227,9 @@ class Worker:
             return
         from job.render.quality.report_page import render_page
 
-        refused = refuses(result.quality, self.settings.quality, request.publish_below_gate)
+        refused = refuses(
+            result.quality, self.settings.quality, request.publish_below_gate, self.settings.quality_unmeasurable
+        )
         page = render_page(
             result.quality,
             f"{request.song_id} ({request.voice_model} cover)",
@@ -239,10 +241,10 @@ class Worker:
 
     def _gate(self, quality: QualityReport | None, request: CoverRequest) -> None:
         """Refuse a cover below the quality gate unless the request accepts it (quality.gate)."""
-        if not refuses(quality, self.settings.quality, request.publish_below_gate):
+        if not refuses(quality, self.settings.quality, request.publish_below_gate, self.settings.quality_unmeasurable):
             return
         assert quality is not None
-        raise QualityGateError(f"the cover is below the quality gate: {summary(quality)}", quality)
+        raise QualityGateError(f"the cover {refusal(quality)}: {summary(quality)}", quality)
 
     @staticmethod
     def _release(claim: Claim) -> None:

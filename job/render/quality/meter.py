@@ -32,6 +32,7 @@ from job.render.media.audio import to_16k
 from job.render.quality.speaker import SpeakerEncoder
 from job.render.quality.wheels import wheel_file
 from shared.quality import (
+    MELODY_MIN_VOICED_S,
     THRESHOLDS,
     Curves,
     Dnsmos,
@@ -40,7 +41,8 @@ from shared.quality import (
     Scores,
     Segment,
     Thresholds,
-    below,
+    Verdict,
+    judge,
 )
 
 RATE = 16000
@@ -57,6 +59,7 @@ SUNG_SHARE_MIN = 0.1  # of a segment's frames voiced in the source, for likeness
 CREPE_CENTS_PER_BIN = 20.0  # CREPE's 360 bins, in cents above 10 Hz
 CREPE_CENTS_AT_BIN_0 = 1997.3794084376191
 DNSMOS_SAMPLES = int(9.01 * RATE)
+MIN_VOICED_FRAMES = int(np.ceil(MELODY_MIN_VOICED_S * RATE / HOP))  # 13 frames: one sung second
 DNSMOS_MAX_WORKERS = 8
 
 
@@ -243,7 +246,8 @@ class QualityMeter:
             whole=whole,
             segments=segments,
             thresholds=self.thresholds,
-            passed=not whole.below,
+            verdict=whole.verdict,
+            passed=whole.verdict is Verdict.PASSED,
             measured_s=round(time.perf_counter() - started, 3),
             curves=curves,
         )
@@ -300,9 +304,7 @@ class QualityMeter:
                 if sig is not None and bak is not None and ovrl is not None
                 else None
             )
-        scores = Scores(melody=melody, speaker_similarity=_round(similarity), dnsmos=dnsmos)
-        scores.below = below(scores, self.thresholds)
-        return scores
+        return judge(Scores(melody=melody, speaker_similarity=_round(similarity), dnsmos=dnsmos), self.thresholds)
 
 
 def crepe_1d(model, frames):
@@ -343,20 +345,27 @@ def frame_span(start_s: float, end_s: float) -> tuple[int, int]:
 
 
 def melody_scores(f0_src: np.ndarray, f0_out: np.ndarray) -> Melody:
+    """The melody's scores, each only where there is enough material for it: at least
+    ``MIN_VOICED_FRAMES`` (one sung second) voiced in the singer's track for the share lost, voiced in
+    both for the rest (None otherwise: not measurable)."""
     n = min(len(f0_src), len(f0_out))
     src, out = f0_src[:n], f0_out[:n]
     source_voiced = src > 0
     both = source_voiced & (out > 0)
-    unvoiced = float(np.mean(out[source_voiced] <= 0)) if source_voiced.any() else None
-    if both.sum() < 2:
-        return Melody(voiced_frames=int(both.sum()), unvoiced_share=_round(unvoiced))
+    enough_sung = int(source_voiced.sum()) >= MIN_VOICED_FRAMES
+    unvoiced = float(np.mean(out[source_voiced] <= 0)) if enough_sung else None
+    voiced_s = round(float(both.sum()) * HOP / RATE, 2)
+    if both.sum() < MIN_VOICED_FRAMES:
+        return Melody(voiced_frames=int(both.sum()), voiced_s=voiced_s, unvoiced_share=_round(unvoiced))
     cents = 1200 * np.log2(out[both] / src[both])
     log_src, log_out = np.log2(src[both]), np.log2(out[both])
+    # a held note has no spread to correlate (float32 leaves a trace of one): equal tracks correlate at 1
     spread = float(np.std(log_src) * np.std(log_out))
-    correlation = float(np.corrcoef(log_src, log_out)[0, 1]) if spread > 0 else (1.0 if np.allclose(cents, 0) else 0.0)
+    correlation = float(np.corrcoef(log_src, log_out)[0, 1]) if spread > 1e-12 else float(np.allclose(cents, 0))
     low, high = OCTAVE_BAND_CENTS
     return Melody(
         voiced_frames=int(both.sum()),
+        voiced_s=voiced_s,
         f0_correlation=_round(correlation),
         f0_rmse_cents=_round(float(np.sqrt(np.mean(cents**2))), 1),
         octave_error_share=_round(float(np.mean((np.abs(cents) >= low) & (np.abs(cents) <= high)))),

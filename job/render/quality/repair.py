@@ -38,7 +38,7 @@ import numpy as np
 from job.render.media.audio import to_16k
 from job.render.quality.meter import QualityMeter, frame_span
 from shared.options import ConversionOptions, F0Method
-from shared.quality import Candidate, QualityReport, Repair, RepairedSegment, shortfall
+from shared.quality import Candidate, QualityReport, Repair, RepairedSegment, Verdict, shortfall
 
 ORDER = ("octave", "f0_method", "index_rate", "protect")
 MELODY = frozenset({"f0_correlation", "f0_rmse_cents", "octave_error_share", "unvoiced_share"})
@@ -175,6 +175,7 @@ class RepairLoop:
         )
         done: list[RepairedSegment] = []
         untried = 0
+        next_estimate: float | None = None
         for rank, i in enumerate(weak):
             segment = report.segments[i]
             fa, fb = frame_span(segment.start_s, segment.end_s)
@@ -183,13 +184,15 @@ class RepairLoop:
             best, best_options, best_audio, best_f0 = segment, options, None, None
             tried: list[Candidate] = []
             out_of_time = False
+            estimate = 0.0
             for name in ORDER:
                 step = change(name, best_options, set(best.below), self.voice, direction)
                 if step is None:
                     continue
                 setting, candidate_options = step
                 converted_s, scored_s = hi - lo + 2 * CONTEXT_S, segment.end_s - segment.start_s
-                if self.clock() - started + self.estimate(converted_s, scored_s) > self.budget_s:
+                estimate = self.estimate(converted_s, scored_s)
+                if self.clock() - started + estimate > self.budget_s:
                     out_of_time = True
                     break
                 t0 = self.clock()
@@ -227,15 +230,18 @@ class RepairLoop:
                 )
             if out_of_time:
                 untried = len(weak) - rank - (1 if tried else 0)
+                next_estimate = estimate
                 break
         if any(s.kept for s in done):
             report.whole = self.meter.whole(f0_src, f0_out, report.segments)
-            report.passed = not report.whole.below
+            report.verdict = report.whole.verdict
+            report.passed = report.verdict is Verdict.PASSED
             report.curves.converted_hz = [round(float(f), 1) for f in f0_out]
         report.repair = Repair(
             budget_s=round(self.budget_s, 3),
             spent_s=round(self.clock() - started, 3),
             segments=done,
             untried=untried,
+            next_estimate_s=round(next_estimate, 3) if untried and next_estimate is not None else None,
         )
         return report.repair

@@ -17,7 +17,7 @@ from __future__ import annotations
 import html
 import math
 
-from shared.quality import Curves, QualityReport, Repair, Scores, Thresholds
+from shared.quality import MELODY_MIN_VOICED_S, Curves, QualityReport, Repair, Scores, Thresholds, Verdict
 
 WIDTH = 1000
 WAVE_HEIGHT = 110
@@ -26,6 +26,23 @@ SOURCE_COLOUR = "#f28c28"  # the source melody
 CONVERTED_COLOUR = "#1a73e8"  # the cover's melody
 PASS_SHADE = "#e3f4e6"  # noqa: S105 - a colour
 FAIL_SHADE = "#fbe1e3"
+UNMEASURED_SHADE = "#e6e8ea"  # grey: too little singing to judge
+SHADES = {Verdict.PASSED: PASS_SHADE, Verdict.BELOW: FAIL_SHADE, Verdict.NOT_MEASURABLE: UNMEASURED_SHADE}
+# the measures in words, for people (the report's field names are for programs)
+MEASURE_NAMES = {
+    "f0_correlation": "melody correlation",
+    "f0_rmse_cents": "pitch error (cents)",
+    "octave_error_share": "octave errors",
+    "unvoiced_share": "sung notes lost",
+    "speaker_similarity": "likeness to the voice",
+    "dnsmos_ovrl": "naturalness (DNSMOS)",
+}
+
+
+def _names(measures: list[str]) -> str:
+    return ", ".join(html.escape(MEASURE_NAMES.get(m, m)) for m in measures)
+
+
 PLAYER_COLOUR = "#6a1b9a"
 
 
@@ -71,8 +88,9 @@ def _waveform(peaks: list[float]) -> str:
 
 
 def _cell(value: float | None, fmt: str, failed: bool) -> str:
-    text = "n/a" if value is None else format(value, fmt)
-    return f'<td class="{"bad" if failed else "ok"}">{text}</td>'
+    if value is None:
+        return '<td class="na">not measured</td>'
+    return f'<td class="{"bad" if failed else "ok"}">{format(value, fmt)}</td>'
 
 
 def _row(label: str, scores: Scores) -> str:
@@ -102,8 +120,8 @@ def _repair(repair: Repair | None) -> str:
     if repair is None:
         return "<p>Every segment met the thresholds (or repair is off): nothing was re-rendered.</p>"
     rows = "".join(
-        f"<tr><th>{s.start_s:.0f}–{s.end_s:.0f} s</th><td>{html.escape(', '.join(s.why))}</td>"  # noqa: RUF001
-        f"<td>{html.escape(c.setting)}</td><td>{html.escape(', '.join(c.below) or 'none')}</td>"
+        f"<tr><th>{s.start_s:.0f}–{s.end_s:.0f} s</th><td>{_names(s.why)}</td>"  # noqa: RUF001
+        f"<td>{html.escape(c.setting)}</td><td>{_names(c.below) or 'none'}</td>"
         f'<td class="{"ok" if c.kept else ""}">{"kept" if c.kept else "dropped"}</td><td>{c.seconds:.1f} s</td></tr>'
         for s in repair.segments
         for c in s.tried
@@ -141,7 +159,7 @@ def render_page(
     low, high = (min(voiced) - 2, max(voiced) + 2) if voiced else (48.0, 72.0)
     bands = "".join(
         f'<rect x="{_x(s.start_s, duration):.1f}" y="0" width="{_x(s.end_s - s.start_s, duration):.1f}" '
-        f'height="{PITCH_HEIGHT}" fill="{FAIL_SHADE if s.below else PASS_SHADE}"/>'
+        f'height="{PITCH_HEIGHT}" fill="{SHADES[s.verdict]}"/>'
         for s in report.segments
     )
     grid = "".join(
@@ -160,9 +178,15 @@ def render_page(
         for p in _polylines(times, curves.converted_hz, duration, low, high)
     )
     w = report.whole
-    verdict = (
-        "meets every threshold" if report.passed else "below the gate on " + ", ".join(html.escape(b) for b in w.below)
-    )
+    verdict = {
+        Verdict.PASSED: "meets every threshold",
+        Verdict.BELOW: "below the gate on " + _names(w.below),
+        Verdict.NOT_MEASURABLE: (
+            f"not measurable: {w.melody.voiced_s:.2f} s sung in both the singer's and the cover's melody, "
+            f"{MELODY_MIN_VOICED_S:.0f} s needed to judge"
+        ),
+    }[report.verdict]
+    verdict_class = {Verdict.PASSED: "pass", Verdict.BELOW: "fail", Verdict.NOT_MEASURABLE: "na"}[report.verdict]
     status = "published" if published else "not published (quality.gate)"
     mix = report.mix
     mix_line = (
@@ -182,16 +206,17 @@ def render_page(
 <style>
 body {{ font: 15px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: {WIDTH + 40}px; color: #263238; }}
 h1 {{ font-size: 22px; margin: 0 0 4px; }} .verdict {{ font-size: 17px; margin: 4px 0 16px; }}
-.pass {{ color: #1b5e20; }} .fail {{ color: #b71c1c; }}
+.pass {{ color: #1b5e20; }} .fail {{ color: #b71c1c; }} .na {{ color: #607d8b; }}
 .player {{ border: 4px solid {PLAYER_COLOUR}; border-radius: 8px; padding: 10px; margin: 12px 0; }}
 .player audio {{ width: 100%; }} svg {{ display: block; background: #fafafa; border: 1px solid #eceff1; }}
 .note {{ font-size: 10px; fill: #78909c; }} table {{ border-collapse: collapse; margin: 12px 0; width: 100%; }}
 th, td {{ padding: 4px 8px; border-bottom: 1px solid #eceff1; text-align: right; }} th {{ text-align: left; }}
 td.bad {{ background: #ffcdd2; color: #b71c1c; font-weight: 600; }} td.ok {{ color: #1b5e20; }}
+td.na {{ background: {UNMEASURED_SHADE}; color: #607d8b; }}
 .legend span {{ display: inline-block; width: 14px; height: 4px; margin: 0 6px 3px 12px; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
-<p class="verdict {"pass" if report.passed else "fail"}">Quality: {verdict}; {status}.</p>
+<p class="verdict {verdict_class}">Quality: {verdict}; {status}.</p>
 <div class="player">{player}</div>
 <h2>Waveform</h2>
 <svg id="wave" width="{WIDTH}" height="{WAVE_HEIGHT}" viewBox="0 0 {WIDTH} {WAVE_HEIGHT}">{_waveform(curves.waveform)}
@@ -199,14 +224,19 @@ td.bad {{ background: #ffcdd2; color: #b71c1c; font-weight: 600; }} td.ok {{ col
 <h2>Melody</h2>
 <p class="legend"><span style="background:{SOURCE_COLOUR}"></span>the singer (separated vocals, with the pitch shift)
 <span style="background:{CONVERTED_COLOUR}"></span>the cover; segments shaded green where they meet every
-threshold, red where they do not</p>
+threshold, red where they do not, grey where too little was sung to judge</p>
 <svg id="pitch" width="{WIDTH}" height="{PITCH_HEIGHT}" viewBox="0 0 {WIDTH} {PITCH_HEIGHT}">
 {bands}{grid}{source}{converted}
 <line class="playhead" x1="0" x2="0" y1="0" y2="{PITCH_HEIGHT}" stroke="{PLAYER_COLOUR}" stroke-width="2"/></svg>
 <h2>Scores</h2>
-<table><tr><th></th><th>F0 correlation</th><th>F0 RMSE (cents)</th><th>octave errors</th>
-<th>voiced frames lost</th><th>speaker similarity</th><th>DNSMOS OVRL</th></tr>
+<table><tr><th></th>{"".join(f"<th>{html.escape(n)}</th>" for n in MEASURE_NAMES.values())}</tr>
 {_row("whole song", w)}{rows}{_thresholds(report.thresholds)}</table>
+<p class="note">Melody correlation: how closely the cover's melody follows the singer's (1 is exact). Pitch
+error: the typical distance between them, in cents (100 to a semitone). Octave errors: the share of
+notes an octave off. Sung notes lost: the share of the singer's voiced moments the cover leaves
+unvoiced. Likeness: cosine similarity of speaker embeddings to the voice's reference (Resemblyzer).
+Naturalness: DNSMOS P.835's overall score, 1 to 5. Each needs {MELODY_MIN_VOICED_S:.0f} s of singing in
+both melodies; with less, "not measured".</p>
 <p>Mix: {mix_line}. Measured in {report.measured_s:.1f} s.</p>
 <h2>Repair</h2>{_repair(report.repair)}
 <script>
