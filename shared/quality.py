@@ -201,9 +201,16 @@ def shortfall(scores: Scores, limits: Thresholds = THRESHOLDS) -> tuple[int, flo
 
 
 def refuses(quality: QualityReport | None, mode: str, accepted: bool, unmeasurable: str = "refuse") -> bool:
-    """Whether the gate refuses a cover: ``mode`` is ``gate`` (``COVER_QUALITY``), its request did
-    not accept a cover below the gate (``publish_below_gate``), and the cover missed a threshold or,
-    with ``unmeasurable`` ``refuse`` (``COVER_QUALITY_UNMEASURABLE``), could not be measured."""
+    """Whether the gate refuses a cover: ``mode`` is ``gate``, its request did not accept a cover
+    below the gate, and the cover missed a threshold or (``unmeasurable`` ``refuse``) could not be
+    measured.
+
+    Args:
+        quality: the cover's report (None: not measured, never refused)
+        mode: ``COVER_QUALITY``: gate, measure or off
+        accepted: the request's ``publish_below_gate``
+        unmeasurable: ``COVER_QUALITY_UNMEASURABLE``: refuse or publish
+    """
     if mode != "gate" or quality is None or accepted:
         return False
     return quality.verdict is Verdict.BELOW or (quality.verdict is Verdict.NOT_MEASURABLE and unmeasurable == "refuse")
@@ -230,7 +237,7 @@ def summary(report: QualityReport) -> str:
 
 
 def _fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
+    return "not measured" if value is None else format(value, spec)
 
 
 def refusal(report: QualityReport) -> str:
