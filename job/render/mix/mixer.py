@@ -15,7 +15,9 @@ pass feeds FFmpeg's encoder through a pipe while it measures what it feeds, and 
 only encode; one that still misses the target is dropped and the gain corrected by the measured
 slope. A lossy or resampled format is measured as encoded (FFmpeg's ``ebur128`` on a copy of the
 encoded packets, decoded while the encoding goes on: :class:`job.render.media.ffmpeg.PipeEncoder`) and
-encoded again with a lower ceiling only if the codec overshot it. The file is tagged as an
+encoded again with a lower ceiling if the codec overshot it, or with the gain moved by what the
+codec moved the loudness if the encoded file misses the target by more than the tolerance (the
+target is the file's, not the mix's). The file is tagged as an
 AI-generated cover with the voice model's name, and appears at its path only when complete.
 """
 
@@ -316,6 +318,7 @@ def mix(  # noqa: PLR0915 - reads best top to bottom
             aim = options.loudness_lufs  # less where the ceiling leaves the target out of reach
             if limited:  # limiting eats loudness: find the gain before encoding anything
                 gain, points, aim = _limited_gain(source, gain, ceiling, options.loudness_lufs)
+            codec_shift = 0.0  # what the codec moved the loudness by (pre-encode minus encoded), measured
             for attempt in range(MAX_PASSES):
                 last = attempt == MAX_PASSES - 1
                 encoder = ffmpeg.PipeEncoder(MIX_SAMPLE_RATE, 2, out_args, spec.muxer, tmp, spec.measure)
@@ -325,15 +328,22 @@ def mix(  # noqa: PLR0915 - reads best top to bottom
                 except BaseException:
                     encoder.abort()
                     raise
-                miss = aim - result.loudness_lufs
+                miss = aim + codec_shift - result.loudness_lufs
                 if abs(miss) > LOUDNESS_TOLERANCE_LU and not last:  # the estimate missed: drop this encode
                     encoder.abort()
                     points.append((gain, result.loudness_lufs))
-                    gain = _gain_for(points, aim)
+                    gain = _gain_for(points, aim + codec_shift)
                     continue
                 encoded = encoder.close()  # with spec.measure: what the codec made of it
                 loudness, peak = encoded or (result.loudness_lufs, result.true_peak_dbtp)
                 over = peak - options.true_peak_dbtp
+                if over <= 0 and abs(aim - loudness) > LOUDNESS_TOLERANCE_LU and not last:
+                    # the codec moved the loudness (noisy material, a lossy codec: 0.3 to 0.7 LU seen):
+                    # the target is the encoded file's, so aim the next pass's mix past it by that much
+                    codec_shift = result.loudness_lufs - loudness
+                    points.append((gain, result.loudness_lufs))
+                    gain = _gain_for(points, aim + codec_shift) if limited else gain + aim - loudness
+                    continue
                 if over <= 0 or last:
                     break
                 ceiling -= over  # the codec overshot the ceiling: limit lower and encode again
