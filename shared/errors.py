@@ -21,6 +21,7 @@ class ErrorCode(str, Enum):  # noqa: UP042 - str() of a member is its value, in 
     INPUT_TOO_LONG = "input.too_long"
     INPUT_TOO_SHORT = "input.too_short"
     INPUT_URL_REFUSED = "input.url_refused"
+    INPUT_NO_VOCALS = "input.no_vocals"  # the separated vocals hold no singing: nothing to convert
     INPUT_DOWNLOAD_FAILED = "input.download_failed"
     VOICE_UNKNOWN = "voice.unknown"
     MODEL_MISSING = "model.missing"

@@ -65,6 +65,12 @@ class CoverRequest(BaseModel):
         description="Publish the cover even when its quality scores stay below the gate's thresholds "
         "(otherwise it ends as cover.failed with code quality.gate and the scores); it does not change the cover.",
     )
+    allow_no_vocals: bool = Field(
+        False,
+        description="Render the cover even when the song's separated vocals hold no singing (under one sung "
+        "second; otherwise, under the quality gate, it ends before conversion as cover.failed with code "
+        "input.no_vocals).",
+    )
 
 
 REQUEST_ID_FIELD = Field(

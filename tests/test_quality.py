@@ -320,3 +320,41 @@ def test_naturalness_scoring_hands_its_memory_back_when_done():
     scores = meter.naturalness_of(pieces)
     assert all(s is not None for s in scores)
     assert in_use_mb() - before < 64
+
+
+def _drums(seconds: float = 8.0) -> np.ndarray:
+    """A drum loop: a hit of decaying noise every half second, nothing a pitch tracker calls sung."""
+    rng = np.random.default_rng(5)
+    n = int(seconds * MIX_SAMPLE_RATE)
+    hits = np.zeros(n, np.float32)
+    length = int(0.08 * MIX_SAMPLE_RATE)
+    for start in range(0, n - length, MIX_SAMPLE_RATE // 2):
+        hits[start : start + length] = rng.standard_normal(length) * np.exp(-np.arange(length) / 600)
+    return (0.5 * hits)[None]
+
+
+def test_an_instrumental_is_refused_before_conversion_and_when_let_through_is_never_passed(store, tmp_path, meter):
+    """Separated vocals with no singing (a drum loop's: the demo's random-weight separator cannot
+    give such a stem, so it is written here): the gate's check before conversion refuses them with
+    input.no_vocals, not retryable, exit status 3; real vocals pass the check with their melody;
+    let through, the cover's verdict is not_measurable, never passed."""
+    from job.render.pipeline import Pipeline
+    from job.render.separate.stems import StemCache
+    from shared.errors import CoverError, ErrorCode
+    from shared.model_store import ModelStore
+    from shared.settings import Settings
+    from shared.storage import LocalStorage
+
+    settings = Settings(models_dir=store, work_dir=tmp_path)
+    pipeline = Pipeline(settings, ModelStore(store), StemCache(LocalStorage(tmp_path / "bucket")))
+    pipeline._meter = meter
+    drums = write_wav(tmp_path / "drums.wav", _drums(), MIX_SAMPLE_RATE)
+    with pytest.raises(CoverError) as refused:
+        pipeline.sung(drums)
+    assert refused.value.code is ErrorCode.INPUT_NO_VOCALS and not refused.value.retryable
+    assert refused.value.exit_status == 3 and "allow_no_vocals" in refused.value.message
+    sung = demo.demo_song(8.0)[0]
+    f0 = pipeline.sung(write_wav(tmp_path / "vocals.wav", sung, MIX_SAMPLE_RATE))
+    assert np.count_nonzero(f0) * meter.frame_s > 3.0
+    let_through = meter.conversion(_drums()[0], MIX_SAMPLE_RATE, sung.mean(axis=0), MIX_SAMPLE_RATE, 0, None)
+    assert let_through.verdict is Verdict.NOT_MEASURABLE and not let_through.passed

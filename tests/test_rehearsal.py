@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 import requests
@@ -241,4 +242,22 @@ def test_two_requests_for_one_cover_on_the_gpu_path_both_get_their_answer(stack,
     claims = stack.s3.list_objects_v2(Bucket=stack.bucket, Prefix=f"claims/{first['cover_id']}/")
     assert claims["KeyCount"] == 1  # one render
     assert not [line for line in _log_lines(logs / "unanswered.log") if line.get("event") == "request.answered"]
+    assert proc.poll() is None
+
+
+@pytest.mark.stack_env(COVER_QUALITY="gate")
+def test_the_readme_s_service_example_ends_in_completed(stack, rehearsal):
+    """The README's `curl -X POST` against `make serve`, its body as written, under the default
+    quality gate: the demo's random-weight models are let through as the README says, and the
+    request ends in completed."""
+    proc, url, _ = rehearsal
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    example = readme.split("make serve\ncurl -s -X POST http://127.0.0.1:8080/cover", 1)[1]
+    body = json.loads(example.split("-d '", 1)[1].split("'", 1)[0])
+    answer = requests.post(f"{url}/cover", json=body, timeout=30)
+    assert answer.status_code == 202, answer.text
+    cid = answer.json()["cover_id"]
+    events = stack.events(lambda got: any(e["cover_id"] == cid for e in of_type(got, COMPLETED) + of_type(got, FAILED)))
+    assert [e["cover_id"] for e in of_type(events, COMPLETED)] == [cid], of_type(events, FAILED)
+    assert requests.get(answer.json()["status_url"], timeout=30).json()["state"] == "completed"
     assert proc.poll() is None

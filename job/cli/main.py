@@ -95,6 +95,7 @@ def _cover_options(args: argparse.Namespace, output: str) -> CoverOptions:
         conversion=model_from_args(ConversionOptions, args),
         separation=model_from_args(SeparationOptions, args),
         mix=mix,
+        allow_no_vocals=getattr(args, "allow_no_vocals", False),
     )
 
 
@@ -276,7 +277,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     prepare = time.perf_counter() - start
     pipeline = _pipeline(args, settings)
     out = Path(args.output)
-    options = CoverOptions()
+    # the demo's models have random weights: its separator may find no singing, and its voice cannot
+    # pass the gate; the demo renders and writes the cover anyway, and says so
+    options = CoverOptions(allow_no_vocals=True)
     options.mix.format = format_for(args.output)
     with work_folder(settings.work_dir) as work:
         voice = pipeline.store.voice(demo.DEMO_VOICE)
@@ -464,6 +467,12 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - reads best top
         "--publish-below-gate",
         action="store_true",
         help="exit 0 even when the cover's quality scores are below the gate (the file is written either way)",
+    )
+    p.add_argument(
+        "--allow-no-vocals",
+        action="store_true",
+        help="render even when the separated vocals hold no singing (the gate stops such a song before "
+        "conversion: input.no_vocals, exit 3)",
     )
     p.set_defaults(func=cmd_make)
 

@@ -10,6 +10,7 @@ start the emulator and moto's S3 server.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -233,6 +234,10 @@ class Rehearsal:
 
     def banner(self) -> str:
         s = self.settings
+        # the demo's models have random weights: let through what the quality gate would stop
+        request = json.dumps(
+            {"song_id": "demo", "voice_model": "VOICE", "publish_below_gate": True, "allow_no_vocals": True}
+        )
         return f"""
 melodia-cover is up, in the production topology (logs in {self.logs}):
   API        http://127.0.0.1:{self.port}   (POST /cover, GET /covers/ID, GET /models, GET /openapi.json)
@@ -247,11 +252,13 @@ melodia-cover is up, in the production topology (logs in {self.logs}):
   default runner for requests that name none: {s.default_runner}
 
   curl -s -X POST http://127.0.0.1:{self.port}/cover -H 'Content-Type: application/json' \\
-       -d '{{"song_id": "demo", "voice_model": "VOICE", "runner": "gpu"}}'
+       -d '{request}'
+  (the demo's models have random weights: the request lets what the quality gate would stop through)
   curl -s http://127.0.0.1:{self.port}/covers/COVER_ID
   one request by hand, as a Cloud Run task:
   PUBSUB_EMULATOR_HOST={self.emulator_host} COVER_STORAGE={s.storage} \\
-  COVER_REQUEST='{{"song_id": "demo", "voice_model": "VOICE"}}' python -m job run
+  COVER_REQUEST='{request}' \\
+  {sys.executable} -m job run
 Ctrl-C stops everything."""
 
     def watch(self, stopped) -> None:

@@ -32,9 +32,10 @@ from job.render.quality.repair import Voice as RepairVoice
 from job.render.separate.separator import Separator
 from job.render.separate.stems import StemCache, Stems
 from job.render.timing import StageTimer
+from shared.errors import CoverError, ErrorCode
 from shared.model_store import ModelStore, ResolvedVoice
 from shared.options import MixOptions, SeparationOptions
-from shared.quality import QualityReport
+from shared.quality import MELODY_MIN_VOICED_S, QualityReport
 from shared.settings import Settings
 from shared.stages import Stage
 
@@ -46,6 +47,9 @@ class CoverOptions(BaseModel):
     conversion: ConversionOptions = Field(default_factory=ConversionOptions)
     separation: SeparationOptions = Field(default_factory=SeparationOptions)
     mix: MixOptions = Field(default_factory=MixOptions)
+    allow_no_vocals: bool = Field(
+        False, description="render a song whose separated vocals hold no singing (the gate refuses it otherwise)"
+    )
 
 
 class CoverResult(BaseModel):
@@ -134,12 +138,42 @@ class Pipeline:
         embedding = self.meter.embedding(audio16)
         return None if embedding is None else [round(float(v), 6) for v in embedding]
 
-    def measure(self, vocals: Path, converted: ConvertedVocals, voice: ResolvedVoice) -> QualityReport:
+    def measure(
+        self, vocals: Path, converted: ConvertedVocals, voice: ResolvedVoice, source_f0: np.ndarray | None = None
+    ) -> QualityReport:
+        """Score the converted vocals against the separated ones.
+
+        Args:
+            vocals: the separated vocals
+            converted: the converted vocals
+            voice: the voice (its reference embedding)
+            source_f0: the separated vocals' melody when :meth:`sung` measured it already
+        """
         # the quality models take 16 kHz mono: read so, a block at a time (memory flat in the song's length)
         source, output = read_16k(vocals).audio, read_16k(converted.path).audio
         return self.meter.conversion(
-            source, CONTENT_SAMPLE_RATE, output, CONTENT_SAMPLE_RATE, converted.pitch_shift, self.reference(voice)
+            source,
+            CONTENT_SAMPLE_RATE,
+            output,
+            CONTENT_SAMPLE_RATE,
+            converted.pitch_shift,
+            self.reference(voice),
+            source_f0=source_f0,
         )
+
+    def sung(self, vocals: Path) -> np.ndarray:
+        """The separated vocals' melody (Hz per quality frame, 0 unvoiced); :class:`CoverError`
+        ``input.no_vocals`` when under one second of it is sung (an instrumental: nothing to convert)."""
+        f0 = self.meter.pitch(read_16k(vocals).audio)
+        sung_s = float(np.count_nonzero(f0)) * self.meter.frame_s
+        if sung_s < MELODY_MIN_VOICED_S:
+            raise CoverError(
+                ErrorCode.INPUT_NO_VOCALS,
+                f"the song's separated vocals hold {sung_s:.1f} s of singing (under {MELODY_MIN_VOICED_S:.0f} s): "
+                "nothing to convert (allow_no_vocals, or --allow-no-vocals, renders it anyway)",
+                retryable=False,
+            )
+        return f0
 
     def repair(
         self,
@@ -308,6 +342,10 @@ class Pipeline:
         if discard_song:
             Path(song).unlink(missing_ok=True)
         release_freed_memory(0)  # what separation freed goes back before the conversion's models load
+        source_f0 = None
+        if self.settings.quality == "gate" and not options.allow_no_vocals:
+            with timer(Stage.QUALITY):  # an instrumental is refused here, before the conversion's cost
+                source_f0 = self.sung(stems.vocals)
         with self.device_turn(timer), timer(Stage.CONVERT):
             converted = self.convert(
                 stems.vocals, voice, work / "converted.wav", options.conversion, lambda f: report(Stage.CONVERT, f)
@@ -316,7 +354,7 @@ class Pipeline:
         quality = None
         if self.settings.quality != "off":
             with timer(Stage.QUALITY):
-                quality = self.measure(stems.vocals, converted, voice)
+                quality = self.measure(stems.vocals, converted, voice, source_f0)
             report(Stage.QUALITY, 1.0)
             if self.settings.repair_budget > 0 and any(s.below for s in quality.segments):
                 with self.device_turn(timer), timer(Stage.REPAIR):
@@ -347,5 +385,5 @@ class Pipeline:
             mix=mixed,
             conversion=converted,
             stems_cached=cached,
-            timings=timer.timings,
+            timings=timer.in_order(),
         )

@@ -28,5 +28,11 @@ class StageTimer:
         """The time spent in ``stage`` so far (0 for a stage not run)."""
         return self.timings.get(stage.value, 0.0)
 
+    def in_order(self) -> dict[str, float]:
+        """The timings in the stages' order (the quality stage's check of the separated vocals runs
+        before the conversion, and still comes after it here), anything else after them."""
+        order = {stage.value: i for i, stage in enumerate(Stage)}
+        return dict(sorted(self.timings.items(), key=lambda item: order.get(item[0], len(order))))
+
     def rounded(self, digits: int = 3) -> dict[str, float]:
         return {stage: round(seconds, digits) for stage, seconds in self.timings.items()}

@@ -315,6 +315,7 @@ class Worker:
         cover_options = CoverOptions(
             conversion=ConversionOptions(**options.model_dump(exclude={"format"})),
             mix=MixOptions(format=options.format),
+            allow_no_vocals=request.allow_no_vocals,
         )
         timer = StageTimer()
         with work_folder(self.settings.work_dir) as work:

@@ -123,6 +123,8 @@ class QualityMeter:
                 self._dnsmos = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             return self._dnsmos
 
+    frame_s = HOP / RATE  # the pitch track's frame
+
     def load(self) -> None:
         """Load the three models now (each once), so that what follows times only the scoring."""
         self.crepe(), self.speaker(), self.dnsmos()
@@ -200,6 +202,7 @@ class QualityMeter:
         converted_rate: int,
         pitch_shift: float,
         reference: list[float] | None,
+        source_f0: np.ndarray | None = None,
     ) -> QualityReport:
         """Score the converted vocals against the separated ones (without the mix); the report's
         ``measured_s`` is the scoring's time, the models loaded first.
@@ -211,6 +214,8 @@ class QualityMeter:
             converted_rate: their sample rate
             pitch_shift: the semitones the conversion moved the melody (the source's melody is moved alike)
             reference: the voice's reference embedding (None: likeness not scored)
+            source_f0: the separated vocals' melody when already measured (:meth:`pitch` of them at
+                16 kHz, unshifted), instead of measuring it again
         """
         self.load()
         started = time.perf_counter()
@@ -218,7 +223,8 @@ class QualityMeter:
         out = to_16k(converted, converted_rate)
         n = min(len(src), len(out))
         src, out = src[:n], out[:n]
-        f0_src = self.pitch(src) * 2 ** (pitch_shift / 12)
+        frames = 1 + n // HOP
+        f0_src = (self.pitch(src) if source_f0 is None else source_f0[:frames]) * 2 ** (pitch_shift / 12)
         f0_out = self.pitch(out)
         ref = np.asarray(reference, dtype=np.float32) if reference else None
         bounds = segment_bounds(n / RATE)
