@@ -157,7 +157,19 @@ def document() -> dict[str, Any]:
                 }
             },
             "/models": {
-                "get": {"operationId": "listModels", "responses": {"200": _json_answer("ModelList", "every voice")}}
+                "get": {
+                    "operationId": "listModels",
+                    "parameters": [
+                        {
+                            "name": "embeddings",
+                            "in": "query",
+                            "required": False,
+                            "description": "true: include each voice's reference embedding (256 numbers)",
+                            "schema": {"type": "boolean", "default": False},
+                        }
+                    ],
+                    "responses": {"200": _json_answer("ModelList", "every voice")},
+                }
             },
             "/healthz": {"get": {"operationId": "health", "responses": {"200": _json_answer("Health", "alive")}}},
             "/openapi.json": {

@@ -246,13 +246,17 @@ def _cover_audio(cid: str) -> Response:
     return answer
 
 
-def _models() -> Response:
-    return _model(ModelList(models=services().models.voices()))
+def _models(request: Request) -> Response:
+    """The voices; each one's 256-number reference embedding only with ``?embeddings=true``."""
+    voices = services().models.voices()
+    if request.args.get("embeddings", "").lower() not in ("true", "1"):
+        voices = [v.model_copy(update={"reference_embedding": None}) for v in voices]
+    return _model(ModelList(models=voices))
 
 
 ROUTES: dict[str, dict[str, Callable[[Request], Response]]] = {
     "/cover": {"POST": _submit},
-    "/models": {"GET": lambda _: _models()},
+    "/models": {"GET": _models},
     "/healthz": {"GET": lambda _: _model(Health(ok=True))},
     "/openapi.json": {"GET": lambda _: _json(document())},
 }

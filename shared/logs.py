@@ -64,3 +64,4 @@ def setup_logging(default_level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(os.environ.get("COVER_LOG_LEVEL", default_level))
+    logging.captureWarnings(True)  # Python's warnings (a library's DeprecationWarning) as JSON lines too

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -213,3 +217,47 @@ def test_the_demo_says_plainly_that_its_untrained_voice_does_not_pass_and_writes
     assert "repair: re-rendered" in proc.stdout  # every segment of an untrained voice is weak
     assert out.stat().st_size > 10_000
     assert (tmp_path / "demo.report.html").is_file()  # and its report
+
+
+def test_the_command_line_s_small_courtesies(env, song, tmp_path):
+    """--version; defaults of 0 shown in --help; a bad option value in the flag's own words; an
+    unknown voice to verify is the caller's mistake (exit 3); listings without embeddings unless
+    asked for."""
+    version = run_cover(["--version"], env)
+    assert version.returncode == 0 and re.fullmatch(r"cover \d+\.\d+\S*\n", version.stdout)
+    helped = run_cover(["make", "--help"], env)
+    pitch_help = helped.stdout[helped.stdout.index("\n  --pitch") :].split("\n  --f0-method")[0]
+    assert "(default: 0)" in pitch_help
+    bad = run_cover(
+        ["make", str(song), "--voice", demo.DEMO_VOICE, "-o", str(tmp_path / "o.mp3"), "--pitch", "99"], env
+    )
+    assert bad.returncode == 3 and "--pitch 99: input should be less than or equal to 24" in bad.stderr
+    assert "literal" not in bad.stderr and "--pitch.int" not in bad.stderr and not (tmp_path / "o.mp3").exists()
+    unknown = run_cover(["models", "verify", "nosuch"], env)
+    assert unknown.returncode == 3 and "[voice.unknown]" in unknown.stderr
+    listed = json.loads(run_cover(["models", "list", "--json"], env).stdout)
+    assert listed and all("reference_embedding" not in v for v in listed)
+    with_embeddings = json.loads(run_cover(["models", "list", "--json", "--embeddings"], env).stdout)
+    assert all("reference_embedding" in v for v in with_embeddings)
+
+
+def test_a_closed_pipe_ends_the_listing_quietly(env):
+    """`cover models list --json | true`: the reader is gone before the listing is written (as
+    `| head` leaves early); no traceback, exit 0."""
+    cover = Path(sys.executable).parent / "cover"
+    proc = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", f"'{cover}' models list --json | true"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def test_python_warnings_are_json_log_lines():
+    code = "from shared.logs import setup_logging; setup_logging(); import warnings; warnings.warn('old api')"
+    proc = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, timeout=60)
+    (line,) = [x for x in proc.stderr.splitlines() if x.strip()]
+    entry = json.loads(line)
+    assert entry["logger"] == "py.warnings" and "old api" in entry["message"] and entry["severity"] == "WARNING"

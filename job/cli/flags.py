@@ -92,7 +92,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a flag's default unless it is None or False, or the help text already says it."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False) or "default" in (action.help or ""):
+        # `is`, not `in`: 0 == False, and a default of 0 (pitch, seed, gains) is worth showing
+        if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -102,5 +103,19 @@ def model_from_args(model: type[M], args: argparse.Namespace, exclude: Iterable[
     try:
         return model(**values)
     except ValidationError as exc:
-        problems = "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
-        raise CoverError(ErrorCode.OPTIONS_INVALID, problems) from None
+        raise CoverError(ErrorCode.OPTIONS_INVALID, _in_our_words(exc)) from None
+
+
+def _in_our_words(exc: ValidationError) -> str:
+    """One line per flag, in the flag's name, without pydantic's inner names: a value that may be
+    a number or a word (``--pitch``) is reported by the number's rule, once."""
+    said: dict[str, str] = {}
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else "options"
+        branch = str(error["loc"][1]) if len(error["loc"]) > 1 else ""
+        if field in said and not branch.startswith(("int", "float")):
+            continue
+        message = str(error["msg"])
+        message = message[:1].lower() + message[1:]
+        said[field] = f"--{field.replace('_', '-')} {error.get('input')!s}: {message}"
+    return "; ".join(said.values())

@@ -321,8 +321,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_models_list(args: argparse.Namespace) -> int:
     voices = ModelStore(_settings(args).models_dir).local_voices()
-    if args.json:
-        print(json.dumps([v.model_dump(mode="json") for v in voices]))
+    if args.json:  # a voice's 256-number reference embedding only when asked for
+        leave_out = None if args.embeddings else {"reference_embedding"}
+        print(json.dumps([v.model_dump(mode="json", exclude=leave_out) for v in voices]))
     elif not voices:
         print("no voices installed; add one with: cover models add FILE_OR_URL")
     else:
@@ -379,7 +380,15 @@ def _add_reference(args: argparse.Namespace, settings: Settings, info: VoiceInfo
 def cmd_models_verify(args: argparse.Namespace) -> int:
     from job.cli.voices import verify_store
 
-    reports = verify_store(ModelStore(_settings(args).models_dir), args.names)
+    store = ModelStore(_settings(args).models_dir)
+    known = {v.name for v in store.local_voices()}
+    unknown = [name for name in args.names or [] if name not in known]
+    if unknown:  # an unknown name is the caller's mistake (exit 3), not a broken voice (exit 4)
+        raise CoverError(
+            ErrorCode.VOICE_UNKNOWN,
+            f"no voice {', '.join(unknown)} in the store (known: {', '.join(sorted(known)) or 'none'})",
+        )
+    reports = verify_store(store, args.names)
     _emit(
         args,
         {"voices": [r.model_dump() for r in reports]},
@@ -432,10 +441,20 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
 # --- parser ------------------------------------------------------------------------------------
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("melodia-cover")
+    except PackageNotFoundError:  # a checkout run without installing
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - reads best top to bottom
 
     formatter = HelpFormatter
     parser = argparse.ArgumentParser(prog="cover", description="AI covers on one machine.", formatter_class=formatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--models-dir", help="model store (default: $COVER_MODELS_DIR or the user cache)")
     common.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: $COVER_DEVICE or auto)")
@@ -506,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - reads best top
         dest="models_command", required=True
     )
     p = models.add_parser("list", parents=[common], help="list the local voices")
+    p.add_argument("--embeddings", action="store_true", help="with --json, include each voice's reference embedding")
     p.set_defaults(func=cmd_models_list)
     p = models.add_parser(
         "add", parents=[common], help="add a .pth, a folder or a .zip (path or URL)", formatter_class=formatter
@@ -544,7 +564,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("WARNING")
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        status = int(args.func(args))
+        sys.stdout.flush()  # here, where a reader gone early can be told apart from an error
+        return status
+    except BrokenPipeError:  # the reader went away (`cover models list --json | head`): not an error
+        _quiet_stdout()
+        return 0
     except CoverError as exc:
         _report_error(args, exc)
         return exc.exit_status
@@ -556,6 +581,17 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("COVER_DEBUG"):
             raise
         return EXIT_INTERNAL
+
+
+def _quiet_stdout() -> None:
+    """Point standard output at /dev/null, so that flushing it at exit raises nothing more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (in-process tests)
+        pass
+    finally:
+        os.close(devnull)
 
 
 def _report_error(args: argparse.Namespace, exc: CoverError) -> None:
