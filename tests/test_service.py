@@ -398,10 +398,12 @@ def test_a_runner_with_an_empty_model_folder_syncs_from_the_bucket_and_refuses_a
 @pytest.fixture(scope="session")
 def dispatcher_venv() -> Path:
     """A virtual environment with only the core dependencies (`pip install .`, no extras): what the
-    HTTP functions are deployed with. Rebuilt when pyproject.toml changes."""
+    HTTP functions are deployed with. Rebuilt when pyproject.toml or the command line's code changes
+    (the venv holds an installed copy of it)."""
     venv = ROOT / ".venv-dispatcher"
     stamp = venv / "pyproject.sha256"
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    sources = [ROOT / "pyproject.toml", *sorted((ROOT / "job" / "cli").glob("*.py"))]
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()
     if not stamp.is_file() or stamp.read_text() != digest:
         shutil.rmtree(venv, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -415,6 +417,14 @@ def test_the_dispatcher_imports_and_answers_without_torch(stack, dispatcher_venv
     for heavy in ("torch", "numpy", "demucs", "transformers"):
         probe = subprocess.run([str(dispatcher_venv / "python"), "-c", f"import {heavy}"], capture_output=True)
         assert probe.returncode != 0, f"{heavy} is installed in the dispatcher's environment"
+    # the `cover` command installed without the job's dependencies says what to install
+    cli = subprocess.run(
+        [str(dispatcher_venv / "cover"), "make", "song.mp3", "--voice", "v", "-o", "o.mp3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cli.returncode == 2 and "pip install 'melodia-cover[job]'" in cli.stderr and "Traceback" not in cli.stderr
     url = stack.start_dispatcher(dispatcher_venv)
     assert requests.get(f"{url}/healthz").json() == {"ok": True}
     assert [m["name"] for m in requests.get(f"{url}/models").json()["models"]] == [demo.DEMO_VOICE]
