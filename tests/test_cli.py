@@ -161,6 +161,7 @@ def test_add_voice_from_a_community_zip_and_verify(env, own_store, tmp_path):
     env = {**env, "COVER_MODELS_DIR": str(own_store)}
     proc = run_cover(["models", "add", str(archive), "--json"], env)
     assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # --json: one object on standard output, no status lines
     added = json.loads(proc.stdout)
     assert added["name"] == "singer_rvc" and added["rvc_version"] == "v1" and added["has_index"]
     assert added["files"]["model.pth"]["sha256"] == info.files["model.pth"].sha256
@@ -176,6 +177,7 @@ def test_add_corrupt_pth_fails_cleanly_and_leaves_the_store_alone(env, own_store
     env = {**env, "COVER_MODELS_DIR": str(own_store)}
     proc = run_cover(["models", "add", str(bad)], env)
     assert proc.returncode == 4 and "[model.corrupt]" in proc.stderr
+    assert "reading and checking the checkpoint" in proc.stderr  # it said what it was doing
     assert not (own_store / "voices" / "broken").exists()
     assert [p.name for p in (own_store / "voices").iterdir()] == []
 

@@ -181,9 +181,17 @@ def test_a_cover_carries_its_report_and_an_identity_conversion_passes_the_melody
     pipeline = Identity(settings, ModelStore(store))
     options = CoverOptions()
     options.conversion.f0_method = "pm"
+    reported: list[tuple[str, float]] = []
     result = pipeline.render(
-        song, pipeline.store.voice(demo.DEMO_VOICE), tmp_path / "cover.mp3", options, work=tmp_path / "work"
+        song,
+        pipeline.store.voice(demo.DEMO_VOICE),
+        tmp_path / "cover.mp3",
+        options,
+        lambda stage, fraction: reported.append((stage, fraction)),
+        work=tmp_path / "work",
     )
+    quality = [fraction for stage, fraction in reported if stage == "quality"]
+    assert len(quality) >= 4 and quality == sorted(quality) and quality[-1] == 1.0  # it says how far it is
     report = result.quality
     assert report is not None and "quality" in result.timings and report.mix is not None
     assert report.whole.melody.f0_correlation >= 0.99 and report.whole.speaker_similarity >= 0.95

@@ -344,7 +344,13 @@ def cmd_models_add(args: argparse.Namespace) -> int:
     settings = _settings(args)
     policy = UrlPolicy.from_settings(settings, MAX_VOICE_BYTES)
     store = ModelStore(settings.models_dir)
+    say = _status(args)
+    say(f"adding {args.source}: reading and checking the checkpoint ...")
     info = add_voice(store, args.source, args.name, args.replace, policy=policy)
+    say(
+        f"{info.name}: computing its reference embedding (the voice sings a reference phrase: the base models "
+        "load and convert it, 20 to 40 s on a laptop's CPU) ..."
+    )
     info, note = _add_reference(args, settings, info)
     _emit(
         args,
@@ -355,6 +361,13 @@ def cmd_models_add(args: argparse.Namespace) -> int:
         ),
     )
     return 0
+
+
+def _status(args: argparse.Namespace) -> Callable[[str], None]:
+    """A line on standard error saying what a long step is doing (not with --json)."""
+    if getattr(args, "json", False):
+        return lambda line: None
+    return lambda line: print(line, file=sys.stderr, flush=True)
 
 
 def _add_reference(args: argparse.Namespace, settings: Settings, info: VoiceInfo) -> tuple[VoiceInfo, str]:

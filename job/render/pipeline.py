@@ -139,7 +139,12 @@ class Pipeline:
         return None if embedding is None else [round(float(v), 6) for v in embedding]
 
     def measure(
-        self, vocals: Path, converted: ConvertedVocals, voice: ResolvedVoice, source_f0: np.ndarray | None = None
+        self,
+        vocals: Path,
+        converted: ConvertedVocals,
+        voice: ResolvedVoice,
+        source_f0: np.ndarray | None = None,
+        progress: Callable[[float], None] | None = None,
     ) -> QualityReport:
         """Score the converted vocals against the separated ones.
 
@@ -148,6 +153,7 @@ class Pipeline:
             converted: the converted vocals
             voice: the voice (its reference embedding)
             source_f0: the separated vocals' melody when :meth:`sung` measured it already
+            progress: called with the fraction of the scoring done
         """
         # the quality models take 16 kHz mono: read so, a block at a time (memory flat in the song's length)
         source, output = read_16k(vocals).audio, read_16k(converted.path).audio
@@ -159,6 +165,7 @@ class Pipeline:
             converted.pitch_shift,
             self.reference(voice),
             source_f0=source_f0,
+            progress=progress,
         )
 
     def sung(self, vocals: Path) -> np.ndarray:
@@ -354,7 +361,7 @@ class Pipeline:
         quality = None
         if self.settings.quality != "off":
             with timer(Stage.QUALITY):
-                quality = self.measure(stems.vocals, converted, voice, source_f0)
+                quality = self.measure(stems.vocals, converted, voice, source_f0, lambda f: report(Stage.QUALITY, f))
             report(Stage.QUALITY, 1.0)
             if self.settings.repair_budget > 0 and any(s.below for s in quality.segments):
                 with self.device_turn(timer), timer(Stage.REPAIR):

@@ -23,6 +23,7 @@ import itertools
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -203,6 +204,7 @@ class QualityMeter:
         pitch_shift: float,
         reference: list[float] | None,
         source_f0: np.ndarray | None = None,
+        progress: Callable[[float], None] | None = None,
     ) -> QualityReport:
         """Score the converted vocals against the separated ones (without the mix); the report's
         ``measured_s`` is the scoring's time, the models loaded first.
@@ -216,8 +218,12 @@ class QualityMeter:
             reference: the voice's reference embedding (None: likeness not scored)
             source_f0: the separated vocals' melody when already measured (:meth:`pitch` of them at
                 16 kHz, unshifted), instead of measuring it again
+            progress: called with the fraction done as the scoring advances (below 1: the caller
+                reports the end)
         """
+        report = progress or (lambda fraction: None)
         self.load()
+        report(0.05)
         started = time.perf_counter()
         src = to_16k(source, source_rate)
         out = to_16k(converted, converted_rate)
@@ -225,7 +231,9 @@ class QualityMeter:
         src, out = src[:n], out[:n]
         frames = 1 + n // HOP
         f0_src = (self.pitch(src) if source_f0 is None else source_f0[:frames]) * 2 ** (pitch_shift / 12)
+        report(0.2)
         f0_out = self.pitch(out)
+        report(0.35)
         ref = np.asarray(reference, dtype=np.float32) if reference else None
         bounds = segment_bounds(n / RATE)
         sung = [sung_in(f0_src[slice(*frame_span(start, end))]) for start, end in bounds]
@@ -234,8 +242,10 @@ class QualityMeter:
                 [out[int(start * RATE) : int(end * RATE)] for (start, end), s in zip(bounds, sung, strict=True) if s]
             )
         )
+        report(0.7)
         segments = []
-        for (start, end), is_sung in zip(bounds, sung, strict=True):
+        for i, ((start, end), is_sung) in enumerate(zip(bounds, sung, strict=True)):
+            report(0.7 + 0.25 * i / len(bounds))
             a, b = int(start * RATE), int(end * RATE)
             fa, fb = frame_span(start, end)
             dnsmos = next(natural) if is_sung else None
