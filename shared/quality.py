@@ -94,6 +94,12 @@ class Curves(BaseModel):
     source_hz: list[float] = Field(description="the separated vocals' F0 with the pitch shift, 0 unvoiced")
     converted_hz: list[float] = Field(description="the converted vocals' F0, 0 unvoiced")
     waveform: list[float] = Field(default_factory=list, description="the mix's peak per column, 0 to 1")
+    mix_levels: list[float] = Field(
+        default_factory=list, description="the mix's RMS level per column, -60 to 0 dBFS as 0 to 1"
+    )
+    vocals_levels: list[float] = Field(
+        default_factory=list, description="the converted vocals' RMS level per column, -60 to 0 dBFS as 0 to 1"
+    )
     duration_s: float
 
 

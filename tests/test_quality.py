@@ -16,7 +16,7 @@ import pytest
 
 from job.devkit import demo
 from job.render.media.audio import MIX_SAMPLE_RATE, read_wav, to_16k, write_wav
-from job.render.mix.meter import mix_scores, waveform_peaks
+from job.render.mix.meter import mix_scores, waveform_levels, waveform_peaks
 from job.render.phrase import reference_phrase
 from job.render.quality import meter as quality
 from job.render.quality.meter import QualityMeter, melody_scores
@@ -115,6 +115,11 @@ def test_mix_measures_count_clipping_and_silence():
     assert whole.silent_share == pytest.approx(3000 / 12000, abs=1e-4)
     assert whole.clipped_share == pytest.approx(300 / long.size, rel=1e-3)
     assert waveform_peaks(long, 6) == [0.2, 0.0, 0.2, 1.0, 1.0, 0.2]  # columns of 100006 samples
+    # the page's levels, kept block by block as the mix is fed: silence at the bottom, 0.2 at -14 dBFS
+    assert waveform_levels(half, 2) == [0.0, pytest.approx(1 - 6.02 / 60, abs=0.002)]
+    assert waveform_levels(long, 6)[1] == 0.0 and waveform_levels(long, 6)[0] == pytest.approx(
+        1 - 13.98 / 60, abs=0.002
+    )
 
 
 def test_the_reference_phrase_is_sung_and_voiced(meter):

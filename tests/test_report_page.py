@@ -134,6 +134,23 @@ def test_what_was_not_measured_is_grey_and_said_so(page):
     assert whole_row.count('<td class="na">not measured</td>') == 6
 
 
+def test_the_waveform_shows_the_songs_shape_and_the_vocals_over_it(page):
+    """Levels, not peaks: a quiet verse and a loud chorus look different (a loudness-normalised
+    mix's peaks were a solid slab), and the cover's vocals are drawn over the mix."""
+    from job.render.media.audio import level_envelope
+    from job.render.quality.report_page import MIX_COLOUR
+
+    quiet_then_loud = np.concatenate([np.full(8000, 0.01), np.full(8000, 0.5)]).astype(np.float32)
+    levels = level_envelope(quiet_then_loud, columns=4)
+    assert levels[:2] == [pytest.approx(1 / 3, abs=0.01)] * 2 and levels[2:] == [pytest.approx(0.9, abs=0.01)] * 2
+    _, report = page
+    assert report.curves.vocals_levels and max(report.curves.vocals_levels) - min(report.curves.vocals_levels) > 0.2
+    curves = report.curves.model_copy(update={"mix_levels": levels * 250})
+    text = render_page(report.model_copy(update={"curves": curves}), "song", None)
+    wave = text[text.index('<svg id="wave"') : text.index("</svg>", text.index('<svg id="wave"'))]
+    assert f'fill="{MIX_COLOUR}"' in wave and f'stroke="{CONVERTED_COLOUR}"' in wave
+
+
 def test_a_long_covers_page_stays_small(page):
     """The page refers to the cover instead of embedding it: a 3.5-minute cover's page (its melody
     curves, 21 segments, the waveform) stays under 1 MB (embedded, the cover alone was 3 to 9 MB)."""

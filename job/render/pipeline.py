@@ -384,6 +384,7 @@ class Pipeline:
             quality.mix = mixed.scores
             if quality.curves is not None:
                 quality.curves.waveform = mixed.peaks
+                quality.curves.mix_levels = mixed.levels
         return CoverResult(
             output=Path(out),
             quality=quality,

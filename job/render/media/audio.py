@@ -301,3 +301,23 @@ def read_16k(path: Path) -> Audio16k:
             count = min(step * up // down, len(out) - at)
             out[at : at + count] = resampled[skip : skip + count]
         return Audio16k(audio=out, frames=frames, sample_rate=rate)
+
+
+LEVEL_FLOOR_DB = -60.0  # the report page's level scale: -60 dBFS RMS at the bottom, 0 at the top
+
+
+def levels(energy: np.ndarray, counts: np.ndarray) -> list[float]:
+    """RMS level per column from each column's sum of squares and sample count, on the report
+    page's scale: 0 at :data:`LEVEL_FLOOR_DB` dBFS or below, 1 at 0 dBFS."""
+    rms = np.sqrt(energy / np.maximum(counts, 1))
+    db = 20 * np.log10(np.maximum(rms, 1e-9))
+    return [round(float(v), 3) for v in np.clip((db - LEVEL_FLOOR_DB) / -LEVEL_FLOOR_DB, 0.0, 1.0)]
+
+
+def level_envelope(audio: np.ndarray, columns: int = 1000) -> list[float]:
+    """:func:`levels` of mono ``audio`` over ``columns`` equal stretches."""
+    if not len(audio):
+        return []
+    starts = np.linspace(0, len(audio), min(columns, len(audio)) + 1).astype(int)[:-1]
+    squares = np.square(audio, dtype=np.float64)
+    return levels(np.add.reduceat(squares, starts), np.diff(np.append(starts, len(audio))))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from job.render.media.audio import levels as level_scale
 from shared.quality import MixScores
 
 
@@ -22,6 +23,8 @@ class MixMeter:
         self.whole = length // self.block * self.block  # a trailing partial 50 ms block is left out
         self.edges = np.linspace(0, length, min(columns, length) + 1).astype(int)
         self.columns = np.zeros(len(self.edges) - 1)
+        self.energy = np.zeros(len(self.edges) - 1)  # each column's sum of squares (channels averaged)
+        self.counts = np.zeros(len(self.edges) - 1)
         self.position = self.clipped = self.samples = self.silent = self.blocks = 0
         self._pending: np.ndarray | None = None  # the unfinished 50 ms block's samples
 
@@ -37,7 +40,10 @@ class MixMeter:
         first = int(np.searchsorted(self.edges, self.position, side="right")) - 1
         last = int(np.searchsorted(self.edges, self.position + n - 1, side="right")) - 1
         starts = np.maximum(self.edges[first : last + 1], self.position) - self.position
-        np.maximum.at(self.columns, np.arange(first, last + 1), np.maximum.reduceat(magnitude, starts))
+        columns = np.arange(first, last + 1)
+        np.maximum.at(self.columns, columns, np.maximum.reduceat(magnitude, starts))
+        np.add.at(self.energy, columns, np.add.reduceat(np.mean(np.square(stereo, dtype=np.float64), axis=0), starts))
+        np.add.at(self.counts, columns, np.diff(np.append(starts, n)))
         # 50 ms blocks: power over the channels, counted as silent under -60 dB
         usable = stereo[:, : max(0, min(n, self.whole - self.position))]
         if self._pending is not None:
@@ -60,6 +66,10 @@ class MixMeter:
             silent_share=_round(self.silent / self.blocks if self.blocks else 0.0) or 0.0,
         )
 
+    def levels(self) -> list[float]:
+        """The RMS level of each stretch on the report page's scale (-60 to 0 dBFS as 0 to 1)."""
+        return level_scale(self.energy, self.counts)
+
     def peaks(self) -> list[float]:
         """The peak of each stretch (either channel), 0 to 1: the report page's waveform."""
         return [round(float(min(1.0, peak)), 3) for peak in self.columns]
@@ -76,6 +86,12 @@ def _metered(audio: np.ndarray, rate: int, columns: int = 1000, block: int = 1 <
 def waveform_peaks(audio: np.ndarray, columns: int = 1000) -> list[float]:
     """The peak of each of ``columns`` equal stretches of ``audio`` (either channel), 0 to 1."""
     return _metered(audio, 1, columns).peaks()
+
+
+def waveform_levels(audio: np.ndarray, columns: int = 1000) -> list[float]:
+    """The RMS level of each of ``columns`` equal stretches of ``audio`` (channels averaged), -60 to
+    0 dBFS as 0 to 1: what the mix keeps for the report page, a block at a time."""
+    return _metered(audio, 1, columns).levels()
 
 
 def mix_scores(audio: np.ndarray, rate: int, loudness_lufs: float, true_peak_dbtp: float) -> MixScores:

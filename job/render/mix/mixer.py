@@ -64,6 +64,7 @@ class MixResult(BaseModel):
     normalisation: str  # "linear" (gain only) or "limited" (the true-peak limiter engaged)
     scores: MixScores | None = None  # clipping and silence of what was encoded, with loudness and peak
     peaks: list[float] = []  # the encoded mix's waveform, for the report page
+    levels: list[float] = []  # the encoded mix's RMS level per column (-60 to 0 dBFS as 0 to 1), for the page
 
 
 def _open(path: Path, scratch: Path) -> WavReader:
@@ -368,6 +369,7 @@ def mix(  # noqa: PLR0915 - reads best top to bottom
         normalisation="limited" if limited else "linear",
         scores=result.meter.scores(loudness, peak),
         peaks=result.meter.peaks(),
+        levels=result.meter.levels(),
     )
 
 

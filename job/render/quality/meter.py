@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from job.render.media.audio import to_16k
+from job.render.media.audio import level_envelope, to_16k
 from job.render.quality.speaker import SpeakerEncoder
 from job.render.quality.wheels import wheel_file
 from shared.quality import (
@@ -256,6 +256,7 @@ class QualityMeter:
             frame_s=HOP / RATE,
             source_hz=[round(float(f), 1) for f in f0_src],
             converted_hz=[round(float(f), 1) for f in f0_out],
+            vocals_levels=level_envelope(out),
             duration_s=round(n / RATE, 3),
         )
         return QualityReport(

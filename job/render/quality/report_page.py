@@ -44,6 +44,7 @@ def _names(measures: list[str]) -> str:
 
 
 PLAYER_COLOUR = "#6a1b9a"
+MIX_COLOUR = "#b0bec5"  # the mix's level
 
 
 def _x(seconds: float, duration: float) -> float:
@@ -77,14 +78,21 @@ def _polylines(times: list[float], hz: list[float], duration: float, low: float,
     return runs
 
 
-def _waveform(peaks: list[float]) -> str:
-    if not peaks:
-        return ""
-    step = WIDTH / len(peaks)
-    middle = WAVE_HEIGHT / 2
-    top = " ".join(f"{i * step:.1f},{middle - p * middle:.1f}" for i, p in enumerate(peaks))
-    bottom = " ".join(f"{i * step:.1f},{middle + p * middle:.1f}" for i, p in reversed(list(enumerate(peaks))))
-    return f'<polygon points="{top} {bottom}" fill="#90a4ae"/>'
+def _waveform(curves: Curves) -> str:
+    """The song's shape: the mix's RMS level per column as a grey area (-60 dBFS at the bottom,
+    0 at the top: a loudness-normalised mix's peaks are a solid slab), the converted vocals' level
+    as a line over it; the mix's peaks where no levels were kept."""
+    mix = curves.mix_levels or curves.waveform
+    area = ""
+    if mix:
+        step = WIDTH / len(mix)
+        points = " ".join(f"{i * step:.1f},{WAVE_HEIGHT * (1 - v):.1f}" for i, v in enumerate(mix))
+        area = f'<polygon points="0,{WAVE_HEIGHT} {points} {WIDTH},{WAVE_HEIGHT}" fill="{MIX_COLOUR}"/>'
+    if not curves.vocals_levels:
+        return area
+    vstep = WIDTH / len(curves.vocals_levels)
+    vocals = " ".join(f"{i * vstep:.1f},{WAVE_HEIGHT * (1 - v):.1f}" for i, v in enumerate(curves.vocals_levels))
+    return area + f'<polyline points="{vocals}" fill="none" stroke="{CONVERTED_COLOUR}" stroke-width="1.5"/>'
 
 
 def _cell(value: float | None, fmt: str, failed: bool) -> str:
@@ -219,7 +227,9 @@ td.na {{ background: {UNMEASURED_SHADE}; color: #607d8b; }}
 <p class="verdict {verdict_class}">Quality: {verdict}; {status}.</p>
 <div class="player">{player}</div>
 <h2>Waveform</h2>
-<svg id="wave" width="{WIDTH}" height="{WAVE_HEIGHT}" viewBox="0 0 {WIDTH} {WAVE_HEIGHT}">{_waveform(curves.waveform)}
+<p class="legend"><span style="background:{MIX_COLOUR}"></span>the mix's level
+<span style="background:{CONVERTED_COLOUR}"></span>the cover's vocals (RMS, -60 to 0 dBFS)</p>
+<svg id="wave" width="{WIDTH}" height="{WAVE_HEIGHT}" viewBox="0 0 {WIDTH} {WAVE_HEIGHT}">{_waveform(curves)}
 <line class="playhead" x1="0" x2="0" y1="0" y2="{WAVE_HEIGHT}" stroke="{PLAYER_COLOUR}" stroke-width="2"/></svg>
 <h2>Melody</h2>
 <p class="legend"><span style="background:{SOURCE_COLOUR}"></span>the singer (separated vocals, with the pitch shift)
