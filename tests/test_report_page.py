@@ -85,6 +85,10 @@ def test_chromium_draws_both_pitch_curves_and_the_player(page, tmp_path):
         return int(np.all(np.abs(pixels.astype(int) - _rgb(colour)) <= 12, axis=1).sum())
 
     assert count(SOURCE_COLOUR) > 500, "the source melody is not drawn"
+    image = np.asarray(Image.open(shot).convert("RGB"))
+    left = image[:, : image.shape[1] // 2].reshape(-1, 3).astype(int)  # the half where the cover is the identity
+    hidden = int(np.all(np.abs(left - _rgb(SOURCE_COLOUR)) <= 12, axis=1).sum())
+    assert hidden > 300, "the singer's melody is hidden under the cover's where they coincide"
     assert count(CONVERTED_COLOUR) > 500, "the cover's melody is not drawn"
     assert count(PLAYER_COLOUR) > 1000, "the player's frame is not drawn"
 

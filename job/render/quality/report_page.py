@@ -178,7 +178,8 @@ def render_page(
         if m % 12 in (0, 9)  # every C and A
     )
     source = "".join(
-        f'<polyline points="{p}" fill="none" stroke="{SOURCE_COLOUR}" stroke-width="2.5"/>'
+        # the singer's line wide beneath the cover's: where the cover follows it exactly, both still show
+        f'<polyline points="{p}" fill="none" stroke="{SOURCE_COLOUR}" stroke-width="7" stroke-linejoin="round"/>'
         for p in _polylines(times, curves.source_hz, duration, low, high)
     )
     converted = "".join(
