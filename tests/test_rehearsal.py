@@ -119,30 +119,6 @@ def test_each_request_takes_exactly_one_path_push_trigger_job_or_gpu_runner(stac
     assert proc.poll() is None
 
 
-def test_a_killed_job_is_reported_and_its_retry_takes_over(stack, rehearsal):
-    """A task process killed in the middle of separation: the stack reports the failed attempt,
-    Cloud Run's retry (the local launcher's) takes the cover over once the lease lapses, and the
-    request completes once. Prints the time from the kill to the takeover's first progress event."""
-    proc, url, logs = rehearsal
-    answer = _post(url, 7, "cpu")
-    cid = answer["cover_id"]
-    assert _separating(cid)(stack.events(_separating(cid), timeout=240))
-    (attempt,) = [line for line in _log_lines(logs / "trigger.log") if line.get("event") == "execution.attempt"]
-    events, takeover = _kill_and_time_the_takeover(stack, cid, attempt["pid"], timeout=300)
-    print(f"\ntakeover: the retry's first progress {takeover:.1f} s after the kill (lease {LEASE_S:g} s)")
-    (completed,) = of_type(events, COMPLETED)
-    assert completed["request_id"] == answer["request_id"] and completed["runner"] == "cloud-run-job"
-    _check_against_bucket(stack, completed)
-    trigger = _log_lines(logs / "trigger.log")
-    failed = [line for line in trigger if line.get("event") == "execution.attempt_failed"]
-    assert [(f["attempt"], f["status"]) for f in failed] == [(0, -signal.SIGKILL)]  # reported
-    assert [line["attempt"] for line in trigger if line.get("event") == "execution.attempt"] == [0, 1]
-    assert any(line.get("event") == "execution.succeeded" for line in trigger)
-    assert takeover < LEASE_S + 30  # the lease, and a task's start
-    assert proc.poll() is None  # the stack lives on
-    assert requests.get(answer["status_url"], timeout=30).json()["state"] == "completed"
-
-
 def _separating(cid: str):
     """``until`` for Stack.events: the cover's separation has begun."""
 
@@ -152,83 +128,101 @@ def _separating(cid: str):
     return until
 
 
-def _kill_and_time_the_takeover(stack, cid: str, pid: int, timeout: float) -> tuple[list, float]:
-    """SIGKILL ``pid`` mid-render; the events until the cover completes, and the seconds from the
-    kill to the first progress event of whoever took the request up."""
-    os.kill(pid, signal.SIGKILL)
+def _kill_and_time_the_takeovers(stack, pids: dict[str, int], timeout: float) -> tuple[list, dict[str, float]]:
+    """SIGKILL each cover's renderer (``{cover_id: pid}``) mid-render; the events until every cover
+    completes, and for each the seconds from the kill to the first progress event of whoever took
+    its request up."""
+    for pid in pids.values():
+        os.kill(pid, signal.SIGKILL)
     killed_at = time.time()
 
-    def restarted(event) -> bool:
+    def restarted(event, cid: str) -> bool:
         return event["cover_id"] == cid and event["stage"] == "accepted" and _sent_at(event) > killed_at
 
-    def taken_up(got) -> bool:
-        return any(restarted(e) for e in of_type(got, "cover.progress"))
+    def done(got) -> bool:
+        progress, completed = of_type(got, "cover.progress"), {e["cover_id"] for e in of_type(got, COMPLETED)}
+        return all(cid in completed and any(restarted(e, cid) for e in progress) for cid in pids)
 
-    events = stack.events(lambda got: taken_up(got) and of_type(got, COMPLETED), timeout=timeout)
+    events = stack.events(done, timeout=timeout)
     events += stack.events(lambda got: False, timeout=3)
-    takeover = min(_sent_at(e) for e in of_type(events, "cover.progress") if restarted(e))
-    return events, takeover - killed_at
+    progress = of_type(events, "cover.progress")
+    return events, {cid: min(_sent_at(e) for e in progress if restarted(e, cid)) - killed_at for cid in pids}
 
 
 def _sent_at(event: dict) -> float:
     return datetime.fromisoformat(event["_attributes"]["ce-time"]).timestamp()
 
 
-@pytest.mark.stack_env(COVER_FAILPOINT="raise:separate", COVER_MAX_ATTEMPTS="99")
-def test_a_request_pubsub_dead_letters_gets_one_cover_failed(stack, rehearsal):
-    """A GPU runner that retries for ever (its attempt limit set above the subscription's 5
-    deliveries, and every render failing after separation): Pub/Sub dead-letters the request after
-    5 deliveries, and the unanswered function answers it once, request.dead_lettered."""
+@pytest.mark.stack_env(
+    COVER_FAILPOINT="raise:separate", COVER_MAX_ATTEMPTS="99", COVER_JOB_TASK_TIMEOUT_S="2", COVER_JOB_MAX_RETRIES="1"
+)
+def test_what_the_platform_ends_gets_one_cover_failed(stack, rehearsal):
+    """Two requests the platform ends, each answered once by the unanswered function:
+
+    * GPU path: a runner that retries for ever (its attempt limit set above the subscription's 5
+      deliveries, every render failing after separation): Pub/Sub dead-letters the request after 5
+      deliveries -> request.dead_lettered;
+    * CPU path: every attempt of the execution runs past the task timeout and the launcher kills it
+      (as Cloud Run kills a task out of time or memory: the task publishes nothing; a task is still
+      importing at 2 s) -> the failed execution's signal -> job.execution_failed."""
     proc, url, logs = rehearsal
-    answer = _post(url, 2, "gpu")
-    events = stack.events(lambda got: of_type(got, FAILED), timeout=240)
-    events += stack.events(lambda got: False, timeout=5)  # one answer, no more
-    (failed,) = of_type(events, FAILED)
-    assert failed["code"] == "request.dead_lettered" and failed["retryable"] is True
-    assert failed["request_id"] == answer["request_id"] and failed["cover_id"] == answer["cover_id"]
-    assert failed["attempt"] == 5 and "5 deliveries" in failed["message"]
-    assert not of_type(events, COMPLETED)
+    dead = _post(url, 2, "gpu")
+    killed = _post(url, 4, "cpu")
+    events = stack.events(lambda got: len(of_type(got, FAILED)) >= 2, timeout=240)
+    events += stack.events(lambda got: False, timeout=5)  # one answer each, no more
+    failed = {f["request_id"]: f for f in of_type(events, FAILED)}
+    assert len(of_type(events, FAILED)) == 2 and not of_type(events, COMPLETED)
+    lettered = failed[dead["request_id"]]
+    assert lettered["code"] == "request.dead_lettered" and lettered["retryable"] is True
+    assert lettered["cover_id"] == dead["cover_id"] and lettered["attempt"] == 5
+    assert "5 deliveries" in lettered["message"]
     runner = _log_lines(logs / "gpu-runner.log")
     assert sum(line.get("event") == "cover.retry" for line in runner) == 5  # the runner saw five deliveries
-    assert requests.get(answer["status_url"], timeout=30).json()["state"] == "failed"
-    assert proc.poll() is None
-
-
-@pytest.mark.stack_env(COVER_JOB_TASK_TIMEOUT_S="2", COVER_JOB_MAX_RETRIES="1")
-def test_a_job_killed_on_its_last_attempt_gets_one_cover_failed(stack, rehearsal):
-    """Every attempt of the execution runs past the task timeout and the launcher kills it (as Cloud
-    Run kills a task out of time or memory: the task publishes nothing). The failed execution's
-    signal reaches the unanswered function, which answers the request once, job.execution_failed."""
-    _, url, logs = rehearsal
-    answer = _post(url, 4, "cpu")
-    events = stack.events(lambda got: of_type(got, FAILED), timeout=180)
-    events += stack.events(lambda got: False, timeout=5)
-    (failed,) = of_type(events, FAILED)
-    assert failed["code"] == "job.execution_failed" and failed["request_id"] == answer["request_id"]
-    assert failed["cover_id"] == answer["cover_id"] and failed["attempt"] == 2
+    assert requests.get(dead["status_url"], timeout=30).json()["state"] == "failed"
+    ended = failed[killed["request_id"]]
+    assert ended["code"] == "job.execution_failed" and ended["cover_id"] == killed["cover_id"]
+    assert ended["attempt"] == 2
     trigger = _log_lines(logs / "trigger.log")
     assert [line["attempt"] for line in trigger if line.get("event") == "execution.attempt_timed_out"] == [0, 1]
     assert sum(line.get("event") == "execution.failed" for line in trigger) == 1
-    assert not of_type(events, COMPLETED)
-
-
-def test_a_gpu_runner_killed_mid_render_has_its_request_taken_up_within_two_minutes(stack, rehearsal):
-    """SIGKILL the GPU runner in the middle of a render: the stack starts another, Pub/Sub hands the
-    request to it once the dead runner's last lease extension runs out (COVER_MESSAGE_LEASE_EXTENSION_S,
-    10 s here, 30 s deployed) and the lease on the cover lapses, and the request completes once.
-    Prints the time from the kill to the new runner's first progress event."""
-    proc, url, logs = rehearsal
-    answer = _post(url, 9, "gpu")
-    cid = answer["cover_id"]
-    assert _separating(cid)(stack.events(_separating(cid), timeout=240))
-    (started,) = [line for line in _log_lines(logs / "gpu-runner.log") if line.get("event") == "runner.started"]
-    events, takeover = _kill_and_time_the_takeover(stack, cid, started["pid"], timeout=360)
-    print(f"\nGPU runner killed: its request taken up {takeover:.1f} s after the kill")
-    (completed,) = of_type(events, COMPLETED)
-    assert completed["request_id"] == answer["request_id"] and completed["runner"] == "gpu-runner"
-    _check_against_bucket(stack, completed)
-    assert takeover < 120
     assert proc.poll() is None
+
+
+def test_renders_killed_mid_separation_are_taken_over_by_the_retry_and_by_another_gpu_runner(stack, rehearsal):
+    """A Cloud Run task's process and the GPU runner, each SIGKILLed in the middle of separation:
+    the stack reports the failed attempt, Cloud Run's retry (the local launcher's) takes its cover
+    over once the lease lapses; the stack starts another GPU runner, which Pub/Sub hands the request
+    to once the dead runner's last lease extension runs out (COVER_MESSAGE_LEASE_EXTENSION_S, 10 s
+    here, 30 s deployed). Each request completes once. Prints the time from each kill to the
+    takeover's first progress event."""
+    proc, url, logs = rehearsal
+    job, gpu = _post(url, 7, "cpu"), _post(url, 9, "gpu")
+    separating = [_separating(answer["cover_id"]) for answer in (job, gpu)]
+    stack.events(lambda got: all(until(got) for until in separating), timeout=240)
+    (attempt,) = [line for line in _log_lines(logs / "trigger.log") if line.get("event") == "execution.attempt"]
+    (runner,) = [line for line in _log_lines(logs / "gpu-runner.log") if line.get("event") == "runner.started"]
+    pids = {job["cover_id"]: attempt["pid"], gpu["cover_id"]: runner["pid"]}
+    events, takeovers = _kill_and_time_the_takeovers(stack, pids, timeout=360)
+    job_s, gpu_s = takeovers[job["cover_id"]], takeovers[gpu["cover_id"]]
+    print(
+        f"\ntakeover after the kill: the job's retry {job_s:.1f} s, "
+        f"another GPU runner {gpu_s:.1f} s (lease {LEASE_S:g} s)"
+    )
+    completed = {c["request_id"]: c for c in of_type(events, COMPLETED)}
+    assert len(of_type(events, COMPLETED)) == 2 and not of_type(events, FAILED)
+    assert completed[job["request_id"]]["runner"] == "cloud-run-job"
+    assert completed[gpu["request_id"]]["runner"] == "gpu-runner"
+    for answer in completed.values():
+        _check_against_bucket(stack, answer)
+    trigger = _log_lines(logs / "trigger.log")
+    failed = [line for line in trigger if line.get("event") == "execution.attempt_failed"]
+    assert [(f["attempt"], f["status"]) for f in failed] == [(0, -signal.SIGKILL)]  # reported
+    assert [line["attempt"] for line in trigger if line.get("event") == "execution.attempt"] == [0, 1]
+    assert any(line.get("event") == "execution.succeeded" for line in trigger)
+    assert job_s < LEASE_S + 30  # the lease, and a task's start
+    assert gpu_s < 120  # a lost GPU runner's request restarts within two minutes
+    assert proc.poll() is None  # the stack lives on
+    assert requests.get(job["status_url"], timeout=30).json()["state"] == "completed"
 
 
 @pytest.mark.stack_env(COVER_QUALITY="gate")
