@@ -180,7 +180,6 @@ def _submit(request: Request) -> Response:  # noqa: PLR0911 - reads best top to 
         )
     queued = CoverStatus(cover_id=cid, state="queued", updated_at=now())
     svc.queue.put_bytes(Keys.status(cid), queued.model_dump_json().encode(), if_absent=True)
-    g.access.update(cover_id=cid, request_id=routed.request_id)
     try:
         g.access["message_id"] = svc.bus.publish_request(routed, cid)
     except Exception as exc:

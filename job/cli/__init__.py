@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import sys
 
+EXIT_MISSING_EXTRA = 2
+
+
+def missing_extra(exc: ModuleNotFoundError) -> int:
+    """Say which extra to install when ``cover`` runs with the core dependencies only (the HTTP
+    functions' set, ``pip install melodia-cover``); the exit status."""
+    print(
+        f"cover: this command needs the job's dependencies ({exc.name} is not installed): "
+        "pip install 'melodia-cover[job]'",
+        file=sys.stderr,
+    )
+    return EXIT_MISSING_EXTRA
+
 
 def run() -> None:
-    """The ``cover`` console script: the command line, or, installed without the job's dependencies
-    (``pip install melodia-cover``: the HTTP functions' set), one line saying what to install."""
+    """The ``cover`` console script (``job.cli.main`` itself imports nothing heavy at start; a command
+    that needs the job's dependencies says so in :func:`missing_extra`)."""
     try:
         from job.cli.main import main
     except ModuleNotFoundError as exc:
-        print(
-            f"cover: the command line needs the job's dependencies ({exc.name} is not installed): "
-            "pip install 'melodia-cover[job]'",
-            file=sys.stderr,
-        )
-        sys.exit(2)
+        sys.exit(missing_extra(exc))
     sys.exit(main())

@@ -590,12 +590,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except ModuleNotFoundError as exc:  # installed without the job's dependencies (the core set alone)
-        print(
-            f"cover: this command needs the job's dependencies ({exc.name} is not installed): "
-            "pip install 'melodia-cover[job]'",
-            file=sys.stderr,
-        )
-        return 2
+        from job.cli import missing_extra
+
+        return missing_extra(exc)
     except Exception as exc:
         _report_error(args, CoverError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
         if os.environ.get("COVER_DEBUG"):

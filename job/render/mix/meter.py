@@ -26,7 +26,7 @@ class MixMeter:
         self.energy = np.zeros(len(self.edges) - 1)  # each column's sum of squares (channels averaged)
         self.counts = np.zeros(len(self.edges) - 1)
         self.position = self.clipped = self.samples = self.silent = self.blocks = 0
-        self._pending: np.ndarray | None = None  # the unfinished 50 ms block's samples
+        self._pending = np.zeros(0)  # the unfinished 50 ms block's per-sample powers
 
     def add(self, block: np.ndarray) -> None:
         stereo = np.atleast_2d(block)
@@ -35,6 +35,7 @@ class MixMeter:
             return
         magnitude = np.abs(stereo).max(axis=0)
         self.clipped += int(np.count_nonzero(np.abs(stereo) >= 0.999))
+        power = np.mean(np.square(stereo, dtype=np.float64), axis=0)  # per sample, over the channels
         self.samples += stereo.size
         # waveform: each sample's column, then the largest magnitude per column
         first = int(np.searchsorted(self.edges, self.position, side="right")) - 1
@@ -42,19 +43,15 @@ class MixMeter:
         starts = np.maximum(self.edges[first : last + 1], self.position) - self.position
         columns = np.arange(first, last + 1)
         np.maximum.at(self.columns, columns, np.maximum.reduceat(magnitude, starts))
-        np.add.at(self.energy, columns, np.add.reduceat(np.mean(np.square(stereo, dtype=np.float64), axis=0), starts))
+        np.add.at(self.energy, columns, np.add.reduceat(power, starts))
         np.add.at(self.counts, columns, np.diff(np.append(starts, n)))
-        # 50 ms blocks: power over the channels, counted as silent under -60 dB
-        usable = stereo[:, : max(0, min(n, self.whole - self.position))]
-        if self._pending is not None:
-            usable = np.concatenate([self._pending, usable], axis=1)
-        full = usable.shape[-1] // self.block * self.block
-        power = np.mean(
-            np.square(usable[:, :full].reshape(len(usable), -1, self.block), dtype=np.float64), axis=(-1, 0)
-        )
-        self.silent += int(np.count_nonzero(10 * np.log10(np.maximum(power, 1e-20)) < -60))
-        self.blocks += len(power)
-        self._pending = usable[:, full:].copy()
+        # 50 ms blocks: the same per-sample powers, averaged, counted as silent under -60 dB
+        usable = np.concatenate([self._pending, power[: max(0, min(n, self.whole - self.position))]])
+        full = len(usable) // self.block * self.block
+        blocks = np.mean(usable[:full].reshape(-1, self.block), axis=-1)
+        self.silent += int(np.count_nonzero(10 * np.log10(np.maximum(blocks, 1e-20)) < -60))
+        self.blocks += len(blocks)
+        self._pending = usable[full:].copy()
         self.position += n
 
     def scores(self, loudness_lufs: float, true_peak_dbtp: float) -> MixScores:

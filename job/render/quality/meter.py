@@ -253,7 +253,7 @@ class QualityMeter:
             segments.append(Segment(start_s=round(start, 3), end_s=round(end, 3), **scores.model_dump()))
         whole = self.whole(f0_src, f0_out, segments)
         curves = Curves(
-            frame_s=HOP / RATE,
+            frame_s=self.frame_s,
             source_hz=[round(float(f), 1) for f in f0_src],
             converted_hz=[round(float(f), 1) for f in f0_out],
             vocals_levels=level_envelope(out),
