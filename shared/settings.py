@@ -29,6 +29,13 @@ class Settings(BaseSettings):
         default_factory=list,
         description='Networks besides the public internet URLs may reach, e.g. ["127.0.0.1/32"] (development, tests).',
     )
+    models_mirror: str | None = Field(
+        None,
+        description=(
+            "Where `cover models fetch` downloads the base models from instead of their public locations: a base URL "
+            "holding them under their store paths (an internal mirror). Their pinned sha256 still apply."
+        ),
+    )
     device: str = Field("auto", description="'auto', 'cpu' or a torch device such as 'cuda:0'.")
     precision: str = Field(
         "auto",

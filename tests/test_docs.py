@@ -66,23 +66,35 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 
 def test_the_commands_the_readme_names_exist():
+    """Every make target, script and ``cover`` subcommand the README names exists; every flag of a
+    ``cover`` synopsis (continuation lines included) is one the subcommand takes, and a flag's
+    listed values (``--format mp3|opus|...``) are exactly the ones it accepts."""
     targets = set(re.findall(r"^([a-z][\w-]*):", (ROOT / "Makefile").read_text(), flags=re.M))
     cover = subcommands(build_parser())
-    seen = 0
+    seen, flags_seen, current = 0, 0, None
     for command in readme_commands():
         words = command.split()
         if words[0] == "make":
             assert words[1] in targets, command
         elif words[0] == "cover":
             assert words[1] in cover, command
+            current = cover[words[1]]
             for sub in words[2].split("|") if words[1] == "models" else []:
                 assert sub in subcommands(cover["models"]), command
+                current = subcommands(cover["models"])[sub]
         elif words[0] == "bash":
             assert (ROOT / words[1]).is_file(), command
-        else:
+        elif not words[0].startswith("["):
+            current = None
             continue
         seen += 1
-    assert seen >= 8  # the quick start, the command line and development blocks were read
+        options = {o: a for a in (current._actions if current else []) for o in a.option_strings}
+        for flag, values in re.findall(r"(--[a-z][\w-]*)(?: ([\w.-]+(?:\|[\w.-]+)+))?", command):
+            assert flag in options, f"{command}: cover {current.prog.split()[-1]} has no {flag}"
+            if values and options[flag].choices is not None:
+                assert set(values.split("|")) == {str(c) for c in options[flag].choices}, command
+            flags_seen += 1
+    assert seen >= 8 and flags_seen >= 8  # the quick start, the command line and development blocks were read
 
 
 def test_every_python_module_the_docs_run_exists():

@@ -2,68 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
-import types
 
 import numpy as np
 import pytest
 import torch
+from fairseq_hubert import write_fairseq_hubert
 from transformers import HubertConfig, HubertModel
 
 from job.render.rvc.content import load_content_encoder
-
-# transformers name -> fairseq name (the inverse of what the loader maps), to write a fairseq file
-TO_FAIRSEQ = [
-    ("feature_projection.layer_norm.", "layer_norm."),
-    ("feature_projection.projection.", "post_extract_proj."),
-    ("masked_spec_embed", "mask_emb"),
-    ("encoder.pos_conv_embed.conv.parametrizations.weight.original0", "encoder.pos_conv.0.weight_g"),
-    ("encoder.pos_conv_embed.conv.parametrizations.weight.original1", "encoder.pos_conv.0.weight_v"),
-    ("encoder.pos_conv_embed.conv.bias", "encoder.pos_conv.0.bias"),
-    (".attention.", ".self_attn."),
-    (".feed_forward.intermediate_dense.", ".fc1."),
-    (".feed_forward.output_dense.", ".fc2."),
-    (".conv.weight", ".0.weight"),
-    ("conv_layers.0.layer_norm.", "conv_layers.0.2."),
-]
-
-
-def _fairseq_name(key: str) -> str:
-    if key.startswith("encoder.layers.") and ".layer_norm." in key:
-        key = key.replace(".layer_norm.", ".self_attn_layer_norm.")
-    for hf, fs in TO_FAIRSEQ:
-        key = key.replace(hf, fs)
-    return key
-
-
-class _ForeignModules:
-    """Installs stand-ins for omegaconf's classes only while the test pickles them."""
-
-    def __enter__(self):
-        self.saved = {name: sys.modules.get(name) for name in ("omegaconf", "omegaconf.dictconfig", "omegaconf.nodes")}
-        root, dc, nodes = (types.ModuleType(n) for n in self.saved)
-
-        class DictConfig:
-            def __init__(self, content):
-                self.__dict__["_content"] = content
-
-        class AnyNode:
-            def __init__(self, value):
-                self._val = value
-
-        DictConfig.__module__, AnyNode.__module__ = "omegaconf.dictconfig", "omegaconf.nodes"
-        DictConfig.__qualname__, AnyNode.__qualname__ = "DictConfig", "AnyNode"
-        dc.DictConfig, nodes.AnyNode = DictConfig, AnyNode
-        sys.modules.update({"omegaconf": root, "omegaconf.dictconfig": dc, "omegaconf.nodes": nodes})
-        return DictConfig, AnyNode
-
-    def __exit__(self, *exc):
-        for name, module in self.saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
 
 
 @pytest.fixture
@@ -82,22 +29,10 @@ def hf_model():
 
 
 def test_fairseq_checkpoint_gives_the_same_features(tmp_path, hf_model):
-    state = {_fairseq_name(k): v for k, v in hf_model.state_dict().items()}
-    state["label_embs_concat"] = torch.zeros(504, 256)
     proj = torch.nn.Linear(48, 256)
-    state.update({f"final_proj.{k}": v for k, v in proj.state_dict().items()})
+    state = {**hf_model.state_dict(), **{f"final_proj.{k}": v for k, v in proj.state_dict().items()}}
     marker = tmp_path / "pwned"
-    with _ForeignModules() as (DictConfig, AnyNode):
-        cfg = DictConfig({"model": DictConfig({"encoder_attention_heads": AnyNode(4), "_name": AnyNode("hubert")})})
-        checkpoint = {
-            "args": argparse.Namespace(arch="hubert"),
-            "cfg": cfg,
-            "model": state,
-            "optimizer_history": [],
-            "extra_state": {},
-        }
-        path = tmp_path / "hubert_base.pt"
-        torch.save(checkpoint, path)
+    path = write_fairseq_hubert(tmp_path / "hubert_base.pt", state, heads=4)
     assert "omegaconf" not in sys.modules and "fairseq" not in sys.modules
     encoder = load_content_encoder(path)
     assert "omegaconf" not in sys.modules and "fairseq" not in sys.modules

@@ -30,6 +30,7 @@ from shared.stages import Stage
 from shared.voices import VOICE_FILE, VoiceInfo
 
 if TYPE_CHECKING:
+    from job.cli.base_models import PublicModel
     from job.render.pipeline import CoverOptions, CoverResult, Pipeline
 
 
@@ -61,6 +62,25 @@ class StageBars:
 
     def stage(self, name: Stage) -> Callable[[float], None]:
         return lambda fraction: self(name, fraction)
+
+
+class DownloadBars:
+    """One progress bar per downloaded file on standard error, in bytes."""
+
+    def __init__(self) -> None:
+        self.bars: dict[str, Any] = {}
+
+    def __call__(self, model: PublicModel, done: int, size: int) -> None:
+        from tqdm import tqdm
+
+        bar = self.bars.get(model.name)
+        if bar is None:
+            bar = self.bars[model.name] = tqdm(
+                total=size, initial=done, desc=f"{model.name:<9}", unit="B", unit_scale=True, file=sys.stderr
+            )
+        bar.update(done - bar.n)
+        if done >= size:
+            bar.close()
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -434,6 +454,29 @@ def cmd_models_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_fetch(args: argparse.Namespace) -> int:
+    from job.cli.base_models import fetch_base_models
+    from job.render.media.download import UrlPolicy
+
+    settings = _settings(args)
+    report = fetch_base_models(
+        store=ModelStore(settings.models_dir),
+        policy=UrlPolicy.from_settings(settings),
+        names=args.names,
+        mirror=settings.models_mirror,
+        progress=None if args.json else DownloadBars(),
+    )
+    _emit(
+        args,
+        report.model_dump(),
+        lambda: print(
+            f"base models fetched: {', '.join(report.fetched) or 'none'}; "
+            f"already in the store: {', '.join(report.unchanged) or 'none'}"
+        ),
+    )
+    return 0
+
+
 def cmd_models_pull(args: argparse.Namespace) -> int:
     store = _bucket_store(args)
     report = store.sync()
@@ -560,6 +603,13 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - reads best top
         "push", parents=[common], help="upload the local store to the bucket (models/ with its manifest, voices/)"
     )
     p.set_defaults(func=cmd_models_push)
+    p = models.add_parser(
+        "fetch",
+        parents=[common],
+        help="download the public base models (HuBERT, RMVPE, htdemucs), each checked against its pinned sha256",
+    )
+    p.add_argument("names", nargs="*", metavar="NAME", help="hubert, rmvpe or htdemucs (default: all three)")
+    p.set_defaults(func=cmd_models_fetch)
     p = models.add_parser(
         "pull",
         parents=[common],

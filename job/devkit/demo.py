@@ -9,6 +9,7 @@ noise, not a person. ``size="tiny"`` gives the same layouts at toy widths for th
 from __future__ import annotations
 
 import json
+import shutil
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
@@ -175,8 +176,10 @@ def write_models(models_dir: Path, size: Size = "real", force: bool = False) -> 
     store = ModelStore(models_dir)
     if force or not (store.separation_dir / f"{DEMO_SEPARATOR}.yaml").is_file():
         write_demucs(store.separation_dir, size)
-    if force or not (models_dir / CONTENT_ENCODER_DIR / "config.json").is_file():
-        write_hubert(models_dir / CONTENT_ENCODER_DIR, size)
+    encoder = models_dir / CONTENT_ENCODER_DIR
+    if force or not (encoder.is_dir() and any(encoder.iterdir())):  # never beside a fetched hubert_base.pt
+        shutil.rmtree(encoder, ignore_errors=True)
+        write_hubert(encoder, size)
     if force or not (models_dir / PITCH_MODEL_FILE).is_file():
         write_rmvpe(models_dir / PITCH_MODEL_FILE)
     if force or not (store.voice_folder(DEMO_VOICE) / VOICE_FILE).is_file():

@@ -16,7 +16,8 @@
 * messages name the URL without its query string, fragment or credentials.
 
 A refused URL is ``input.url_refused``; a failed or too slow download ``input.download_failed``; a
-too large one ``input.too_long``. A partial download never stays behind.
+too large one ``input.too_long``. A partial download never stays behind, unless the caller asks to
+resume it later (``cover models fetch``: a broken-off download continues with a range request).
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ from __future__ import annotations
 import ipaddress
 import socket
 import time
+from collections.abc import Callable
+from http import HTTPStatus
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import requests
+import urllib3
 from pydantic import BaseModel, Field
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -40,6 +44,7 @@ from shared.settings import Settings
 
 METADATA_ADDRESSES = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
 REDIRECTS = {301, 302, 303, 307, 308}
+DownloadProgress = Callable[[int, int | None], None]  # (bytes so far, whole size or None)
 
 
 class UrlPolicy(BaseModel):
@@ -152,8 +157,21 @@ class _GuardedAdapter(HTTPAdapter):
         self.poolmanager.key_fn_by_scheme = dict(self.poolmanager.key_fn_by_scheme)
 
 
-def download(url: str, dest: Path, policy: UrlPolicy) -> Path:
-    """Stream ``url`` to ``dest`` under ``policy``; a partial download never stays behind."""
+def download(
+    url: str, dest: Path, policy: UrlPolicy, resume: bool = False, progress: DownloadProgress | None = None
+) -> Path:
+    """Stream ``url`` to ``dest`` under ``policy``; a partial download never stays behind, unless
+    ``resume``.
+
+    Args:
+        url: an http(s) URL (checked by the guard, and every redirect again)
+        dest: where the file goes; it appears there only once complete
+        policy: what the URL may reach, how long and how large the download may be
+        resume: keep a partial download (``dest`` + ``.part``) when the transfer breaks off, and
+            continue it with an HTTP range request next time (a server that ignores the range sends
+            the whole file again, which replaces the part)
+        progress: called with (bytes so far, the whole size when the server says it) as blocks arrive
+    """
     deadline = time.monotonic() + policy.deadline_s
     tmp = dest.with_suffix(dest.suffix + ".part")
     session = requests.Session()
@@ -162,11 +180,14 @@ def download(url: str, dest: Path, policy: UrlPolicy) -> Path:
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     current = url
+    keep_part = False
     try:
         for _ in range(policy.max_redirects + 1):
             check_url(current, policy)
+            have = tmp.stat().st_size if resume and tmp.is_file() else 0
+            headers = {"Range": f"bytes={have}-"} if have else {}
             timeout = (policy.connect_timeout_s, policy.read_timeout_s)
-            with session.get(current, stream=True, allow_redirects=False, timeout=timeout) as response:
+            with session.get(current, stream=True, allow_redirects=False, timeout=timeout, headers=headers) as response:
                 if response.status_code in REDIRECTS and "Location" in response.headers:
                     current = urljoin(current, response.headers["Location"])
                     continue
@@ -176,24 +197,56 @@ def download(url: str, dest: Path, policy: UrlPolicy) -> Path:
                         f"download of {redact(current)} answered HTTP {response.status_code}",
                         retryable=response.status_code >= 500,
                     )
-                _stream(response, tmp, policy, deadline, current)
+                offset = _resumed_at(response, have, current)
+                keep_part = resume
+                _stream(response, tmp, policy, deadline, current, offset, progress)
                 tmp.replace(dest)
                 return dest
         raise CoverError(ErrorCode.INPUT_DOWNLOAD_FAILED, f"{redact(url)}: more than {policy.max_redirects} redirects")
-    except requests.RequestException as exc:
+    except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
         raise CoverError(
-            ErrorCode.INPUT_DOWNLOAD_FAILED, f"download of {redact(current)} failed: {type(exc).__name__}"
+            ErrorCode.INPUT_DOWNLOAD_FAILED,
+            f"download of {redact(current)} failed: {type(exc).__name__}"
+            + ("; run it again to continue where it stopped" if keep_part else ""),
         ) from None
+    except CoverError as error:
+        keep_part = keep_part and error.code is ErrorCode.INPUT_DOWNLOAD_FAILED  # broken off, not refused
+        raise
     finally:
-        tmp.unlink(missing_ok=True)
+        if not keep_part:
+            tmp.unlink(missing_ok=True)
         session.close()
 
 
-def _stream(response: requests.Response, tmp: Path, policy: UrlPolicy, deadline: float, url: str) -> None:
-    """Copy the body, a socket read at a time (``read1``), so the deadline is checked between reads
-    whatever the sender's pace: a download ends at most one read timeout after its deadline."""
-    size = 0
-    with open(tmp, "wb") as out:
+def _resumed_at(response: requests.Response, have: int, url: str) -> int:
+    """Where the body starts in the file: ``have`` for a range answer that continues the part, 0 for
+    a whole file; a range answer starting elsewhere is refused (the part is dropped)."""
+    if response.status_code != HTTPStatus.PARTIAL_CONTENT:
+        return 0
+    if response.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+        return have
+    raise CoverError(
+        ErrorCode.INPUT_DOWNLOAD_FAILED, f"download of {redact(url)}: the server resumed at the wrong byte"
+    )
+
+
+def _stream(
+    response: requests.Response,
+    tmp: Path,
+    policy: UrlPolicy,
+    deadline: float,
+    url: str,
+    offset: int = 0,
+    progress: DownloadProgress | None = None,
+) -> None:
+    """Copy the body after the first ``offset`` bytes of ``tmp``, a socket read at a time (``read1``),
+    so the deadline is checked between reads whatever the sender's pace: a download ends at most one
+    read timeout after its deadline."""
+    size = offset
+    length = response.headers.get("Content-Length", "")
+    plain = response.headers.get("Content-Encoding", "identity") == "identity"  # else the length is compressed
+    total = offset + int(length) if length.isdigit() and plain else None
+    with open(tmp, "ab" if offset else "wb") as out:
         while block := response.raw.read1(1 << 16, decode_content=True):
             size += len(block)
             if size > policy.max_bytes:
@@ -206,3 +259,10 @@ def _stream(response: requests.Response, tmp: Path, policy: UrlPolicy, deadline:
                     f"download of {redact(url)} did not finish within {policy.deadline_s:.0f} s",
                 )
             out.write(block)
+            if progress is not None:
+                progress(size, total)
+    if total is not None and size < total:
+        raise CoverError(
+            ErrorCode.INPUT_DOWNLOAD_FAILED,
+            f"download of {redact(url)} broke off at {size} of {total} bytes",
+        )
