@@ -14,6 +14,7 @@ import contextvars
 import json
 import logging
 import os
+import warnings
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +26,10 @@ SEVERITY = {
     logging.CRITICAL: "CRITICAL",
 }
 TRACE_KEY = "logging.googleapis.com/trace"
+# notices about our dependencies' own code that no user can act on, left out of every log
+QUIETED_WARNINGS = (
+    "pkg_resources is deprecated",  # librosa 0.9 imports it, once per process; pinned by setuptools<81
+)
 
 trace_context: contextvars.ContextVar[str | None] = contextvars.ContextVar("trace", default=None)
 
@@ -65,3 +70,5 @@ def setup_logging(default_level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(os.environ.get("COVER_LOG_LEVEL", default_level))
     logging.captureWarnings(True)  # Python's warnings (a library's DeprecationWarning) as JSON lines too
+    for notice in QUIETED_WARNINGS:
+        warnings.filterwarnings("ignore", message=notice)

@@ -225,13 +225,16 @@ def refuses(quality: QualityReport | None, mode: str, accepted: bool, unmeasurab
 def summary(report: QualityReport) -> str:
     """One line for people: the whole song's numbers, and what is below its threshold."""
     w = report.whole
-    parts = [
-        f"F0 corr {_fmt(w.melody.f0_correlation, '.2f')}",
-        f"F0 RMSE {_fmt(w.melody.f0_rmse_cents, '.0f')} cents",
-        f"octave errors {_fmt(w.melody.octave_error_share, '.0%')}",
-        f"speaker sim {_fmt(w.speaker_similarity, '.2f')}",
-        f"DNSMOS OVRL {_fmt(w.dnsmos.ovrl if w.dnsmos else None, '.2f')}",
-    ]
+    values = {
+        "F0 corr": _fmt(w.melody.f0_correlation, ".2f"),
+        "F0 RMSE": _fmt(w.melody.f0_rmse_cents, ".0f", " cents"),
+        "octave errors": _fmt(w.melody.octave_error_share, ".0%"),
+        "speaker sim": _fmt(w.speaker_similarity, ".2f"),
+        "DNSMOS OVRL": _fmt(w.dnsmos.ovrl if w.dnsmos else None, ".2f"),
+    }
+    measured = [f"{name} {value}" for name, value in values.items() if value is not None]
+    unmeasured = [name for name, value in values.items() if value is None]
+    parts = measured + ([f"{', '.join(unmeasured)} not measured"] if unmeasured else [])
     verdicts = {
         Verdict.PASSED: "passes the gate",
         Verdict.BELOW: "below the gate: " + ", ".join(w.below),
@@ -242,8 +245,8 @@ def summary(report: QualityReport) -> str:
     return "; ".join(parts) + f" ({verdicts[report.verdict]})"
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "not measured" if value is None else format(value, spec)
+def _fmt(value: float | None, spec: str, unit: str = "") -> str | None:
+    return None if value is None else format(value, spec) + unit
 
 
 def refusal(report: QualityReport) -> str:

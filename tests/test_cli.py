@@ -83,6 +83,8 @@ def test_text_output_shows_progress_and_a_summary(env, song, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "cover:" in proc.stdout and "total" in proc.stdout and "separate" in proc.stdout
     assert "convert" in proc.stderr and "100%" in proc.stderr  # per-stage progress bars
+    for model in ("the separator (htdemucs)", "the content encoder (HuBERT)", f"the voice {demo.DEMO_VOICE}"):
+        assert f"loading {model}" in proc.stderr  # what a bar standing at 0 % is waiting for
 
 
 @pytest.mark.slow
@@ -215,7 +217,8 @@ def test_the_demo_says_plainly_that_its_untrained_voice_does_not_pass_and_writes
     out = tmp_path / "demo.mp3"
     proc = run_cover(["demo", "--size", "tiny", "--seconds", "8", "-o", str(out)], env)
     assert proc.returncode == 0, proc.stderr
-    assert "quality: F0 corr" in proc.stdout and "not passed" in proc.stdout and "n/a" not in proc.stdout
+    assert "quality: " in proc.stdout and "not passed" in proc.stdout and "n/a" not in proc.stdout
+    assert "not measured cents" not in proc.stdout
     assert "repair: re-rendered" in proc.stdout  # every segment of an untrained voice is weak
     assert out.stat().st_size > 10_000
     assert (tmp_path / "demo.report.html").is_file()  # and its report
@@ -258,7 +261,10 @@ def test_a_closed_pipe_ends_the_listing_quietly(env):
 
 
 def test_python_warnings_are_json_log_lines():
-    code = "from shared.logs import setup_logging; setup_logging(); import warnings; warnings.warn('old api')"
+    code = (
+        "from shared.logs import setup_logging; setup_logging(); import warnings; warnings.warn('old api');"
+        "warnings.warn('pkg_resources is deprecated as an API')"  # librosa's: no user can act on it
+    )
     proc = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, timeout=60)
     (line,) = [x for x in proc.stderr.splitlines() if x.strip()]
     entry = json.loads(line)

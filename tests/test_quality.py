@@ -96,6 +96,8 @@ def test_under_one_sung_second_nothing_is_scored_and_the_verdict_is_not_measurab
     assert not refuses(report, "gate", accepted=False, unmeasurable="publish")
     assert not refuses(report, "gate", accepted=True) and not refuses(report, "measure", accepted=False)
     assert summary(report).endswith("(not measurable: 0.96 s sung in both, 1 s needed)")
+    assert summary(report).startswith("F0 corr, F0 RMSE, octave errors, speaker sim, DNSMOS OVRL not measured (")
+    assert "cents" not in summary(report)
     src[62] = 220.0  # 13 frames: measured
     enough = judge(Scores(melody=melody_scores(src, src.copy())))
     assert enough.melody.f0_correlation == 1.0 and enough.verdict is Verdict.PASSED

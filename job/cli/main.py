@@ -13,7 +13,8 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,11 +36,13 @@ if TYPE_CHECKING:
 
 
 class StageBars:
-    """One progress bar per stage on standard error (silent when ``enabled`` is False)."""
+    """One progress bar per stage on standard error (silent when ``enabled`` is False). Model loads
+    (:mod:`job.render.loading`) are shown beside the open stage's bar, or on a line of their own."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.bars: dict[Stage, Any] = {}
+        self.open: Any = None  # the bar of the stage in progress
 
     def __call__(self, stage: Stage, fraction: float) -> None:
         if not self.enabled:
@@ -53,15 +56,35 @@ class StageBars:
                 desc=f"{stage.value:<9}",
                 unit="%",
                 file=sys.stderr,
-                bar_format="{desc} {bar} {percentage:3.0f}% {elapsed}",
+                bar_format="{desc} {bar} {percentage:3.0f}% {elapsed}{postfix}",
             )
+        self.open = bar
         bar.n = round(100 * fraction)
         bar.refresh()
         if fraction >= 1.0:
             bar.close()
+            self.open = None
 
     def stage(self, name: Stage) -> Callable[[float], None]:
         return lambda fraction: self(name, fraction)
+
+    def note(self, text: str | None) -> None:
+        """A model load begins (``text``: "loading ...") or ends (None)."""
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if self.open is not None:
+            self.open.set_postfix_str(text or "", refresh=True)
+        elif text:
+            tqdm.write(f"{text} ...", file=sys.stderr)
+
+    @contextmanager
+    def watching_loads(self) -> Iterator[None]:
+        from job.render.loading import watched_by
+
+        with watched_by(self.note):
+            yield
 
 
 class DownloadBars:
@@ -148,7 +171,9 @@ def cmd_make(args: argparse.Namespace) -> int:
     voice = pipeline.store.voice(args.voice)  # an unknown voice fails before any work
     options = _cover_options(args, args.output)
     with work_folder(settings.work_dir) as work:
-        result = pipeline.render(args.song, voice, Path(args.output), options, StageBars(not args.json), work=work)
+        bars = StageBars(not args.json)
+        with bars.watching_loads():
+            result = pipeline.render(args.song, voice, Path(args.output), options, bars, work=work)
     refused = refuses(result.quality, settings.quality, args.publish_below_gate, settings.quality_unmeasurable)
     _emit(
         args,
@@ -225,7 +250,7 @@ def cmd_separate(args: argparse.Namespace) -> int:
     bars = StageBars(not args.json)
     timer = StageTimer()
     out_dir = Path(args.output)
-    with work_folder(settings.work_dir) as work:
+    with work_folder(settings.work_dir) as work, bars.watching_loads():
         with timer(Stage.FETCH):
             song = pipeline.fetch(args.song, work)
         with timer(Stage.SEPARATE):
@@ -258,7 +283,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     voice = pipeline.store.voice(args.voice)
     bars = StageBars(not args.json)
     timer = StageTimer()
-    with work_folder(settings.work_dir) as work:
+    with work_folder(settings.work_dir) as work, bars.watching_loads():
         with timer(Stage.FETCH):
             song = pipeline.fetch(args.vocals, work)
         with timer(Stage.CONVERT):
@@ -303,7 +328,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     options.mix.format = format_for(args.output)
     with work_folder(settings.work_dir) as work:
         voice = pipeline.store.voice(demo.DEMO_VOICE)
-        result = pipeline.render(song, voice, out, options, StageBars(not args.json), work=work)
+        bars = StageBars(not args.json)
+        with bars.watching_loads():
+            result = pipeline.render(song, voice, out, options, bars, work=work)
     timings = {"prepare": prepare, **result.timings}
     report_page = _write_report(result, published=True)  # the demo accepts covers below the gate
     _emit(
@@ -371,7 +398,10 @@ def cmd_models_add(args: argparse.Namespace) -> int:
         f"{info.name}: computing its reference embedding (the voice sings a reference phrase: the base models "
         "load and convert it, 20 to 40 s on a laptop's CPU) ..."
     )
-    info, note = _add_reference(args, settings, info)
+    from job.render.loading import watched_by
+
+    with watched_by(lambda text: say(f"  {text} ...") if text else None):
+        info, note = _add_reference(args, settings, info)
     _emit(
         args,
         info.model_dump(mode="json"),

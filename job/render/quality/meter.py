@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from job.render.loading import loading
 from job.render.media.audio import level_envelope, to_16k
 from job.render.quality.speaker import SpeakerEncoder
 from job.render.quality.wheels import wheel_file
@@ -128,7 +129,9 @@ class QualityMeter:
 
     def load(self) -> None:
         """Load the three models now (each once), so that what follows times only the scoring."""
-        self.crepe(), self.speaker(), self.dnsmos()
+        if self._crepe is None or self._speaker is None or self._dnsmos is None:
+            with loading("the quality models (CREPE, the speaker encoder, DNSMOS)"):
+                self.crepe(), self.speaker(), self.dnsmos()
 
     # --- measures --------------------------------------------------------------------------------
     def pitch(self, audio16: np.ndarray) -> np.ndarray:

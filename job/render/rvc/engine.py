@@ -31,6 +31,7 @@ from job.render.compute import (
     resolve_kernels,
     resolve_precision,
 )
+from job.render.loading import loading
 from job.render.media.audio import to_16k
 from job.render.rvc import pitch as pitch_mod
 from job.render.rvc.assembly import ArraySink, Assembler, Sink, frame_rms
@@ -182,13 +183,15 @@ class VoiceConverter:
     def content_encoder(self) -> ContentEncoder:
         with self._loading:
             if self._content is None:
-                self._content = load_content_encoder(self.store.content_encoder()).to(self.device)
+                with loading("the content encoder (HuBERT)"):
+                    self._content = load_content_encoder(self.store.content_encoder()).to(self.device)
             return self._content
 
     def rmvpe(self) -> RMVPE:
         with self._loading:
             if self._rmvpe is None:
-                self._rmvpe = RMVPE.load(self.store.pitch_model(), self.device)
+                with loading("the pitch model (RMVPE)"):
+                    self._rmvpe = RMVPE.load(self.store.pitch_model(), self.device)
             return self._rmvpe
 
     # --- voices --------------------------------------------------------------------------------
@@ -199,26 +202,29 @@ class VoiceConverter:
 
     def _load_voice(self, key: tuple[str, float], pth: Path, index: Path | None, info: VoiceInfo | None) -> Voice:
         if key not in self._voices:
-            ckpt = read_checkpoint(pth)
-            synth = build_synthesizer(ckpt, pth.name).to(self.device)
-            feature_index = FeatureIndex.load(index) if index is not None and index.is_file() else None
-            if feature_index is not None and feature_index.dim != synth.content_dim:
-                raise CoverError(
-                    ErrorCode.MODEL_MISMATCH,
-                    f"{pth.parent.name}'s index holds {feature_index.dim}-dim features; "
-                    f"the voice takes {synth.content_dim}",
+            name = info.name if info else pth.stem
+            with loading(f"the voice {name}"):
+                ckpt = read_checkpoint(pth)
+                synth = build_synthesizer(ckpt, pth.name).to(self.device)
+                feature_index = FeatureIndex.load(index) if index is not None and index.is_file() else None
+                if feature_index is not None and feature_index.dim != synth.content_dim:
+                    raise CoverError(
+                        ErrorCode.MODEL_MISMATCH,
+                        f"{pth.parent.name}'s index holds {feature_index.dim}-dim features; "
+                        f"the voice takes {synth.content_dim}",
+                    )
+                self._voices[key] = Voice(
+                    name=name,
+                    synth=synth,
+                    version=ckpt.version,
+                    f0=ckpt.f0,
+                    sample_rate=ckpt.config.sr,
+                    index=feature_index,
+                    info=info,
                 )
-            self._voices[key] = Voice(
-                name=info.name if info else pth.stem,
-                synth=synth,
-                version=ckpt.version,
-                f0=ckpt.f0,
-                sample_rate=ckpt.config.sr,
-                index=feature_index,
-                info=info,
-            )
             if self.int8:
-                self._voices[key].int8 = self._int8_decoder(self._voices[key], pth)
+                with loading(f"the int8 decoder of {name}"):
+                    self._voices[key].int8 = self._int8_decoder(self._voices[key], pth)
         return self._voices[key]
 
     def _int8_decoder(self, voice: Voice, pth: Path) -> Int8Decoder:

@@ -24,6 +24,7 @@ from job.render.compute import (
     resolve_kernels,
     resolve_precision,
 )
+from job.render.loading import loading
 from job.render.media.audio import MIX_SAMPLE_RATE, WavReader, WavWriter
 from job.render.separate.loading import cached_model, separation_model_digest
 from job.render.separate.stems import StemKey, Stems
@@ -129,10 +130,11 @@ class Separator:
 
     def _load(self) -> Any:
         if self._model is None:
-            model = cached_model(self.options.model, str(self.store.root), self.allow_download, self.model_sha256)
-            model.to(self.device)
-            # 2-D convolution weights channels-last (fast): the same numbers from faster kernels
-            model.to(memory_format=torch.channels_last if self.fast else torch.contiguous_format)
+            with loading(f"the separator ({self.options.model})"):
+                model = cached_model(self.options.model, str(self.store.root), self.allow_download, self.model_sha256)
+                model.to(self.device)
+                # 2-D convolution weights channels-last (fast): the same numbers from faster kernels
+                model.to(memory_format=torch.channels_last if self.fast else torch.contiguous_format)
             if "vocals" not in model.sources:
                 raise CoverError(ErrorCode.MODEL_MISMATCH, f"model {self.options.model} has no vocals source")
             self._model = model
