@@ -180,3 +180,27 @@ def test_a_long_covers_page_stays_small(page):
     text = render_page(long, "a long song (demo voice cover)", "audio", "audio/mpeg")
     assert text.count("<tr><th>") >= 21 and '<source src="audio"' in text
     assert len(text.encode()) < 1_000_000
+
+
+def test_the_melody_chart_covers_both_curves_and_a_spike_does_not_squash_it(page):
+    """The range comes from the data: the octave-high half of the cover is inside it with the
+    singer's melody; three frames of a tracker's spike at a phrase's end (2 kHz) are drawn at the
+    edge instead of stretching the chart four octaves up."""
+    from job.render.quality.report_page import _midi, pitch_range
+
+    _, report = page
+    curves = report.curves
+    source = [_midi(f) for f in curves.source_hz if f > 0]
+    cover = [_midi(f) for f in curves.converted_hz if f > 0]
+    low, high = pitch_range(curves.source_hz, curves.converted_hz)
+    for curve in (source, cover):
+        assert np.mean([low <= n <= high for n in curve]) >= 0.98  # both curves, all but stray frames
+    half = len(curves.converted_hz) // 2
+    octave_up = [_midi(f) for f in curves.converted_hz[half:] if f > 0]
+    assert low < np.median(source) and np.percentile(octave_up, 95) < high  # the octave error is on the chart
+    spiked = list(curves.converted_hz)
+    ends = [i for i in range(1, len(spiked)) if spiked[i] > 0 and spiked[i - 1] <= 0][:3]  # phrase starts
+    for i in ends:
+        spiked[i] = 2000.0
+    assert pitch_range(curves.source_hz, spiked)[1] == pytest.approx(high, abs=0.5)
+    assert pitch_range([220.0] * 20) == pytest.approx((_midi(220.0) - 6, _midi(220.0) + 6))  # an octave tall

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import html
 import math
+import statistics
 
 from shared.quality import MELODY_MIN_VOICED_S, Curves, QualityReport, Repair, Scores, Thresholds, Verdict
 
@@ -59,6 +60,29 @@ def _note(midi: float) -> str:
     names = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
     rounded = round(midi)
     return f"{names[rounded % 12]}{rounded // 12 - 1}"
+
+
+def pitch_range(*tracks: list[float]) -> tuple[float, float]:
+    """The melody chart's range in MIDI notes, from the voiced frames of every track (Hz, 0 where
+    unvoiced): each frame taken as the median of the voiced frames within two of it (a tracker's
+    one- or two-frame spike at a phrase's end drops out), then their 1st to 99th percentile with a
+    whole tone of margin, at least an octave tall. What lies outside is drawn at the chart's edge
+    rather than squashing every note into a sliver; a cover an octave off for a stretch is inside."""
+    notes: list[float] = []
+    for hz in tracks:
+        midi = [_midi(f) if f > 0 else None for f in hz]
+        for i, note in enumerate(midi):
+            if note is not None:
+                notes.append(statistics.median(n for n in midi[max(0, i - 2) : i + 3] if n is not None))
+    if not notes:
+        return 48.0, 72.0
+    ordered = sorted(notes)
+    left_out = len(ordered) // 100  # at each end
+    low, high = ordered[left_out] - 2, ordered[-1 - left_out] + 2
+    if high - low < 12:
+        middle = (low + high) / 2
+        low, high = middle - 6, middle + 6
+    return low, high
 
 
 def _polylines(times: list[float], hz: list[float], duration: float, low: float, high: float) -> list[str]:
@@ -163,8 +187,7 @@ def render_page(
     curves = report.curves or Curves(frame_s=0.08, source_hz=[], converted_hz=[], waveform=[], duration_s=0.0)
     duration = curves.duration_s or (report.segments[-1].end_s if report.segments else 1.0)
     times = [i * curves.frame_s for i in range(len(curves.source_hz))]
-    voiced = [_midi(f) for f in [*curves.source_hz, *curves.converted_hz] if f > 0]
-    low, high = (min(voiced) - 2, max(voiced) + 2) if voiced else (48.0, 72.0)
+    low, high = pitch_range(curves.source_hz, curves.converted_hz)
     bands = "".join(
         f'<rect x="{_x(s.start_s, duration):.1f}" y="0" width="{_x(s.end_s - s.start_s, duration):.1f}" '
         f'height="{PITCH_HEIGHT}" fill="{SHADES[s.verdict]}"/>'
