@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,12 +59,11 @@ def test_the_page_needs_no_network_and_shades_the_failing_segment(page):
     assert "not published (quality.gate)" in text and 'class="bad"' in text
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it)")
-def test_chromium_draws_both_pitch_curves_and_the_player(page, tmp_path):
+def _screenshot(page: Path, tmp_path: Path) -> np.ndarray:
+    """The page as headless Chromium draws it, [rows, columns, RGB]."""
     from PIL import Image
 
-    path, _ = page
-    shot = tmp_path / "shot.png"
+    shot = tmp_path / f"{page.stem}.png"
     subprocess.run(
         [
             str(CHROMIUM),
@@ -73,24 +73,64 @@ def test_chromium_draws_both_pitch_curves_and_the_player(page, tmp_path):
             "--hide-scrollbars",
             "--window-size=1100,1500",
             f"--screenshot={shot}",
-            path.as_uri(),
+            page.as_uri(),
         ],
         check=True,
         capture_output=True,
         timeout=120,
     )
-    pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3)
+    return np.asarray(Image.open(shot).convert("RGB")).astype(int)
 
-    def count(colour: str) -> int:
-        return int(np.all(np.abs(pixels.astype(int) - _rgb(colour)) <= 12, axis=1).sum())
 
-    assert count(SOURCE_COLOUR) > 500, "the source melody is not drawn"
-    image = np.asarray(Image.open(shot).convert("RGB"))
-    left = image[:, : image.shape[1] // 2].reshape(-1, 3).astype(int)  # the half where the cover is the identity
-    hidden = int(np.all(np.abs(left - _rgb(SOURCE_COLOUR)) <= 12, axis=1).sum())
-    assert hidden > 300, "the singer's melody is hidden under the cover's where they coincide"
-    assert count(CONVERTED_COLOUR) > 500, "the cover's melody is not drawn"
-    assert count(PLAYER_COLOUR) > 1000, "the player's frame is not drawn"
+def _count(image: np.ndarray, colour: str, tolerance: int = 12) -> int:
+    return int(np.all(np.abs(image.reshape(-1, 3) - _rgb(colour)) <= tolerance, axis=1).sum())
+
+
+NEEDS_CHROMIUM = pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it)"
+)
+
+
+@NEEDS_CHROMIUM
+def test_chromium_draws_both_pitch_curves_and_the_player(page, tmp_path):
+    """The page of a cover with real pitch (the demo's clean vocals, the identity then an octave up)."""
+    path, _ = page
+    image = _screenshot(path, tmp_path)
+    assert _count(image, SOURCE_COLOUR) > 500, "the source melody is not drawn"
+    left = image[:, : image.shape[1] // 2]  # the half where the cover is the identity
+    assert _count(left, SOURCE_COLOUR) > 300, "the singer's melody is hidden under the cover's where they coincide"
+    assert _count(image, CONVERTED_COLOUR) > 500, "the cover's melody is not drawn"
+    assert _count(image, PLAYER_COLOUR) > 1000, "the player's frame is not drawn"
+
+
+@NEEDS_CHROMIUM
+def test_chromium_draws_the_demo_s_unmeasured_page_grey_with_its_melody_inside(page, tmp_path):
+    """The demo's page (random weights: almost nothing sung in the separated vocals, the cover's
+    "melody" a steady high tone): every segment grey, nothing green, the cover's line inside the
+    chart rather than on its edge."""
+    from job.render.quality.report_page import PASS_SHADE, PITCH_HEIGHT, UNMEASURED_SHADE
+    from shared.quality import Melody, Scores, Segment, judge, settle
+
+    _, report = page
+    quiet = judge(Scores(melody=Melody(voiced_frames=10, voiced_s=0.8)))
+    frames = len(report.curves.source_hz)
+    singer = [0.0] * frames
+    singer[10] = singer[40] = 55.0
+    curves = report.curves.model_copy(update={"source_hz": singer, "converted_hz": [1050.0] * frames})
+    segments = [Segment(start_s=s.start_s, end_s=s.end_s, **quiet.model_dump()) for s in report.segments]
+    demo_report = settle(report.model_copy(update={"whole": quiet, "segments": segments, "curves": curves}))
+    path = tmp_path / "demo.report.html"
+    path.write_text(render_page(demo_report, "demo-song (demo-voice cover)", "cover.mp3", "audio/mpeg"))
+    image = _screenshot(path, tmp_path)
+    assert _count(image, UNMEASURED_SHADE, 3) > 100_000 and _count(image, PASS_SHADE, 3) == 0  # pale, close
+    grey = np.all(np.abs(image - _rgb(UNMEASURED_SHADE)) <= 3, axis=2).sum(axis=1) > 600  # rows mostly grey
+    rows = np.nonzero(grey)[0]
+    breaks = np.nonzero(np.diff(rows) > 6)[0]  # the lines crossing it leave a few rows less grey
+    end = rows[breaks[0]] if len(breaks) else rows[-1]
+    chart = image[rows[0] : end + 1]  # the melody chart: the first band of grey rows (the table's come later)
+    assert abs(len(chart) - PITCH_HEIGHT) <= 5
+    line = np.nonzero(np.all(np.abs(chart - _rgb(CONVERTED_COLOUR)) <= 12, axis=2).any(axis=1))[0]
+    assert len(line) and line.min() > 20 and line.max() < len(chart) - 20, "the cover's line is on the chart's edge"
 
 
 def test_the_page_says_what_repair_tried_and_kept(page):
@@ -133,6 +173,11 @@ def test_what_was_not_measured_is_grey_and_said_so(page):
     text = render_page(unmeasured, "song", None, published=False)
     assert f'fill="{UNMEASURED_SHADE}"' in text and text.count(f'fill="{PASS_SHADE}"') == 0
     assert 'class="verdict na"' in text and "not measurable: 0.24 s sung" in text
+    assert "Repair is off: nothing was re-rendered" in text  # its second segment is below
+    quiet_segments = [Segment(start_s=s.start_s, end_s=s.end_s, **quiet.model_dump()) for s in report.segments]
+    all_quiet = render_page(unmeasured.model_copy(update={"segments": quiet_segments}), "song", None)
+    assert "a segment with too little singing to judge is not re-rendered" in all_quiet
+    assert "met the thresholds" not in all_quiet
     assert "meets every threshold" not in text and ">n/a<" not in text
     whole_row = text[text.index("<th>whole song</th>") : text.index("</tr>", text.index("<th>whole song</th>"))]
     assert whole_row.count('<td class="na">not measured</td>') == 6
@@ -204,3 +249,19 @@ def test_the_melody_chart_covers_both_curves_and_a_spike_does_not_squash_it(page
         spiked[i] = 2000.0
     assert pitch_range(curves.source_hz, spiked)[1] == pytest.approx(high, abs=0.5)
     assert pitch_range([220.0] * 20) == pytest.approx((_midi(220.0) - 6, _midi(220.0) + 6))  # an octave tall
+
+
+def test_frames_the_chart_does_not_draw_do_not_stretch_it(page):
+    """A lone voiced frame of the separated vocals (noise through the demo's random separator) is
+    not drawn as a line, and does not pull the chart's range down to it."""
+    from job.render.quality.report_page import _midi, pitch_range
+
+    cover = [1000.0] * 50
+    singer = [0.0] * 50
+    singer[10] = singer[30] = 55.0  # A1, alone
+    low, high = pitch_range(singer, cover)
+    assert high - low == pytest.approx(12) and low < _midi(1000.0) < high
+    _, report = page
+    curves = report.curves.model_copy(update={"source_hz": singer, "converted_hz": cover, "duration_s": 4.0})
+    text = render_page(report.model_copy(update={"curves": curves}), "song", None)
+    assert "the singer (separated vocals, with the pitch shift; no sung notes found in them)" in text

@@ -18,7 +18,16 @@ import html
 import math
 import statistics
 
-from shared.quality import MELODY_MIN_VOICED_S, Curves, QualityReport, Repair, Scores, Thresholds, Verdict
+from shared.quality import (
+    MELODY_MIN_VOICED_S,
+    Curves,
+    QualityReport,
+    Repair,
+    Scores,
+    Segment,
+    Thresholds,
+    Verdict,
+)
 
 WIDTH = 1000
 WAVE_HEIGHT = 110
@@ -64,15 +73,17 @@ def _note(midi: float) -> str:
 
 def pitch_range(*tracks: list[float]) -> tuple[float, float]:
     """The melody chart's range in MIDI notes, from the voiced frames of every track (Hz, 0 where
-    unvoiced): each frame taken as the median of the voiced frames within two of it (a tracker's
-    one- or two-frame spike at a phrase's end drops out), then their 1st to 99th percentile with a
-    whole tone of margin, at least an octave tall. What lies outside is drawn at the chart's edge
-    rather than squashing every note into a sliver; a cover an octave off for a stretch is inside."""
+    unvoiced) that are drawn (in runs of two or more): each frame taken as the median of the voiced
+    frames within two of it (a tracker's one- or two-frame spike at a phrase's end drops out), then
+    their 1st to 99th percentile with a whole tone of margin, at least an octave tall. What lies
+    outside is drawn at the chart's edge rather than squashing every note into a sliver; a cover an
+    octave off for a stretch is inside."""
     notes: list[float] = []
     for hz in tracks:
         midi = [_midi(f) if f > 0 else None for f in hz]
         for i, note in enumerate(midi):
-            if note is not None:
+            drawn = any(midi[j] is not None for j in (i - 1, i + 1) if 0 <= j < len(midi))  # a run of 2 or more
+            if note is not None and drawn:
                 notes.append(statistics.median(n for n in midi[max(0, i - 2) : i + 3] if n is not None))
     if not notes:
         return 48.0, 72.0
@@ -147,10 +158,18 @@ def _thresholds(t: Thresholds) -> str:
     )
 
 
-def _repair(repair: Repair | None) -> str:
+def _repair(repair: Repair | None, segments: list[Segment]) -> str:
     """What the repair loop tried on each weak segment, in order, and what it kept."""
     if repair is None:
-        return "<p>Every segment met the thresholds (or repair is off): nothing was re-rendered.</p>"
+        verdicts = {s.verdict for s in segments}
+        if Verdict.BELOW in verdicts:
+            return "<p>Repair is off: nothing was re-rendered.</p>"
+        if Verdict.NOT_MEASURABLE in verdicts:
+            return (
+                "<p>Nothing was re-rendered: no segment was measured below a threshold, and a segment with too "
+                "little singing to judge is not re-rendered.</p>"
+            )
+        return "<p>Every segment met the thresholds: nothing was re-rendered.</p>"
     rows = "".join(
         f"<tr><th>{s.start_s:.0f}–{s.end_s:.0f} s</th><td>{_names(s.why)}</td>"  # noqa: RUF001
         f"<td>{html.escape(c.setting)}</td><td>{_names(c.below) or 'none'}</td>"
@@ -256,8 +275,12 @@ td.na {{ background: {UNMEASURED_SHADE}; color: #607d8b; }}
 <svg id="wave" width="{WIDTH}" height="{WAVE_HEIGHT}" viewBox="0 0 {WIDTH} {WAVE_HEIGHT}">{_waveform(curves)}
 <line class="playhead" x1="0" x2="0" y1="0" y2="{WAVE_HEIGHT}" stroke="{PLAYER_COLOUR}" stroke-width="2"/></svg>
 <h2>Melody</h2>
-<p class="legend"><span style="background:{SOURCE_COLOUR}"></span>the singer (separated vocals, with the pitch shift)
-<span style="background:{CONVERTED_COLOUR}"></span>the cover; segments shaded green where they meet every
+<p class="legend"><span style="background:{SOURCE_COLOUR}"></span>the singer (separated vocals, with the pitch shift{
+        "" if source else "; no sung notes found in them"
+    })
+<span style="background:{CONVERTED_COLOUR}"></span>the cover{
+        "" if converted else " (no sung notes found)"
+    }; segments shaded green where they meet every
 threshold, red where they do not, grey where too little was sung to judge</p>
 <svg id="pitch" width="{WIDTH}" height="{PITCH_HEIGHT}" viewBox="0 0 {WIDTH} {PITCH_HEIGHT}">
 {bands}{grid}{source}{converted}
@@ -272,7 +295,7 @@ unvoiced. Likeness: cosine similarity of speaker embeddings to the voice's refer
 Naturalness: DNSMOS P.835's overall score, 1 to 5. Each needs {MELODY_MIN_VOICED_S:.0f} s of singing in
 both melodies; with less, "not measured".</p>
 <p>Mix: {mix_line}. Measured in {report.measured_s:.1f} s.</p>
-<h2>Repair</h2>{_repair(report.repair)}
+<h2>Repair</h2>{_repair(report.repair, report.segments)}
 <script>
 const player = document.getElementById("player"), duration = {duration:.3f};
 function seek(event) {{
