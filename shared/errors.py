@@ -79,11 +79,23 @@ class CoverError(Exception):
         return f"{self.message} [{self.code.value}]"
 
 
+NO_SPACE_WORDS = ("No space left on device", "Disk quota exceeded", "File too large")
+
+
 def no_space(exc: BaseException) -> CoverError | None:
     """``work.no_space`` for a write the disk or a file-size limit refused (another attempt, on
-    another machine, may have room), else None."""
-    if isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS:
-        return CoverError(ErrorCode.WORK_NO_SPACE, f"the work folder is out of space: {exc.strerror}")
+    another machine, may have room), else None. Libraries that wrap the OS error (torch's writers,
+    soundfile, numpy) are recognised by its words, through the chain of causes."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a chain of causes is short; never loop on a cycle
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in NO_SPACE_ERRNOS:
+            return CoverError(ErrorCode.WORK_NO_SPACE, f"the work folder is out of space: {seen.strerror}")
+        words = next((w for w in NO_SPACE_WORDS if w in str(seen)), None)
+        if words is not None:
+            return CoverError(ErrorCode.WORK_NO_SPACE, f"the work folder is out of space: {words}")
+        seen = seen.__cause__ or seen.__context__
     return None
 
 

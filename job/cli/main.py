@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from job.cli.flags import HelpFormatter, add_model_flags, model_from_args
 from job.render.workfolder import work_folder
-from shared.errors import EXIT_INTERNAL, EXIT_QUALITY_GATE, CoverError, ErrorCode
+from shared.errors import EXIT_INTERNAL, EXIT_QUALITY_GATE, CoverError, ErrorCode, no_space
 from shared.logs import setup_logging
 from shared.model_store import ModelStore
 from shared.names import printable
@@ -674,10 +674,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return missing_extra(exc)
     except Exception as exc:
-        _report_error(args, CoverError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
+        error = no_space(exc)  # a full disk, whoever's writer met it
+        _report_error(args, error or CoverError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
         if os.environ.get("COVER_DEBUG"):
             raise
-        return EXIT_INTERNAL
+        return error.exit_status if error else EXIT_INTERNAL
 
 
 def _quiet_stdout() -> None:

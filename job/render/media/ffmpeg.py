@@ -104,9 +104,14 @@ def run(args: list[str], verbose: bool = False) -> bytes:
     return proc.stderr
 
 
+def _out_of_space(returncode: int, stderr: bytes) -> bool:
+    text = stderr.decode(errors="replace")
+    return returncode == -signal.SIGXFSZ or "No space left on device" in text or "File too large" in text
+
+
 def _failure(returncode: int, stderr: bytes) -> CoverError:
     text = stderr.decode(errors="replace")
-    if returncode == -signal.SIGXFSZ or "No space left on device" in text or "File too large" in text:
+    if _out_of_space(returncode, stderr):
         return CoverError(ErrorCode.WORK_NO_SPACE, f"the work folder is out of space: {last_line(stderr)}")
     return CoverError(ErrorCode.INTERNAL, f"ffmpeg failed: {text[-600:]}")
 
@@ -190,7 +195,7 @@ class PipeEncoder:
         self._stderr.seek(0)
         errors = self._stderr.read()
         self._stderr.close()
-        if code != 0:
+        if code != 0 or _out_of_space(code, errors):  # the tee muxer can end 0 with its file output failed
             self._close_meter_log()
             raise _failure(code, errors)
         if self._meter is None or self._meter_log is None:

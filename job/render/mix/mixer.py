@@ -353,12 +353,11 @@ def mix(  # noqa: PLR0915 - reads best top to bottom
                 limited, points = True, []
         finally:
             source.close()
+        duration = _complete(tmp, source.length / MIX_SAMPLE_RATE)
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
         shutil.rmtree(scratch, ignore_errors=True)
-    out_info = ffmpeg.probe(out)
-    duration = float(out_info["stream"].get("duration") or out_info["format"].get("duration") or 0.0)
     return MixResult(
         path=out,
         format=options.format,
@@ -371,6 +370,24 @@ def mix(  # noqa: PLR0915 - reads best top to bottom
         peaks=result.meter.peaks(),
         levels=result.meter.levels(),
     )
+
+
+COMPLETE_TOLERANCE_S = 0.1  # a codec's last frame and its padding, at most
+LOW_SPACE_BYTES = 16 * 2**20  # free space under which a short file is the disk's doing
+
+
+def _complete(path: Path, expected_s: float) -> float:
+    """The encoded file's duration, checked against the mix's: an encoder can end with status 0
+    having written part of the file (FFmpeg's ``tee`` muxer, when its file output hits a full disk),
+    and a cover cut short must never be stored. Short on a nearly full disk: ``work.no_space``."""
+    info = ffmpeg.probe(path, "the encoded cover")
+    duration = float(info["stream"].get("duration") or info["format"].get("duration") or 0.0)
+    if duration < expected_s - COMPLETE_TOLERANCE_S:
+        said = f"the encoder wrote {duration:.2f} s of the {expected_s:.2f} s mix"
+        if shutil.disk_usage(path.parent).free < LOW_SPACE_BYTES:
+            raise CoverError(ErrorCode.WORK_NO_SPACE, f"the work folder is out of space: {said}")
+        raise CoverError(ErrorCode.INTERNAL, f"{said}; the file is incomplete")
+    return duration
 
 
 def _db(linear: float) -> float:
