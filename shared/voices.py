@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, Field, StringConstraints, model_validator
 
 from shared.hashing import sha256_of
 from shared.names import FILE_NAME_PATTERN, VOICE_NAME_PATTERN
@@ -50,6 +50,17 @@ class VoiceInfo(BaseModel):
     files: dict[FileName, FileDigest] = Field(
         description="Every file of the voice (base names only) and its digest; synced files are checked against it."
     )
+
+    @model_validator(mode="after")
+    def _names_its_files(self) -> VoiceInfo:
+        """A ``voice.json`` names the model it describes, and its index exactly when it says it has one."""
+        if MODEL_FILE not in self.files:
+            raise ValueError(f"files must include {MODEL_FILE}")
+        if self.has_index != (INDEX_FILE in self.files):
+            raise ValueError(
+                f"has_index is {self.has_index} but files {'lack' if self.has_index else 'hold'} {INDEX_FILE}"
+            )
+        return self
 
     @property
     def model_version(self) -> str:

@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -253,10 +254,27 @@ def server():
         h.end_headers()
         h.wfile.write(b"hello")
 
+    def short(h):  # announces 1000 bytes, sends 10 and hangs up
+        h.send_response(200)
+        h.send_header("Content-Length", "1000")
+        h.end_headers()
+        h.wfile.write(b"x" * 10)
+        h.close_connection = True
+
+    def stall(h):  # sends 10 bytes, then nothing
+        h.send_response(200)
+        h.send_header("Content-Length", "1000")
+        h.end_headers()
+        h.wfile.write(b"x" * 10)
+        h.wfile.flush()
+        time.sleep(5)
+
     srv = _Server(
         {
             "/ok": ok,
             "/trickle": trickle,
+            "/short": short,
+            "/stall": stall,
             "/to-metadata": redirect("http://169.254.169.254/latest/meta-data/"),
             "/to-private": redirect("http://10.1.2.3/x"),
             "/to-loopback6": redirect("http://[::1]:9/x"),
@@ -489,3 +507,86 @@ def test_a_refused_checkpoint_never_advises_turning_safe_loading_off(tmp_path, p
         load_weights_only(path)
     assert info.value.code in (ErrorCode.MODEL_UNSAFE, ErrorCode.MODEL_CORRUPT)
     assert "weights_only" not in info.value.message and "trust the source" not in info.value.message
+
+
+# --- round 2: every error path of an external byte ends in a stable code ---------------------------------
+
+
+@pytest.mark.parametrize("path", ["/short", "/stall"])
+def test_a_body_cut_short_or_stalled_is_a_failed_download(server, tmp_path, path):
+    """urllib3's own errors (a body shorter than announced, a read that times out mid-body) are a
+    failed download, retryable, and leave nothing behind; once they were ``internal``."""
+    policy = LOOPBACK_OK.model_copy(update={"read_timeout_s": 1.0})
+    with pytest.raises(CoverError) as info:
+        download(f"http://127.0.0.1:{server.port}{path}", tmp_path / "song.mp3", policy)
+    assert info.value.code is ErrorCode.INPUT_DOWNLOAD_FAILED and info.value.retryable
+    assert list(tmp_path.iterdir()) == []
+
+
+def _zip_with(entry_bytes: bytes, tmp_path: Path, flag: int = 0, method: int | None = None) -> Path:
+    """A zip holding one ``model.pth`` whose headers are then edited: ``flag`` or-ed into the
+    general-purpose flags (1: encrypted), ``method`` as its compression method (9: deflate64)."""
+    import struct
+    import zipfile
+
+    archive = tmp_path / "voice.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("model.pth", entry_bytes)
+    data = bytearray(archive.read_bytes())
+    for signature, flag_at, method_at in ((b"PK\x03\x04", 6, 8), (b"PK\x01\x02", 8, 10)):
+        at = data.index(signature)
+        flags = struct.unpack_from("<H", data, at + flag_at)[0] | flag
+        struct.pack_into("<H", data, at + flag_at, flags)
+        if method is not None:
+            struct.pack_into("<H", data, at + method_at, method)
+    archive.write_bytes(bytes(data))
+    return archive
+
+
+@pytest.mark.parametrize(("flag", "method", "said"), [(1, None, "encrypted"), (0, 9, "deflate64")])
+def test_a_voice_zip_python_cannot_unpack_is_corrupt(tmp_path, flag, method, said):
+    from job.cli.voices import add_voice
+
+    archive = _zip_with(b"x" * 1000, tmp_path, flag, method)
+    store = ModelStore(tmp_path / "store")
+    with pytest.raises(CoverError) as info:
+        add_voice(store, str(archive))
+    assert info.value.code is ErrorCode.MODEL_CORRUPT and "cannot be unpacked" in info.value.message, said
+    assert [p.name for p in store.voices_dir.iterdir()] == []  # nothing staged stays
+
+
+def _bucket_voice(tmp_path: Path, **changes) -> ModelStore:
+    bucket = LocalStorage(tmp_path / "bucket")
+    info = demo.write_voice(tmp_path / "src", name="v", size="tiny")
+    document = {**info.model_dump(mode="json"), **changes}
+    bucket.put_bytes(Keys.voice("v", "voice.json"), json.dumps(document).encode())
+    for file in info.files:
+        bucket.put_bytes(Keys.voice("v", file), (tmp_path / "src" / file).read_bytes())
+    return ModelStore(tmp_path / "runner", bucket)
+
+
+def test_a_bucket_voice_json_without_its_model_is_corrupt_not_retried(tmp_path):
+    info = demo.write_voice(tmp_path / "probe", name="v", size="tiny")
+    files = {k: v for k, v in info.model_dump(mode="json")["files"].items() if k != "model.pth"}
+    models = _bucket_voice(tmp_path, files=files)
+    with pytest.raises(CoverError) as caught:
+        models.voice("v")
+    assert caught.value.code is ErrorCode.MODEL_CORRUPT and not caught.value.retryable
+    assert "model.pth" in caught.value.message
+
+
+def test_a_voice_json_declaring_more_speakers_than_its_model_is_a_mismatch(tmp_path, converter):
+    """voice.json says 8 speakers, the model holds 4: the request for speaker 5 passes the
+    request's check against voice.json and is refused where the model loads, not retried as
+    ``internal``; a speaker past the model's table asked of the engine directly is the caller's mistake."""
+    from shared.options import ConversionOptions
+
+    models = _bucket_voice(tmp_path, speakers=8)
+    voice = models.voice("v")
+    with pytest.raises(CoverError) as caught:
+        converter.load_voice(voice)
+    assert caught.value.code is ErrorCode.MODEL_MISMATCH and not caught.value.retryable
+    honest = converter.load_voice_file(tmp_path / "src" / "model.pth")
+    with pytest.raises(CoverError) as caught:
+        converter.convert(np.zeros(16000, dtype=np.float32), 16000, honest, ConversionOptions(speaker=5))
+    assert caught.value.code is ErrorCode.OPTIONS_INVALID and "out of range" in caught.value.message

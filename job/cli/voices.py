@@ -9,9 +9,11 @@ the store exactly as it was.
 
 from __future__ import annotations
 
+import lzma
 import shutil
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -20,7 +22,7 @@ from pydantic import BaseModel
 from job.render.media.download import UrlPolicy, download, is_url
 from job.render.rvc.checkpoint import build_synthesizer, read_checkpoint
 from job.render.rvc.retrieval import FeatureIndex
-from shared.errors import CoverError, ErrorCode
+from shared.errors import CoverError, ErrorCode, no_space
 from shared.model_store import ModelStore
 from shared.names import safe_file_name
 from shared.voices import INDEX_FILE, MODEL_FILE, VOICE_FILE, VoiceInfo, digest_of, slugify
@@ -60,6 +62,12 @@ def _unzip(archive: Path, dest: Path) -> list[Path]:
             return out
     except zipfile.BadZipFile:
         raise CoverError(ErrorCode.MODEL_CORRUPT, f"{archive.name} is not a valid zip archive") from None
+    except (NotImplementedError, RuntimeError, EOFError, zlib.error, lzma.LZMAError, OSError) as exc:
+        # an encrypted entry (RuntimeError), a method Python cannot unpack such as deflate64
+        # (NotImplementedError), a stream cut short or damaged inside a valid directory
+        if (full := no_space(exc)) is not None:
+            raise full from None
+        raise CoverError(ErrorCode.MODEL_CORRUPT, f"{archive.name} cannot be unpacked: {exc}") from None
 
 
 def _gather(source: str, scratch: Path, policy: UrlPolicy) -> tuple[Path, Path | None, str]:

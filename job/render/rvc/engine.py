@@ -213,6 +213,12 @@ class VoiceConverter:
                         f"{pth.parent.name}'s index holds {feature_index.dim}-dim features; "
                         f"the voice takes {synth.content_dim}",
                     )
+                held = synth.emb_g.num_embeddings
+                if info is not None and info.speakers > held:
+                    raise CoverError(
+                        ErrorCode.MODEL_MISMATCH,
+                        f"voice {name}: voice.json declares {info.speakers} speakers, the model holds {held}",
+                    )
                 self._voices[key] = Voice(
                     name=name,
                     synth=synth,
@@ -341,6 +347,11 @@ class VoiceConverter:
             record: collect the decoder's inputs instead of decoding (calibration)
         """
         options = options or ConversionOptions()
+        if options.speaker >= voice.synth.emb_g.num_embeddings:  # an index past the embedding table
+            raise CoverError(
+                ErrorCode.OPTIONS_INVALID,
+                f"speaker {options.speaker} is out of range: voice {voice.name} has {voice.synth.emb_g.num_embeddings}",
+            )
         times = PartTimes()
         chunks = plan_chunks(x, self.max_chunk_s)
         ratio = voice.sample_rate / SR
