@@ -253,6 +253,31 @@ def _models(request: Request) -> Response:
     return _model(ModelList(models=voices))
 
 
+# Cloud Run's limit on one environment variable's value is 32 KiB (the Admin API's EnvVar); a request
+# is far smaller (its fields are bounded): this leaves the rest of the override room
+MAX_LAUNCHED_REQUEST_BYTES = 16 * 1024
+
+
+def _not_found(_: Exception) -> Response:
+    """What the framework's router answers itself (a path it cannot route, e.g. one holding a line
+    break: ``/covers/x%0A``), in problem+json like every other answer."""
+    return problem(404, "route.unknown", "not an endpoint")
+
+
+def _install_framework_handlers() -> None:
+    """functions-framework loads this module inside its Flask app's context: the app's own 404 and
+    405 pages become problem+json there too."""
+    from flask import current_app, has_app_context
+
+    if has_app_context():
+        current_app.register_error_handler(404, _not_found)
+        current_app.register_error_handler(
+            405, lambda _: problem(405, "route.method_not_allowed", "the method is not allowed here")
+        )
+
+
+_install_framework_handlers()
+
 ROUTES: dict[str, dict[str, Callable[[Request], Response]]] = {
     "/cover": {"POST": _submit},
     "/models": {"GET": _models},
@@ -401,7 +426,15 @@ def trigger(request: Request) -> Response:
     try:
         if envelope is None:
             raise CoverError(ErrorCode.OPTIONS_INVALID, "the push is not a Pub/Sub envelope with base64 data")
-        parse_request(data, attributes)
+        # the request as the job reads it: re-written as compact UTF-8 JSON of the fields it gave
+        # (whatever encoding and padding it came in), and small enough for an environment override
+        launched = parse_request(data, attributes).model_dump_json(exclude_unset=True)
+        if len(launched.encode()) > MAX_LAUNCHED_REQUEST_BYTES:
+            raise CoverError(
+                ErrorCode.OPTIONS_INVALID,
+                f"the request is {len(launched.encode())} bytes as JSON; at most {MAX_LAUNCHED_REQUEST_BYTES} "
+                "can be handed to a job execution",
+            )
     except CoverError as error:  # it can never be processed: answer it, and acknowledge it
         failed = CoverFailed(
             **who.model_dump(), code=error.code, message=error.message, retryable=False, attempt=1, runner="trigger"
@@ -415,7 +448,7 @@ def trigger(request: Request) -> Response:
         answer = problem(429, "executions.at_capacity", f"{settings.max_executions} job executions are running")
         answer.headers["Retry-After"] = "30"
         return answer
-    overrides = {"COVER_REQUEST": data.decode(), "COVER_REQUEST_ID": who.request_id or ""}
+    overrides = {"COVER_REQUEST": launched, "COVER_REQUEST_ID": who.request_id or ""}
     try:
         local = settings.job_launcher == "local"
         execution = svc.local_jobs().launch(overrides) if local else _run_job(svc, overrides)

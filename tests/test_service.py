@@ -515,6 +515,54 @@ def test_trigger_starts_a_job_execution_with_the_request(stack):
         server.shutdown()
 
 
+def test_the_trigger_hands_the_job_a_compact_utf8_request_whatever_came_in(stack):
+    """A valid request in UTF-16 or UTF-32 (JSON allows them; ``data.decode()`` once answered 500,
+    redelivered for ever) or padded with whitespace to 200 KiB (once past the launcher's argument
+    limit, acknowledged and lost) starts an execution with the request as compact UTF-8 JSON. The
+    largest request the schema admits stays far under what an execution's override may hold."""
+    from dispatcher.main import MAX_LAUNCHED_REQUEST_BYTES
+    from shared.events import CoverRequest
+
+    longest = CoverRequest(
+        song_id="/".join(["s" * 39] * 5)[:200],
+        voice_model="v" * 64,
+        request_id="r" * 128,
+        options={"pitch": -24, "index_rate": 0.123456789, "f0_method": "crepe-tiny", "speaker": 1023},
+        runner="gpu",
+        publish_below_gate=True,
+        allow_no_vocals=True,
+    )
+    assert len(longest.model_dump_json().encode()) < MAX_LAUNCHED_REQUEST_BYTES // 4
+    client = FakeJobsClient()
+    server, url = _serve_trigger(stack, client)
+    try:
+        request = {"song_id": "song-1", "voice_model": demo.DEMO_VOICE, "request_id": "wide"}
+        text = json.dumps(request)
+        bodies = [text.encode("utf-16"), text.encode("utf-32"), (text + " " * 200 * 1024).encode()]
+        for i, data in enumerate(bodies):
+            envelope = {"message": {"data": base64.b64encode(data).decode(), "messageId": f"w{i}"}}
+            assert requests.post(url, json=envelope).status_code == 204
+        assert len(client.calls) == 3
+        for call in client.calls:
+            launched = {e.name: e.value for e in call.overrides.container_overrides[0].env}["COVER_REQUEST"]
+            assert json.loads(launched) == request and len(launched.encode()) < 200
+    finally:
+        server.shutdown()
+
+
+def test_a_path_the_framework_cannot_route_is_answered_in_problem_json():
+    """``/covers/x%0A``: a line break the framework's router does not match; its own HTML 404 page
+    is replaced by problem+json (as is its 405)."""
+    import functions_framework
+
+    app = functions_framework.create_app(target="http", source=str(ROOT / "dispatcher/main.py"))
+    client = app.test_client()
+    for path in ("/covers/x%0A", "/covers/x%0A/report"):
+        answer = client.get(path)
+        assert answer.status_code == 404 and answer.content_type == "application/problem+json", path
+        assert answer.get_json()["code"] == "route.unknown"
+
+
 def test_the_trigger_starts_no_execution_beyond_its_bound_and_lets_the_request_wait(stack, monkeypatch):
     """With COVER_MAX_EXECUTIONS running (counted through the Admin API: a fake, nothing real runs
     here), a push is answered 429 and no execution starts; Pub/Sub pushes it again later (its retry
