@@ -78,6 +78,9 @@ class LocalJobs:
                 "CLOUD_RUN_TASK_INDEX": "0",
                 "CLOUD_RUN_TASK_COUNT": "1",
                 "CLOUD_RUN_TASK_ATTEMPT": str(attempt),
+                # as Terraform sets it in the job (max_retries + 1): the last attempt knows it is the last
+                # and publishes cover.failed; a larger value would leave a retryable failure unanswered
+                "COVER_MAX_ATTEMPTS": str(attempts),
             }
             proc = subprocess.Popen([sys.executable, "-m", "job", "run"], env=env, cwd=ROOT)
             log.info(

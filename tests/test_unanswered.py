@@ -74,3 +74,28 @@ def test_a_signal_for_an_execution_that_may_still_answer_is_left_alone(tmp_path,
         (records / f"{name}.json").write_text(json.dumps(state.model_dump()))
     answered = Unanswered(None, None, None, None, LocalExecutions(settings)).execution_signal(entry)  # type: ignore[arg-type]
     assert answered.action == "ignored" and reason in answered.reason
+
+
+def test_the_local_launcher_s_last_attempt_knows_it_is_the_last(monkeypatch):
+    """The rehearsal's launcher makes job_max_retries + 1 attempts and tells each attempt so
+    (COVER_MAX_ATTEMPTS, as Terraform sets it in the job): with 4 attempts but the default 5, a
+    retryable failure was never answered. Each attempt here is a real child process that reports
+    what it was told and fails."""
+    import subprocess
+    import sys
+
+    from dispatcher import local_jobs
+    from dispatcher.local_jobs import LocalJobs
+    from shared.settings import Settings
+
+    told: list[tuple[str, str]] = []
+    real = subprocess.Popen
+
+    def attempt(cmd, env, cwd):
+        told.append((env["COVER_MAX_ATTEMPTS"], env["CLOUD_RUN_TASK_ATTEMPT"]))
+        return real([sys.executable, "-c", "raise SystemExit(1)"], env=env, cwd=cwd)
+
+    monkeypatch.setattr(local_jobs.subprocess, "Popen", attempt)
+    launcher = LocalJobs(Settings(job_max_retries=3, max_attempts=5, executions_topic=""))
+    launcher._execute("cover-job-test", {"COVER_REQUEST": "{}"})
+    assert told == [("4", "0"), ("4", "1"), ("4", "2"), ("4", "3")]

@@ -158,7 +158,11 @@ class Rehearsal:
         return start([*cmd, "--host", "127.0.0.1", "--port", str(port)], self.logs / f"{target}.log", self._env(**env))
 
     def _gpu_runner(self) -> subprocess.Popen:
-        env = self._env(COVER_SERVES="gpu", COVER_RUNNER=os.environ.get("COVER_RUNNER", "gpu-runner"))
+        env = self._env(
+            COVER_SERVES="gpu",
+            COVER_RUNNER=os.environ.get("COVER_RUNNER", "gpu-runner"),
+            COVER_MAX_ATTEMPTS=str(self.dead_letter_attempts),  # as Terraform: gpu_max_delivery_attempts
+        )
         return start([sys.executable, "-m", "job", "serve"], self.logs / "gpu-runner.log", env)
 
     def _topology(self) -> None:
