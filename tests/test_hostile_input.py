@@ -440,9 +440,12 @@ def test_a_demucs_package_declaring_more_than_it_holds_is_corrupt(tmp_path):
     demo.write_demucs(tmp_path / "sep", size="tiny")
     original = next((tmp_path / "sep").glob("*.th"))
     package = load_with_inert_objects(original, allowed=_demucs_classes())
-    for kwargs in ({**package["kwargs"], "channels": 1_000_000}, {**package["kwargs"], "channels": 8}):
-        torch.save({**package, "kwargs": kwargs}, tmp_path / "evil.th")
-        assert code_of(lambda: load_package(tmp_path / "evil.th")) is ErrorCode.MODEL_CORRUPT
+    deep = {"depth": 12_000}, {"t_layers": 5_000}, {"dconv_depth": 20_000}  # each once cost minutes to build
+    for change in ({"channels": 1_000_000}, {"channels": 8}, *deep):
+        torch.save({**package, "kwargs": {**package["kwargs"], **change}}, tmp_path / "evil.th")
+        started = time.monotonic()
+        assert code_of(lambda: load_package(tmp_path / "evil.th")) is ErrorCode.MODEL_CORRUPT, change
+        assert time.monotonic() - started < 10, change  # refused before anything is built
 
 
 @settings(max_examples=25, deadline=None)
