@@ -431,6 +431,64 @@ def test_an_index_declaring_more_vectors_than_its_file_holds_is_corrupt(tmp_path
     assert code_of(lambda: FeatureIndex.load(tmp_path / "huge.index")) is ErrorCode.MODEL_CORRUPT
 
 
+def _ivf_offsets(data: bytes) -> dict[str, int]:
+    """Where an IVF-Flat index's inner lengths sit (faiss' layout; see retrieval.check_layout)."""
+    import struct
+
+    dim = struct.unpack_from("<i", data, 4)[0]
+    nlist = struct.unpack_from("<Q", data, 37)[0]
+    quantizer_size = 53 + 37  # IxF2 and its header
+    direct_map = quantizer_size + 8 + nlist * dim * 4 + 1
+    sizes = direct_map + 8 + 4 + 8 + 8 + 4  # the map's length, ilar, nlist, code size, full
+    return {"quantizer": quantizer_size, "direct map": direct_map, "list sizes": sizes, "first list": sizes + 8}
+
+
+@pytest.mark.parametrize("where", ["quantizer", "direct map", "list sizes", "first list"])
+def test_an_index_whose_inner_lengths_lie_is_corrupt_before_faiss_reads_it(tmp_path, where):
+    """The outer header honest, one inner length a lie (the quantizer's vector count, the direct
+    map's, the count of list sizes, one list's size): faiss would allocate what it claims (a 6 MB
+    file once took gigabytes); the layout check refuses it first."""
+    import struct
+
+    from job.render.rvc.retrieval import FeatureIndex
+
+    demo.write_voice(tmp_path / "v", name="v", size="tiny")
+    data = bytearray((tmp_path / "v" / "model.index").read_bytes())
+    struct.pack_into("<Q", data, _ivf_offsets(bytes(data))[where], 2**40)
+    (tmp_path / "lying.index").write_bytes(bytes(data))
+    started = time.monotonic()
+    with pytest.raises(CoverError) as caught:
+        FeatureIndex.load(tmp_path / "lying.index")
+    assert caught.value.code is ErrorCode.MODEL_CORRUPT and "lying.index: " in caught.value.message
+    assert time.monotonic() - started < 2
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_fuzzed_indexes_load_or_fail_as_corrupt(tmp_path_factory, data):
+    """Eight bytes of a real index overwritten anywhere in its structure: it loads, or it is
+    ``model.corrupt``; never another error, never an allocation past the file."""
+    import struct
+
+    from job.render.rvc.retrieval import FeatureIndex
+
+    folder = tmp_path_factory.mktemp("index")
+    demo.write_voice(folder / "v", name="v", size="tiny")
+    original = (folder / "v" / "model.index").read_bytes()
+    mutated = bytearray(original)
+    structure = _ivf_offsets(original)["first list"]  # everything before the first list's codes
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, structure))
+        struct.pack_into("<Q", mutated, at, data.draw(st.integers(0, 2**64 - 1)))
+    (folder / "fuzzed.index").write_bytes(bytes(mutated))
+    code = None
+    try:
+        FeatureIndex.load(folder / "fuzzed.index")
+    except CoverError as error:
+        code = error.code
+    assert code in (None, ErrorCode.MODEL_CORRUPT)
+
+
 def test_a_demucs_package_declaring_more_than_it_holds_is_corrupt(tmp_path):
     import torch
 

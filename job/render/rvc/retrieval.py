@@ -29,7 +29,7 @@ class FeatureIndex:
     def load(cls, path: Path) -> FeatureIndex:
         import faiss
 
-        _check_header(Path(path))
+        check_layout(Path(path))  # every length it declares fits, before faiss allocates any
         try:
             index = faiss.read_index(str(path))
             vectors = index.reconstruct_n(0, index.ntotal)
@@ -56,24 +56,89 @@ class FeatureIndex:
 MAX_DIM = 4096
 
 
-def _check_header(path: Path) -> None:
-    """An index declares its dimension and vector count in its header (faiss' layout: fourcc, d as
-    int32, ntotal as int64); the vectors must fit in the file, or faiss would allocate what the
-    header claims: ``model.corrupt`` before reading."""
+class _Reader:
+    """A cursor over an index's bytes that refuses any declared length the file cannot hold."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        self.data, self.at, self.name = data, 0, name
+
+    def corrupt(self, why: str) -> CoverError:
+        return CoverError(ErrorCode.MODEL_CORRUPT, f"{self.name}: {why} (byte {self.at})")
+
+    def take(self, size: int, what: str) -> bytes:
+        if size < 0 or size > len(self.data) - self.at:
+            raise self.corrupt(f"{what} declares {size} bytes, more than the file holds after it")
+        chunk = self.data[self.at : self.at + size]
+        self.at += size
+        return chunk
+
+    def number(self, fmt: str, what: str) -> int:
+        return int(struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0])
+
+    def fourcc(self, *expected: bytes) -> bytes:
+        code = self.take(4, "a type code")
+        if code not in expected:
+            raise self.corrupt(f"type {code!r} where {b' or '.join(expected)!r} was expected")
+        return code
+
+
+def _index_header(reader: _Reader) -> tuple[int, int]:
+    """faiss' common index header: d (int32), ntotal (int64), two unused int64, is_trained (one
+    byte), the metric (int32) and, for metrics past inner product and L2, its argument (float)."""
+    dim, total = reader.number("<i", "the dimension"), reader.number("<q", "the vector count")
+    reader.take(17, "the header")
+    if reader.number("<i", "the metric") > 1:
+        reader.take(4, "the metric's argument")
+    if not 0 < dim <= MAX_DIM or total < 0:
+        raise reader.corrupt(f"it declares {total} vectors of {dim} dimensions")
+    return dim, total
+
+
+def check_layout(path: Path) -> None:
+    """Walk an IVF-Flat index (what RVC's trainer writes) as faiss would read it, checking every
+    length it declares (the quantizer's vectors, the direct map, each inverted list's size) against
+    the bytes that really follow, and that the lists hold the vectors the header counts: faiss
+    allocates what a length claims before it reads, so a 6 MB file whose inner lengths lie once
+    made it take gigabytes. ``model.corrupt`` on the first length that does not fit, before faiss
+    reads anything. Layout (faiss' ``index_write.cpp``): ``IwFl`` header, nlist and nprobe (size_t),
+    the flat quantizer (``IxF2``/``IxFI``, header, its floats), the direct map (a type byte and an
+    id vector), then ``ilar``: nlist, code size, the list sizes (``full``: every list's, ``sprs``:
+    (list, size) pairs) and each list's codes and ids."""
     try:
-        with open(path, "rb") as handle:
-            header = handle.read(16)
-        size = path.stat().st_size
+        data = path.read_bytes()
     except OSError as exc:
         raise CoverError(ErrorCode.MODEL_CORRUPT, f"{path.name} is unreadable: {exc}") from None
-    if len(header) < 16:
-        raise CoverError(ErrorCode.MODEL_CORRUPT, f"{path.name} is too short to be a faiss index")
-    dim, total = struct.unpack_from("<i", header, 4)[0], struct.unpack_from("<q", header, 8)[0]
-    if not 0 < dim <= MAX_DIM or total < 0 or total * dim * 4 > size:
-        raise CoverError(
-            ErrorCode.MODEL_CORRUPT,
-            f"{path.name} declares {total} vectors of {dim} dimensions, more than its {size} bytes hold",
-        )
+    reader = _Reader(data, path.name)
+    reader.fourcc(b"IwFl")
+    dim, total = _index_header(reader)
+    nlist = reader.number("<Q", "the list count")
+    reader.take(8, "nprobe")
+    reader.fourcc(b"IxF2", b"IxFI")
+    if _index_header(reader) != (dim, nlist):
+        raise reader.corrupt(f"its quantizer is not {nlist} vectors of {dim} dimensions")
+    if reader.number("<Q", "the quantizer's size") != nlist * dim:
+        raise reader.corrupt("the quantizer's vectors do not match its header")
+    reader.take(nlist * dim * 4, "the quantizer's vectors")
+    reader.take(1, "the direct map's type")
+    reader.take(reader.number("<Q", "the direct map") * 8, "the direct map")
+    reader.fourcc(b"ilar")
+    if reader.number("<Q", "the inverted lists' count") != nlist:
+        raise reader.corrupt("its inverted lists do not match its list count")
+    code_size = reader.number("<Q", "the code size")
+    if code_size != dim * 4:
+        raise reader.corrupt(f"a code size of {code_size} bytes for {dim} float dimensions")
+    encoding = reader.fourcc(b"full", b"sprs")
+    raw = reader.take(reader.number("<Q", "the list sizes") * 8, "the list sizes")
+    values = struct.unpack(f"<{len(raw) // 8}Q", raw)
+    if encoding == b"full" and len(values) != nlist:
+        raise reader.corrupt(f"{len(values)} list sizes for {nlist} lists")
+    if encoding == b"sprs" and (len(values) % 2 or any(number >= nlist for number in values[0::2])):
+        raise reader.corrupt("its (list, size) pairs name lists it does not have")
+    sizes = values if encoding == b"full" else values[1::2]
+    if sum(sizes) != total:
+        raise reader.corrupt(f"its lists hold {sum(sizes)} vectors, its header counts {total}")
+    for size in sizes:
+        reader.take(size * (code_size + 8), "an inverted list")
 
 
 def build_index(vectors: np.ndarray, path: Path, n_list: int | None = None) -> Path:
