@@ -12,6 +12,11 @@ forwards in Google Cloud), for the ``unanswered`` function. Each execution's sta
 ``{work_dir}/executions/{name}.json`` (what the Admin API tells in Google Cloud:
 :class:`dispatcher.executions.LocalExecutions`). Each attempt's pid is logged
 (``execution.attempt``), its output goes to the trigger's.
+
+Executions run at most ``COVER_LOCAL_JOB_SLOTS`` at a time (0: one per 2 GiB of the machine's
+memory, an attempt's process takes about 0.75 GB); the others wait for a slot, as executions wait
+for Cloud Run's resources, accepted and not finished (eight requests once started eight processes
+and 6.3 GB at once).
 """
 
 from __future__ import annotations
@@ -34,12 +39,21 @@ log = logging.getLogger("melodia.local_jobs")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def job_slots(settings: Settings) -> int:
+    """How many local executions run at once (``COVER_LOCAL_JOB_SLOTS``; 0: one per 2 GiB of memory)."""
+    if settings.local_job_slots:
+        return settings.local_job_slots
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(1, memory // (2 * 2**30))
+
+
 class LocalJobs:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.job = settings.cloud_run_job.rsplit("/", 1)[-1]
         self.records = local_records(settings)
         self.records.mkdir(parents=True, exist_ok=True)
+        self.slots = threading.BoundedSemaphore(job_slots(settings))
 
     def _record(self, state: ExecutionState) -> None:
         path = self.records / f"{state.name}.json"
@@ -65,9 +79,13 @@ class LocalJobs:
         return execution
 
     def _execute(self, execution: str, overrides: dict[str, str]) -> None:
+        self._record(ExecutionState(name=execution, finished=False, succeeded=False, attempts=0, env=overrides))
+        with self.slots:  # queued, accepted and not finished, until a slot is free
+            self._attempts(execution, overrides)
+
+    def _attempts(self, execution: str, overrides: dict[str, str]) -> None:
         attempts = self.settings.job_max_retries + 1
         state = ExecutionState(name=execution, finished=False, succeeded=False, attempts=0, env=overrides)
-        self._record(state)
         for attempt in range(attempts):
             env = {
                 **os.environ,

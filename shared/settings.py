@@ -186,6 +186,11 @@ class Settings(BaseSettings):
     job_max_retries: int = Field(
         3, ge=0, le=10, description="The local launcher's task retries (Cloud Run's max_retries)."
     )
+    local_job_slots: int = Field(
+        0,
+        ge=0,
+        description="Executions the local launcher runs at once, the rest waiting; 0: one per 2 GiB of memory.",
+    )
     max_executions: int = Field(
         0,
         ge=0,

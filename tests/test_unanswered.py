@@ -76,7 +76,7 @@ def test_a_signal_for_an_execution_that_may_still_answer_is_left_alone(tmp_path,
     assert answered.action == "ignored" and reason in answered.reason
 
 
-def test_the_local_launcher_s_last_attempt_knows_it_is_the_last(monkeypatch):
+def test_the_local_launcher_s_last_attempt_knows_it_is_the_last(monkeypatch, tmp_path):
     """The rehearsal's launcher makes job_max_retries + 1 attempts and tells each attempt so
     (COVER_MAX_ATTEMPTS, as Terraform sets it in the job): with 4 attempts but the default 5, a
     retryable failure was never answered. Each attempt here is a real child process that reports
@@ -96,6 +96,50 @@ def test_the_local_launcher_s_last_attempt_knows_it_is_the_last(monkeypatch):
         return real([sys.executable, "-c", "raise SystemExit(1)"], env=env, cwd=cwd)
 
     monkeypatch.setattr(local_jobs.subprocess, "Popen", attempt)
-    launcher = LocalJobs(Settings(job_max_retries=3, max_attempts=5, executions_topic=""))
+    launcher = LocalJobs(Settings(job_max_retries=3, max_attempts=5, executions_topic="", work_dir=tmp_path))
     launcher._execute("cover-job-test", {"COVER_REQUEST": "{}"})
     assert told == [("4", "0"), ("4", "1"), ("4", "2"), ("4", "3")]
+
+
+def test_the_local_launcher_runs_at_most_its_slots_at_once(monkeypatch, tmp_path):
+    """Eight requests at once no longer start eight job processes: with two slots, two attempts
+    run at a time and the rest wait (each a real child process, here one that sleeps)."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from dispatcher import local_jobs
+    from dispatcher.local_jobs import LocalJobs
+    from shared.settings import Settings
+
+    alive, most, lock = [0], [0], threading.Lock()
+    real = subprocess.Popen
+
+    class Counted:
+        def __init__(self, cmd, env, cwd):
+            self.proc = real([sys.executable, "-c", "import time; time.sleep(0.4)"], env=env, cwd=cwd)
+            self.pid = self.proc.pid
+            with lock:
+                alive[0] += 1
+                most[0] = max(most[0], alive[0])
+
+        def wait(self, timeout=None):
+            code = self.proc.wait(timeout)
+            with lock:
+                alive[0] -= 1
+            return code
+
+        def kill(self):
+            self.proc.kill()
+
+    monkeypatch.setattr(local_jobs.subprocess, "Popen", Counted)
+    launcher = LocalJobs(Settings(local_job_slots=2, executions_topic="", work_dir=tmp_path))
+    names = [launcher.launch({"COVER_REQUEST": "{}"}) for _ in range(6)]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(
+        (launcher.records / f"{n}.json").exists() and '"finished":true' in (launcher.records / f"{n}.json").read_text()
+        for n in names
+    ):
+        time.sleep(0.1)
+    assert most[0] == 2
