@@ -33,6 +33,8 @@ class FeatureIndex:
         try:
             index = faiss.read_index(str(path))
             vectors = index.reconstruct_n(0, index.ntotal)
+        except MemoryError:  # the layout check leaves no length unchecked; kept as the last word
+            raise CoverError(ErrorCode.MODEL_CORRUPT, f"{Path(path).name} declares more than memory holds") from None
         except RuntimeError as exc:
             raise CoverError(
                 ErrorCode.MODEL_CORRUPT, f"{Path(path).name} is not a faiss index: {str(exc).splitlines()[0][:200]}"
