@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from shared.bus import EventBus
+from shared.bus import EventBus, subscriber_client
 from shared.events import request_identity
 from shared.settings import Settings
 
@@ -48,9 +48,8 @@ def replay(
         dry_run: list them, replay nothing
         wait_s: how long a pull waits for a message
     """
-    from google.cloud import pubsub_v1  # type: ignore[attr-defined]  # namespace package, untyped
 
-    subscriber: Any = pubsub_v1.SubscriberClient()
+    subscriber: Any = subscriber_client()
     bus = EventBus(settings)
     path = subscriber.subscription_path(settings.project, subscription)
     done: list[Replayed] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import Future
 from functools import cached_property
 from typing import Any
@@ -14,6 +15,24 @@ from shared.logs import fields
 from shared.settings import Settings
 
 log = logging.getLogger("melodia.bus")
+UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+
+
+def subscriber_client() -> Any:  # pubsub_v1.SubscriberClient
+    """A subscriber that receives what Pub/Sub may carry (10 MB messages), on the emulator too: the
+    client library opens the emulator's channel with gRPC's default 4 MB receive limit (its channel
+    to Google has none), and one larger message then stops the whole subscription's stream, every
+    message behind it held (an 8 MB message delayed a GPU runner's requests 60 to 180 s, again and again)."""
+    from google.cloud import pubsub_v1  # type: ignore[attr-defined]  # namespace package, untyped
+
+    host = os.environ.get("PUBSUB_EMULATOR_HOST")
+    if not host:
+        return pubsub_v1.SubscriberClient()
+    import grpc
+    from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
+
+    channel = grpc.insecure_channel(host, options=UNLIMITED)
+    return pubsub_v1.SubscriberClient(transport=SubscriberGrpcTransport(channel=channel))
 
 
 class EventBus:

@@ -882,3 +882,37 @@ def test_a_render_whose_runner_is_gone_shows_as_stalled(stack):
         answer = requests.get(f"{url}/covers/{cid}")
         assert answer.status_code == 200 and answer.json()["state"] == state
         assert answer.json()["stage"] == "separate"  # where it stopped
+
+
+def test_a_message_over_4_mb_does_not_stop_a_runner_s_subscription(emulator):
+    """Pub/Sub carries messages up to 10 MB; the client library opens the emulator's channel with
+    gRPC's 4 MB receive limit, and one larger message stopped the whole stream (nothing behind it
+    arrived). The runners' subscriber (shared.bus.subscriber_client) receives both, as in Google Cloud."""
+    import threading
+    import uuid
+
+    from google.cloud import pubsub_v1
+
+    from shared.bus import subscriber_client
+
+    name = f"big-{uuid.uuid4().hex[:8]}"
+    publisher, subscriber = pubsub_v1.PublisherClient(), subscriber_client()
+    topic, subscription = f"projects/melodia-local/topics/{name}", f"projects/melodia-local/subscriptions/{name}"
+    publisher.create_topic(name=topic)
+    subscriber.create_subscription(name=subscription, topic=topic)
+    publisher.publish(topic, b"x" * 8_000_000).result(timeout=30)
+    publisher.publish(topic, b"a request behind it").result(timeout=30)
+    got, both = [], threading.Event()
+
+    def take(message):
+        got.append(len(message.data))
+        message.ack()
+        if len(got) == 2:
+            both.set()
+
+    future = subscriber.subscribe(subscription, take)
+    try:
+        assert both.wait(60), f"received {got}"
+    finally:
+        future.cancel()
+    assert sorted(got) == [19, 8_000_000]

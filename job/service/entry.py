@@ -27,6 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from job.service.worker import Outcome, Worker
+from shared.bus import subscriber_client
 from shared.errors import CoverError
 from shared.logs import fields, setup_logging
 from shared.routing import routed_to
@@ -119,7 +120,7 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:  # n
     device = resolve_device(settings.device)
     limit = requests_in_flight(settings.in_flight, device)
     health = RunnerHealth(limit)
-    subscriber = pubsub_v1.SubscriberClient()
+    subscriber = subscriber_client()
     path = subscriber.subscription_path(settings.project, settings.requests_subscription)
     attempts: dict[str, int] = {}  # deliveries seen here per message
     attempts_lock = threading.Lock()
