@@ -177,11 +177,13 @@ def test_a_second_request_for_a_cover_being_rendered_waits_without_spending_deli
     """A GPU runner on a subscription with Pub/Sub's dead-letter policy (5 attempts) gets a request
     for a cover that another runner (here a Cloud Run task) is rendering. It waits, keeping the
     message leased, and answers from the stored cover: both requests get their cover.completed and
-    nothing is dead-lettered (a runner that handed the busy message back spent an attempt a look)."""
+    nothing is dead-lettered (a runner that handed the busy message back spent an attempt a look).
+    The wait holds none of the runner's render slots: a request for another song sent with it is
+    rendered meanwhile and answered before the first render ends."""
     from job.devkit.stack import start
     from job.render.media.audio import write_wav
 
-    vocals, inst = demo.demo_song(25.0)  # a render long enough for the second request to meet it
+    vocals, inst = demo.demo_song(35.0)  # a render long enough for the second request to meet it
     stack.put_song("song-25s", write_wav(stack.tmp / "song-25s.wav", np.clip(vocals + inst, -1, 1), 44100))
     dead_letter, kept = stack.dead_letter_topic()
     subscription = stack.subscription(stack.requests_topic, f"gpu-dl-{uuid.uuid4().hex[:6]}", dead_letter=dead_letter)
@@ -193,10 +195,14 @@ def test_a_second_request_for_a_cover_being_rendered_waits_without_spending_deli
     stack.procs.append(start([sys.executable, "-m", "job", "run"], stack.tmp / "job.log", holder))
     stack.start_worker("gpu-1", COVER_REQUESTS_SUBSCRIPTION=subscription.rsplit("/", 1)[1], COVER_BUSY_RETRY_S="1")
     rendering = stack.events(lambda got: any(d.get("stage") == "separate" for d in of_type(got, "cover.progress")))
+    unrelated = CoverRequest(song_id="song-1", voice_model=demo.DEMO_VOICE, options=FAST, request_id="request-3")
     stack.publish_request(*to_message(REQUESTED, second))
-    events = rendering + stack.events(lambda got: len(of_type(got, COMPLETED)) >= 2, timeout=240)
+    stack.publish_request(*to_message(REQUESTED, unrelated))
+    events = rendering + stack.events(lambda got: len(of_type(got, COMPLETED)) >= 3, timeout=240)
+    order = [c["request_id"] for c in of_type(events, COMPLETED)]
     completed = {c["request_id"]: c for c in of_type(events, COMPLETED)}
-    assert set(completed) == {"request-1", "request-2"} and not of_type(events, FAILED)
+    assert set(completed) == {"request-1", "request-2", "request-3"} and not of_type(events, FAILED)
+    assert order.index("request-3") < order.index("request-1"), order  # rendered while request-2 waited
     assert completed["request-1"]["cover_id"] == completed["request-2"]["cover_id"]
     assert completed["request-2"]["runner"] == "cloud-run-job"  # rendered once, by the task
     logs = (stack.tmp / "gpu-1.log").read_text()

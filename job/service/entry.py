@@ -141,13 +141,16 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:  # n
         health.started()
         outcome = Outcome.RETRY
         try:
-            outcome = worker.handle(message.data, attempt, dict(message.attributes), message.message_id)
+            with slots:
+                outcome = worker.handle(message.data, attempt, dict(message.attributes), message.message_id)
             # Another runner renders this cover: wait here (the client library keeps the message leased)
             # and answer from the stored cover, or take over once the holder's lease lapses. Handing the
             # message back would spend one of Pub/Sub's delivery attempts per look, and a long render
-            # would dead-letter a request that only had to wait (issue 29).
+            # would dead-letter a request that only had to wait (issue 29). The wait holds no render
+            # slot: a request for another cover renders meanwhile (issue 32).
             while outcome is Outcome.BUSY and not stop.wait(_busy_wait(worker, settings)):
-                outcome = worker.handle(message.data, attempt, dict(message.attributes), message.message_id)
+                with slots:
+                    outcome = worker.handle(message.data, attempt, dict(message.attributes), message.message_id)
         except Exception:  # e.g. the answer could not be published: deliver it again
             log.exception("request not answered", extra=fields(event="request.unanswered", message_id=key))
         finally:
@@ -159,14 +162,17 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:  # n
         else:  # a retry, or a wait cut short by stopping: back to Pub/Sub
             message.nack()
 
+    # ``limit`` renders at once (the slots); one message more is leased, so that a request waiting on
+    # a cover another runner renders never keeps a request for another cover from a free slot
+    slots = threading.BoundedSemaphore(limit)
     flow = pubsub_v1.types.FlowControl(
-        max_messages=limit,
+        max_messages=limit + 1,
         max_lease_duration=4 * 3600,
         # each extension short, so a dead runner's message comes back soon (not after the client's
         # p99-based extension, which grows to minutes with long renders)
         max_duration_per_lease_extension=round(settings.message_lease_extension_s),
     )
-    scheduler = ThreadScheduler(ThreadPoolExecutor(max_workers=limit, thread_name_prefix="render"))
+    scheduler = ThreadScheduler(ThreadPoolExecutor(max_workers=limit + 1, thread_name_prefix="render"))
     future = subscriber.subscribe(path, callback, flow_control=flow, scheduler=scheduler)
     log.info(
         "runner started",
