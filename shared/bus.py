@@ -28,7 +28,7 @@ def subscriber_client() -> Any:  # pubsub_v1.SubscriberClient
     host = os.environ.get("PUBSUB_EMULATOR_HOST")
     if not host:
         return pubsub_v1.SubscriberClient()
-    import grpc
+    import grpc  # type: ignore[import-untyped]  # grpcio ships no type information
     from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
     channel = grpc.insecure_channel(host, options=UNLIMITED)
