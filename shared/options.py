@@ -6,10 +6,11 @@ Pure data, shared by the command line, the dispatcher and the job.
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 
 class F0Method(str, Enum):  # noqa: UP042 - str() of a member is its value, in messages
@@ -18,6 +19,38 @@ class F0Method(str, Enum):  # noqa: UP042 - str() of a member is its value, in m
     CREPE_TINY = "crepe-tiny"
     HARVEST = "harvest"
     PM = "pm"
+
+
+_ONE_TRACKER = "|".join(m.value for m in F0Method)  # letters, digits and "-": nothing to escape
+PITCH_METHOD_PATTERN = f"^({_ONE_TRACKER})(\\+({_ONE_TRACKER})){{0,3}}$"
+
+
+def _one_of_each(value: str) -> str:
+    """``a+b+a`` -> ``a+b``: each tracker once, in the order given (the order changes nothing)."""
+    return "+".join(dict.fromkeys(str(value).split("+")))
+
+
+def trackers(method: str) -> list[F0Method]:
+    """The trackers a ``f0_method`` names (one, or up to four joined by '+')."""
+    return [F0Method(name) for name in method.split("+")]
+
+
+def _named_trackers(value: object) -> object:
+    """A tracker, or trackers joined by '+', said in words when it is not (before the pattern's check)."""
+    if isinstance(value, F0Method):
+        return value.value
+    if isinstance(value, str) and re.fullmatch(PITCH_METHOD_PATTERN, value):
+        return value
+    names = ", ".join(m.value for m in F0Method)
+    raise ValueError(f"expected one of {names}, or up to four of them joined by '+'")
+
+
+PitchMethod = Annotated[
+    str,
+    StringConstraints(pattern=PITCH_METHOD_PATTERN),  # first: the JSON Schema keeps the pattern
+    BeforeValidator(_named_trackers),
+    AfterValidator(_one_of_each),
+]
 
 
 class OutputFormat(str, Enum):  # noqa: UP042 - str() of a member is its value, in messages
@@ -93,7 +126,14 @@ class ConversionOptions(BaseModel):
     pitch: Annotated[int, Field(ge=-24, le=24)] | Literal["auto"] = Field(
         0, description="Semitones (-24 to 24), or 'auto' (whole octaves to the voice's range)."
     )
-    f0_method: F0Method = Field(F0Method.RMVPE, description="Pitch tracker for the sung melody.")
+    f0_method: PitchMethod = Field(
+        F0Method.RMVPE.value,
+        description=(
+            "Pitch tracker for the sung melody: rmvpe, crepe, crepe-tiny, harvest or pm, or several joined by '+' "
+            "(e.g. rmvpe+crepe-tiny): a frame is voiced when at least half of them hear a voice, its pitch the "
+            "median of their voiced estimates in cents."
+        ),
+    )
     index_rate: float = Field(0.75, ge=0, le=1, description="How much retrieved features replace the singer's.")
     filter_radius: int = Field(3, ge=0, le=7, description="Median-filter width for the pitch track (>= 3 applies).")
     rms_mix_rate: float = Field(0.25, ge=0, le=1, description="1: keep the output's loudness envelope; 0: the input's.")

@@ -4,8 +4,10 @@ and a readable message with a reliable exit status for every bad input."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import zipfile
@@ -269,3 +271,23 @@ def test_python_warnings_are_json_log_lines():
     (line,) = [x for x in proc.stderr.splitlines() if x.strip()]
     entry = json.loads(line)
     assert entry["logger"] == "py.warnings" and "old api" in entry["message"] and entry["severity"] == "WARNING"
+
+
+def test_cover_pitch_prints_what_a_tracker_hears(env, tmp_path):
+    """``cover pitch``: the tracker's own track at its own hop (10 ms on 16 kHz), unsmoothed; a
+    hybrid of two; and a readable summary."""
+    from job.render.media.audio import write_wav
+    from tests.conftest import sung_tone
+
+    tone = write_wav(tmp_path / "a3.wav", sung_tone(2.0, f0=220.0)[None], 16000)
+    heard = run_cover(["pitch", str(tone), "--f0-method", "pm+harvest", "--json"], env)
+    assert heard.returncode == 0, heard.stderr
+    track = json.loads(heard.stdout)
+    assert track["hop_s"] == 0.01 and track["f0_method"] == "pm+harvest"
+    assert len(track["f0_hz"]) == 32000 // 160 + 1
+    voiced = [f for f in track["f0_hz"] if f > 0]
+    assert abs(1200 * math.log2(statistics.median(voiced) / 220.0)) < 20
+    text = run_cover(["pitch", str(tone), "--f0-method", "pm"], env)
+    assert text.returncode == 0 and "median 2" in text.stdout and "(A3)" in text.stdout
+    wrong = run_cover(["pitch", str(tone), "--f0-method", "yin"], env)
+    assert wrong.returncode == 3 and "--f0-method yin: expected one of rmvpe, crepe" in wrong.stderr

@@ -60,3 +60,51 @@ def test_median_filter_removes_isolated_octave_errors():
     f0[25] = 440.0
     assert pitch.smooth(f0, 3)[25] == 220.0
     assert pitch.smooth(f0, 0)[25] == 440.0
+
+
+# --- several trackers at once (f0_method "a+b") ----------------------------------------------------
+
+
+def test_two_trackers_one_dropping_out_never_halve_the_pitch():
+    """Peers take a median over tracks where unvoiced is 0: with one of two trackers silent the
+    frame's pitch is halved. Here the silent one leaves the frame to the other."""
+    a = np.full(10, 220.0, dtype=np.float32)
+    b = a.copy()
+    b[3:6] = 0.0  # b drops out
+    both = pitch.combine([a, b])
+    assert np.allclose(both, 220.0)  # voiced throughout (a tie is voiced), never 110
+
+
+def test_the_vote_and_the_median_in_cents():
+    tracks = [
+        np.array([200.0, 220.0, 0.0, 0.0, 100.0], dtype=np.float32),
+        np.array([400.0, 220.0, 0.0, 300.0, 0.0], dtype=np.float32),
+        np.array([800.0, 440.0, 0.0, 0.0, 0.0], dtype=np.float32),
+    ]
+    out = pitch.combine(tracks)
+    assert out[0] == pytest.approx(400.0, rel=1e-5)  # the median of 200, 400, 800 in cents
+    assert out[1] == pytest.approx(220.0, rel=1e-5)  # an octave error outvoted
+    assert out[2] == 0 and out[3] == 0 and out[4] == 0  # one of three hears a voice: unvoiced
+    two = pitch.combine([np.array([200.0], dtype=np.float32), np.array([800.0], dtype=np.float32)])
+    assert two[0] == pytest.approx(400.0, rel=1e-5)  # two voiced: their geometric mean, not 500
+
+
+def test_the_option_names_trackers_joined_by_plus():
+    from pydantic import ValidationError
+
+    from shared.options import ConversionOptions, trackers
+
+    assert ConversionOptions(f0_method="rmvpe+pm+rmvpe").f0_method == "rmvpe+pm"
+    assert trackers("rmvpe+crepe-tiny") == [F0Method.RMVPE, F0Method.CREPE_TINY]
+    for bad in ("rmvpe+", "fcpe2", "rmvpe+pm+harvest+crepe+crepe-tiny"):
+        with pytest.raises(ValidationError):
+            ConversionOptions(f0_method=bad)
+
+
+def test_a_hybrid_track_of_two_classic_trackers_finds_the_pitch(converter):
+    x = sung_tone(2.0, f0=220.0, vibrato=0.01)
+    f0 = converter.hear_pitch(x, "pm+harvest")
+    assert len(f0) == len(x) // 160 + 1
+    voiced = f0[f0 > 0]
+    assert voiced.size > 0.8 * len(f0)
+    assert np.median(1200 * np.log2(voiced / 220.0)) == pytest.approx(0, abs=20)

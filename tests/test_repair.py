@@ -40,9 +40,9 @@ class OctaveSlips:
         self.rendered: list[tuple[float, float, str]] = []
 
     def render(self, lo_s: float, hi_s: float, options: ConversionOptions) -> np.ndarray:
-        self.rendered.append((lo_s, hi_s, options.f0_method.value))
+        self.rendered.append((lo_s, hi_s, options.f0_method))
         piece = self.vocals[round(lo_s * MIX_SAMPLE_RATE) : round(hi_s * MIX_SAMPLE_RATE)]
-        slips = options.f0_method is F0Method.RMVPE and any(lo_s < b and hi_s > a for a, b in MISTAKES)
+        slips = options.f0_method == F0Method.RMVPE.value and any(lo_s < b and hi_s > a for a, b in MISTAKES)
         return shifted(piece, int(options.pitch) + (12 if slips else 0))
 
     def first_render(self) -> np.ndarray:

@@ -115,7 +115,7 @@ def _in_our_words(exc: ValidationError) -> str:
         branch = str(error["loc"][1]) if len(error["loc"]) > 1 else ""
         if field in said and not branch.startswith(("int", "float")):
             continue
-        message = str(error["msg"])
+        message = str(error["msg"]).removeprefix("Value error, ")  # our own validators' words, as they are
         message = message[:1].lower() + message[1:]
         said[field] = f"--{field.replace('_', '-')} {error.get('input')!s}: {message}"
     return "; ".join(said.values())

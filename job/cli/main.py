@@ -275,6 +275,38 @@ def cmd_separate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pitch(args: argparse.Namespace) -> int:
+    """The tracker's own output for ``args.file`` decoded to 16 kHz mono: no high-pass, no median
+    filter, no range limit of the engine's (what a cover's pitch pass then smooths)."""
+    import numpy as np
+
+    from job.render.loading import watched_by
+    from job.render.media.audio import CONTENT_SAMPLE_RATE, decode
+    from job.render.rvc.pitch import HOP, note_name
+
+    method = model_from_args(ConversionOptions, args).f0_method  # checked, said in the flag's words
+    path = Path(args.file)
+    if not path.is_file():
+        raise CoverError(ErrorCode.INPUT_NOT_FOUND, f"not found: {path}")
+    settings = _settings(args)
+    audio = decode(path, CONTENT_SAMPLE_RATE, 1)[0][0]
+    say = _status(args)
+    with watched_by(lambda text: say(f"{text} ...") if text else None):
+        f0 = _pipeline(args, settings).converter.hear_pitch(audio, method)
+    hop_s = HOP / CONTENT_SAMPLE_RATE
+    voiced = f0[f0 > 0]
+
+    def human() -> None:
+        print(f"{path.name}: {len(f0)} frames of {hop_s * 1000:.0f} ms ({method}), {voiced.size} voiced")
+        if voiced.size:
+            low, mid, high = np.percentile(voiced, [5, 50, 95])
+            span = f"{note_name(low)} to {note_name(high)}"
+            print(f"  median {mid:.1f} Hz ({note_name(mid)}), 5th to 95th percentile {span}")
+
+    _emit(args, {"f0_method": method, "hop_s": hop_s, "f0_hz": [round(float(v), 3) for v in f0]}, human)
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from job.render.timing import StageTimer
 
@@ -598,6 +630,17 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - reads best top
     p.add_argument("--voice", required=True, help="voice name (see `cover models list`)")
     p.add_argument("-o", "--output", required=True, help="WAV file")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "pitch", parents=[common], help="the pitch track a tracker hears in a file", formatter_class=formatter
+    )
+    p.add_argument("file", help="audio file (vocals alone hear best)")
+    p.add_argument(
+        "--f0-method",
+        default="rmvpe",
+        help="rmvpe, crepe, crepe-tiny, harvest or pm, or several joined by '+' (e.g. rmvpe+crepe-tiny)",
+    )
+    p.set_defaults(func=cmd_pitch)
 
     p = sub.add_parser(
         "demo", parents=[common, cache], help="write demo models and song, render a cover", formatter_class=formatter

@@ -80,8 +80,8 @@ def change(
         if -24 <= pitch <= 24:
             return f"pitch {pitch:+d}", options.model_copy(update={"pitch": pitch})
     if name == "f0_method" and voice.f0 and failed & MELODY:
-        method = F0Method.CREPE_TINY if options.f0_method is F0Method.RMVPE else F0Method.RMVPE
-        return f"f0_method {method.value}", options.model_copy(update={"f0_method": method})
+        method = F0Method.CREPE_TINY if options.f0_method == F0Method.RMVPE.value else F0Method.RMVPE
+        return f"f0_method {method.value}", options.model_copy(update={"f0_method": method.value})
     if name == "index_rate" and voice.index and options.index_rate > 0.05 and failed & (MELODY | NATURALNESS):
         rate = round(options.index_rate / 2, 3)
         return f"index_rate {rate:g}", options.model_copy(update={"index_rate": rate})

