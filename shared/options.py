@@ -142,6 +142,15 @@ class ConversionOptions(BaseModel):
     speaker: int = Field(
         0, ge=0, le=1023, description="Speaker id, for voices trained on several (below the voice's `speakers`)."
     )
+    key_shift: int = Field(
+        0,
+        ge=-12,
+        le=12,
+        description=(
+            "Whole-song key change, semitones: the instrumental is pitch-shifted by it (tempo kept) and the "
+            "vocals by it on top of `pitch`."
+        ),
+    )
 
 
 class RequestOptions(ConversionOptions):

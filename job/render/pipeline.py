@@ -24,6 +24,7 @@ from job.render.convert import ConversionOptions, ConvertedVocals, VoiceConverte
 from job.render.fetch import SongAudio, fetch
 from job.render.media.audio import CONTENT_SAMPLE_RATE, MIX_SAMPLE_RATE, read_16k, read_wav, to_16k, write_wav
 from job.render.media.download import UrlPolicy
+from job.render.mix.key import shift_key
 from job.render.mix.mixer import MixResult, mix
 from job.render.phrase import reference_phrase
 from job.render.quality.meter import QualityMeter, dnsmos_workers
@@ -205,7 +206,7 @@ class Pipeline:
         source, rate = read_wav(vocals, mmap=True)
         out, out_rate = read_wav(converted.path)
         loaded = self.converter.load_voice(voice)
-        fixed = options.model_copy(update={"pitch": converted.pitch_shift})
+        fixed = options.model_copy(update={"pitch": converted.pitch_shift - options.key_shift})  # auto settled
 
         def render(lo_s: float, hi_s: float, candidate: ConversionOptions) -> np.ndarray:
             return self.convert_span(source, rate, lo_s, hi_s, voice, candidate)
@@ -371,8 +372,9 @@ class Pipeline:
                 report(Stage.REPAIR, 1.0)
         release_freed_memory(0)  # and what scoring and repair freed, before the mix
         with timer(Stage.MIX):
+            instrumental = shift_key(stems.no_vocals, options.conversion.key_shift, work / "no_vocals.key.wav")
             mixed = mix(
-                stems.no_vocals,
+                instrumental,
                 converted.path,
                 Path(out),
                 options.mix,

@@ -383,6 +383,7 @@ class VoiceConverter:
             semitones = pitch_mod.auto_shift(singer, voice.info.vocal_range_hz if voice.info else None)
         else:
             semitones = int(options.pitch)
+        semitones += options.key_shift  # the whole song moves: the vocals with the instrumental
 
         envelope = (frame_rms(x[:n_in], SR), options.rms_mix_rate) if options.rms_mix_rate < 1 and chunks else None
         out = Assembler(sink, out_len, voice.sample_rate, envelope, limit=int(len(x) * ratio) + upp)
