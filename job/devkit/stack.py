@@ -161,7 +161,8 @@ class Rehearsal:
         env = self._env(
             COVER_SERVES="gpu",
             COVER_RUNNER=os.environ.get("COVER_RUNNER", "gpu-runner"),
-            COVER_MAX_ATTEMPTS=str(self.dead_letter_attempts),  # as Terraform: gpu_max_delivery_attempts
+            # as Terraform sets it (gpu_max_delivery_attempts), unless the environment says otherwise
+            COVER_MAX_ATTEMPTS=os.environ.get("COVER_MAX_ATTEMPTS", str(self.dead_letter_attempts)),
         )
         return start([sys.executable, "-m", "job", "serve"], self.logs / "gpu-runner.log", env)
 
