@@ -22,6 +22,7 @@ class F0Method(str, Enum):  # noqa: UP042 - str() of a member is its value, in m
 
 
 _ONE_TRACKER = "|".join(m.value for m in F0Method)  # letters, digits and "-": nothing to escape
+KEY_NAME_PATTERN = "^[A-G](#|b)? (major|minor)$"
 PITCH_METHOD_PATTERN = f"^({_ONE_TRACKER})(\\+({_ONE_TRACKER})){{0,3}}$"
 
 
@@ -141,6 +142,23 @@ class ConversionOptions(BaseModel):
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the prior's noise and the NSF excitation.")
     speaker: int = Field(
         0, ge=0, le=1023, description="Speaker id, for voices trained on several (below the voice's `speakers`)."
+    )
+    autotune: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description=(
+            "Snap the sung notes toward the notes of the song's key: 0 off, 1 fully on the notes (voiced frames "
+            "only, before the voice's shift)."
+        ),
+    )
+    autotune_key: str | None = Field(
+        None,
+        pattern=KEY_NAME_PATTERN,
+        description=(
+            "The key autotune snaps toward, e.g. 'A minor' or 'Eb major'; unset: detected from the instrumental "
+            "(from the melody itself where there is no instrumental, as in `cover convert`)."
+        ),
     )
     key_shift: int = Field(
         0,

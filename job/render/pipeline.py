@@ -26,6 +26,7 @@ from job.render.media.audio import CONTENT_SAMPLE_RATE, MIX_SAMPLE_RATE, read_16
 from job.render.media.download import UrlPolicy
 from job.render.mix.key import shift_key
 from job.render.mix.mixer import MixResult, mix
+from job.render.music_key import detect_key
 from job.render.phrase import reference_phrase
 from job.render.quality.meter import QualityMeter, dnsmos_workers
 from job.render.quality.repair import CONTEXT_S, RepairLoop
@@ -308,6 +309,19 @@ class Pipeline:
         """
         return convert_vocals(self.converter, vocals, voice, out, options, progress)
 
+    @staticmethod
+    def _settle_key(options: CoverOptions, instrumental: Path) -> tuple[CoverOptions, str]:
+        """The key autotune snaps toward: the one the options name, else the instrumental's (and
+        what the report says of it)."""
+        if options.conversion.autotune_key:
+            return options, f"{options.conversion.autotune_key} (as asked)"
+        key = detect_key(read_wav(instrumental, mmap=True)[0], MIX_SAMPLE_RATE)
+        if key is None:
+            return options, "none heard in the instrumental: the melody's own"
+        conversion = options.conversion.model_copy(update={"autotune_key": key.name})
+        said = f"{key.name} (heard in the instrumental, margin {key.confidence:.2f})"
+        return options.model_copy(update={"conversion": conversion}), said
+
     # --- the whole cover -----------------------------------------------------------------------
     def render(
         self,
@@ -354,6 +368,10 @@ class Pipeline:
         if self.settings.quality == "gate" and not options.allow_no_vocals:
             with timer(Stage.QUALITY):  # an instrumental is refused here, before the conversion's cost
                 source_f0 = self.sung(stems.vocals)
+        song_key = None
+        if options.conversion.autotune > 0:
+            with timer(Stage.CONVERT):
+                options, song_key = self._settle_key(options, stems.no_vocals)
         with self.device_turn(timer), timer(Stage.CONVERT):
             converted = self.convert(
                 stems.vocals, voice, work / "converted.wav", options.conversion, lambda f: report(Stage.CONVERT, f)
@@ -363,6 +381,7 @@ class Pipeline:
         if self.settings.quality != "off":
             with timer(Stage.QUALITY):
                 quality = self.measure(stems.vocals, converted, voice, source_f0, lambda f: report(Stage.QUALITY, f))
+                quality.song_key = song_key
             report(Stage.QUALITY, 1.0)
             if self.settings.repair_budget > 0 and any(s.below for s in quality.segments):
                 with self.device_turn(timer), timer(Stage.REPAIR):

@@ -285,7 +285,9 @@ notes an octave off. Sung notes lost: the share of the singer's voiced moments t
 unvoiced. Likeness: cosine similarity of speaker embeddings to the voice's reference (Resemblyzer).
 Naturalness: DNSMOS P.835's overall score, 1 to 5. Each needs {MELODY_MIN_VOICED_S:.0f} s of singing in
 both melodies; with less, "not measured".</p>
-<p>Mix: {mix_line}. Measured in {report.measured_s:.1f} s.</p>
+<p>Mix: {mix_line}. Measured in {report.measured_s:.1f} s.</p>{
+        f"<p>Autotune toward {html.escape(report.song_key)}.</p>" if report.song_key else ""
+    }
 <h2>Repair</h2>{_repair(report.repair, report.segments)}
 <script>
 const player = document.getElementById("player"), duration = {duration:.3f};

@@ -33,6 +33,7 @@ from job.render.compute import (
 )
 from job.render.loading import loading
 from job.render.media.audio import to_16k
+from job.render.music_key import MusicalKey, key_of_melody, snap_to_key
 from job.render.rvc import pitch as pitch_mod
 from job.render.rvc.assembly import ArraySink, Assembler, Sink, frame_rms
 from job.render.rvc.checkpoint import build_synthesizer, read_checkpoint
@@ -272,6 +273,20 @@ class VoiceConverter:
     def track_pitch(self, x: np.ndarray, method: str, filter_radius: int) -> np.ndarray:
         return pitch_mod.smooth(self.hear_pitch(x, method), filter_radius)
 
+    @staticmethod
+    def _autotuned(f0s: list[np.ndarray | None], options: ConversionOptions) -> list[np.ndarray | None]:
+        """The singer's melody snapped toward the key's notes (``autotune``): the key named in the
+        options (the pipeline's, detected in the instrumental), else the melody's own."""
+        key: MusicalKey | None
+        if options.autotune_key:
+            key = MusicalKey.parse(options.autotune_key)
+        else:
+            central = [f[CONTEXT // 160 : -(CONTEXT // 160)] for f in f0s if f is not None]
+            key = key_of_melody(np.concatenate(central)) if central else None
+        if key is None:
+            return f0s
+        return [None if f is None else snap_to_key(f, key, options.autotune) for f in f0s]
+
     def _decode(self, voice: Voice, priors: list[Prior]) -> list[np.ndarray]:
         """The decoder over several chunks' latents in one call: each padded at its end to the
         longest (latent and excitation zero there), the outputs cut back to each chunk's length.
@@ -377,6 +392,8 @@ class VoiceConverter:
                 progress(pitch_share * (i + 1) / len(chunks))
         times.pitch += time.perf_counter() - t0
         release_freed_memory(0)  # before HuBERT and the decoder start on what the pitch pass freed
+        if options.autotune > 0 and voice.f0:
+            f0s = self._autotuned(f0s, options)
         if options.pitch == "auto":
             central = [f[CONTEXT // 160 : -(CONTEXT // 160)] for f in f0s if f is not None]
             singer = pitch_mod.median_voiced(np.concatenate(central)) if central else None
