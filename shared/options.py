@@ -124,8 +124,13 @@ class ConversionOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    pitch: Annotated[int, Field(ge=-24, le=24)] | Literal["auto"] = Field(
-        0, description="Semitones (-24 to 24), or 'auto' (whole octaves to the voice's range)."
+    pitch: Annotated[int, Field(ge=-24, le=24)] | Literal["auto", "auto-fit"] = Field(
+        0,
+        description=(
+            "Semitones (-24 to 24); 'auto': whole octaves toward the voice's range (the song keeps its key); "
+            "'auto-fit': the semitone shift that fits the melody best into the voice's range, the instrumental "
+            "moved by the same amount less whole octaves (a key change)."
+        ),
     )
     f0_method: PitchMethod = Field(
         F0Method.RMVPE.value,

@@ -36,7 +36,14 @@ class VoiceInfo(BaseModel):
     has_index: bool
     suggested_pitch: int = Field(0, ge=-24, le=24, description="Semitones the voice's author suggests.")
     vocal_range_hz: tuple[float, float] | None = Field(
-        None, description="Typical sung range (low, high) in Hz; used by the 'auto' pitch option."
+        None,
+        description=(
+            "Typical sung range (low, high) in Hz: the 5th and 95th percentile of the voice's own singing "
+            "(`cover models add --clips`) or as given (`--range`); used by the 'auto' and 'auto-fit' pitch options."
+        ),
+    )
+    vocal_median_hz: float | None = Field(
+        None, description="The median of the voice's own singing, Hz (with --clips); 'auto-fit' aims the melody at it."
     )
     license: str = "unknown"
     consent: str = Field("", description="Who consented to this voice being modelled, and how.")

@@ -104,8 +104,19 @@ def test_cover_make_autotunes_toward_the_key_it_hears_and_says_which(env, song, 
     said = json.loads(done.stdout)["quality"]["song_key"]
     assert said and "heard in the instrumental" in said
     named = run_cover(
-        ["make", str(song), "--voice", "demo-voice", "-o", str(out), "--autotune", "1", "--autotune-key", "G major"]
-        + ["--json"],
+        [
+            "make",
+            str(song),
+            "--voice",
+            "demo-voice",
+            "-o",
+            str(out),
+            "--autotune",
+            "1",
+            "--autotune-key",
+            "G major",
+            "--json",
+        ],
         env,
     )
     assert named.returncode == 0 and json.loads(named.stdout)["quality"]["song_key"] == "G major (as asked)"

@@ -163,11 +163,12 @@ def test_add_voice_from_a_community_zip_and_verify(env, own_store, tmp_path):
         zf.write(tmp_path / "src" / "model.index", "Singer/added_IVF12_Flat_nprobe_1_singer_v1.index")
         zf.writestr("Singer/G_2333.pth", b"training checkpoint, ignored")
     env = {**env, "COVER_MODELS_DIR": str(own_store)}
-    proc = run_cover(["models", "add", str(archive), "--json"], env)
+    proc = run_cover(["models", "add", str(archive), "--range", "E4", "G2", "--json"], env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""  # --json: one object on standard output, no status lines
     added = json.loads(proc.stdout)
     assert added["name"] == "singer_rvc" and added["rvc_version"] == "v1" and added["has_index"]
+    assert added["vocal_range_hz"] == [pytest.approx(98.0, abs=0.1), pytest.approx(329.6, abs=0.1)]
     assert added["files"]["model.pth"]["sha256"] == info.files["model.pth"].sha256
     assert run_cover(["models", "verify"], env).returncode == 0
     (own_store / "voices" / "singer_rvc" / "model.index").write_bytes(b"tampered")

@@ -108,3 +108,49 @@ def test_a_hybrid_track_of_two_classic_trackers_finds_the_pitch(converter):
     voiced = f0[f0 > 0]
     assert voiced.size > 0.8 * len(f0)
     assert np.median(1200 * np.log2(voiced / 220.0)) == pytest.approx(0, abs=20)
+
+
+# --- the voice's range, and auto-fit ---------------------------------------------------------------
+
+
+def _note(midi: float) -> float:
+    return 440.0 * 2 ** ((midi - 69) / 12)
+
+
+def test_auto_fit_chooses_the_semitones_that_fit_the_melody_into_the_voice():
+    """A melody from A2 to E3 (MIDI 45 to 52) and a voice from D3 to B3 (50 to 59): shifts of 5, 6
+    and 7 fit every note; 6 puts the melody's median nearest the voice's centre. Octaves alone
+    ('auto') could not fit it."""
+    melody = np.repeat([_note(m) for m in (45, 47, 48, 50, 52, 48, 47, 50)], 30).astype(np.float32)
+    voice = (_note(50), _note(59))
+    assert pitch.fit_shift(melody, voice) == 6
+    assert pitch.fit_shift(melody, voice, voice_median_hz=_note(56)) == 7  # aimed at the voice's own median
+    assert pitch.fit_shift(melody, None) == 0 and pitch.fit_shift(np.zeros(100), voice) == 0
+
+
+def test_pitches_as_people_write_them_and_a_sung_range():
+    assert pitch.parse_pitch("A4") == pytest.approx(440.0)
+    assert pitch.parse_pitch("G3") == pytest.approx(196.0, abs=0.01)
+    assert pitch.parse_pitch("Eb4") == pytest.approx(311.13, abs=0.01)
+    assert pitch.parse_pitch("F#2") == pytest.approx(92.5, abs=0.01)
+    assert pitch.parse_pitch("196.5") == 196.5
+    for bad in ("H3", "A", "A#b4", ""):
+        with pytest.raises(ValueError):
+            pitch.parse_pitch(bad)
+    low, high, _ = pitch.sung_range([sung_tone(1.5, 196.0), sung_tone(1.5, 293.7)])
+    assert low == pytest.approx(196.0, rel=0.02) and high == pytest.approx(293.7, rel=0.02)
+    assert pitch.sung_range([sung_tone(0.5, 220.0)]) is None  # under 2 s sung
+
+
+def test_auto_fit_in_the_engine_moves_the_song_by_what_is_not_octaves(converter, store):
+    from shared.model_store import ModelStore
+    from shared.options import ConversionOptions
+
+    resolved = ModelStore(store).voice("demo-voice")
+    info = resolved.info.model_copy(update={"vocal_range_hz": (_note(50), _note(59)), "vocal_median_hz": None})
+    voice = converter.load_voice_file(resolved.model_path, resolved.index_path, info)
+    x = np.concatenate([sung_tone(0.6, _note(m)) for m in (45, 47, 48, 50, 52, 48)])
+    fit = converter.convert(x, 16000, voice, ConversionOptions(f0_method="pm", pitch="auto-fit", key_shift=1))
+    assert (fit.pitch_shift, fit.key_change) == (7, 7)  # 6 to fit, 1 asked on top; the song moves too
+    octaves = converter.convert(x, 16000, voice, ConversionOptions(f0_method="pm", pitch="auto"))
+    assert octaves.key_change == 0 and octaves.pitch_shift % 12 == 0

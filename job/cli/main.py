@@ -425,7 +425,16 @@ def cmd_models_add(args: argparse.Namespace) -> int:
     store = ModelStore(settings.models_dir)
     say = _status(args)
     say(f"adding {args.source}: reading and checking the checkpoint ...")
-    info = add_voice(store, args.source, args.name, args.replace, policy=policy)
+    sung = None
+    if args.range:
+        from job.render.rvc.pitch import parse_pitch
+
+        try:
+            low, high = sorted(parse_pitch(v) for v in args.range)
+        except ValueError as exc:
+            raise CoverError(ErrorCode.OPTIONS_INVALID, f"--range: {exc}") from None
+        sung = (low, high)
+    info = add_voice(store, args.source, args.name, args.replace, vocal_range_hz=sung, policy=policy)
     say(
         f"{info.name}: computing its reference embedding (the voice sings a reference phrase: the base models "
         "load and convert it, 20 to 40 s on a laptop's CPU) ..."
@@ -466,10 +475,18 @@ def _add_reference(args: argparse.Namespace, settings: Settings, info: VoiceInfo
         if error.code is not ErrorCode.MODEL_MISSING:
             raise
         return info, "reference embedding: at its first cover (the base models are not installed yet)"
-    info = info.model_copy(update={"reference_embedding": embedding})
+    info = info.model_copy(update={"reference_embedding": embedding, **_measured_range(info, clips)})
     (pipeline.store.voice_folder(info.name) / VOICE_FILE).write_text(info.model_dump_json(indent=2))
     source = f"{len(args.clips)} training clips" if args.clips else "the reference phrase"
     return info, f"reference embedding from {source}"
+
+
+def _measured_range(info: VoiceInfo, clips: list) -> dict[str, object]:
+    """The voice's sung range and median from its own clips, unless ``--range`` named one."""
+    from job.render.rvc.pitch import sung_range
+
+    measured = sung_range(clips) if clips and info.vocal_range_hz is None else None
+    return {} if measured is None else {"vocal_range_hz": measured[:2], "vocal_median_hz": measured[2]}
 
 
 def cmd_models_verify(args: argparse.Namespace) -> int:
@@ -667,6 +684,13 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - reads best top
         nargs="+",
         metavar="AUDIO",
         help="the voice's training audio, for its reference embedding (default: the phrase it sings)",
+    )
+    p.add_argument(
+        "--range",
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="the voice's sung range, in Hz or notes (e.g. G2 E4), for --pitch auto and auto-fit "
+        "(default: measured from --clips)",
     )
     p.set_defaults(func=cmd_models_add)
     p = models.add_parser("verify", parents=[common], help="check hashes and loadability")

@@ -19,6 +19,7 @@ class ConvertedVocals(BaseModel):
     sample_rate: int
     duration_s: float
     pitch_shift: int
+    key_change: int = 0
     parts: PartTimes
     synthesised_s: float
 
@@ -55,6 +56,7 @@ def convert_vocals(
         sample_rate=stats.sample_rate,
         duration_s=stats.frames / stats.sample_rate,
         pitch_shift=stats.pitch_shift,
+        key_change=stats.key_change,
         parts=stats.times,
         synthesised_s=stats.synthesised_s,
     )

@@ -391,7 +391,7 @@ class Pipeline:
                 report(Stage.REPAIR, 1.0)
         release_freed_memory(0)  # and what scoring and repair freed, before the mix
         with timer(Stage.MIX):
-            instrumental = shift_key(stems.no_vocals, options.conversion.key_shift, work / "no_vocals.key.wav")
+            instrumental = shift_key(stems.no_vocals, converted.key_change, work / "no_vocals.key.wav")
             mixed = mix(
                 instrumental,
                 converted.path,

@@ -88,6 +88,7 @@ class ConversionStats(BaseModel):
     sample_rate: int
     frames: int  # output samples at sample_rate
     pitch_shift: int
+    key_change: int = 0  # semitones the instrumental must move with it (key_shift, and auto-fit's non-octave part)
     times: PartTimes
     chunks: int
     synthesised_s: float
@@ -394,13 +395,18 @@ class VoiceConverter:
         release_freed_memory(0)  # before HuBERT and the decoder start on what the pitch pass freed
         if options.autotune > 0 and voice.f0:
             f0s = self._autotuned(f0s, options)
+        voice_range = voice.info.vocal_range_hz if voice.info else None
+        central = [f[CONTEXT // 160 : -(CONTEXT // 160)] for f in f0s if f is not None]
+        singer = np.concatenate(central) if central else np.zeros(0, dtype=np.float32)
+        key_change = options.key_shift  # the whole song moves: the vocals with the instrumental
         if options.pitch == "auto":
-            central = [f[CONTEXT // 160 : -(CONTEXT // 160)] for f in f0s if f is not None]
-            singer = pitch_mod.median_voiced(np.concatenate(central)) if central else None
-            semitones = pitch_mod.auto_shift(singer, voice.info.vocal_range_hz if voice.info else None)
+            semitones = pitch_mod.auto_shift(pitch_mod.median_voiced(singer), voice_range)
+        elif options.pitch == "auto-fit":
+            semitones = pitch_mod.fit_shift(singer, voice_range, voice.info.vocal_median_hz if voice.info else None)
+            key_change += semitones - 12 * round(semitones / 12)  # what is not whole octaves moves the song
         else:
             semitones = int(options.pitch)
-        semitones += options.key_shift  # the whole song moves: the vocals with the instrumental
+        semitones += options.key_shift
 
         envelope = (frame_rms(x[:n_in], SR), options.rms_mix_rate) if options.rms_mix_rate < 1 and chunks else None
         out = Assembler(sink, out_len, voice.sample_rate, envelope, limit=int(len(x) * ratio) + upp)
@@ -485,6 +491,7 @@ class VoiceConverter:
             sample_rate=voice.sample_rate,
             frames=out_len,
             pitch_shift=semitones,
+            key_change=key_change,
             times=times,
             chunks=len(chunks),
             synthesised_s=synthesised / SR,

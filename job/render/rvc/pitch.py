@@ -104,6 +104,32 @@ def median_voiced(f0: np.ndarray) -> float | None:
     return float(np.median(voiced)) if voiced.size >= 10 else None
 
 
+CENT = 1 / 1200  # in octaves
+
+
+def fit_shift(
+    singer_f0: np.ndarray, voice_range_hz: tuple[float, float] | None, voice_median_hz: float | None = None
+) -> int:
+    """The shift, in semitones (-12 to 12), that puts most of the singer's voiced frames inside the
+    voice's range, the shifted median nearest the voice's median (else the range's geometric
+    centre) among equals, the smaller move among those; 0 when the range or the melody is unknown."""
+    voiced = np.asarray(singer_f0)[np.asarray(singer_f0) > 0]
+    if voice_range_hz is None or voiced.size < 10:
+        return 0
+    low, high = np.log2(voice_range_hz[0]), np.log2(voice_range_hz[1])
+    octaves = np.log2(voiced)
+    centre = np.log2(voice_median_hz) if voice_median_hz else (low + high) / 2
+    median = float(np.median(octaves))
+
+    def cost(semitones: int) -> tuple[float, int, int]:
+        moved = octaves + semitones / 12
+        outside = (moved < low - CENT) | (moved > high + CENT)  # a cent's slack: the range's own notes are in it
+        distance = round(abs(median + semitones / 12 - centre) * 1200)  # whole cents: equals tie exactly
+        return float(np.mean(outside)), distance, abs(semitones)  # then the smaller move
+
+    return min(range(-12, 13), key=cost)
+
+
 def auto_shift(singer_median_hz: float | None, voice_range_hz: tuple[float, float] | None) -> int:
     """Semitones (a whole number of octaves) that bring the singer's median pitch nearest to the
     centre (geometric mean) of the voice's typical range. Whole octaves keep the song's key, so the
@@ -132,3 +158,26 @@ def midi_note(midi: float) -> str:
 def note_name(hz: float) -> str:
     """The nearest equal-tempered note (A4 = 440 Hz), e.g. ``A3``."""
     return midi_note(hz_to_midi(hz))
+
+
+def parse_pitch(text: str) -> float:
+    """A pitch as people write it: Hz (``"196"``, ``"196.0"``) or a note (``"G3"``, ``"Eb4"``, ``"F#2"``)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    name, octave = text[:-1], text[-1:]
+    if not octave.isdigit() or not name or name[0] not in NOTE_NAMES or name[1:] not in ("", "#", "b"):
+        raise ValueError(f"{text!r} is neither Hz nor a note such as G3, Eb4 or F#2")
+    pitch_class = NOTE_NAMES.index(name[0]) + {"": 0, "#": 1, "b": -1}[name[1:]]
+    return 440.0 * 2 ** ((12 * (int(octave) + 1) + pitch_class - 69) / 12)
+
+
+def sung_range(clips: list[np.ndarray]) -> tuple[float, float, float] | None:
+    """(5th percentile, 95th percentile, median) of the voiced pitch of a voice's own singing
+    (16 kHz clips; Praat's tracker: no model needed), Hz; None with under 2 s sung."""
+    voiced = np.concatenate([f[f > 0] for f in (track_pm(c) for c in clips)] or [np.zeros(0)])
+    if voiced.size < 200:
+        return None
+    low, high, median = np.percentile(voiced, [5, 95, 50])
+    return round(float(low), 1), round(float(high), 1), round(float(median), 1)
