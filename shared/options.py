@@ -176,8 +176,35 @@ class ConversionOptions(BaseModel):
     )
 
 
-class RequestOptions(ConversionOptions):
-    """Conversion options plus the output format: what a cover request may set."""
+class EffectsPreset(str, Enum):  # noqa: UP042 - str() of a member is its value, in messages
+    NONE = "none"
+    NATURAL = "natural"
+    STUDIO = "studio"
+    HALL = "hall"
+
+
+class EffectOptions(BaseModel):
+    """The converted vocals' effect chain before the mix (``job/render/mix/effects.py``): a preset,
+    and any of its settings overridden one by one (unset: the preset's)."""
+
+    effects: EffectsPreset = Field(
+        EffectsPreset.NATURAL,
+        description=(
+            "none; natural (high-pass, gentle compression, a short room: the default); studio (de-essed, "
+            "presence, firmer compression, a plate-length room); hall (a long hall)."
+        ),
+    )
+    highpass_hz: float | None = Field(None, ge=20, le=400, description="High-pass corner, Hz (0 dB at the preset's).")
+    compressor_threshold_db: float | None = Field(None, ge=-60, le=0, description="Compressor threshold, dBFS.")
+    compressor_ratio: float | None = Field(None, ge=1, le=20, description="Compressor ratio (1: off).")
+    reverb_s: float | None = Field(None, ge=0, le=6, description="Reverb time (RT60), seconds (0: no reverb).")
+    reverb_wet: float | None = Field(None, ge=0, le=1, description="Reverb level against the dry voice, 0 to 1.")
+    deesser: bool | None = Field(None, description="Tame sibilance (FFmpeg's de-esser).")
+    presence_db: float | None = Field(None, ge=-12, le=12, description="Presence EQ at 3 kHz, dB.")
+
+
+class RequestOptions(ConversionOptions, EffectOptions):
+    """Conversion options, the vocals' effects and the output format: what a cover request may set."""
 
     format: OutputFormat = OutputFormat.MP3
 
@@ -191,7 +218,7 @@ class SeparationOptions(BaseModel):
     shifts: int = Field(0, ge=0, le=10, description="Random-shift averaging passes (0: deterministic).")
 
 
-class MixOptions(BaseModel):
+class MixOptions(EffectOptions):
     """How the converted vocals and the instrumental become the cover."""
 
     vocals_gain_db: float = Field(0.0, ge=-30, le=30, description="Gain on the converted vocals, dB.")

@@ -158,6 +158,9 @@ class QualityReport(BaseModel):
         description="what scoring cost, seconds, with the models loaded (loading them counts in the stage's time)"
     )
     repair: Repair | None = Field(None, description="what the repair loop tried, kept and why")
+    made_with: list[str] = Field(
+        default_factory=list, description="what shaped the cover: pitch tracker, shifts, autotune, vocal effects"
+    )
     song_key: str | None = Field(
         None, description="the key autotune snapped the melody toward and where it came from (None: no autotune)"
     )

@@ -24,6 +24,7 @@ from job.render.convert import ConversionOptions, ConvertedVocals, VoiceConverte
 from job.render.fetch import SongAudio, fetch
 from job.render.media.audio import CONTENT_SAMPLE_RATE, MIX_SAMPLE_RATE, read_16k, read_wav, to_16k, write_wav
 from job.render.media.download import UrlPolicy
+from job.render.mix.effects import EffectChain, apply_effects, chain_for
 from job.render.mix.key import shift_key
 from job.render.mix.mixer import MixResult, mix
 from job.render.music_key import detect_key
@@ -52,6 +53,30 @@ class CoverOptions(BaseModel):
     allow_no_vocals: bool = Field(
         False, description="render a song whose separated vocals hold no singing (the gate refuses it otherwise)"
     )
+
+
+def made_with(options: CoverOptions, converted: ConvertedVocals, chain: EffectChain) -> list[str]:
+    """What shaped the cover, in words, for its report: tracker, shifts, autotune, effects."""
+    conversion = options.conversion
+    said = [f"pitch tracker {conversion.f0_method}", f"vocals shifted {converted.pitch_shift:+d} semitones"]
+    if conversion.pitch in ("auto", "auto-fit"):
+        said[-1] += f" ({conversion.pitch})"
+    if converted.key_change:
+        said.append(f"song moved {converted.key_change:+d} semitones (key change)")
+    if conversion.autotune:
+        said.append(f"autotune {conversion.autotune:g}")
+    if chain.empty:
+        said.append("no vocal effects")
+    else:
+        parts = [f"high-pass {chain.highpass_hz:g} Hz"] if chain.highpass_hz else []
+        parts += ["de-esser"] if chain.deesser else []
+        parts += [f"presence {chain.presence_db:+g} dB"] if chain.presence_db else []
+        if chain.compressor_ratio > 1:
+            parts.append(f"compressor {chain.compressor_ratio:g}:1 above {chain.compressor_threshold_db:g} dBFS")
+        if chain.reverb_s and chain.reverb_wet:
+            parts.append(f"reverb {chain.reverb_s:g} s at {chain.reverb_wet:g}")
+        said.append(f"effects {options.mix.effects.value}: " + ", ".join(parts))
+    return said
 
 
 class CoverResult(BaseModel):
@@ -392,9 +417,11 @@ class Pipeline:
         release_freed_memory(0)  # and what scoring and repair freed, before the mix
         with timer(Stage.MIX):
             instrumental = shift_key(stems.no_vocals, converted.key_change, work / "no_vocals.key.wav")
+            chain = chain_for(options.mix)
+            vocals = apply_effects(converted.path, chain, work / "converted.fx.wav")
             mixed = mix(
                 instrumental,
-                converted.path,
+                vocals,
                 Path(out),
                 options.mix,
                 voice_name=voice.name,
@@ -402,6 +429,7 @@ class Pipeline:
             )
         report(Stage.MIX, 1.0)
         if quality is not None:
+            quality.made_with = made_with(options, converted, chain)
             quality.mix = mixed.scores
             if quality.curves is not None:
                 quality.curves.waveform = mixed.peaks

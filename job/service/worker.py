@@ -44,7 +44,7 @@ from shared.events import (
 from shared.hashing import sha256_of
 from shared.logs import fields
 from shared.model_store import ModelStore, ResolvedVoice
-from shared.options import FORMATS, ConversionOptions, MixOptions
+from shared.options import FORMATS, ConversionOptions, EffectOptions, MixOptions
 from shared.quality import QualityReport, refusal, refuses, summary
 from shared.settings import Settings
 from shared.stages import Stage
@@ -313,8 +313,8 @@ class Worker:
         options = request.options
         spec = FORMATS[options.format]
         cover_options = CoverOptions(
-            conversion=ConversionOptions(**options.model_dump(exclude={"format"})),
-            mix=MixOptions(format=options.format),
+            conversion=ConversionOptions(**options.model_dump(include=set(ConversionOptions.model_fields))),
+            mix=MixOptions(format=options.format, **options.model_dump(include=set(EffectOptions.model_fields))),
             allow_no_vocals=request.allow_no_vocals,
         )
         timer = StageTimer()

@@ -286,8 +286,8 @@ unvoiced. Likeness: cosine similarity of speaker embeddings to the voice's refer
 Naturalness: DNSMOS P.835's overall score, 1 to 5. Each needs {MELODY_MIN_VOICED_S:.0f} s of singing in
 both melodies; with less, "not measured".</p>
 <p>Mix: {mix_line}. Measured in {report.measured_s:.1f} s.</p>{
-        f"<p>Autotune toward {html.escape(report.song_key)}.</p>" if report.song_key else ""
-    }
+        f"<p>Made with: {html.escape('; '.join(report.made_with))}.</p>" if report.made_with else ""
+    }{f"<p>Autotune toward {html.escape(report.song_key)}.</p>" if report.song_key else ""}
 <h2>Repair</h2>{_repair(report.repair, report.segments)}
 <script>
 const player = document.getElementById("player"), duration = {duration:.3f};
