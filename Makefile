@@ -26,7 +26,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[job,test]'
 	touch $(STAMP)
 
-setup: system-deps $(STAMP)
+# torchfcpe's wheel, downloaded and never installed (it imports torchaudio): the suite reads the FCPE
+# checkpoint out of it (tests/conftest.py); `cover models fetch fcpe` does the same for users
+FCPE_WHEEL := build/wheels/torchfcpe-0.0.4-py3-none-any.whl
+$(FCPE_WHEEL): | $(STAMP)
+	$(BIN)/pip download --quiet --no-deps "torchfcpe==0.0.4" -d build/wheels
+
+setup: system-deps $(STAMP) $(FCPE_WHEEL)
 
 # checkov lives in a venv of its own: its many pins are not ours to reconcile with the job's
 CHECKOV := .venv-checkov/bin/checkov
@@ -74,6 +80,11 @@ bench: setup
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.quality
 	$(BIN)/python -m bench.mix
+	$(BIN)/python -m bench.craft
+
+bench-fcpe-parity: setup  ## FCPE: our inference against torchfcpe 0.0.4's own (its wheel, a process of its own)
+	$(BIN)/pip download --quiet --no-deps einops -d build/wheels
+	$(BIN)/python bench/fcpe_parity.py
 
 bench-cold-start: setup  ## a job execution's start-to-first-stage time, models baked in or downloaded
 	$(BIN)/python -m bench.cold_start

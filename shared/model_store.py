@@ -7,6 +7,7 @@ One class owns the whole layout, locally and in the bucket. Nothing else spells 
 | separation (Demucs' layout) | ``separation/{NAME}.yaml``, ``separation/{SIG}-{SHA}.th`` | ``models/separation/`` |
 | content encoder (HuBERT) | ``base/hubert/{config.json, model.safetensors}`` | ``models/base/hubert/`` |
 | pitch model (RMVPE) | ``base/rmvpe.pt`` | ``models/base/rmvpe.pt`` |
+| the FCPE pitch model (optional: ``f0_method=fcpe``) | ``base/fcpe.pt`` | ``models/base/fcpe.pt`` |
 | the base models' manifest | — | ``models/manifest.json`` (sha256, size per file) |
 | voices (``voice.json``: sha256 per file) | ``voices/{name}/{model.pth,model.index,voice.json}`` | ``voices/{name}/`` |
 | derived files, built here from the above (the int8 decoders) | ``derived/{kind}/{name}`` | — (local only) |
@@ -46,6 +47,7 @@ M = TypeVar("M", bound=BaseModel)
 SEPARATION_DIR = "separation"
 CONTENT_ENCODER_DIR = "base/hubert"
 PITCH_MODEL_FILE = "base/rmvpe.pt"
+FCPE_MODEL_FILE = "base/fcpe.pt"
 VOICES_DIR = "voices"
 DERIVED_DIR = "derived"  # built locally from the models (never synced, never pruned)
 BASE_DIRS = (SEPARATION_DIR, "base")  # what `models/` in the bucket mirrors
@@ -125,6 +127,12 @@ class ModelStore:
         path = self.root / PITCH_MODEL_FILE
         if not path.is_file():
             raise self.missing("the pitch model (RMVPE)", path)
+        return path
+
+    def fcpe_model(self) -> Path:
+        path = self.root / FCPE_MODEL_FILE
+        if not path.is_file():
+            raise self.missing("the FCPE pitch model", path, "or `cover models fetch fcpe`")
         return path
 
     def base_files(self) -> Iterator[Path]:

@@ -19,6 +19,7 @@ class F0Method(str, Enum):  # noqa: UP042 - str() of a member is its value, in m
     CREPE_TINY = "crepe-tiny"
     HARVEST = "harvest"
     PM = "pm"
+    FCPE = "fcpe"
 
 
 _ONE_TRACKER = "|".join(m.value for m in F0Method)  # letters, digits and "-": nothing to escape
@@ -135,8 +136,8 @@ class ConversionOptions(BaseModel):
     f0_method: PitchMethod = Field(
         F0Method.RMVPE.value,
         description=(
-            "Pitch tracker for the sung melody: rmvpe, crepe, crepe-tiny, harvest or pm, or several joined by '+' "
-            "(e.g. rmvpe+crepe-tiny): a frame is voiced when at least half of them hear a voice, its pitch the "
+            "Pitch tracker for the sung melody: rmvpe, crepe, crepe-tiny, harvest, pm or fcpe, or several joined "
+            "by '+' (e.g. rmvpe+fcpe): a frame is voiced when at least half of them hear a voice, its pitch the "
             "median of their voiced estimates in cents."
         ),
     )

@@ -52,6 +52,27 @@ def store(tmp_path_factory) -> Path:
     return root
 
 
+FCPE_WHEEL = Path(__file__).resolve().parent.parent / "build/wheels/torchfcpe-0.0.4-py3-none-any.whl"
+
+
+@pytest.fixture(scope="session")
+def fcpe_checkpoint(tmp_path_factory) -> Path:
+    """The real FCPE checkpoint, out of torchfcpe's wheel (``make setup`` downloads it; never
+    installed: the package imports torchaudio), checked against its pinned sha256."""
+    import zipfile
+
+    from job.render.rvc.fcpe import FCPE_SHA256
+    from shared.hashing import sha256_of
+
+    if not FCPE_WHEEL.is_file():
+        pytest.skip("torchfcpe's wheel is not downloaded (make setup downloads it)")
+    path = tmp_path_factory.mktemp("fcpe") / "fcpe.pt"
+    with zipfile.ZipFile(FCPE_WHEEL) as archive:
+        path.write_bytes(archive.read("torchfcpe/assets/fcpe_c_v001.pt"))
+    assert sha256_of(path) == FCPE_SHA256
+    return path
+
+
 @pytest.fixture(scope="session")
 def converter(store):
     from job.render.rvc.engine import VoiceConverter

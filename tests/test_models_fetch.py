@@ -23,6 +23,7 @@ from job.cli import base_models
 from job.cli.base_models import PUBLIC_MODELS, PublicModel, fetch_base_models
 from job.devkit import demo
 from job.render.media.download import UrlPolicy
+from job.render.rvc.fcpe import FCPE_SHA256
 from shared.errors import CoverError, ErrorCode
 from shared.model_store import ModelStore
 
@@ -74,14 +75,22 @@ def pins(tmp_path, monkeypatch) -> list[PublicModel]:
     package = next(demo.write_demucs(tmp_path / "package", size="tiny", seed=7).glob("*.th"))
     rng = np.random.default_rng(0)
     stand_ins = {"hubert": rng.bytes(300_000), "rmvpe": rng.bytes(200_000), "htdemucs": package.read_bytes()}
+    stand_ins["fcpe"] = rng.bytes(100_000)
     models = []
     for real in PUBLIC_MODELS:
         body = stand_ins[real.name]
         path = real.path if real.name != "htdemucs" else f"separation/{package.name}"
-        models.append(
-            real.model_copy(update={"path": path, "size": len(body), "sha256": hashlib.sha256(body).hexdigest()})
-        )
-        Mirror.files[path] = body
+        pinned = {"path": path, "size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+        served = body
+        if real.member:  # a wheel holding the file, served under the wheel's own name
+            wheel = tmp_path / "stand-in.whl"
+            with zipfile.ZipFile(wheel, "w") as archive:
+                archive.writestr("torchfcpe/__init__.py", "")
+                archive.writestr(real.member, body)
+            served = wheel.read_bytes()
+            pinned.update(archive_size=len(served), archive_sha256=hashlib.sha256(served).hexdigest())
+        models.append(real.model_copy(update=pinned))
+        Mirror.files[real.url.rsplit("/", 1)[1] if real.member else path] = served
     monkeypatch.setattr(base_models, "PUBLIC_MODELS", tuple(models))
     return models
 
@@ -108,10 +117,14 @@ def _policy() -> UrlPolicy:
 
 
 def test_the_real_pins_name_public_https_locations_and_demucs_checksums():
-    assert [m.name for m in PUBLIC_MODELS] == ["hubert", "rmvpe", "htdemucs"]
+    assert [m.name for m in PUBLIC_MODELS] == ["hubert", "rmvpe", "htdemucs", "fcpe"]
+    hosts = ("https://huggingface.co/", "https://dl.fbaipublicfiles.com/", "https://files.pythonhosted.org/")
     for model in PUBLIC_MODELS:
-        assert model.url.startswith(("https://huggingface.co/", "https://dl.fbaipublicfiles.com/"))
-        assert re.fullmatch(r"[0-9a-f]{64}", model.sha256) and model.size > 50_000_000
+        assert model.url.startswith(hosts)
+        assert re.fullmatch(r"[0-9a-f]{64}", model.sha256) and model.size > 40_000_000
+    fcpe = PUBLIC_MODELS[3]
+    assert fcpe.optional and fcpe.member and re.fullmatch(r"[0-9a-f]{64}", fcpe.archive_sha256 or "")
+    assert fcpe.sha256 == FCPE_SHA256  # the same pin the engine's loader documents
     htdemucs = PUBLIC_MODELS[2]
     checksum = Path(htdemucs.path).stem.split("-")[1]  # Demucs names a package SIG-CHECKSUM.th
     assert htdemucs.sha256.startswith(checksum) and htdemucs.url.endswith(Path(htdemucs.path).name)
@@ -124,7 +137,7 @@ def test_fetch_replaces_the_demo_models_and_the_separator_loads(mirror, pins, de
     report = fetch_base_models(demo_store, _policy(), mirror=mirror, progress=lambda m, done, size: seen.append(m.name))
     assert report.fetched == ["hubert", "rmvpe", "htdemucs"] and report.unchanged == []
     tree = _tree(demo_store)
-    for model in pins:
+    for model in pins[:3]:
         assert tree[model.path] == model.sha256
     assert sorted(p.name for p in (demo_store.root / "base" / "hubert").iterdir()) == ["hubert_base.pt"]
     assert [p.name for p in demo_store.separation_dir.glob("*.th")] == [Path(pins[2].path).name]
@@ -136,6 +149,22 @@ def test_fetch_replaces_the_demo_models_and_the_separator_loads(mirror, pins, de
     again = fetch_base_models(demo_store, _policy(), mirror=mirror)
     assert again.fetched == [] and again.unchanged == ["hubert", "rmvpe", "htdemucs"]
     assert len(Mirror.requests) == served  # nothing downloaded twice
+    assert not (demo_store.root / "base" / "fcpe.pt").exists()  # optional: only when named
+
+
+def test_fcpe_comes_out_of_its_wheel_checked_twice(mirror, pins, demo_store):
+    """The wheel is checked against its pins, then the one member against its own."""
+    fcpe = pins[3]
+    report = fetch_base_models(demo_store, _policy(), names=["fcpe"], mirror=mirror)
+    assert report.fetched == ["fcpe"] and _tree(demo_store)["base/fcpe.pt"] == fcpe.sha256
+    assert not (demo_store.root / ".fetch").exists()  # the wheel is not kept
+    (demo_store.root / "base" / "fcpe.pt").unlink()
+    name = fcpe.url.rsplit("/", 1)[1]
+    Mirror.files[name] = Mirror.files[name][:-1] + b"x"  # the wheel itself altered
+    with pytest.raises(CoverError) as caught:
+        fetch_base_models(demo_store, _policy(), names=["fcpe"], mirror=mirror)
+    assert caught.value.code is ErrorCode.MODEL_HASH_MISMATCH and "archive" in caught.value.message
+    assert "base/fcpe.pt" not in _tree(demo_store)
 
 
 def test_a_file_that_does_not_match_its_pin_is_refused_and_deleted(mirror, pins, demo_store):
@@ -195,7 +224,7 @@ def test_the_command_shows_progress_and_says_what_it_did(mirror, pins, demo_stor
     assert "base models fetched: rmvpe, htdemucs; already in the store: none" in done.stdout
     assert "rmvpe" in done.stderr and "htdemucs" in done.stderr and "B/s" in done.stderr  # byte progress
     wrong = run_main(main, ["models", "fetch", "wav2vec"], env)
-    assert wrong.returncode != 0 and "no base model wav2vec (known: hubert, rmvpe, htdemucs)" in wrong.stderr
+    assert wrong.returncode != 0 and "no base model wav2vec (known: hubert, rmvpe, htdemucs, fcpe)" in wrong.stderr
 
 
 def test_the_readme_s_first_real_cover_in_three_commands(mirror, store, song, tmp_path, monkeypatch):
@@ -222,6 +251,8 @@ def test_the_readme_s_first_real_cover_in_three_commands(mirror, store, song, tm
     bodies["htdemucs"] = package.read_bytes()
     pins = []
     for real in PUBLIC_MODELS:
+        if real.optional:  # not in the README's three commands
+            continue
         path = real.path if real.name != "htdemucs" else f"separation/{package.name}"
         body = bodies[real.name]
         pins.append(

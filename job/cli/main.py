@@ -703,9 +703,12 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - reads best top
     p = models.add_parser(
         "fetch",
         parents=[common],
-        help="download the public base models (HuBERT, RMVPE, htdemucs), each checked against its pinned sha256",
+        help="download the public base models (HuBERT, RMVPE, htdemucs; FCPE when named), each checked against its "
+        "pinned sha256",
     )
-    p.add_argument("names", nargs="*", metavar="NAME", help="hubert, rmvpe or htdemucs (default: all three)")
+    p.add_argument(
+        "names", nargs="*", metavar="NAME", help="hubert, rmvpe, htdemucs or fcpe (default: all but the optional fcpe)"
+    )
     p.set_defaults(func=cmd_models_fetch)
     p = models.add_parser(
         "pull",

@@ -39,6 +39,7 @@ from job.render.rvc.assembly import ArraySink, Assembler, Sink, frame_rms
 from job.render.rvc.checkpoint import build_synthesizer, read_checkpoint
 from job.render.rvc.content import HOP as CONTENT_HOP
 from job.render.rvc.content import ContentEncoder, load_content_encoder
+from job.render.rvc.fcpe import FCPE
 from job.render.rvc.highpass import highpass
 from job.render.rvc.int8_decoder import CALIBRATION_SHIFTS, Int8Decoder, Prior, build_key
 from job.render.rvc.int8_decoder import build as build_int8
@@ -178,6 +179,7 @@ class VoiceConverter:
         self.max_chunk_s = max_chunk_s
         self._content: ContentEncoder | None = None
         self._rmvpe: RMVPE | None = None
+        self._fcpe: FCPE | None = None
         self._voices: dict[tuple[str, float], Voice] = {}
         self._loading = threading.RLock()  # requests in flight share the loaded models
 
@@ -195,6 +197,13 @@ class VoiceConverter:
                 with loading("the pitch model (RMVPE)"):
                     self._rmvpe = RMVPE.load(self.store.pitch_model(), self.device)
             return self._rmvpe
+
+    def fcpe(self) -> FCPE:
+        with self._loading:
+            if self._fcpe is None:
+                with loading("the pitch model (FCPE)"):
+                    self._fcpe = FCPE.load(self.store.fcpe_model(), self.device)
+            return self._fcpe
 
     # --- voices --------------------------------------------------------------------------------
     def load_voice_file(self, pth: Path, index: Path | None = None, info: VoiceInfo | None = None) -> Voice:
@@ -262,6 +271,8 @@ class VoiceConverter:
             return pitch_mod.track_crepe(x, "full" if method is F0Method.CREPE else "tiny", str(self.device))
         if method is F0Method.HARVEST:
             return pitch_mod.track_harvest(x)
+        if method is F0Method.FCPE:
+            return self.fcpe().f0(x)
         return pitch_mod.track_pm(x)
 
     def hear_pitch(self, x: np.ndarray, method: str) -> np.ndarray:
