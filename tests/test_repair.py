@@ -148,6 +148,10 @@ def test_the_changes_come_in_a_fixed_order_and_only_where_they_apply():
     assert change("octave", options, {"f0_rmse_cents"}, voice, +1) is None  # no octave error, no octave change
     assert change("octave", ConversionOptions(pitch=20), everything, voice, -1) is None  # past +24
     assert change("f0_method", options, {"dnsmos_ovrl"}, voice, 0) is None  # not a melody failure
+    with_fcpe = Voice(f0=True, index=True, fcpe=True)  # a three-tracker vote outvotes one's octave slip
+    assert change("f0_method", options, everything, with_fcpe, 0)[0] == "f0_method rmvpe+fcpe+crepe-tiny"
+    voted = change("f0_method", options, everything, with_fcpe, 0)[1]
+    assert change("f0_method", voted, everything, with_fcpe, 0)[0] == "f0_method rmvpe"
     crepe = ConversionOptions(pitch=0, f0_method="crepe")
     assert change("f0_method", crepe, {"f0_correlation"}, voice, 0)[0] == "f0_method rmvpe"
     assert change("index_rate", options, {"speaker_similarity"}, voice, 0) is None  # it would lower the likeness

@@ -240,7 +240,7 @@ class Pipeline:
         loop = RepairLoop(
             self.meter,
             render,
-            RepairVoice(f0=loaded.f0, index=loaded.index is not None),
+            RepairVoice(f0=loaded.f0, index=loaded.index is not None, fcpe=self._has_fcpe()),
             budget_s=self.settings.repair_budget * convert_s,
             convert_rate=convert_s / max(converted.duration_s, 1.0),
             score_rate=dnsmos_workers() * report.measured_s / max(converted.duration_s, 1.0),
@@ -333,6 +333,13 @@ class Pipeline:
             progress: called with the fraction done, 0 to 1
         """
         return convert_vocals(self.converter, vocals, voice, out, options, progress)
+
+    def _has_fcpe(self) -> bool:
+        try:
+            self.store.fcpe_model()
+        except CoverError:
+            return False
+        return True
 
     @staticmethod
     def _settle_key(options: CoverOptions, instrumental: Path) -> tuple[CoverOptions, str]:

@@ -7,8 +7,9 @@ meets every threshold:
 
 1. ``octave``: where the cover is an octave off the singer (octave errors past their threshold), the
    pitch shift moved 12 semitones the other way (the pitch tracker took the wrong octave).
-2. ``f0_method``: on any melody failure, another pitch tracker: ``crepe-tiny`` instead of ``rmvpe``,
-   ``rmvpe`` instead of any other.
+2. ``f0_method``: on any melody failure, another pitch tracker: instead of ``rmvpe``, a vote of
+   three (``rmvpe+fcpe+crepe-tiny``: one tracker's octave slip is outvoted) where the store holds
+   FCPE, else ``crepe-tiny``; ``rmvpe`` instead of any other.
 3. ``index_rate``: on melody or naturalness failures, with a voice that has an index in use, half the
    index rate (retrieved features blur articulation; fewer of them trade some likeness for clarity).
    Not tried when only the speaker similarity fails: a lower rate makes that worse.
@@ -59,6 +60,7 @@ class Voice:
 
     f0: bool  # pitch-guided (every RVC singing voice is)
     index: bool  # has a retrieval index
+    fcpe: bool = False  # the store holds FCPE: a three-tracker vote is on offer
 
 
 def change(
@@ -80,8 +82,9 @@ def change(
         if -24 <= pitch <= 24:
             return f"pitch {pitch:+d}", options.model_copy(update={"pitch": pitch})
     if name == "f0_method" and voice.f0 and failed & MELODY:
-        method = F0Method.CREPE_TINY if options.f0_method == F0Method.RMVPE.value else F0Method.RMVPE
-        return f"f0_method {method.value}", options.model_copy(update={"f0_method": method.value})
+        vote = "rmvpe+fcpe+crepe-tiny" if voice.fcpe else F0Method.CREPE_TINY.value
+        method = vote if options.f0_method == F0Method.RMVPE.value else F0Method.RMVPE.value
+        return f"f0_method {method}", options.model_copy(update={"f0_method": method})
     if name == "index_rate" and voice.index and options.index_rate > 0.05 and failed & (MELODY | NATURALNESS):
         rate = round(options.index_rate / 2, 3)
         return f"index_rate {rate:g}", options.model_copy(update={"index_rate": rate})
