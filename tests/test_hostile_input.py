@@ -524,6 +524,38 @@ def test_fuzzed_voice_files_fail_only_with_model_codes(tmp_path_factory, data):
         assert exc.code.value.startswith("model.")  # noqa: PT017 - fuzzing: any model.* code is an answer
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.data())
+def test_fuzzed_voice_zips_fail_only_with_model_codes(tmp_path_factory, data):
+    """The zip reader under fuzzing: a voice as the community shares it (a .pth and an .index in a
+    folder), its archive's bytes cut and flipped anywhere (local headers, the central directory,
+    the compressed streams): ``cover models add`` stores it, or answers with a model.* code, and
+    leaves nothing staged."""
+    import zipfile
+
+    from job.cli.voices import add_voice
+
+    tmp = tmp_path_factory.mktemp("zipfuzz")
+    demo.write_voice(tmp / "v", name="v", size="tiny")
+    archive = tmp / "voice.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.write(tmp / "v" / "model.pth", "Singer/singer.pth")
+        zf.write(tmp / "v" / "model.index", "Singer/added_IVF_Flat.index")
+    raw = bytearray(archive.read_bytes())
+    cut = data.draw(st.integers(1, len(raw)))
+    for position, value in data.draw(
+        st.lists(st.tuples(st.integers(0, len(raw) - 1), st.integers(0, 255)), min_size=1, max_size=8)
+    ):
+        raw[position] = value
+    (tmp / "fuzzed.zip").write_bytes(bytes(raw[:cut]))
+    store = ModelStore(tmp / "store")
+    try:
+        add_voice(store, str(tmp / "fuzzed.zip"), name="fuzzed")
+    except CoverError as exc:
+        assert exc.code.value.startswith("model."), exc  # noqa: PT017 - fuzzing: any model.* code is an answer
+    assert not [p for p in store.voices_dir.iterdir() if p.name.startswith(".incoming-")]
+
+
 @settings(max_examples=20, deadline=None)
 @given(st.data())
 def test_fuzzed_media_fails_only_with_input_codes(tmp_path_factory, data):
