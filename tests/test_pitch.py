@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from job.render.notes import parse_pitch
 from job.render.rvc import pitch
 from shared.options import F0Method
 from tests.conftest import sung_tone
@@ -129,14 +130,14 @@ def test_auto_fit_chooses_the_semitones_that_fit_the_melody_into_the_voice():
 
 
 def test_pitches_as_people_write_them_and_a_sung_range():
-    assert pitch.parse_pitch("A4") == pytest.approx(440.0)
-    assert pitch.parse_pitch("G3") == pytest.approx(196.0, abs=0.01)
-    assert pitch.parse_pitch("Eb4") == pytest.approx(311.13, abs=0.01)
-    assert pitch.parse_pitch("F#2") == pytest.approx(92.5, abs=0.01)
-    assert pitch.parse_pitch("196.5") == 196.5
+    assert parse_pitch("A4") == pytest.approx(440.0)
+    assert parse_pitch("G3") == pytest.approx(196.0, abs=0.01)
+    assert parse_pitch("Eb4") == pytest.approx(311.13, abs=0.01)
+    assert parse_pitch("F#2") == pytest.approx(92.5, abs=0.01)
+    assert parse_pitch("196.5") == 196.5
     for bad in ("H3", "A", "A#b4", ""):
         with pytest.raises(ValueError):
-            pitch.parse_pitch(bad)
+            parse_pitch(bad)
     low, high, _ = pitch.sung_range([sung_tone(1.5, 196.0), sung_tone(1.5, 293.7)])
     assert low == pytest.approx(196.0, rel=0.02) and high == pytest.approx(293.7, rel=0.02)
     assert pitch.sung_range([sung_tone(0.5, 220.0)]) is None  # under 2 s sung

@@ -231,8 +231,8 @@ def test_the_melody_chart_covers_both_curves_and_a_spike_does_not_squash_it(page
     """The range comes from the data: the octave-high half of the cover is inside it with the
     singer's melody; three frames of a tracker's spike at a phrase's end (2 kHz) are drawn at the
     edge instead of stretching the chart four octaves up."""
+    from job.render.notes import hz_to_midi as _midi
     from job.render.quality.report_page import pitch_range
-    from job.render.rvc.pitch import hz_to_midi as _midi
 
     _, report = page
     curves = report.curves
@@ -255,8 +255,8 @@ def test_the_melody_chart_covers_both_curves_and_a_spike_does_not_squash_it(page
 def test_frames_the_chart_does_not_draw_do_not_stretch_it(page):
     """A lone voiced frame of the separated vocals (noise through the demo's random separator) is
     not drawn as a line, and does not pull the chart's range down to it."""
+    from job.render.notes import hz_to_midi as _midi
     from job.render.quality.report_page import pitch_range
-    from job.render.rvc.pitch import hz_to_midi as _midi
 
     cover = [1000.0] * 50
     singer = [0.0] * 50

@@ -282,7 +282,8 @@ def cmd_pitch(args: argparse.Namespace) -> int:
 
     from job.render.loading import watched_by
     from job.render.media.audio import CONTENT_SAMPLE_RATE, decode
-    from job.render.rvc.pitch import HOP, note_name
+    from job.render.notes import note_name
+    from job.render.rvc.pitch import HOP
 
     method = model_from_args(ConversionOptions, args).f0_method  # checked, said in the flag's words
     path = Path(args.file)
@@ -427,7 +428,7 @@ def cmd_models_add(args: argparse.Namespace) -> int:
     say(f"adding {args.source}: reading and checking the checkpoint ...")
     sung = None
     if args.range:
-        from job.render.rvc.pitch import parse_pitch
+        from job.render.notes import parse_pitch
 
         try:
             low, high = sorted(parse_pitch(v) for v in args.range)

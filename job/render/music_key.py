@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, Field
 
-from job.render.rvc.pitch import NOTE_NAMES
+from job.render.notes import NOTE_NAMES
 
 # Krumhansl & Kessler (1982), probe-tone ratings, tonic first
 MAJOR_PROFILE = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])

@@ -126,6 +126,16 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:  # n
     attempts_lock = threading.Lock()
     stop = stop or threading.Event()
 
+    def take_slot() -> bool:
+        """A render slot, waited for; False once the runner is stopping (nothing new starts then)."""
+        while not slots.acquire(timeout=0.5):
+            if stop.is_set():
+                return False
+        if stop.is_set():
+            slots.release()
+            return False
+        return True
+
     def callback(message) -> None:
         key = message.message_id
         if settings.serves and routed_to(message.attributes, settings.default_runner) != settings.serves:
@@ -135,14 +145,19 @@ def serve(settings: Settings, stop: threading.Event | None = None) -> None:  # n
             )
             message.ack()
             return
+        if not take_slot():  # stopping: a message that has not started goes back to Pub/Sub
+            message.nack()
+            return
         with attempts_lock:
             attempts[key] = attempts.get(key, 0) + 1
             attempt = message.delivery_attempt or attempts[key]
         health.started()
         outcome = Outcome.RETRY
         try:
-            with slots:
+            try:
                 outcome = worker.handle(message.data, attempt, dict(message.attributes), message.message_id)
+            finally:
+                slots.release()
             # Another runner renders this cover: wait here (the client library keeps the message leased)
             # and answer from the stored cover, or take over once the holder's lease lapses. Handing the
             # message back would spend one of Pub/Sub's delivery attempts per look, and a long render

@@ -18,7 +18,7 @@ import html
 import math
 import statistics
 
-from job.render.rvc.pitch import hz_to_midi, midi_note
+from job.render.notes import hz_to_midi, midi_note
 from shared.quality import (
     MELODY_MIN_VOICED_S,
     Curves,
