@@ -43,11 +43,12 @@ $(CHECKOV):
 run: setup  ## prepare demo models and song, render a cover, print its path and stage timings
 	$(BIN)/cover demo -o out/demo-cover.mp3
 
-# one pytest-xdist worker per core and one more: the workers wait on the emulator, process starts and
-# I/O a good part of the time (2 cores, a clean clone: 9:30 with 2 workers, 9:03 with 3; docs/development.md)
-TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
+# one pytest-xdist worker per core and two more: the workers wait on the emulator, process starts and
+# I/O a good part of the time (2 cores, a clean clone: 9:30 with 2 workers, 9:03 with 3 at 305 tests;
+# 10:55 with 3 at 406; docs/development.md)
+TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 2 )))
 
-test: setup pubsub-emulator browser  ## the whole suite, one worker per core and one more (starts the emulator and an S3 server itself)
+test: setup pubsub-emulator browser  ## the whole suite, one worker per core and two more (starts the emulator and an S3 server itself)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 test-full: setup pubsub-emulator browser  ## the tests marked sweep, whole: every kill point, ten minutes of audio (.ci/run)

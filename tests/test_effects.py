@@ -96,17 +96,21 @@ def test_the_mix_keeps_its_loudness_and_peak_targets_with_effects_on(tmp_path):
 
 
 def test_a_cover_says_what_made_it(env, song, tmp_path):
-    """The report (and the --json answer) names the tracker, the shifts and the effect chain."""
+    """One cover with a key change and the hall preset (its wet level overridden): the answer's
+    shift and length, and the report (and the --json answer) naming the tracker, the shifts and the
+    effect chain."""
     import json
 
     from tests.conftest import run_cover
 
     out = tmp_path / "cover.mp3"
-    args = ["make", str(song), "--voice", "demo-voice", "-o", str(out), "--json", "--report"]
+    args = ["make", str(song), "--voice", "demo-voice", "-o", str(out), "--json", "--report", "--key-shift", "2"]
     done = run_cover([*args, "--effects", "hall", "--reverb-wet", "0.2", "--f0-method", "pm"], env)
     assert done.returncode == 0, done.stderr
-    made = json.loads(done.stdout)["quality"]["made_with"]
-    assert made[0] == "pitch tracker pm" and made[-1].startswith("effects hall: high-pass 80 Hz")
-    assert "reverb 2.5 s at 0.2" in made[-1]
+    answer = json.loads(done.stdout)
+    assert answer["pitch_shift"] == 2 and answer["duration_s"] == pytest.approx(6.0, abs=0.05)
+    made = answer["quality"]["made_with"]
+    assert made[:3] == ["pitch tracker pm", "vocals shifted +2 semitones", "song moved +2 semitones (key change)"]
+    assert made[-1].startswith("effects hall: high-pass 80 Hz") and "reverb 2.5 s at 0.2" in made[-1]
     page = (tmp_path / "cover.report.html").read_text()
-    assert "Made with: pitch tracker pm; vocals shifted +0 semitones; effects hall" in page
+    assert "Made with: pitch tracker pm; vocals shifted +2 semitones; song moved +2 semitones" in page

@@ -40,15 +40,3 @@ def test_a_key_change_moves_the_converted_vocals_with_it(converter, store):
     plain = converter.convert(x, 16000, voice, ConversionOptions(f0_method="pm", pitch=3))
     moved = converter.convert(x, 16000, voice, ConversionOptions(f0_method="pm", pitch=3, key_shift=-2))
     assert (plain.pitch_shift, moved.pitch_shift) == (3, 1)
-
-
-def test_cover_make_with_a_key_change(env, song, tmp_path):
-    import json
-
-    from tests.conftest import run_cover
-
-    out = tmp_path / "moved.wav"
-    done = run_cover(["make", str(song), "--voice", "demo-voice", "-o", str(out), "--key-shift", "2", "--json"], env)
-    assert done.returncode == 0, done.stderr
-    answer = json.loads(done.stdout)
-    assert answer["pitch_shift"] == 2 and answer["duration_s"] == pytest.approx(6.0, abs=0.05)
