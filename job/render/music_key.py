@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, Field
 
-from job.render.notes import NOTE_NAMES
+from job.render.notes import NOTE_NAMES, pitch_class
 
 # Krumhansl & Kessler (1982), probe-tone ratings, tonic first
 MAJOR_PROFILE = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
@@ -38,8 +38,7 @@ class MusicalKey(BaseModel):
     def parse(cls, name: str) -> MusicalKey:
         """``'A minor'``, ``'Eb major'``, ``'F# minor'`` (the option's form, already checked by its pattern)."""
         note, mode = name.split()
-        tonic = NOTE_NAMES.index(note[0]) + (1 if note[1:] == "#" else -1 if note[1:] == "b" else 0)
-        return cls(tonic=tonic % 12, mode=mode, confidence=1.0)
+        return cls(tonic=pitch_class(note), mode=mode, confidence=1.0)
 
     def pitch_classes(self) -> np.ndarray:
         return (self.tonic + np.array(SCALES[self.mode])) % 12

@@ -65,17 +65,7 @@ def made_with(options: CoverOptions, converted: ConvertedVocals, chain: EffectCh
         said.append(f"song moved {converted.key_change:+d} semitones (key change)")
     if conversion.autotune:
         said.append(f"autotune {conversion.autotune:g}")
-    if chain.empty:
-        said.append("no vocal effects")
-    else:
-        parts = [f"high-pass {chain.highpass_hz:g} Hz"] if chain.highpass_hz else []
-        parts += ["de-esser"] if chain.deesser else []
-        parts += [f"presence {chain.presence_db:+g} dB"] if chain.presence_db else []
-        if chain.compressor_ratio > 1:
-            parts.append(f"compressor {chain.compressor_ratio:g}:1 above {chain.compressor_threshold_db:g} dBFS")
-        if chain.reverb_s and chain.reverb_wet:
-            parts.append(f"reverb {chain.reverb_s:g} s at {chain.reverb_wet:g}")
-        said.append(f"effects {options.mix.effects.value}: " + ", ".join(parts))
+    said.append(chain.describe() if chain.empty else f"effects {options.mix.effects.value}: {chain.describe()}")
     return said
 
 

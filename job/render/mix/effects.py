@@ -52,6 +52,19 @@ class EffectChain(BaseModel):
     deesser: bool = False
     presence_db: float = 0.0
 
+    def describe(self) -> str:
+        """The chain in words, for the cover's report (e.g. "high-pass 80 Hz, compressor 2:1 ...")."""
+        if self.empty:
+            return "no vocal effects"
+        parts = [f"high-pass {self.highpass_hz:g} Hz"] if self.highpass_hz else []
+        parts += ["de-esser"] if self.deesser else []
+        parts += [f"presence {self.presence_db:+g} dB"] if self.presence_db else []
+        if self.compressor_ratio > 1:
+            parts.append(f"compressor {self.compressor_ratio:g}:1 above {self.compressor_threshold_db:g} dBFS")
+        if self.reverb_s and self.reverb_wet:
+            parts.append(f"reverb {self.reverb_s:g} s at {self.reverb_wet:g}")
+        return ", ".join(parts)
+
     @property
     def empty(self) -> bool:
         return (
