@@ -5,6 +5,7 @@ One class owns the whole layout, locally and in the bucket. Nothing else spells 
 | what | local path (under ``COVER_MODELS_DIR``) | bucket key |
 | --- | --- | --- |
 | separation (Demucs' layout) | ``separation/{NAME}.yaml``, ``separation/{SIG}-{SHA}.th`` | ``models/separation/`` |
+| MDX-Net stem models (optional: one per kind) | ``separation/mdx/{karaoke,dereverb}.{onnx,json}`` | ``models/separation/mdx/`` |
 | content encoder (HuBERT) | ``base/hubert/{config.json, model.safetensors}`` | ``models/base/hubert/`` |
 | pitch model (RMVPE) | ``base/rmvpe.pt`` | ``models/base/rmvpe.pt`` |
 | the FCPE pitch model (optional: ``f0_method=fcpe``) | ``base/fcpe.pt`` | ``models/base/fcpe.pt`` |
@@ -48,6 +49,7 @@ SEPARATION_DIR = "separation"
 CONTENT_ENCODER_DIR = "base/hubert"
 PITCH_MODEL_FILE = "base/rmvpe.pt"
 FCPE_MODEL_FILE = "base/fcpe.pt"
+MDX_DIR = "separation/mdx"  # {kind}.onnx and {kind}.json (job/render/separate/mdx_params.py)
 VOICES_DIR = "voices"
 DERIVED_DIR = "derived"  # built locally from the models (never synced, never pruned)
 BASE_DIRS = (SEPARATION_DIR, "base")  # what `models/` in the bucket mirrors
@@ -134,6 +136,15 @@ class ModelStore:
         if not path.is_file():
             raise self.missing("the FCPE pitch model", path, "or `cover models fetch fcpe`")
         return path
+
+    def mdx_model(self, kind: str) -> tuple[Path, Path] | None:
+        """The MDX-Net model of ``kind`` (``karaoke``, ``dereverb``): its ``.onnx`` and its ``.json``
+        (parameters), or None when the store has none (those stems are then not split)."""
+        onnx, info = self.mdx_paths(kind)
+        return (onnx, info) if onnx.is_file() and info.is_file() else None
+
+    def mdx_paths(self, kind: str) -> tuple[Path, Path]:
+        return self.root / MDX_DIR / f"{kind}.onnx", self.root / MDX_DIR / f"{kind}.json"
 
     def base_files(self) -> Iterator[Path]:
         for folder in BASE_DIRS:

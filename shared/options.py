@@ -204,8 +204,43 @@ class EffectOptions(BaseModel):
     presence_db: float | None = Field(None, ge=-12, le=12, description="Presence EQ at 3 kHz, dB.")
 
 
-class RequestOptions(ConversionOptions, EffectOptions):
-    """Conversion options, the vocals' effects and the output format: what a cover request may set."""
+class BackingMode(str, Enum):  # noqa: UP042 - str() of a member is its value, in messages
+    ORIGINAL = "original"
+    CONVERT = "convert"
+    MUTE = "mute"
+
+
+class StemOptions(BaseModel):
+    """What happens to the vocal stem before conversion, with the store's MDX-Net models
+    (``job/render/separate/vocal_split.py``): lead and backing apart, the lead's reverb removed."""
+
+    backing: BackingMode | None = Field(
+        None,
+        description=(
+            "The backing vocals, split from the lead by the store's karaoke model: original (mixed back "
+            "unconverted; the default when the store has a karaoke model), convert (sung by the voice, or by "
+            "backing_voice), mute (left out). Unset without a karaoke model: the whole vocal stem is converted."
+        ),
+    )
+    dereverb: bool = Field(
+        False, description="Remove the lead's reverb before conversion (with the store's dereverb model)."
+    )
+    keep_room: bool = Field(
+        False,
+        description="With dereverb: add the removed reverb back after conversion (else the effects' reverb alone).",
+    )
+    stem_denoise: bool = Field(
+        False,
+        description="Run the MDX-Net models on x and -x and keep what follows the input (less model noise, twice the time).",
+    )
+
+
+STEM_OPTION_NAMES = frozenset(StemOptions.model_fields)
+
+
+class RequestOptions(ConversionOptions, EffectOptions, StemOptions):
+    """Conversion options, the vocals' effects, the vocal stem's split and the output format: what a
+    cover request may set."""
 
     format: OutputFormat = OutputFormat.MP3
 

@@ -147,6 +147,32 @@ class Repair(BaseModel):
         return head + (": " + "; ".join(parts) if parts else "")
 
 
+class SingerScore(BaseModel):
+    """A stretch of a duet's lead: who sings it, and how like each voice the converted stretch sounds."""
+
+    start_s: float
+    end_s: float
+    voices: list[str] = Field(description="the voices given this stretch (several: unison)")
+    similarity: dict[str, float | None] = Field(
+        default_factory=dict,
+        description="speaker similarity (cosine, Resemblyzer) of the stretch to each voice of the cover's reference",
+    )
+    sung_by_its_voice: bool | None = Field(
+        None,
+        description="whether the stretch is likest one of its own voices (None: too short or unmeasured)",
+    )
+
+
+class StemsUsed(BaseModel):
+    """How the vocal stem was used, and where each stem's audio is (beside the report, for its players)."""
+
+    said: str = Field(description="in words: split by which models, backing mode, de-reverb")
+    backing_mode: str | None = None
+    files: dict[str, str] = Field(
+        default_factory=dict, description="stem name (lead, backing, room) -> file name beside the report page"
+    )
+
+
 class QualityReport(BaseModel):
     whole: Scores
     segments: list[Segment]
@@ -164,6 +190,10 @@ class QualityReport(BaseModel):
     song_key: str | None = Field(
         None, description="the key autotune snapped the melody toward and where it came from (None: no autotune)"
     )
+    singers: list[SingerScore] = Field(
+        default_factory=list, description="a duet's stretches and their likeness to each voice (empty: one voice)"
+    )
+    stems: StemsUsed | None = Field(None, description="how the vocal stem was split and used")
     curves: Curves | None = Field(None, exclude=True)
 
 

@@ -422,6 +422,8 @@ def cmd_models_add(args: argparse.Namespace) -> int:
     from job.render.media.download import UrlPolicy
 
     settings = _settings(args)
+    if args.kind or args.mdx_params or args.source.lower().split("?")[0].endswith(".onnx"):
+        return _add_separation_model(args, settings)
     policy = UrlPolicy.from_settings(settings, MAX_VOICE_BYTES)
     store = ModelStore(settings.models_dir)
     say = _status(args)
@@ -450,6 +452,36 @@ def cmd_models_add(args: argparse.Namespace) -> int:
         lambda: print(
             f"added voice {info.name} ({info.rvc_version}, {info.sample_rate} Hz, "
             f"{'with' if info.has_index else 'no'} index); {note}"
+        ),
+    )
+    return 0
+
+
+def _add_separation_model(args: argparse.Namespace, settings: Settings) -> int:
+    from job.cli.separation_models import add_separation_model
+    from job.render.media.download import UrlPolicy
+    from job.render.separate.mdx_params import MdxKind
+
+    if not args.kind:
+        raise CoverError(ErrorCode.OPTIONS_INVALID, "an MDX-Net model (.onnx) needs --kind karaoke or --kind dereverb")
+    if args.clips or args.range or args.name:
+        raise CoverError(ErrorCode.OPTIONS_INVALID, "--clips, --range and --name are for voices, not --kind models")
+    _status(args)(f"adding {args.source}: checking the {args.kind} model ...")
+    info = add_separation_model(
+        store=ModelStore(settings.models_dir),
+        source=args.source,
+        kind=MdxKind(args.kind),
+        params_text=args.mdx_params,
+        replace=args.replace,
+        policy=UrlPolicy.from_settings(settings),
+    )
+    p = info.params
+    _emit(
+        args,
+        info.model_dump(mode="json"),
+        lambda: print(
+            f"added {info.kind.value} model {info.name} (n_fft {p.n_fft}, dim_f {p.dim_f}, dim_t {p.dim_t}, "
+            f"compensate {p.compensate:g}, primary {p.primary}; parameters {info.params_from})"
         ),
     )
     return 0
@@ -675,11 +707,26 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - reads best top
     p.add_argument("--embeddings", action="store_true", help="with --json, include each voice's reference embedding")
     p.set_defaults(func=cmd_models_list)
     p = models.add_parser(
-        "add", parents=[common], help="add a .pth, a folder or a .zip (path or URL)", formatter_class=formatter
+        "add",
+        parents=[common],
+        help="add a voice (.pth, folder or .zip) or an MDX-Net stem model (.onnx with --kind), path or URL",
+        formatter_class=formatter,
     )
-    p.add_argument("source", help="a .pth, a folder or a .zip, as a path or an http(s) URL")
+    p.add_argument("source", help="a .pth, a folder, a .zip or an .onnx, as a path or an http(s) URL")
     p.add_argument("--name", help="the voice's name (default: from the file name)")
-    p.add_argument("--replace", action="store_true", help="replace a voice of the same name")
+    p.add_argument("--replace", action="store_true", help="replace a voice of the same name (or the kind's model)")
+    p.add_argument(
+        "--kind",
+        choices=["karaoke", "dereverb"],
+        help="an MDX-Net .onnx: karaoke (splits lead from backing vocals) or dereverb (the lead's room)",
+    )
+    p.add_argument(
+        "--mdx-params",
+        metavar="N=V,...",
+        help="the .onnx's parameters when it is not a model we know, e.g. "
+        "n_fft=5120,dim_f=2048,dim_t=256,compensate=1.065,primary=instrumental (primary: vocals, instrumental, "
+        "reverb or no-reverb)",
+    )
     p.add_argument(
         "--clips",
         nargs="+",

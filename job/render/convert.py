@@ -22,6 +22,7 @@ class ConvertedVocals(BaseModel):
     key_change: int = 0
     parts: PartTimes
     synthesised_s: float
+    shifts: list[tuple[float, float, int]] = []  # a duet's stretches (from_s, to_s) and each one's shift
 
 
 def convert_vocals(

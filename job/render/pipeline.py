@@ -18,12 +18,15 @@ from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, Field
+from scipy.signal import resample_poly
 
 from job.render.compute import heavy_slots, release_freed_memory
 from job.render.convert import ConversionOptions, ConvertedVocals, VoiceConverter, convert_vocals
+from job.render.duet import Span, frame_energy, plan, sing
 from job.render.fetch import SongAudio, fetch
 from job.render.media.audio import CONTENT_SAMPLE_RATE, MIX_SAMPLE_RATE, read_16k, read_wav, to_16k, write_wav
 from job.render.media.download import UrlPolicy
+from job.render.mix.bed import at_mix_rate, bed
 from job.render.mix.effects import EffectChain, apply_effects, chain_for
 from job.render.mix.key import shift_key
 from job.render.mix.mixer import MixResult, mix
@@ -32,13 +35,15 @@ from job.render.phrase import reference_phrase
 from job.render.quality.meter import QualityMeter, dnsmos_workers
 from job.render.quality.repair import CONTEXT_S, RepairLoop
 from job.render.quality.repair import Voice as RepairVoice
+from job.render.rvc.engine import ConversionResult, PartTimes
 from job.render.separate.separator import Separator
 from job.render.separate.stems import StemCache, Stems
+from job.render.separate.vocal_split import VocalSplitter, VocalStems
 from job.render.timing import StageTimer
 from shared.errors import CoverError, ErrorCode
 from shared.model_store import ModelStore, ResolvedVoice
-from shared.options import MixOptions, SeparationOptions
-from shared.quality import MELODY_MIN_VOICED_S, QualityReport
+from shared.options import BackingMode, MixOptions, SeparationOptions, StemOptions
+from shared.quality import MELODY_MIN_VOICED_S, QualityReport, SingerScore, StemsUsed
 from shared.settings import Settings
 from shared.stages import Stage
 
@@ -50,9 +55,28 @@ class CoverOptions(BaseModel):
     conversion: ConversionOptions = Field(default_factory=ConversionOptions)
     separation: SeparationOptions = Field(default_factory=SeparationOptions)
     mix: MixOptions = Field(default_factory=MixOptions)
+    stems: StemOptions = Field(default_factory=StemOptions)
     allow_no_vocals: bool = Field(
         False, description="render a song whose separated vocals hold no singing (the gate refuses it otherwise)"
     )
+
+
+class CastPart(BaseModel):
+    """A further voice of a duet and the lead's ranges it sings (seconds)."""
+
+    voice: ResolvedVoice
+    ranges: list[tuple[float, float]]
+    options: ConversionOptions | None = None  # None: the cover's
+
+
+class Cast(BaseModel):
+    """Who sings beside the cover's main voice: further voices on the lead, another on the backing."""
+
+    parts: list[CastPart] = Field(default_factory=list)
+    backing_voice: ResolvedVoice | None = None
+
+
+DUET_SIMILARITY_MIN_S = 1.0  # a stretch shorter than this is not scored for its singer
 
 
 def made_with(options: CoverOptions, converted: ConvertedVocals, chain: EffectChain) -> list[str]:
@@ -76,6 +100,7 @@ class CoverResult(BaseModel):
     song: SongAudio
     mix: MixResult
     conversion: ConvertedVocals
+    vocal_stems: VocalStems | None = None
     stems_cached: bool
     timings: dict[str, float]
 
@@ -96,6 +121,7 @@ class Pipeline:
             decoder=settings.decoder,
         )
         self._separators: dict[str, Separator] = {}
+        self.splitter = VocalSplitter(self.store, settings.threads)
         self._meter: QualityMeter | None = None
         self._references: dict[tuple[str, str], list[float] | None] = {}
         self._referencing = threading.Lock()
@@ -162,28 +188,197 @@ class Pipeline:
         voice: ResolvedVoice,
         source_f0: np.ndarray | None = None,
         progress: Callable[[float], None] | None = None,
+        cast: Cast | None = None,
+        spans: list[Span] | None = None,
     ) -> QualityReport:
-        """Score the converted vocals against the separated ones.
+        """Score the converted vocals against the separated ones; a duet's segments each against the
+        voice singing most of it, and each of its stretches for likeness to every voice.
 
         Args:
-            vocals: the separated vocals
+            vocals: the separated vocals (the lead that was converted)
             converted: the converted vocals
             voice: the voice (its reference embedding)
             source_f0: the separated vocals' melody when :meth:`sung` measured it already
             progress: called with the fraction of the scoring done
+            cast: a duet's further voices (None: one voice)
+            spans: the duet's stretches (:func:`job.render.duet.plan`)
         """
         # the quality models take 16 kHz mono: read so, a block at a time (memory flat in the song's length)
         source, output = read_16k(vocals).audio, read_16k(converted.path).audio
-        return self.meter.conversion(
+        references = {voice.name: self.reference(voice)}
+        for part in (cast or Cast()).parts:
+            references.setdefault(part.voice.name, self.reference(part.voice))
+        shift: float | np.ndarray = converted.pitch_shift
+        reference_at = None
+        if spans:
+            frame_s = self.meter.frame_s
+            shift = np.full(
+                1 + len(output) // max(1, round(frame_s * CONTENT_SAMPLE_RATE)), float(converted.pitch_shift)
+            )
+            for a, b, semitones in converted.shifts:
+                shift[int(a / frame_s) : int(np.ceil(b / frame_s))] = semitones
+
+            def reference_at(a: float, b: float) -> list[float] | None:
+                return references[_mostly(spans, a, b)]
+
+        report = self.meter.conversion(
             source,
             CONTENT_SAMPLE_RATE,
             output,
             CONTENT_SAMPLE_RATE,
-            converted.pitch_shift,
-            self.reference(voice),
+            shift,
+            references[voice.name],
             source_f0=source_f0,
             progress=progress,
+            reference_at=reference_at,
         )
+        if spans:
+            report.singers = self.singer_scores(output, spans, references)
+        return report
+
+    def singer_scores(
+        self, output16: np.ndarray, spans: list[Span], references: dict[str, list[float] | None]
+    ) -> list[SingerScore]:
+        """Each duet stretch's likeness (speaker similarity) to every voice of the cover."""
+        scores = []
+        for span in spans:
+            a, b = int(span.start_s * CONTENT_SAMPLE_RATE), int(span.end_s * CONTENT_SAMPLE_RATE)
+            embedding = (
+                self.meter.embedding(output16[a:b]) if span.end_s - span.start_s >= DUET_SIMILARITY_MIN_S else None
+            )
+            similarity = {
+                name: None if embedding is None or ref is None else round(float(np.dot(embedding, ref)), 4)
+                for name, ref in references.items()
+            }
+            measured = {k: v for k, v in similarity.items() if v is not None}
+            own = max(measured, key=lambda k: measured[k]) in span.voices if len(measured) > 1 else None
+            scores.append(
+                SingerScore(
+                    start_s=round(span.start_s, 3),
+                    end_s=round(span.end_s, 3),
+                    voices=list(span.voices),
+                    similarity=similarity,
+                    sung_by_its_voice=own,
+                )
+            )
+        return scores
+
+    def sing_parts(
+        self,
+        lead: Path,
+        voice: ResolvedVoice,
+        cast: Cast,
+        out: Path,
+        options: ConversionOptions,
+        progress: Callable[[float], None] | None = None,
+    ) -> tuple[ConvertedVocals, list[Span]]:
+        """The lead sung by ``voice`` and the cast's further voices, each in its stretches
+        (:mod:`job.render.duet`), into the mono WAV ``out`` at ``voice``'s rate.
+
+        Args:
+            lead: the lead vocals
+            voice: the main voice (everything no part names)
+            cast: the further voices and their ranges
+            out: the converted lead's WAV
+            options: the main voice's conversion options (key_shift and autotune's key hold for all)
+            progress: called with the fraction done
+        """
+        from job.render.duet import runs
+
+        if options.pitch == "auto-fit":
+            raise CoverError(
+                ErrorCode.OPTIONS_INVALID,
+                "pitch 'auto-fit' moves the whole song's key, which one voice of a duet cannot choose for all: "
+                "give a number of semitones or 'auto', and key_shift for the song",
+            )
+        source, rate = read_wav(lead, mmap=True)
+        duration = source.shape[-1] / rate
+        spans = plan(
+            duration,
+            voice.name,
+            [(p.voice.name, p.ranges) for p in cast.parts],
+            frame_energy(read_16k(lead).audio, CONTENT_SAMPLE_RATE),
+        )
+        shared = {"key_shift": options.key_shift, "autotune_key": options.autotune_key}
+        singers = {voice.name: (voice, options)}
+        for part in cast.parts:
+            singers.setdefault(part.voice.name, (part.voice, (part.options or options).model_copy(update=shared)))
+        out_rate = self.converter.load_voice(voice).sample_rate
+        total = sum(b - a for name in singers for a, b in runs(spans, name, duration)) or 1.0
+        done = 0.0
+        shifts: list[tuple[float, float, int, str]] = []
+        times = PartTimes()
+        synthesised = 0.0
+
+        def render(name: str, a: float, b: float) -> np.ndarray:
+            nonlocal done, synthesised
+            singer, singer_options = singers[name]
+            result = self.convert_stretch(source, rate, a, b, singer, singer_options)
+            audio = result.audio
+            if result.sample_rate != out_rate:
+                g = np.gcd(result.sample_rate, out_rate)
+                audio = resample_poly(audio, out_rate // g, result.sample_rate // g).astype(np.float32)
+            shifts.append((round(a, 3), round(b, 3), result.pitch_shift, name))
+            for field in PartTimes.model_fields:
+                setattr(times, field, getattr(times, field) + getattr(result.times, field))
+            synthesised += result.synthesised_s
+            done += b - a
+            if progress:
+                progress(min(1.0, done / total))
+            return audio
+
+        frames = round(duration * out_rate)
+        write_wav(out, sing(spans, frames, out_rate, render, duration), out_rate)
+        main_shifts = [shift for _, _, shift, name in shifts if name == voice.name]
+        converted = ConvertedVocals(
+            path=out,
+            sample_rate=out_rate,
+            duration_s=frames / out_rate,
+            pitch_shift=main_shifts[0] if main_shifts else options.key_shift,
+            key_change=options.key_shift,
+            parts=times,
+            synthesised_s=synthesised,
+            shifts=[(a, b, shift) for a, b, shift, _ in shifts],
+        )
+        return converted, spans
+
+    def _backing(
+        self,
+        vocal: VocalStems,
+        voice: ResolvedVoice,
+        lead_voice: ResolvedVoice,
+        options: ConversionOptions,
+        converted: ConvertedVocals,
+        work: Path,
+    ) -> list[Path]:
+        """What the bed gets beside the instrumental: the backing as sung or converted by ``voice``
+        (muted: nothing), and the lead's room when kept; each 44.1 kHz stereo. The lead's voice sings
+        the backing at the lead's settled shift; another voice keeps a number of semitones, and
+        'auto'/'auto-fit' become whole octaves toward its range on top of the song's key change.
+
+        Args:
+            vocal: the split vocal stems
+            voice: the backing's voice
+            lead_voice: the lead's (main) voice
+            options: the cover's conversion options
+            converted: the converted lead (its settled shift and key change)
+            work: the render's work folder
+        """
+        extras = []
+        if vocal.backing is not None and vocal.backing_mode is BackingMode.ORIGINAL:
+            extras.append(vocal.backing)
+        elif vocal.backing is not None and vocal.backing_mode is BackingMode.CONVERT:
+            if voice.name == lead_voice.name:
+                settled = options.model_copy(update={"pitch": converted.pitch_shift - options.key_shift})
+            elif isinstance(options.pitch, str):
+                settled = options.model_copy(update={"pitch": "auto", "key_shift": converted.key_change})
+            else:
+                settled = options
+            sung = self.convert(vocal.backing, voice, work / "backing.converted.wav", settled)
+            extras.append(at_mix_rate(sung.path, work / "backing.converted.44k.wav"))
+        if vocal.room is not None:
+            extras.append(vocal.room)
+        return extras
 
     def sung(self, vocals: Path) -> np.ndarray:
         """The separated vocals' melody (Hz per quality frame, 0 unvoiced); :class:`CoverError`
@@ -243,6 +438,12 @@ class Pipeline:
     def convert_span(
         self, source: np.ndarray, rate: int, lo_s: float, hi_s: float, voice: ResolvedVoice, options: ConversionOptions
     ) -> np.ndarray:
+        """:meth:`convert_stretch`'s audio alone."""
+        return self.convert_stretch(source, rate, lo_s, hi_s, voice, options).audio
+
+    def convert_stretch(
+        self, source: np.ndarray, rate: int, lo_s: float, hi_s: float, voice: ResolvedVoice, options: ConversionOptions
+    ) -> ConversionResult:
         """The converted audio from ``lo_s`` to ``hi_s`` of ``source`` (at the voice's rate), converted
         alone with ``CONTEXT_S`` of the song either side.
 
@@ -258,7 +459,8 @@ class Pipeline:
         b = min(source.shape[-1], int(np.ceil((hi_s + CONTEXT_S) * rate)))
         result = self.converter.convert(source[..., a:b], rate, self.converter.load_voice(voice), options)
         offset = round((lo_s - a / rate) * result.sample_rate)
-        return result.audio[offset : offset + round((hi_s - lo_s) * result.sample_rate)]
+        audio = result.audio[offset : offset + round((hi_s - lo_s) * result.sample_rate)]
+        return result.model_copy(update={"audio": audio})
 
     def _separator(self, key: str, options: SeparationOptions) -> Separator:
         if key not in self._separators:
@@ -344,6 +546,95 @@ class Pipeline:
         said = f"{key.name} (heard in the instrumental, margin {key.confidence:.2f})"
         return options.model_copy(update={"conversion": conversion}), said
 
+    def separate_vocals(
+        self, song: SongAudio, work: Path, options: CoverOptions, progress: Callable[[float], None]
+    ) -> tuple[Stems, bool, VocalStems]:
+        """Demucs' stems (and whether they were cached), then the vocal stem split as ``options.stems``
+        and the store's MDX-Net models ask (:mod:`job.render.separate.vocal_split`).
+
+        Args:
+            song: the fetched song
+            work: the render's work folder (the stems go to ``stems/``)
+            options: the cover's options (separation and stems)
+            progress: called with the fraction of both done
+        """
+        splitting = options.stems.backing is not None or options.stems.dereverb or self.splitter.available_any()
+        share = 0.7 if splitting else 1.0  # of the stage's bar: Demucs, then the MDX-Net splits
+        stems, cached = self.separate(song, work / "stems", options.separation, lambda f: progress(share * f))
+        vocal = self.splitter.split(
+            stems.vocals,
+            self.separator(options.separation).stem_key(song.sha256).separation_key,
+            song.sha256,
+            work / "stems",
+            options.stems,
+            self.stem_cache,
+            lambda f: progress(share + (1 - share) * f),
+        )
+        return stems, cached, vocal
+
+    def sing_lead(
+        self,
+        lead: Path,
+        voice: ResolvedVoice,
+        cast: Cast,
+        work: Path,
+        options: ConversionOptions,
+        progress: Callable[[float], None] | None = None,
+    ) -> tuple[ConvertedVocals, list[Span]]:
+        """The lead converted into ``work/converted.wav``: by ``voice`` alone, or by the cast's voices
+        in their stretches (:meth:`sing_parts`; the stretches returned, empty for one voice).
+
+        Args:
+            lead: the lead vocals
+            voice: the main voice
+            cast: further voices (none: ``voice`` sings it all)
+            work: the render's work folder
+            options: the conversion options
+            progress: called with the fraction done
+        """
+        if cast.parts:
+            return self.sing_parts(lead, voice, cast, work / "converted.wav", options, progress)
+        return self.convert(lead, voice, work / "converted.wav", options, progress), []
+
+    @staticmethod
+    def _mix(
+        instrumental: Path,
+        extras: list[Path],
+        converted: ConvertedVocals,
+        options: CoverOptions,
+        out: Path,
+        work: Path,
+        voice_name: str,
+        title: str,
+        quality: QualityReport | None,
+    ) -> MixResult:
+        """The cover: the bed (instrumental and ``extras``) in the song's new key, the converted lead
+        through the effect chain over it; the report gets the mix's scores and what shaped the cover.
+
+        Args:
+            instrumental: the separated instrumental
+            extras: what else the bed holds (backing, room), 44.1 kHz stereo
+            converted: the converted lead
+            options: the cover's options
+            out: the cover's file
+            work: the render's work folder
+            voice_name: the main voice's name (for the tags)
+            title: the title tag
+            quality: the quality report to complete (None: not measured)
+        """
+        accompaniment = bed(instrumental, extras, work / "bed.wav")
+        shifted = shift_key(accompaniment, converted.key_change, work / "no_vocals.key.wav")
+        chain = chain_for(options.mix)
+        vocals = apply_effects(converted.path, chain, work / "converted.fx.wav")
+        mixed = mix(shifted, vocals, out, options.mix, voice_name=voice_name, title=title)
+        if quality is not None:
+            quality.made_with = made_with(options, converted, chain)
+            quality.mix = mixed.scores
+            if quality.curves is not None:
+                quality.curves.waveform = mixed.peaks
+                quality.curves.mix_levels = mixed.levels
+        return mixed
+
     # --- the whole cover -----------------------------------------------------------------------
     def render(
         self,
@@ -356,6 +647,7 @@ class Pipeline:
         work: Path,
         title: str | None = None,
         discard_song: bool = False,
+        cast: Cast | None = None,
     ) -> CoverResult:
         """Render a cover of ``song`` sung by ``voice`` into ``out``.
 
@@ -370,6 +662,7 @@ class Pipeline:
             title: the cover's title tag (default: the song's file name and the voice).
             discard_song: the file ``song`` is the caller's own temporary copy (the runner's
                 download), removed with the work folder's song files once the song is separated.
+            cast: further voices on the lead (a duet) and the backing's voice (None: ``voice`` sings all).
         """
         options = options or CoverOptions()
         report = progress or (lambda stage, fraction: None)
@@ -378,10 +671,10 @@ class Pipeline:
         with timer(Stage.FETCH):
             fetched = self.fetch(song, work)
         report(Stage.FETCH, 1.0)
+        cast = cast or Cast()
         with self.device_turn(timer), timer(Stage.SEPARATE):
-            stems, cached = self.separate(
-                fetched, work / "stems", options.separation, lambda f: report(Stage.SEPARATE, f)
-            )
+            stems, cached, vocal = self.separate_vocals(fetched, work, options, lambda f: report(Stage.SEPARATE, f))
+        report(Stage.SEPARATE, 1.0)
         fetched.discard_files()  # the stems are what the later stages read
         if discard_song:
             Path(song).unlink(missing_ok=True)
@@ -389,51 +682,49 @@ class Pipeline:
         source_f0 = None
         if self.settings.quality == "gate" and not options.allow_no_vocals:
             with timer(Stage.QUALITY):  # an instrumental is refused here, before the conversion's cost
-                source_f0 = self.sung(stems.vocals)
+                source_f0 = self.sung(vocal.lead)
         song_key = None
         if options.conversion.autotune > 0:
             with timer(Stage.CONVERT):
                 options, song_key = self._settle_key(options, stems.no_vocals)
         with self.device_turn(timer), timer(Stage.CONVERT):
-            converted = self.convert(
-                stems.vocals, voice, work / "converted.wav", options.conversion, lambda f: report(Stage.CONVERT, f)
+            converted, spans = self.sing_lead(
+                vocal.lead, voice, cast, work, options.conversion, lambda f: report(Stage.CONVERT, f)
             )
+            extras = self._backing(vocal, cast.backing_voice or voice, voice, options.conversion, converted, work)
         release_freed_memory(0)
         quality = None
         if self.settings.quality != "off":
             with timer(Stage.QUALITY):
-                quality = self.measure(stems.vocals, converted, voice, source_f0, lambda f: report(Stage.QUALITY, f))
+                quality = self.measure(
+                    vocal.lead, converted, voice, source_f0, lambda f: report(Stage.QUALITY, f), cast, spans
+                )
                 quality.song_key = song_key
+                quality.stems = StemsUsed(said=vocal.said(), backing_mode=vocal.backing_mode)
             report(Stage.QUALITY, 1.0)
-            if self.settings.repair_budget > 0 and any(s.below for s in quality.segments):
+            # a duet is not repaired: the loop re-renders a segment with one voice (docs/quality.md)
+            if self.settings.repair_budget > 0 and any(s.below for s in quality.segments) and not cast.parts:
                 with self.device_turn(timer), timer(Stage.REPAIR):
-                    self.repair(
-                        stems.vocals, converted, voice, options.conversion, quality, timer.seconds(Stage.CONVERT)
-                    )
+                    self.repair(vocal.lead, converted, voice, options.conversion, quality, timer.seconds(Stage.CONVERT))
                 report(Stage.REPAIR, 1.0)
         release_freed_memory(0)  # and what scoring and repair freed, before the mix
         with timer(Stage.MIX):
-            instrumental = shift_key(stems.no_vocals, converted.key_change, work / "no_vocals.key.wav")
-            chain = chain_for(options.mix)
-            vocals = apply_effects(converted.path, chain, work / "converted.fx.wav")
-            mixed = mix(
-                instrumental,
-                vocals,
+            mixed = self._mix(
+                stems.no_vocals,
+                extras,
+                converted,
+                options,
                 Path(out),
-                options.mix,
-                voice_name=voice.name,
-                title=title or f"{Path(str(song)).stem} ({voice.info.display_name} cover)",
+                work,
+                voice.name,
+                title or f"{Path(str(song)).stem} ({voice.info.display_name} cover)",
+                quality,
             )
         report(Stage.MIX, 1.0)
-        if quality is not None:
-            quality.made_with = made_with(options, converted, chain)
-            quality.mix = mixed.scores
-            if quality.curves is not None:
-                quality.curves.waveform = mixed.peaks
-                quality.curves.mix_levels = mixed.levels
         return CoverResult(
             output=Path(out),
             quality=quality,
+            vocal_stems=vocal,
             voice=voice.name,
             song=fetched,
             mix=mixed,
@@ -441,3 +732,14 @@ class Pipeline:
             stems_cached=cached,
             timings=timer.in_order(),
         )
+
+
+def _mostly(spans: list[Span], a: float, b: float) -> str:
+    """The voice singing most of ``a`` to ``b`` (each voice of a unison stretch counted in full)."""
+    seconds: dict[str, float] = {}
+    for span in spans:
+        overlap = min(b, span.end_s) - max(a, span.start_s)
+        if overlap > 0:
+            for name in span.voices:
+                seconds[name] = seconds.get(name, 0.0) + overlap
+    return max(seconds, key=lambda k: seconds[k]) if seconds else spans[0].voices[0]

@@ -204,10 +204,11 @@ class QualityMeter:
         source_rate: int,
         converted: np.ndarray,
         converted_rate: int,
-        pitch_shift: float,
+        pitch_shift: float | np.ndarray,
         reference: list[float] | None,
         source_f0: np.ndarray | None = None,
         progress: Callable[[float], None] | None = None,
+        reference_at: Callable[[float, float], list[float] | None] | None = None,
     ) -> QualityReport:
         """Score the converted vocals against the separated ones (without the mix); the report's
         ``measured_s`` is the scoring's time, the models loaded first.
@@ -217,12 +218,15 @@ class QualityMeter:
             source_rate: their sample rate
             converted: the converted vocals, mono
             converted_rate: their sample rate
-            pitch_shift: the semitones the conversion moved the melody (the source's melody is moved alike)
+            pitch_shift: the semitones the conversion moved the melody (the source's melody is moved
+                alike); an array: per quality frame (a duet's voices may shift differently)
             reference: the voice's reference embedding (None: likeness not scored)
             source_f0: the separated vocals' melody when already measured (:meth:`pitch` of them at
                 16 kHz, unshifted), instead of measuring it again
             progress: called with the fraction done as the scoring advances (below 1: the caller
                 reports the end)
+            reference_at: ``(start_s, end_s)`` -> the reference of the voice singing that segment
+                (a duet's), instead of ``reference``
         """
         report = progress or (lambda fraction: None)
         self.load()
@@ -233,7 +237,11 @@ class QualityMeter:
         n = min(len(src), len(out))
         src, out = src[:n], out[:n]
         frames = 1 + n // HOP
-        f0_src = (self.pitch(src) if source_f0 is None else source_f0[:frames]) * 2 ** (pitch_shift / 12)
+        f0_src = self.pitch(src) if source_f0 is None else source_f0[:frames]
+        if isinstance(pitch_shift, np.ndarray):  # per frame: padded with its last value, cut to the melody's
+            pitch_shift = np.pad(pitch_shift, (0, max(0, len(f0_src) - len(pitch_shift))), mode="edge")
+            pitch_shift = pitch_shift[: len(f0_src)]
+        f0_src = f0_src * 2 ** (pitch_shift / 12)
         report(0.2)
         f0_out = self.pitch(out)
         report(0.35)
@@ -252,6 +260,9 @@ class QualityMeter:
             a, b = int(start * RATE), int(end * RATE)
             fa, fb = frame_span(start, end)
             dnsmos = next(natural) if is_sung else None
+            if reference_at is not None:
+                own = reference_at(start, end)
+                ref = np.asarray(own, dtype=np.float32) if own else None
             scores = self._scores(f0_src[fa:fb], f0_out[fa:fb], out[a:b], ref if is_sung else None, dnsmos)
             segments.append(Segment(start_s=round(start, 3), end_s=round(end, 3), **scores.model_dump()))
         whole = self.whole(f0_src, f0_out, segments)

@@ -66,3 +66,18 @@ class StemCache:
     def put(self, key: StemKey, stems: Stems) -> None:
         for name in STEM_NAMES:
             self.storage.upload_file(key.object_key(name), getattr(stems, name), "audio/wav")
+
+    def get_files(
+        self, audio_sha256: str, separation_key: str, names: tuple[str, ...], out_dir: Path
+    ) -> dict[str, Path] | None:
+        """Stems split further (``job/render/separate/vocal_split.py``), copied into ``out_dir``, or
+        None unless all are cached (the last name is written last and looked up first)."""
+        keys = {name: Keys.stem(audio_sha256, separation_key, name) for name in names}
+        if any(self.storage.head(keys[name]) is None for name in reversed(names)):
+            return None
+        log.info("split stems from the cache: %s", keys[names[0]])
+        return {name: self.storage.download(key, out_dir / f"{name}.wav") for name, key in keys.items()}
+
+    def put_files(self, audio_sha256: str, separation_key: str, paths: dict[str, Path]) -> None:
+        for name, path in paths.items():
+            self.storage.upload_file(Keys.stem(audio_sha256, separation_key, name), path, "audio/wav")
