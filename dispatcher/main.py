@@ -151,7 +151,7 @@ def _submit(request: Request) -> Response:  # noqa: PLR0911 - reads best top to 
         return problem(413, "request.too_large", f"a request body is at most {MAX_REQUEST_BYTES} bytes")
     try:
         cover_request = parse_request(body)
-        cid, _ = resolve(svc.storage, svc.keys, svc.models, cover_request)
+        cid, _, _ = resolve(svc.storage, svc.keys, svc.models, cover_request)
         # every request gets an id that its events echo, and a runner (shared/routing.py)
         routed = cover_request.model_copy(
             update={

@@ -117,7 +117,7 @@ class Unanswered:
 
     def _cover_id(self, data: bytes, attributes: Mapping[str, str]) -> str | None:
         try:
-            cid, _ = resolve(self.storage, self.keys, self.models, parse_request(data, attributes))
+            cid, _, _ = resolve(self.storage, self.keys, self.models, parse_request(data, attributes))
         except CoverError:
             return None
         return cid

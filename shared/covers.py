@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from shared.errors import CoverError, ErrorCode
-from shared.events import CoverCompleted, CoverRequest, cover_id
+from shared.events import CoverCompleted, CoverRequest, cast_identity, cover_id
 from shared.model_store import ModelStore
 from shared.storage import Keys, Storage
 from shared.voices import VoiceInfo
@@ -17,22 +17,31 @@ def song_identity(storage: Storage, keys: Keys, song_id: str) -> str:
     return f"{storage.bucket}/{head.key}@{head.etag}"
 
 
-def resolve(storage: Storage, keys: Keys, models: ModelStore, request: CoverRequest) -> tuple[str, VoiceInfo]:
-    """(cover id, voice) of a request, or :class:`CoverError` (unknown voice, missing song).
+def resolve(
+    storage: Storage, keys: Keys, models: ModelStore, request: CoverRequest
+) -> tuple[str, VoiceInfo, dict[str, VoiceInfo]]:
+    """(cover id, main voice, every further voice by name) of a request, or :class:`CoverError`
+    (an unknown voice, a speaker out of range, a missing song).
 
     Args:
         storage: the bucket
         keys: the bucket's key table
-        models: the model store (the voice's ``voice.json``)
+        models: the model store (each voice's ``voice.json``)
         request: the request
     """
-    info = models.voice_info(request.voice_model)
-    if request.options.speaker >= info.speakers:
-        raise CoverError(
-            ErrorCode.OPTIONS_INVALID,
-            f"speaker {request.options.speaker} is out of range: voice '{info.name}' has {info.speakers}",
-        )
-    return cover_id(song_identity(storage, keys, request.song_id), info.name, info.model_version, request.options), info
+    infos = {name: models.voice_info(name) for name in request.voice_names()}
+    info = infos[request.voice_model]
+    speakers = [(request.voice_model, request.options.speaker)]
+    speakers += [(p.voice_model, p.options.speaker) for p in request.voices if p.options is not None]
+    for name, speaker in speakers:
+        if speaker >= infos[name].speakers:
+            raise CoverError(
+                ErrorCode.OPTIONS_INVALID,
+                f"speaker {speaker} is out of range: voice '{name}' has {infos[name].speakers}",
+            )
+    cast = cast_identity(request, {name: i.model_version for name, i in infos.items()})
+    cid = cover_id(song_identity(storage, keys, request.song_id), info.name, info.model_version, request.options, cast)
+    return cid, info, {name: i for name, i in infos.items() if name != request.voice_model}
 
 
 def served(completed: CoverCompleted, storage: Storage) -> CoverCompleted:

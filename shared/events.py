@@ -16,11 +16,12 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from shared.cast import MAX_VOICES, VoicePart
 from shared.errors import CoverError, ErrorCode
 from shared.names import REQUEST_ID_PATTERN, SONG_ID_MAX_LENGTH, SONG_ID_PATTERN, VOICE_NAME_PATTERN, printable
-from shared.options import OutputFormat, RequestOptions
+from shared.options import STEM_OPTION_NAMES, BackingMode, OutputFormat, RequestOptions, StemOptions
 from shared.quality import QualityReport
 from shared.routing import ATTRIBUTE, Runner
 from shared.stages import Stage
@@ -45,8 +46,24 @@ class CoverRequest(BaseModel):
         description="The Catalog's song id: /-separated segments of letters, digits, '.', '_', '-', "
         "each starting with a letter or digit (no empty, '.' or '..' segment).",
     )
-    voice_model: str = Field(pattern=VOICE_NAME_PATTERN, description="A voice name, as GET /models lists them.")
+    voice_model: str = Field(
+        pattern=VOICE_NAME_PATTERN,
+        description="A voice name, as GET /models lists them: the main voice, which sings all of the lead that "
+        "`voices` does not give to another.",
+    )
     options: RequestOptions = Field(default_factory=RequestOptions)
+    voices: list[VoicePart] = Field(
+        default_factory=list,
+        max_length=MAX_VOICES,
+        description="Further voices on the lead (a duet; a range given to several voices is sung in unison), each "
+        "with the ranges it sings in seconds and optionally its own conversion options. Empty: voice_model sings "
+        "it all.",
+    )
+    backing_voice: str | None = Field(
+        None,
+        pattern=VOICE_NAME_PATTERN,
+        description="The voice that sings the backing vocals with options.backing 'convert' (unset: voice_model).",
+    )
     runner: Runner | None = Field(
         None,
         description="Which runner renders it: cpu (a Cloud Run Job execution) or gpu (a GPU runner); "
@@ -71,6 +88,22 @@ class CoverRequest(BaseModel):
         "second; otherwise, under the quality gate, it ends before conversion as cover.failed with code "
         "input.no_vocals).",
     )
+
+    @model_validator(mode="after")
+    def _cast_fits(self) -> CoverRequest:
+        if self.voices and self.options.pitch == "auto-fit":
+            raise ValueError(
+                "pitch 'auto-fit' moves the whole song's key for one voice: a duet takes a number of semitones or "
+                "'auto', and key_shift for the song"
+            )
+        if self.backing_voice is not None and self.options.backing is not BackingMode.CONVERT:
+            raise ValueError("backing_voice sings the backing only with options.backing 'convert'")
+        return self
+
+    def voice_names(self) -> list[str]:
+        """Every voice the request names, the main voice first, each once."""
+        named = [self.voice_model, *(p.voice_model for p in self.voices)]
+        return list(dict.fromkeys([*named, *([self.backing_voice] if self.backing_voice else [])]))
 
 
 REQUEST_ID_FIELD = Field(
@@ -102,6 +135,11 @@ class CoverCompleted(BaseModel):
     voice_model: str
     voice_version: str
     options: RequestOptions
+    voices: list[VoicePart] = Field(default_factory=list, description="The further voices, as requested.")
+    backing_voice: str | None = None
+    voice_versions: dict[str, str] = Field(
+        default_factory=dict, description="Every further voice's version (the main voice's is voice_version)."
+    )
     bucket: str
     key: str
     url: str = Field(
@@ -161,27 +199,66 @@ EVENT_MODELS: dict[str, type[BaseModel]] = {
 }
 
 
-def cover_id(song_identity: str, voice: str, voice_version: str, options: RequestOptions) -> str:
-    """Deterministic id of a cover: what determines its output, hashed.
+STEM_DEFAULTS = StemOptions().model_dump(mode="json")
+
+
+def cover_id(
+    song_identity: str,
+    voice: str,
+    voice_version: str,
+    options: RequestOptions,
+    cast: dict[str, Any] | None = None,
+) -> str:
+    """Deterministic id of a cover: what determines its output, hashed. The stem options at their
+    defaults and an empty cast are left out, so a request that names none keeps the id it had before
+    they existed.
 
     Args:
         song_identity: the song object's identity (bucket, key, ETag)
         voice: the voice's name
         voice_version: the voice's version (its model's sha256 prefix)
         options: the request's options
+        cast: :func:`cast_identity` of the request's further voices (None or empty: one voice)
     """
-    canonical = json.dumps(
-        {
-            "song": song_identity,
-            "voice": voice,
-            "voice_version": voice_version,
-            "options": options.model_dump(mode="json"),
-            "pipeline": PIPELINE_VERSION,
-        },
-        sort_keys=True,
-        separators=(",", ":"),
-    )
+    dumped = options.model_dump(mode="json")
+    for name in STEM_OPTION_NAMES:
+        if dumped[name] == STEM_DEFAULTS[name]:
+            del dumped[name]
+    identity: dict[str, Any] = {
+        "song": song_identity,
+        "voice": voice,
+        "voice_version": voice_version,
+        "options": dumped,
+        "pipeline": PIPELINE_VERSION,
+    }
+    if cast:
+        identity["cast"] = cast
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def cast_identity(request: CoverRequest, versions: dict[str, str]) -> dict[str, Any]:
+    """What a request's further voices add to its cover's identity: each voice with its version, its
+    ranges and its options, and the backing's voice (empty when the main voice sings everything).
+
+    Args:
+        request: the request
+        versions: each named voice's version
+    """
+    cast: dict[str, Any] = {}
+    if request.voices:
+        cast["voices"] = [
+            {
+                "voice": part.voice_model,
+                "voice_version": versions[part.voice_model],
+                "ranges": [[r.start_s, r.end_s] for r in part.ranges],
+                "options": None if part.options is None else part.options.model_dump(mode="json"),
+            }
+            for part in request.voices
+        ]
+    if request.backing_voice:
+        cast["backing_voice"] = {"voice": request.backing_voice, "voice_version": versions[request.backing_voice]}
+    return cast
 
 
 def answer_event_id(kind: str, cover_id: str | None, request_id: str | None, data: bytes) -> str:

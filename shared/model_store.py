@@ -5,7 +5,7 @@ One class owns the whole layout, locally and in the bucket. Nothing else spells 
 | what | local path (under ``COVER_MODELS_DIR``) | bucket key |
 | --- | --- | --- |
 | separation (Demucs' layout) | ``separation/{NAME}.yaml``, ``separation/{SIG}-{SHA}.th`` | ``models/separation/`` |
-| MDX-Net stem models (optional: one per kind) | ``separation/mdx/{karaoke,dereverb}.{onnx,json}`` | ``models/separation/mdx/`` |
+| MDX-Net models (optional) | ``separation/mdx/{karaoke,dereverb}.{onnx,json}`` | ``models/separation/mdx/`` |
 | content encoder (HuBERT) | ``base/hubert/{config.json, model.safetensors}`` | ``models/base/hubert/`` |
 | pitch model (RMVPE) | ``base/rmvpe.pt`` | ``models/base/rmvpe.pt`` |
 | the FCPE pitch model (optional: ``f0_method=fcpe``) | ``base/fcpe.pt`` | ``models/base/fcpe.pt`` |

@@ -231,7 +231,8 @@ class StemOptions(BaseModel):
     )
     stem_denoise: bool = Field(
         False,
-        description="Run the MDX-Net models on x and -x and keep what follows the input (less model noise, twice the time).",
+        description="Run the MDX-Net models on x and -x, keeping what follows the input (less model noise, twice the "
+        "time).",
     )
 
 

@@ -24,7 +24,15 @@ from shared.errors import EXIT_INTERNAL, EXIT_QUALITY_GATE, CoverError, ErrorCod
 from shared.logs import setup_logging
 from shared.model_store import ModelStore
 from shared.names import printable
-from shared.options import ConversionOptions, MixOptions, OutputFormat, SeparationOptions, format_for
+from shared.options import (
+    BackingMode,
+    ConversionOptions,
+    MixOptions,
+    OutputFormat,
+    SeparationOptions,
+    StemOptions,
+    format_for,
+)
 from shared.quality import QualityReport, refusal, refuses, summary
 from shared.settings import Settings
 from shared.stages import Stage
@@ -32,7 +40,7 @@ from shared.voices import VOICE_FILE, VoiceInfo
 
 if TYPE_CHECKING:
     from job.cli.base_models import PublicModel
-    from job.render.pipeline import CoverOptions, CoverResult, Pipeline
+    from job.render.pipeline import Cast, CoverOptions, CoverResult, Pipeline
 
 
 class StageBars:
@@ -138,6 +146,7 @@ def _cover_options(args: argparse.Namespace, output: str) -> CoverOptions:
         conversion=model_from_args(ConversionOptions, args),
         separation=model_from_args(SeparationOptions, args),
         mix=mix,
+        stems=model_from_args(StemOptions, args),
         allow_no_vocals=getattr(args, "allow_no_vocals", False),
     )
 
@@ -165,15 +174,44 @@ def _stems_line(cached: bool) -> str:
 # --- commands ----------------------------------------------------------------------------------
 
 
+def _cast(args: argparse.Namespace, pipeline: Pipeline, options: CoverOptions) -> tuple[str, Cast]:
+    """The main voice's name and the further voices of ``--voice a --voice b@FROM-TO ...`` and
+    ``--backing-voice``, each resolved (an unknown voice fails here, before any work)."""
+    from job.render.pipeline import Cast, CastPart
+    from shared.cast import parse_cli_voices
+
+    try:
+        main, parts = parse_cli_voices(args.voice)
+    except ValueError as exc:
+        raise CoverError(ErrorCode.OPTIONS_INVALID, str(exc)) from None
+    if parts and options.conversion.pitch == "auto-fit":
+        raise CoverError(
+            ErrorCode.OPTIONS_INVALID,
+            "--pitch auto-fit moves the song's key for one voice: a duet takes semitones or auto",
+        )
+    if args.backing_voice and options.stems.backing is not BackingMode.CONVERT:
+        raise CoverError(ErrorCode.OPTIONS_INVALID, "--backing-voice sings the backing with --backing convert only")
+    cast = Cast(
+        parts=[
+            CastPart(voice=pipeline.store.voice(p.voice_model), ranges=[(r.start_s, r.end_s) for r in p.ranges])
+            for p in parts
+            if p.voice_model != main
+        ],
+        backing_voice=pipeline.store.voice(args.backing_voice) if args.backing_voice else None,
+    )
+    return main, cast
+
+
 def cmd_make(args: argparse.Namespace) -> int:
     settings = _settings(args)
     pipeline = _pipeline(args, settings)
-    voice = pipeline.store.voice(args.voice)  # an unknown voice fails before any work
     options = _cover_options(args, args.output)
+    main, cast = _cast(args, pipeline, options)
+    voice = pipeline.store.voice(main)  # an unknown voice fails before any work
     with work_folder(settings.work_dir) as work:
         bars = StageBars(not args.json)
         with bars.watching_loads():
-            result = pipeline.render(args.song, voice, Path(args.output), options, bars, work=work)
+            result = pipeline.render(args.song, voice, Path(args.output), options, bars, work=work, cast=cast)
     refused = refuses(result.quality, settings.quality, args.publish_below_gate, settings.quality_unmeasurable)
     _emit(
         args,
@@ -187,6 +225,9 @@ def cmd_make(args: argparse.Namespace) -> int:
             "true_peak_dbtp": result.mix.true_peak_dbtp,
             "pitch_shift": result.conversion.pitch_shift,
             "parts": result.conversion.parts.model_dump(),
+            "stems": result.vocal_stems.model_dump(mode="json", exclude={"lead", "backing", "room"})
+            if result.vocal_stems
+            else None,
             "quality": result.quality.model_dump(mode="json") if result.quality else None,
             "gate": "refused" if refused else "published",
         },
@@ -195,8 +236,10 @@ def cmd_make(args: argparse.Namespace) -> int:
             result.output,
             result.timings,
             [
-                f"voice {result.voice}, pitch shift {result.conversion.pitch_shift:+d} semitones",
+                f"voice {result.voice}, pitch shift {result.conversion.pitch_shift:+d} semitones"
+                + "".join(f"; {p.voice.name} at {_ranges(p.ranges)}" for p in cast.parts),
                 _stems_line(result.stems_cached),
+                *([result.vocal_stems.said()] if result.vocal_stems else []),
                 f"{result.mix.duration_s:.1f} s, {result.mix.loudness_lufs:.1f} LUFS, "
                 f"true peak {result.mix.true_peak_dbtp:.1f} dBTP",
                 *_quality_lines(result.quality),
@@ -213,6 +256,10 @@ def cmd_make(args: argparse.Namespace) -> int:
         )
         return EXIT_QUALITY_GATE
     return 0
+
+
+def _ranges(ranges: list[tuple[float, float]]) -> str:
+    return ", ".join(f"{a:g}-{b:g} s" for a, b in ranges)
 
 
 def _write_report(result: CoverResult, published: bool) -> Path | None:
@@ -641,7 +688,20 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - reads best top
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("make", parents=[common, cache, conv, sep], help="render a cover", formatter_class=formatter)
     p.add_argument("song", help="audio file or http(s) URL")
-    p.add_argument("--voice", required=True, help="voice name (see `cover models list`)")
+    p.add_argument(
+        "--voice",
+        required=True,
+        action="append",
+        metavar="NAME[@FROM-TO,...]",
+        help="voice name (see `cover models list`); repeat for a duet: --voice a --voice b@32.5-61 gives 32.5 to 61 s "
+        "of the lead to b and the rest to a (the same range to two voices: unison)",
+    )
+    p.add_argument(
+        "--backing-voice",
+        metavar="NAME",
+        help="the voice that sings the backing with --backing convert (default: the main voice)",
+    )
+    add_model_flags(p, StemOptions, "lead and backing (with the store's MDX-Net models)")
     p.add_argument("-o", "--output", required=True, help="the cover's file")
     add_model_flags(p, MixOptions, "mix", exclude={"format"})
     p.add_argument(

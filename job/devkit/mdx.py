@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from torch import nn
 Size = Literal["tiny", "real"]
 
 
-def _io(dim_f: int, dim_t: int) -> tuple[object, object]:
+def _io(dim_f: int, dim_t: int) -> tuple[Any, Any]:
     from onnx import TensorProto, helper
 
     shape: list[int | str] = ["batch", 4, dim_f, dim_t]
@@ -84,7 +84,15 @@ class _TfcTdf(nn.Module):
 
 
 class ConvTdfNet(nn.Module):
-    """The MDX-Net layout with ``levels`` scales (UVR's models: 5), growth ``g`` channels per scale."""
+    """The MDX-Net layout.
+
+    Args:
+        dim_f: frequency bins (divisible by ``2 ** levels``)
+        levels: scales down and up (UVR's models: 5)
+        g: channels added per scale
+        layers: 3x3 convolutions per TFC block
+        bn: the dense layer's bottleneck factor across frequency
+    """
 
     def __init__(self, dim_f: int, levels: int, g: int, layers: int, bn: int) -> None:
         super().__init__()
@@ -141,7 +149,7 @@ def write_convtdf(path: Path, dim_f: int, dim_t: int, size: Size = "tiny", seed:
     torch.onnx.export(
         net,
         (torch.zeros(1, 4, dim_f, dim_t),),
-        buffer,
+        buffer,  # type: ignore[arg-type]  # the TorchScript exporter writes to a file object too
         input_names=["input"],
         output_names=["output"],
         dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},

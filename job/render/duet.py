@@ -91,7 +91,15 @@ def plan(
 
 def gain(spans: list[Span], voice: str, frames: int, rate: int, fade_s: float = FADE_S) -> np.ndarray:
     """``voice``'s gain at each of ``frames`` samples at ``rate``: its level in each stretch
-    (``1/sqrt(n)`` of ``n`` voices, 0 where it does not sing), equal-power crossfaded at the cuts."""
+    (``1/sqrt(n)`` of ``n`` voices, 0 where it does not sing), equal-power crossfaded at the cuts.
+
+    Args:
+        spans: :func:`plan`'s stretches
+        voice: the voice
+        frames: the output's length
+        rate: its sample rate
+        fade_s: the crossfade's length, centred on each cut
+    """
     levels = [1 / np.sqrt(len(s.voices)) if voice in s.voices else 0.0 for s in spans]
     out = np.zeros(frames, dtype=np.float32)
     for span, level in zip(spans, levels, strict=True):
@@ -110,7 +118,14 @@ def gain(spans: list[Span], voice: str, frames: int, rate: int, fade_s: float = 
 
 
 def runs(spans: list[Span], voice: str, duration_s: float, fade_s: float = FADE_S) -> list[tuple[float, float]]:
-    """Where ``voice`` must be converted: its stretches joined, widened by half a fade each side."""
+    """Where ``voice`` must be converted: its stretches joined, widened by half a fade each side.
+
+    Args:
+        spans: :func:`plan`'s stretches
+        voice: the voice
+        duration_s: the lead's length (nothing beyond it)
+        fade_s: the crossfade's length
+    """
     out: list[tuple[float, float]] = []
     for span in spans:
         if voice not in span.voices:
@@ -124,7 +139,12 @@ def runs(spans: list[Span], voice: str, duration_s: float, fade_s: float = FADE_
 
 
 def sing(
-    spans: list[Span], frames: int, rate: int, render: Callable[[str, float, float], np.ndarray], duration_s: float
+    spans: list[Span],
+    frames: int,
+    rate: int,
+    render: Callable[[str, float, float], np.ndarray],
+    duration_s: float,
+    fade_s: float = FADE_S,
 ) -> np.ndarray:
     """The lead sung by every voice in ``spans``: ``[frames]`` at ``rate``.
 
@@ -134,11 +154,12 @@ def sing(
         rate: the output's rate (the main voice's)
         render: ``(voice, from_s, to_s)`` -> that stretch converted by the voice, at ``rate``
         duration_s: the lead's length in seconds
+        fade_s: the crossfade at each cut
     """
     out = np.zeros(frames, dtype=np.float32)
     for voice in dict.fromkeys(v for s in spans for v in s.voices):
-        envelope = gain(spans, voice, frames, rate)
-        for a, b in runs(spans, voice, duration_s):
+        envelope = gain(spans, voice, frames, rate, fade_s)
+        for a, b in runs(spans, voice, duration_s, fade_s):
             lo = round(a * rate)
             audio = render(voice, a, b)[: frames - lo]
             out[lo : lo + len(audio)] += envelope[lo : lo + len(audio)] * audio

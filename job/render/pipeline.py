@@ -438,7 +438,16 @@ class Pipeline:
     def convert_span(
         self, source: np.ndarray, rate: int, lo_s: float, hi_s: float, voice: ResolvedVoice, options: ConversionOptions
     ) -> np.ndarray:
-        """:meth:`convert_stretch`'s audio alone."""
+        """:meth:`convert_stretch`'s audio alone.
+
+        Args:
+            source: the separated vocals, ``[channels, samples]``
+            rate: their sample rate
+            lo_s: the stretch's start, seconds
+            hi_s: its end, seconds
+            voice: the voice
+            options: the conversion options
+        """
         return self.convert_stretch(source, rate, lo_s, hi_s, voice, options).audio
 
     def convert_stretch(

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Mapping
 from enum import Enum
 
-from job.render.pipeline import CoverOptions, CoverResult, Pipeline
+from job.render.pipeline import Cast, CastPart, CoverOptions, CoverResult, Pipeline
 from job.render.separate.stems import StemCache
 from job.render.timing import StageTimer
 from job.render.workfolder import work_folder
@@ -44,7 +44,7 @@ from shared.events import (
 from shared.hashing import sha256_of
 from shared.logs import fields
 from shared.model_store import ModelStore, ResolvedVoice
-from shared.options import FORMATS, ConversionOptions, EffectOptions, MixOptions
+from shared.options import FORMATS, ConversionOptions, EffectOptions, MixOptions, StemOptions
 from shared.quality import QualityReport, refusal, refuses, summary
 from shared.settings import Settings
 from shared.stages import Stage
@@ -184,7 +184,7 @@ class Worker:
         claim: Claim | None = None
         try:
             request = parse_request(data, attributes)
-            cid, info = resolve(self.storage, self.keys, self.models, request)
+            cid, info, others = resolve(self.storage, self.keys, self.models, request)
             existing = self.storage.get_bytes(Keys.manifest(cid))
             if existing is not None:
                 stored = CoverCompleted.model_validate_json(existing)
@@ -194,12 +194,13 @@ class Worker:
             self.prepare()
             with self._lock:
                 voice = self.models.localise(info)  # the voice's files, synced from the bucket when they differ
+                cast = self._cast(request, {name: self.models.localise(i) for name, i in others.items()})
             claim = Claim(self.storage, cid, self.settings.runner, self.settings.lease_s)
             if not claim.acquire():
                 self.busy_until = claim.held_until
                 log.info("another runner holds this cover", extra=fields(event="cover.busy", cover_id=cid))
                 return Outcome.BUSY
-            completed = self._render_claimed(request, cid, voice, claim, identity.request_id)
+            completed = self._render_claimed(request, cid, voice, claim, identity.request_id, cast)
             if not self.storage.put_bytes(Keys.manifest(cid), completed.model_dump_json().encode(), if_absent=True):
                 completed = CoverCompleted.model_validate_json(self.storage.get_bytes(Keys.manifest(cid)) or b"")
             self._status(cid, "completed", completed=completed)
@@ -258,15 +259,35 @@ class Worker:
                 extra=fields(event="claim.release_failed", cover_id=claim.cover_id, error=str(exc)[:200]),
             )
 
+    @staticmethod
+    def _cast(request: CoverRequest, voices: dict[str, ResolvedVoice]) -> Cast:
+        """The request's further voices, resolved (``voices``: by name, the main voice excluded)."""
+        parts = [
+            CastPart(
+                voice=voices[p.voice_model],
+                ranges=[(r.start_s, r.end_s) for r in p.ranges],
+                options=None if p.options is None else ConversionOptions(**p.options.model_dump()),
+            )
+            for p in request.voices
+            if p.voice_model != request.voice_model
+        ]
+        return Cast(parts=parts, backing_voice=voices.get(request.backing_voice or ""))
+
     def _render_claimed(
-        self, request: CoverRequest, cid: str, voice: ResolvedVoice, claim: Claim, request_id: str | None
+        self,
+        request: CoverRequest,
+        cid: str,
+        voice: ResolvedVoice,
+        claim: Claim,
+        request_id: str | None,
+        cast: Cast | None = None,
     ) -> CoverCompleted:
         stop = threading.Event()
         lost = threading.Event()
         renewer = threading.Thread(target=keep_renewed, args=(claim, stop, lost), daemon=True)
         renewer.start()
         try:
-            return self.render(request, cid, voice, lost, request_id)
+            return self.render(request, cid, voice, lost, request_id, cast)
         finally:
             stop.set()
 
@@ -277,6 +298,7 @@ class Worker:
         voice: ResolvedVoice,
         lost: threading.Event | None = None,
         request_id: str | None = None,
+        cast: Cast | None = None,
     ) -> CoverCompleted:
         """Download the song, render it, upload the cover; the completed event's data.
 
@@ -286,6 +308,7 @@ class Worker:
             voice: the voice, resolved
             lost: set when the claim's lease is lost: the render stops at its next progress report
             request_id: the id the events answer
+            cast: the further voices, resolved (None: the main voice sings everything)
         """
         reporter = ProgressReporter(
             CoverProgress(
@@ -315,6 +338,7 @@ class Worker:
         cover_options = CoverOptions(
             conversion=ConversionOptions(**options.model_dump(include=set(ConversionOptions.model_fields))),
             mix=MixOptions(format=options.format, **options.model_dump(include=set(EffectOptions.model_fields))),
+            stems=StemOptions(**options.model_dump(include=set(StemOptions.model_fields))),
             allow_no_vocals=request.allow_no_vocals,
         )
         timer = StageTimer()
@@ -331,6 +355,7 @@ class Worker:
                 work=work,
                 title=f"{request.song_id} ({voice.info.display_name} cover)",
                 discard_song=True,  # our download: on Cloud Run's in-memory disk it is memory
+                cast=cast,
             )
             self._store_report(cid, request, result, spec.content_type)
             self._gate(result.quality, request)  # before the cover is stored: a refused cover is never visible
@@ -347,6 +372,10 @@ class Worker:
             voice_model=voice.name,
             voice_version=voice.info.model_version,
             options=options,
+            voices=request.voices,
+            backing_voice=request.backing_voice,
+            voice_versions={p.voice.name: p.voice.info.model_version for p in (cast.parts if cast else [])}
+            | ({cast.backing_voice.name: cast.backing_voice.info.model_version} if cast and cast.backing_voice else {}),
             bucket=self.storage.bucket,
             key=key,
             url="",  # signed when served, never stored (shared.covers.served)

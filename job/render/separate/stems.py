@@ -71,7 +71,14 @@ class StemCache:
         self, audio_sha256: str, separation_key: str, names: tuple[str, ...], out_dir: Path
     ) -> dict[str, Path] | None:
         """Stems split further (``job/render/separate/vocal_split.py``), copied into ``out_dir``, or
-        None unless all are cached (the last name is written last and looked up first)."""
+        None unless all are cached (the last name is written last and looked up first).
+
+        Args:
+            audio_sha256: the song's audio digest
+            separation_key: the split's key (what made these stems)
+            names: the stems' names, in the order they are written
+            out_dir: where the copies go
+        """
         keys = {name: Keys.stem(audio_sha256, separation_key, name) for name in names}
         if any(self.storage.head(keys[name]) is None for name in reversed(names)):
             return None
