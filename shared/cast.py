@@ -23,7 +23,7 @@ _CLI_VOICE = re.compile(r"^(?P<name>[^@]+)(@(?P<ranges>.+))?$")
 class TimeRange(BaseModel):
     """Seconds of the song, ``from`` to ``to``."""
 
-    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True, extra="forbid")
 
     start_s: float = Field(alias="from", ge=0, le=24 * 3600, description="Start, seconds from the song's start.")
     end_s: float = Field(alias="to", gt=0, le=24 * 3600, description="End, seconds (after from).")

@@ -85,6 +85,28 @@ def test_dispatcher_answers_problem_json(stack):
         (b"{not json", 400, "options.invalid"),
         (json.dumps({"song_id": "song-1"}).encode(), 400, "options.invalid"),
         (json.dumps({"song_id": "song-1", "voice_model": "nobody"}).encode(), 404, "voice.unknown"),
+        (  # every voice of a duet is known, or none of it is queued
+            json.dumps(
+                {
+                    "song_id": "song-1",
+                    "voice_model": demo.DEMO_VOICE,
+                    "voices": [{"voice_model": "nobody", "ranges": [{"from": 1, "to": 2}]}],
+                }
+            ).encode(),
+            404,
+            "voice.unknown",
+        ),
+        (
+            json.dumps(
+                {
+                    "song_id": "song-1",
+                    "voice_model": demo.DEMO_VOICE,
+                    "voices": [{"voice_model": demo.DEMO_VOICE, "ranges": [{"from": 2, "to": 1}]}],
+                }
+            ).encode(),
+            400,
+            "options.invalid",
+        ),
         (json.dumps({"song_id": "nope", "voice_model": demo.DEMO_VOICE}).encode(), 404, "input.not_found"),
         (b"[" * 100_000 + b"]" * 100_000, 413, "request.too_large"),
         (b"[" * 30_000 + b"]" * 30_000, 400, "options.invalid"),  # nesting deeper than the parser goes
@@ -343,11 +365,15 @@ def test_second_voice_reuses_the_cached_stems(stack, store, tmp_path):
     # a fresh subscription: the emulator holds a cancelled stream's next message for ~100 s
     second_sub = stack.subscription(stack.requests_topic, f"workers-b-{uuid.uuid4().hex[:6]}")
     stack.start_worker("cpu-2", COVER_MODELS_DIR=str(own), COVER_REQUESTS_SUBSCRIPTION=second_sub.rsplit("/", 1)[1])
-    stack.publish_request(json.dumps({"song_id": "song-1", "voice_model": "tenor", "options": FAST}).encode())
+    duet = [{"voice_model": "alto", "ranges": [{"from": 1.0, "to": 3.0}]}]  # and alto sings 1 to 3 s of it
+    stack.publish_request(
+        json.dumps({"song_id": "song-1", "voice_model": "tenor", "options": FAST, "voices": duet}).encode()
+    )
     events = stack.events(lambda got: of_type(got, COMPLETED) or of_type(got, FAILED))
     assert not of_type(events, FAILED), of_type(events, FAILED)
     second = of_type(events, COMPLETED)[0]
     assert second["voice_model"] == "tenor" and second["stems_cached"] is True
+    assert second["voices"] == [{**duet[0], "options": None}] and set(second["voice_versions"]) == {"alto"}
     assert second["sha256"] != done[0]["sha256"]
 
 

@@ -5,6 +5,7 @@ goes (converted, mixed back, dropped) and the stem cache."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from shared.model_store import ModelStore
 from shared.options import BackingMode, ConversionOptions, MixOptions, OutputFormat, StemOptions
 from shared.settings import Settings
 from shared.storage import LocalStorage
+from tests.conftest import run_cover
 
 DIMS = (1025, 16)  # every bin of n_fft 2048, 16 frames: the gain models are exact
 
@@ -136,3 +138,26 @@ def test_without_a_karaoke_model_the_whole_stem_is_the_lead_and_asking_for_a_bac
         _render(root, song, tmp_path, "asked", StemOptions(backing=BackingMode.ORIGINAL))
     assert missing.value.code is ErrorCode.MODEL_MISSING
     assert "cover models add FILE.onnx --kind karaoke" in missing.value.message
+
+
+def test_cover_make_sings_a_duet_over_the_split_stems_and_its_report_shows_both(split_store, song, env, tmp_path):
+    """The command line as a user types it: two voices, the backing converted by the second one;
+    the report page has the stems' players and the duet's timeline."""
+    demo.write_voice(split_store / "voices" / "demo-b", name="demo-b", size="tiny", seed=7)
+    env = {**env, "COVER_MODELS_DIR": str(split_store)}
+    out = tmp_path / "duet.mp3"
+    args = ["make", str(song), "--voice", demo.DEMO_VOICE, "--voice", "demo-b@2-4", "-o", str(out)]
+    args += ["--backing", "convert", "--backing-voice", "demo-b", "--f0-method", "pm", "--allow-no-vocals"]
+    done = run_cover([*args, "--report", "--json"], env)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["stems"]["backing_mode"] == "convert" and result["stems"]["karaoke"] == "karaoke.onnx"
+    assert [s["voices"] for s in result["quality"]["singers"]] == [[demo.DEMO_VOICE], ["demo-b"], [demo.DEMO_VOICE]]
+    assert result["duration_s"] == pytest.approx(6.0, abs=0.06)
+    page = (tmp_path / "duet.report.html").read_text()
+    assert "Who sings where" in page and 'id="cast"' in page
+    for stem in ("lead.mp3", "lead-converted.mp3", "backing.mp3"):
+        assert f'src="duet.stems/{stem}"' in page
+        assert (tmp_path / "duet.stems" / stem).stat().st_size > 0
+    refused = run_cover([*args[:4], "-o", str(tmp_path / "x.mp3"), "--backing-voice", "demo-b"], env)
+    assert refused.returncode == 3 and "--backing convert" in refused.stderr

@@ -212,6 +212,8 @@ def cmd_make(args: argparse.Namespace) -> int:
         bars = StageBars(not args.json)
         with bars.watching_loads():
             result = pipeline.render(args.song, voice, Path(args.output), options, bars, work=work, cast=cast)
+        if args.report:
+            _keep_stems(result, work)
     refused = refuses(result.quality, settings.quality, args.publish_below_gate, settings.quality_unmeasurable)
     _emit(
         args,
@@ -256,6 +258,32 @@ def cmd_make(args: argparse.Namespace) -> int:
         )
         return EXIT_QUALITY_GATE
     return 0
+
+
+def _keep_stems(result: CoverResult, work: Path) -> None:
+    """The stems a cover was made from, as MP3s in ``COVER.stems/`` beside the report page (for its
+    players): the lead as separated and as converted, the backing and the removed room."""
+    from urllib.parse import quote
+
+    from job.render.media import ffmpeg
+
+    stems, quality = result.vocal_stems, result.quality
+    if stems is None or quality is None or quality.stems is None:
+        return
+    folder = result.output.with_name(result.output.stem + ".stems")
+    folder.mkdir(exist_ok=True)
+    wanted = {
+        "lead (separated)": stems.lead,
+        "lead (converted)": result.conversion.path,
+        "backing": stems.backing,
+        "room (removed reverb)": stems.room,
+    }
+    for name, path in wanted.items():
+        if path is None or not path.is_file():
+            continue
+        target = folder / (name.split(" ")[0] + ("-converted" if "converted" in name else "") + ".mp3")
+        ffmpeg.run([*ffmpeg.input_args(path), "-c:a", "libmp3lame", "-q:a", "5", "-y", str(target)])
+        quality.stems.files[name] = f"{quote(folder.name)}/{target.name}"
 
 
 def _ranges(ranges: list[tuple[float, float]]) -> str:

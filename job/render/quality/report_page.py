@@ -177,6 +177,50 @@ def _repair(repair: Repair | None, segments: list[Segment]) -> str:
     return f"<p>{html.escape(repair.summary())}.</p>{table}"
 
 
+VOICE_COLOURS = ("#1565c0", "#ef6c00", "#6a1b9a", "#2e7d32", "#ad1457", "#00838f", "#4e342e", "#37474f", "#9e9d24")
+CAST_HEIGHT = 34
+
+
+def _stems(report: QualityReport) -> str:
+    """How the vocal stem was used, with a player for each stem written beside the page."""
+    if report.stems is None:
+        return ""
+    players = "".join(
+        f'<p class="stem">{html.escape(name)}: <audio controls preload="none" src="{html.escape(file)}"></audio></p>'
+        for name, file in report.stems.files.items()
+    )
+    return f"<h2>Stems</h2><p>{html.escape(report.stems.said)}.</p>{players}"
+
+
+def _cast(report: QualityReport, duration: float) -> str:
+    """A duet's timeline: which voice sings where, and how like its voice each stretch sounds."""
+    if not report.singers:
+        return ""
+    names = list(dict.fromkeys(v for s in report.singers for v in s.voices))
+    colour = {name: VOICE_COLOURS[i % len(VOICE_COLOURS)] for i, name in enumerate(names)}
+    rects, labels = [], []
+    for stretch in report.singers:
+        x, width = _x(stretch.start_s, duration), _x(stretch.end_s - stretch.start_s, duration)
+        height = CAST_HEIGHT / len(stretch.voices)
+        for i, voice in enumerate(stretch.voices):
+            rects.append(
+                f'<rect x="{x:.1f}" y="{i * height:.1f}" width="{width:.1f}" height="{height:.1f}" '
+                f'fill="{colour[voice]}" stroke="#fff"><title>{html.escape(voice)}</title></rect>'
+            )
+        own = [stretch.similarity.get(v) for v in stretch.voices]
+        likeness = ", ".join(f"{v:.2f}" for v in own if v is not None) or "not measured"
+        mark = {True: "its voice", False: "likest another voice", None: "too short to tell"}[stretch.sung_by_its_voice]
+        voices = html.escape(" + ".join(stretch.voices))
+        span = f"{stretch.start_s:.1f} to {stretch.end_s:.1f} s"
+        labels.append(f"<tr><td>{span}</td><td>{voices}</td><td>{likeness}</td><td>{mark}</td></tr>")
+    legend = "".join(f'<span style="background:{colour[n]}"></span>{html.escape(n)}' for n in names)
+    return f"""<h2>Who sings where</h2>
+<p class="legend">{legend}</p>
+<svg id="cast" width="{WIDTH}" height="{CAST_HEIGHT}" viewBox="0 0 {WIDTH} {CAST_HEIGHT}">{"".join(rects)}</svg>
+<table><tr><th>stretch</th><th>voices</th><th>likeness to its voice</th><th>sounds like</th></tr>
+{"".join(labels)}</table>"""
+
+
 def render_page(
     report: QualityReport,
     title: str,
@@ -260,6 +304,7 @@ td.na {{ background: {UNMEASURED_SHADE}; color: #607d8b; }}
 <h1>{html.escape(title)}</h1>
 <p class="verdict {verdict_class}">Quality: {verdict}; {status}.</p>
 <div class="player">{player}</div>
+{_cast(report, duration)}
 <h2>Waveform</h2>
 <p class="legend"><span style="background:{MIX_COLOUR}"></span>the mix's level
 <span style="background:{CONVERTED_COLOUR}"></span>the cover's vocals (RMS, -60 to 0 dBFS)</p>
@@ -288,6 +333,7 @@ both melodies; with less, "not measured".</p>
 <p>Mix: {mix_line}. Measured in {report.measured_s:.1f} s.</p>{
         f"<p>Made with: {html.escape('; '.join(report.made_with))}.</p>" if report.made_with else ""
     }{f"<p>Autotune toward {html.escape(report.song_key)}.</p>" if report.song_key else ""}
+{_stems(report)}
 <h2>Repair</h2>{_repair(report.repair, report.segments)}
 <script>
 const player = document.getElementById("player"), duration = {duration:.3f};
