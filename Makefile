@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: browser run test test-fast test-full coverage lint bench bench-cold-start bench-gpu gpu-runner serve setup system-deps pubsub-emulator clean
+.PHONY: browser run test test-fast test-full coverage lint bench bench-mdx bench-cold-start bench-gpu gpu-runner serve setup system-deps pubsub-emulator clean
 
 system-deps:  ## Debian's ffmpeg (ffmpeg + ffprobe)
 	@command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 || \
@@ -81,11 +81,15 @@ bench: setup
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.quality
 	$(BIN)/python -m bench.mix
+	$(BIN)/python -m bench.mdx
 	$(BIN)/python -m bench.craft
 
 bench-fcpe-parity: setup  ## FCPE: our inference against torchfcpe 0.0.4's own (its wheel, a process of its own)
 	$(BIN)/pip download --quiet --no-deps einops -d build/wheels
 	$(BIN)/python bench/fcpe_parity.py
+
+bench-mdx: setup  ## the MDX-Net passes (lead/backing, de-reverb): s per minute, and a cover with both against without
+	$(BIN)/python -m bench.mdx
 
 bench-cold-start: setup  ## a job execution's start-to-first-stage time, models baked in or downloaded
 	$(BIN)/python -m bench.cold_start

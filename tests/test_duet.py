@@ -137,7 +137,7 @@ def test_a_duet_of_two_demo_voices_sings_each_range_with_its_voice(store, tmp_pa
     pipeline._meter = solo.meter  # the quality models, loaded once
     a, b = pipeline.store.voice(demo.DEMO_VOICE), pipeline.store.voice("demo-b")
     cast = Cast(parts=[CastPart(voice=b, ranges=[(4.0, 8.0)])])
-    converted, spans = pipeline.sing_parts(lead, a, cast, tmp_path / "duet.wav", options)
+    converted, spans = pipeline.sing_lead(lead, a, cast, tmp_path / "duet.wav", options)
     assert [s.voices for s in spans] == [(demo.DEMO_VOICE,), ("demo-b",), (demo.DEMO_VOICE,)]
     audio, rate = read_wav(converted.path)
     assert audio.shape[-1] == round(12.0 * rate)

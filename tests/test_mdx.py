@@ -224,3 +224,19 @@ def test_a_random_weight_mdx_net_model_runs_end_to_end(tmp_path):
     assert primary.shape == secondary.shape == audio.shape
     assert np.all(np.isfinite(primary)) and np.max(np.abs(primary)) > 0
     assert np.max(np.abs(secondary + primary * 1.035 - audio)) < 1e-5
+
+
+def test_a_silent_stretch_is_not_run_through_the_network(tmp_path, monkeypatch):
+    """An instrumental break in a vocal stem (under -60 dBFS) costs no network call; the rest is
+    split as before."""
+    audio = _noise(2.0, seed=5)
+    audio[:, int(0.4 * MIX_SAMPLE_RATE) : int(1.6 * MIX_SAMPLE_RATE)] *= 1e-4  # 1.2 s at -84 dBFS
+    model = devkit.write_affine(tmp_path / "identity.onnx", FULL_BAND.dim_f, FULL_BAND.dim_t)
+    calls: list[int] = []
+    run = MdxModel.run
+    monkeypatch.setattr(MdxModel, "run", lambda self, spec: calls.append(1) or run(self, spec))
+    primary, secondary = _split(tmp_path, model, FULL_BAND, audio)
+    chunks = -(-audio.shape[-1] // FULL_BAND.step)
+    assert len(calls) < chunks  # at least one chunk (with its edges) lay in the break
+    assert np.max(np.abs(primary - audio)) < 1e-3  # where it was skipped, the difference is the break's level
+    assert np.max(np.abs(primary + secondary - audio)) < 1e-5

@@ -77,6 +77,15 @@ def add_model_flags(
         if isinstance(default, enum.Enum):
             default = default.value
         flag = (rename or {}).get(name, name)
+        if field.annotation is bool:  # --name / --no-name
+            group.add_argument(
+                "--" + flag.replace("_", "-"),
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=field.description or name.replace("_", " "),
+            )
+            continue
         group.add_argument(
             "--" + flag.replace("_", "-"),
             dest=name,

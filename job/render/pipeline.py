@@ -263,7 +263,7 @@ class Pipeline:
             )
         return scores
 
-    def sing_parts(
+    def sing_lead(
         self,
         lead: Path,
         voice: ResolvedVoice,
@@ -272,8 +272,9 @@ class Pipeline:
         options: ConversionOptions,
         progress: Callable[[float], None] | None = None,
     ) -> tuple[ConvertedVocals, list[Span]]:
-        """The lead sung by ``voice`` and the cast's further voices, each in its stretches
-        (:mod:`job.render.duet`), into the mono WAV ``out`` at ``voice``'s rate.
+        """The lead sung by ``voice`` alone (:meth:`convert`; no stretches returned), or by ``voice``
+        and the cast's further voices, each in its stretches (:mod:`job.render.duet`), into the mono
+        WAV ``out`` at ``voice``'s rate.
 
         Args:
             lead: the lead vocals
@@ -285,6 +286,8 @@ class Pipeline:
         """
         from job.render.duet import runs
 
+        if not cast.parts:
+            return self.convert(lead, voice, out, options, progress), []
         if options.pitch == "auto-fit":
             raise CoverError(
                 ErrorCode.OPTIONS_INVALID,
@@ -420,7 +423,7 @@ class Pipeline:
         fixed = options.model_copy(update={"pitch": converted.pitch_shift - options.key_shift})  # auto settled
 
         def render(lo_s: float, hi_s: float, candidate: ConversionOptions) -> np.ndarray:
-            return self.convert_span(source, rate, lo_s, hi_s, voice, candidate)
+            return self.convert_stretch(source, rate, lo_s, hi_s, voice, candidate).audio
 
         loop = RepairLoop(
             self.meter,
@@ -434,21 +437,6 @@ class Pipeline:
         repair = loop.run(report, out[0], out_rate, fixed)
         if any(s.kept for s in repair.segments):
             write_wav(converted.path, out[0], out_rate)
-
-    def convert_span(
-        self, source: np.ndarray, rate: int, lo_s: float, hi_s: float, voice: ResolvedVoice, options: ConversionOptions
-    ) -> np.ndarray:
-        """:meth:`convert_stretch`'s audio alone.
-
-        Args:
-            source: the separated vocals, ``[channels, samples]``
-            rate: their sample rate
-            lo_s: the stretch's start, seconds
-            hi_s: its end, seconds
-            voice: the voice
-            options: the conversion options
-        """
-        return self.convert_stretch(source, rate, lo_s, hi_s, voice, options).audio
 
     def convert_stretch(
         self, source: np.ndarray, rate: int, lo_s: float, hi_s: float, voice: ResolvedVoice, options: ConversionOptions
@@ -581,30 +569,6 @@ class Pipeline:
         )
         return stems, cached, vocal
 
-    def sing_lead(
-        self,
-        lead: Path,
-        voice: ResolvedVoice,
-        cast: Cast,
-        work: Path,
-        options: ConversionOptions,
-        progress: Callable[[float], None] | None = None,
-    ) -> tuple[ConvertedVocals, list[Span]]:
-        """The lead converted into ``work/converted.wav``: by ``voice`` alone, or by the cast's voices
-        in their stretches (:meth:`sing_parts`; the stretches returned, empty for one voice).
-
-        Args:
-            lead: the lead vocals
-            voice: the main voice
-            cast: further voices (none: ``voice`` sings it all)
-            work: the render's work folder
-            options: the conversion options
-            progress: called with the fraction done
-        """
-        if cast.parts:
-            return self.sing_parts(lead, voice, cast, work / "converted.wav", options, progress)
-        return self.convert(lead, voice, work / "converted.wav", options, progress), []
-
     @staticmethod
     def _mix(
         instrumental: Path,
@@ -698,7 +662,7 @@ class Pipeline:
                 options, song_key = self._settle_key(options, stems.no_vocals)
         with self.device_turn(timer), timer(Stage.CONVERT):
             converted, spans = self.sing_lead(
-                vocal.lead, voice, cast, work, options.conversion, lambda f: report(Stage.CONVERT, f)
+                vocal.lead, voice, cast, work / "converted.wav", options.conversion, lambda f: report(Stage.CONVERT, f)
             )
             extras = self._backing(vocal, cast.backing_voice or voice, voice, options.conversion, converted, work)
         release_freed_memory(0)

@@ -123,7 +123,7 @@ class RepairLoop:
 
     Args:
         meter: the quality meter (its models loaded)
-        render: converts a stretch of the song with given options (``Pipeline.convert_span``)
+        render: converts a stretch of the song with given options (``Pipeline.convert_stretch``)
         voice: what the voice has (pitch, an index)
         budget_s: the most the loop may spend, seconds
         convert_rate: the first estimate of converting, seconds per second of audio (with context)

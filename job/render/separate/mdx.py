@@ -8,8 +8,10 @@ peak-normalised, cut into chunks of ``dim_t`` frames that overlap by ``n_fft / 2
 side; each chunk's output loses those edges (a model is unreliable there) and the kept middles
 tile the song exactly. With ``denoise`` each chunk is run on ``x`` and ``-x`` and the primary is
 ``0.5 * (f(x) - f(-x))``: what the network adds regardless of the input's sign cancels. The
-secondary stem is ``mix - primary * compensate``. Chunks are read from and written to the files
-one at a time: memory stays that of one chunk.
+secondary stem is ``mix - primary * compensate``. A chunk whose samples all stay under -60 dBFS
+(an instrumental break in a vocal stem) is not run: its primary stem is silence (with denoise,
+what the network gives for silence anyway), its secondary the chunk as it is. Chunks are read
+from and written to the files one at a time: memory stays that of one chunk.
 
 Loading refuses what ONNX Runtime should never be handed: a file that does not parse
 (``model.corrupt``), tensors stored outside the file (``model.unsafe``: ONNX's external data
@@ -33,6 +35,7 @@ from shared.errors import CoverError, ErrorCode
 log = logging.getLogger("melodia.mdx")
 ProgressFn = Callable[[float], None]
 PEAK_FLOOR = 1e-6  # a silent stem is not scaled up
+SILENT_CHUNK = 1e-3  # -60 dBFS: a chunk (with its edges) quieter than this is not run through the network
 
 
 def check_onnx(raw: bytes, name: str, params: MdxParams) -> None:
@@ -162,7 +165,10 @@ class MdxModel:
                 for i in range(count):
                     start = i * p.step
                     window = _padded(mix, start - p.trim, p.chunk)
-                    primary = self.primary_chunk(window / scale, denoise)[:, p.trim : p.trim + p.step] * scale
+                    if float(np.abs(window).max(initial=0.0)) < SILENT_CHUNK:
+                        primary = np.zeros((2, p.step), dtype=np.float32)
+                    else:
+                        primary = self.primary_chunk(window / scale, denoise)[:, p.trim : p.trim + p.step] * scale
                     kept = min(p.step, mix.frames - start)
                     original = window[:, p.trim : p.trim + kept]
                     first.write(primary[:, :kept])

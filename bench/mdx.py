@@ -1,0 +1,119 @@
+"""The MDX-Net passes' costs (issue 34): ``python -m bench.mdx [--seconds 60] [--cover-seconds 60]``.
+
+Two real-size MDX-Net-shaped models with random weights (job/devkit/mdx.py: UVR's layout, 13.2 M
+parameters at dim_f 2048; random weights run as fast as trained ones) in the two shapes people
+use: UVR_MDXNET_KARA_2's (n_fft 5120, dim_f 2048, dim_t 256) and Reverb_HQ_By_FoxJoy's (n_fft
+6144, dim_f 3072, dim_t 512). Each splits the demo song's vocals (44.1 kHz stereo); rows are
+seconds per minute of stem, with and without denoise. Then a whole cover of the demo song on the
+real-size demo models, without the passes and with both (backing original, de-reverb), in the
+same run: their ratio is the issue's 1.3x budget. Prints Markdown rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+SHAPES = {  # UVR_MDXNET_KARA_2's and Reverb_HQ_By_FoxJoy's (job/render/separate/mdx_models.json)
+    "karaoke": {"n_fft": 5120, "dim_f": 2048, "dim_t": 256, "compensate": 1.065, "primary": "instrumental"},
+    "dereverb": {"n_fft": 6144, "dim_f": 3072, "dim_t": 512, "compensate": 1.035, "primary": "reverb"},
+}
+
+
+def passes(work: Path, seconds: float) -> dict[str, Path]:
+    """Print each pass's row; the models written (by kind)."""
+    from job.devkit import demo
+    from job.devkit import mdx as devkit
+    from job.render.media.audio import MIX_SAMPLE_RATE, write_wav
+    from job.render.separate.mdx import MdxModel
+    from job.render.separate.mdx_params import MdxParams
+
+    print("| pass (real-size shape) | s per minute of stem | with denoise |\n| --- | --- | --- |")
+    stem = write_wav(work / "vocals.wav", demo.demo_song(seconds)[0], MIX_SAMPLE_RATE)
+    files = {}
+    for kind, shape in SHAPES.items():
+        p = MdxParams.model_validate(shape)
+        files[kind] = devkit.write_convtdf(work / f"{kind}.onnx", p.dim_f, p.dim_t, size="real")
+        model = MdxModel(files[kind], p)
+        per_minute = []
+        for denoise in (False, True):
+            started = time.perf_counter()
+            model.split(stem, work / "a.wav", work / "b.wav", denoise)
+            per_minute.append((time.perf_counter() - started) * 60.0 / seconds)
+        name = f"{kind} (n_fft {p.n_fft}, dim_f {p.dim_f}, dim_t {p.dim_t})"
+        print(f"| {name} | {per_minute[0]:.1f} | {per_minute[1]:.1f} |")
+    return files
+
+
+def _stores(work: Path, files: dict[str, Path]) -> tuple[Path, Path]:
+    """Two stores of the real-size demo models (linked): without and with the two MDX-Net models."""
+    from job.cli.separation_models import add_separation_model
+    from job.devkit import demo
+    from job.render.media.download import UrlPolicy
+    from job.render.separate.mdx_params import MdxKind
+    from shared.model_store import ModelStore
+    from shared.settings import Settings
+
+    store = Settings().models_dir
+    demo.write_models(store)
+    roots = (work / "plain-store", work / "mdx-store")
+    for root in roots:
+        (root / "separation").mkdir(parents=True)
+        for item in (store / "separation").iterdir():
+            if item.name != "mdx":
+                (root / "separation" / item.name).symlink_to(item)
+        for name in ("base", "voices"):
+            (root / name).symlink_to(store / name)
+    for kind, shape in SHAPES.items():
+        text = ",".join(f"{k}={v}" for k, v in shape.items())
+        add_separation_model(ModelStore(roots[1]), str(files[kind]), MdxKind(kind), text, False, UrlPolicy())
+    return roots
+
+
+def covers(work: Path, files: dict[str, Path], seconds: float) -> None:
+    """Print a cover's time without the passes and with both, in this run."""
+    from job.devkit import demo
+    from job.render.pipeline import CoverOptions, Pipeline
+    from shared.options import StemOptions
+    from shared.settings import Settings
+
+    plain, with_mdx = _stores(work, files)
+    song = demo.write_demo_song(work / "song.wav", seconds=seconds)
+    print(f"\n| cover of a {seconds:.0f} s song (real-size demo models) | s | x song | stages |")
+    print("| --- | --- | --- | --- |")
+    took = []
+    for label, root, stems in (
+        ("today's (no MDX-Net models)", plain, StemOptions()),
+        ("with both passes (backing original, dereverb)", with_mdx, StemOptions(dereverb=True)),
+    ):
+        pipeline = Pipeline(Settings(models_dir=root, work_dir=work / "w"))
+        options = CoverOptions(stems=stems, allow_no_vocals=True)
+        voice = pipeline.store.voice(demo.DEMO_VOICE)
+        pipeline.render(song, voice, work / "warm.mp3", options, work=work / "warm")  # loads every model
+        started = time.perf_counter()
+        result = pipeline.render(song, voice, work / "cover.mp3", options, work=work / f"w{len(took)}")
+        took.append(time.perf_counter() - started)
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items())
+        print(f"| {label} | {took[-1]:.1f} | {took[-1] / seconds:.2f} | {stages} |")
+    print(f"\nwith both passes / without: **{took[1] / took[0]:.2f}x** (the issue's budget: 1.3x)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=60.0, help="stem length for the per-pass rows")
+    parser.add_argument("--cover-seconds", type=float, default=60.0, help="song length for the cover rows (0: none)")
+    args = parser.parse_args()
+    import torch
+
+    print(f"torch threads {torch.get_num_threads()}; {args.seconds:.0f} s of stem per row\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        files = passes(Path(tmp), args.seconds)
+        if args.cover_seconds > 0:
+            covers(Path(tmp), files, args.cover_seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
