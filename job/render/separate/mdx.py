@@ -166,7 +166,7 @@ class MdxModel:
                     start = i * p.step
                     window = _padded(mix, start - p.trim, p.chunk)
                     if float(np.abs(window).max(initial=0.0)) < SILENT_CHUNK:
-                        primary = np.zeros((2, p.step), dtype=np.float32)
+                        primary: np.ndarray = np.zeros((2, p.step), dtype=np.float32)
                     else:
                         primary = self.primary_chunk(window / scale, denoise)[:, p.trim : p.trim + p.step] * scale
                     kept = min(p.step, mix.frames - start)
