@@ -119,7 +119,7 @@ def document() -> dict[str, Any]:
                     "responses": {
                         "202": _json_answer("Accepted", "queued"),
                         "200": _json_answer("Accepted", "the cover exists already"),
-                        **_problems(400, 404, 413, 415, 503),
+                        **_problems(400, 403, 404, 413, 415, 503),
                     },
                 }
             },

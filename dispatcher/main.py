@@ -69,7 +69,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("melodia.dispatcher")
 setup_logging()
 
-_STATUS_FOR = {ErrorCode.VOICE_UNKNOWN: 404, ErrorCode.INPUT_NOT_FOUND: 404, ErrorCode.OPTIONS_INVALID: 400}
+_STATUS_FOR = {
+    ErrorCode.VOICE_UNKNOWN: 404,
+    ErrorCode.INPUT_NOT_FOUND: 404,
+    ErrorCode.OPTIONS_INVALID: 400,
+    ErrorCode.VOICE_NO_RIGHTS: 403,  # the deployment's policy refuses it, whatever the request says
+}
 
 
 class Services:
@@ -151,7 +156,7 @@ def _submit(request: Request) -> Response:  # noqa: PLR0911 - reads best top to 
         return problem(413, "request.too_large", f"a request body is at most {MAX_REQUEST_BYTES} bytes")
     try:
         cover_request = parse_request(body)
-        cid, _, _ = resolve(svc.storage, svc.keys, svc.models, cover_request)
+        cid, _, _ = resolve(svc.storage, svc.keys, svc.models, cover_request, svc.settings.require_rights)
         # every request gets an id that its events echo, and a runner (shared/routing.py)
         routed = cover_request.model_copy(
             update={

@@ -338,6 +338,7 @@ locals {
     COVER_PROJECT     = var.project
     COVER_CLOUD_RUN_JOB = "projects/${var.project}/locations/${var.region}/jobs/cover-job"
     COVER_DEFAULT_RUNNER = var.default_runner
+    COVER_REQUIRE_RIGHTS = "true" # a voice without a rights record is refused (voice.no_rights)
   }
   # what Pub/Sub's push token names and the trigger verifies: a fixed string, not the function's URI
   # (the trigger's own environment cannot depend on the trigger)
@@ -504,5 +505,6 @@ output "gpu_runner_env" {
     COVER_MAX_ATTEMPTS          = tostring(var.gpu_max_delivery_attempts)
     COVER_SERVES                = "gpu"
     COVER_DEFAULT_RUNNER        = var.default_runner
+    COVER_REQUIRE_RIGHTS        = "true"
   }
 }

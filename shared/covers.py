@@ -17,19 +17,34 @@ def song_identity(storage: Storage, keys: Keys, song_id: str) -> str:
     return f"{storage.bucket}/{head.key}@{head.etag}"
 
 
+def check_rights(infos: list[VoiceInfo]) -> None:
+    """``voice.no_rights`` naming every voice without a rights record (``COVER_REQUIRE_RIGHTS``)."""
+    lacking = [info.name for info in infos if info.rights is None]
+    if lacking:
+        raise CoverError(
+            ErrorCode.VOICE_NO_RIGHTS,
+            f"voice {', '.join(lacking)} has no rights record (whose voice, who consented, on what terms), which this "
+            "deployment requires: add it with `cover models add ... --voice-of ... --consented-by ... --terms ...`",
+        )
+
+
 def resolve(
-    storage: Storage, keys: Keys, models: ModelStore, request: CoverRequest
+    storage: Storage, keys: Keys, models: ModelStore, request: CoverRequest, require_rights: bool = False
 ) -> tuple[str, VoiceInfo, dict[str, VoiceInfo]]:
     """(cover id, main voice, every further voice by name) of a request, or :class:`CoverError`
-    (an unknown voice, a speaker out of range, a missing song).
+    (an unknown voice, one without a rights record where they are required, a speaker out of range,
+    a missing song).
 
     Args:
         storage: the bucket
         keys: the bucket's key table
         models: the model store (each voice's ``voice.json``)
         request: the request
+        require_rights: refuse a voice without a rights record (``COVER_REQUIRE_RIGHTS``)
     """
     infos = {name: models.voice_info(name) for name in request.voice_names()}
+    if require_rights:
+        check_rights(list(infos.values()))
     info = infos[request.voice_model]
     speakers = [(request.voice_model, request.options.speaker)]
     speakers += [(p.voice_model, p.options.speaker) for p in request.voices if p.options is not None]

@@ -24,6 +24,7 @@ class ErrorCode(str, Enum):  # noqa: UP042 - str() of a member is its value, in 
     INPUT_NO_VOCALS = "input.no_vocals"  # the separated vocals hold no singing: nothing to convert
     INPUT_DOWNLOAD_FAILED = "input.download_failed"
     VOICE_UNKNOWN = "voice.unknown"
+    VOICE_NO_RIGHTS = "voice.no_rights"  # the deployment requires a rights record the voice lacks
     MODEL_MISSING = "model.missing"
     MODEL_CORRUPT = "model.corrupt"
     MODEL_UNSAFE = "model.unsafe"

@@ -25,6 +25,7 @@ from shared.options import STEM_OPTION_NAMES, BackingMode, OutputFormat, Request
 from shared.quality import QualityReport
 from shared.routing import ATTRIBUTE, Runner
 from shared.stages import Stage
+from shared.voices import VoiceRights
 
 SOURCE = "//melodia-cover"
 PIPELINE_VERSION = "1"  # bump when a change alters rendered output for the same inputs
@@ -139,6 +140,10 @@ class CoverCompleted(BaseModel):
     backing_voice: str | None = None
     voice_versions: dict[str, str] = Field(
         default_factory=dict, description="Every further voice's version (the main voice's is voice_version)."
+    )
+    voice_rights: dict[str, VoiceRights | None] = Field(
+        default_factory=dict,
+        description="Every voice of the cover and its rights record as it stood when the cover was made (None: none).",
     )
     bucket: str
     key: str

@@ -59,6 +59,13 @@ class Settings(BaseSettings):
             "CPUs without native bf16, see docs/performance.md)."
         ),
     )
+    require_rights: bool = Field(
+        False,
+        description=(
+            "Refuse a voice whose voice.json has no rights record (voice.no_rights), at the API and in the job; "
+            "on in the Terraform deployment, off for the local demo."
+        ),
+    )
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
     separate_batch: int = Field(
         0, ge=0, le=64, description="Demucs segments per network call; 0: 1 on the CPU, 8 on a GPU."

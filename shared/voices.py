@@ -6,10 +6,11 @@
 from __future__ import annotations
 
 import re
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from shared.hashing import sha256_of
 from shared.names import FILE_NAME_PATTERN, VOICE_NAME_PATTERN
@@ -24,6 +25,36 @@ FileName = Annotated[str, StringConstraints(pattern=FILE_NAME_PATTERN)]
 class FileDigest(BaseModel):
     sha256: str = Field(pattern="^[0-9a-f]{64}$")
     size: int = Field(ge=0)
+
+
+class VoiceRights(BaseModel):
+    """Whose voice a model is, and on what grounds it may sing: the record a deployment requires
+    (``COVER_REQUIRE_RIGHTS``) before a voice sings anything, carried into each cover's manifest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    voice_of: str = Field(min_length=1, max_length=200, description="Whose voice this is (a person, or what it is).")
+    consented_by: str = Field(
+        min_length=1, max_length=200, description="Who consented to the voice being modelled and used."
+    )
+    consented_on: date | None = Field(None, description="When (ISO date).")
+    terms: str = Field(
+        min_length=1, max_length=2000, description="Under what terms: a licence (SPDX id or name) or the agreement."
+    )
+    evidence: str | None = Field(
+        None, max_length=500, description="Where the consent is recorded (a document id or URL), for an audit."
+    )
+    restrictions: list[Annotated[str, StringConstraints(min_length=1, max_length=200)]] = Field(
+        default_factory=list, max_length=20, description="What the voice may not be used for, e.g. 'no commercial use'."
+    )
+
+
+DEMO_RIGHTS = VoiceRights(
+    voice_of="no person: an untrained model with random weights (the demo voice)",
+    consented_by="not applicable: no person's voice",
+    terms="CC0-1.0",
+    restrictions=["demonstration only: it sings noise"],
+)
 
 
 class VoiceInfo(BaseModel):
@@ -45,8 +76,13 @@ class VoiceInfo(BaseModel):
     vocal_median_hz: float | None = Field(
         None, description="The median of the voice's own singing, Hz (with --clips); 'auto-fit' aims the melody at it."
     )
-    license: str = "unknown"
-    consent: str = Field("", description="Who consented to this voice being modelled, and how.")
+    license: str = Field("unknown", description="Free text, from before `rights`: kept as it was written.")
+    consent: str = Field("", description="Free text, from before `rights`: kept as it was written.")
+    rights: VoiceRights | None = Field(
+        None,
+        description="Whose voice it is, who consented, when, on what terms, the evidence, the restrictions "
+        "(`cover models add --voice-of ...` or `--rights FILE.json`); required by COVER_REQUIRE_RIGHTS.",
+    )
     untrained_demo: bool = Field(False, description="True for the random-weight demo voice.")
     speakers: int = Field(1, ge=1, le=1024, description="How many speakers the model was trained on.")
     reference_embedding: list[float] | None = Field(

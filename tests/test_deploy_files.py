@@ -446,3 +446,15 @@ def test_the_runbook_s_manual_run_reaches_cloud_run_with_the_request_whole():
     CoverRequest.model_validate(request)  # and it is a request the job accepts
     naive = _sandboxed_gcloud(command.replace("'^@^COVER_REQUEST=", "'COVER_REQUEST="))
     assert naive.returncode != 0 and "Bad syntax for dict arg" in naive.stderr
+
+
+def test_the_deployment_refuses_voices_without_a_rights_record_where_requests_enter_and_renders_run():
+    """COVER_REQUIRE_RIGHTS is on for the API, the job and the GPU runners (off by default: the demo)."""
+    tf = _terraform()
+    common = next(block for block in tf["locals"] if "common_env" in block)["common_env"]
+    assert common["COVER_REQUIRE_RIGHTS"].strip('"') == "true"
+    http = _resources(tf, "google_cloudfunctions2_function")["http"]["service_config"][0]["environment_variables"]
+    assert "local.common_env" in http  # the API's environment is merged over common_env
+    gpu = next(block['"gpu_runner_env"'] for block in tf["output"] if '"gpu_runner_env"' in block)["value"]
+    assert gpu["COVER_REQUIRE_RIGHTS"].strip('"') == "true"
+    assert Settings().require_rights is False

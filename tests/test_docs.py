@@ -153,3 +153,13 @@ def test_the_parameter_rule_sees_an_undocumented_one(tmp_path):
         assert undocumented_parameters(probe) == ["tests/probe_for_the_rule.py:1 render: out, options"]
     finally:
         probe.unlink()
+
+
+def test_the_notices_name_every_model_asset_the_code_fetches_or_scores_with():
+    from job.cli.base_models import PUBLIC_MODELS
+
+    notices = (ROOT / "THIRD_PARTY_NOTICES.md").read_text()
+    fetched = [Path(m.member or m.url).name for m in PUBLIC_MODELS]
+    quality = ["CREPE", "pretrained.pt", "sig_bak_ovr.onnx"]
+    assert [name for name in [*fetched, *quality] if name not in notices] == []
+    assert "proprietary" in (ROOT / "LICENSE").read_text().lower()

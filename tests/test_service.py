@@ -79,9 +79,25 @@ def test_post_cover_to_completed_event(stack):
     assert all(a["latency_ms"] >= 0 and a["path"].startswith("/") for a in access)
 
 
+def _voice_without_rights(stack) -> str:
+    """A voice in the bucket whose voice.json has no rights record (the demo voice's, renamed)."""
+    info = json.loads(
+        stack.s3.get_object(Bucket=stack.bucket, Key=f"voices/{demo.DEMO_VOICE}/voice.json")["Body"].read()
+    )
+    info.update(name="norights", rights=None)
+    stack.s3.put_object(Bucket=stack.bucket, Key="voices/norights/voice.json", Body=json.dumps(info).encode())
+    return "norights"
+
+
 def test_dispatcher_answers_problem_json(stack):
-    url = stack.start_dispatcher()
+    url = stack.start_dispatcher(COVER_REQUIRE_RIGHTS="true")
+    unlicensed = _voice_without_rights(stack)
     cases = [
+        (  # the deployment requires a rights record: refused before anything is queued
+            json.dumps({"song_id": "song-1", "voice_model": unlicensed}).encode(),
+            403,
+            "voice.no_rights",
+        ),
         (b"{not json", 400, "options.invalid"),
         (json.dumps({"song_id": "song-1"}).encode(), 400, "options.invalid"),
         (json.dumps({"song_id": "song-1", "voice_model": "nobody"}).encode(), 404, "voice.unknown"),
@@ -139,7 +155,8 @@ def test_dispatcher_answers_problem_json(stack):
     # one broken voice.json hides only itself
     stack.s3.put_object(Bucket=stack.bucket, Key="voices/broken/voice.json", Body=b"{not json")
     models = requests.get(f"{url}/models")
-    assert models.status_code == 200 and [m["name"] for m in models.json()["models"]] == [demo.DEMO_VOICE]
+    assert models.status_code == 200 and [m["name"] for m in models.json()["models"]] == [demo.DEMO_VOICE, unlicensed]
+    assert models.json()["models"][0]["rights"]["voice_of"].startswith("no person")  # the demo's record
     assert requests.get(f"{url}/openapi.json").json()["openapi"] == "3.1.0"
 
 
@@ -314,13 +331,15 @@ def test_killed_worker_leaves_nothing_visible_and_the_redelivery_completes(stack
 
 
 def test_bad_messages_fail_with_their_own_code_once(stack, tmp_path):
-    stack.start_worker("cpu-1")
+    stack.start_worker("cpu-1", COVER_REQUIRE_RIGHTS="true")
+    unlicensed = _voice_without_rights(stack)
     text = tmp_path / "notes.txt"
     text.write_text("this is a text file, not a song\n" * 50)
     stack.put_song("text-song", text)
     bad = {
         "options.invalid": [b"\x00not json at all", json.dumps({"song": "x"}).encode()],
         "voice.unknown": [json.dumps({"song_id": "song-1", "voice_model": "nobody"}).encode()],
+        "voice.no_rights": [json.dumps({"song_id": "song-1", "voice_model": unlicensed, "options": FAST}).encode()],
         "input.not_found": [json.dumps({"song_id": "missing", "voice_model": demo.DEMO_VOICE}).encode()],
         "input.not_audio": [
             json.dumps({"song_id": "text-song", "voice_model": demo.DEMO_VOICE, "options": FAST}).encode()
@@ -332,7 +351,7 @@ def test_bad_messages_fail_with_their_own_code_once(stack, tmp_path):
     stack.publish_request(valid, {**attributes, "ce-type": COMPLETED, "type": COMPLETED})
     bad["options.invalid"].append(valid)
     message_ids.append(attributes["ce-id"])
-    events = stack.events(lambda got: len(of_type(got, FAILED)) >= 6, timeout=180)
+    events = stack.events(lambda got: len(of_type(got, FAILED)) >= 7, timeout=180)
     # watched past the worker subscription's 10 s ack deadline: a message not acked would come back
     events += stack.events(lambda got: False, timeout=12)
     failed = of_type(events, FAILED)
@@ -346,6 +365,8 @@ def test_bad_messages_fail_with_their_own_code_once(stack, tmp_path):
     unknown_voice = next(f for f in failed if f["code"] == "voice.unknown")
     assert (unknown_voice["song_id"], unknown_voice["voice_model"]) == ("song-1", "nobody")
     assert next(f for f in failed if f["code"] == "input.not_found")["song_id"] == "missing"
+    # refused by the rights policy before any work: no progress, nothing in the bucket for it
+    assert not [e for e in of_type(events, "cover.progress") if e["voice_model"] == unlicensed]
 
 
 def test_second_voice_reuses_the_cached_stems(stack, store, tmp_path):
@@ -374,6 +395,7 @@ def test_second_voice_reuses_the_cached_stems(stack, store, tmp_path):
     second = of_type(events, COMPLETED)[0]
     assert second["voice_model"] == "tenor" and second["stems_cached"] is True
     assert second["voices"] == [{**duet[0], "options": None}] and set(second["voice_versions"]) == {"alto"}
+    assert set(second["voice_rights"]) == {"tenor", "alto"} and second["voice_rights"]["alto"]["terms"] == "CC0-1.0"
     assert second["sha256"] != done[0]["sha256"]
 
 

@@ -36,7 +36,7 @@ from shared.options import (
 from shared.quality import QualityReport, refusal, refuses, summary
 from shared.settings import Settings
 from shared.stages import Stage
-from shared.voices import VOICE_FILE, VoiceInfo
+from shared.voices import VOICE_FILE, VoiceInfo, VoiceRights
 
 if TYPE_CHECKING:
     from job.cli.base_models import PublicModel
@@ -208,6 +208,13 @@ def cmd_make(args: argparse.Namespace) -> int:
     options = _cover_options(args, args.output)
     main, cast = _cast(args, pipeline, options)
     voice = pipeline.store.voice(main)  # an unknown voice fails before any work
+    if settings.require_rights:
+        from shared.covers import check_rights
+
+        check_rights(
+            [voice.info, *(p.voice.info for p in cast.parts)]
+            + ([cast.backing_voice.info] if cast.backing_voice else [])
+        )
     with work_folder(settings.work_dir) as work:
         bars = StageBars(not args.json)
         with bars.watching_loads():
@@ -512,7 +519,9 @@ def cmd_models_add(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise CoverError(ErrorCode.OPTIONS_INVALID, f"--range: {exc}") from None
         sung = (low, high)
-    info = add_voice(store, args.source, args.name, args.replace, vocal_range_hz=sung, policy=policy)
+    info = add_voice(
+        store, args.source, args.name, args.replace, vocal_range_hz=sung, policy=policy, rights=_rights(args)
+    )
     say(
         f"{info.name}: computing its reference embedding (the voice sings a reference phrase: the base models "
         "load and convert it, 20 to 40 s on a laptop's CPU) ..."
@@ -530,6 +539,30 @@ def cmd_models_add(args: argparse.Namespace) -> int:
         ),
     )
     return 0
+
+
+RIGHTS_FLAGS = ("voice_of", "consented_by", "consented_on", "terms", "evidence", "restriction")
+
+
+def _rights(args: argparse.Namespace) -> VoiceRights | None:
+    """The rights record of ``--rights FILE.json`` or of the ``--voice-of ...`` flags (None: neither)."""
+    from pydantic import ValidationError
+
+    flags = {name: getattr(args, name) for name in RIGHTS_FLAGS if getattr(args, name)}
+    if args.rights and flags:
+        raise CoverError(ErrorCode.OPTIONS_INVALID, "--rights FILE or the --voice-of ... flags, not both")
+    try:
+        if args.rights:
+            return VoiceRights.model_validate_json(Path(args.rights).read_text())
+        if flags:
+            flags["restrictions"] = flags.pop("restriction", [])
+            return VoiceRights.model_validate(flags)
+    except OSError as exc:
+        raise CoverError(ErrorCode.INPUT_NOT_FOUND, f"--rights: {exc}") from None
+    except ValidationError as exc:
+        said = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'rights'}: {e['msg']}" for e in exc.errors())
+        raise CoverError(ErrorCode.OPTIONS_INVALID, f"rights record: {said}") from None
+    return None
 
 
 def _add_separation_model(args: argparse.Namespace, settings: Settings) -> int:
@@ -827,6 +860,16 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - reads best top
         metavar=("LOW", "HIGH"),
         help="the voice's sung range, in Hz or notes (e.g. G2 E4), for --pitch auto and auto-fit "
         "(default: measured from --clips)",
+    )
+    rights = p.add_argument_group("the voice's rights record (COVER_REQUIRE_RIGHTS refuses a voice without one)")
+    rights.add_argument("--rights", metavar="FILE.json", help="the whole record as JSON (the fields below)")
+    rights.add_argument("--voice-of", help="whose voice this is")
+    rights.add_argument("--consented-by", help="who consented to it being modelled and used")
+    rights.add_argument("--consented-on", metavar="YYYY-MM-DD", help="when")
+    rights.add_argument("--terms", help="under what terms: a licence (SPDX id) or the agreement")
+    rights.add_argument("--evidence", help="where the consent is recorded (document id or URL)")
+    rights.add_argument(
+        "--restriction", action="append", metavar="TEXT", help="what it may not be used for (repeat for several)"
     )
     p.set_defaults(func=cmd_models_add)
     p = models.add_parser("verify", parents=[common], help="check hashes and loadability")

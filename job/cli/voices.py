@@ -25,7 +25,7 @@ from job.render.rvc.retrieval import FeatureIndex
 from shared.errors import CoverError, ErrorCode, no_space
 from shared.model_store import ModelStore
 from shared.names import safe_file_name
-from shared.voices import INDEX_FILE, MODEL_FILE, VOICE_FILE, VoiceInfo, digest_of, slugify
+from shared.voices import INDEX_FILE, MODEL_FILE, VOICE_FILE, VoiceInfo, VoiceRights, digest_of, slugify
 
 MAX_VOICE_BYTES = 2 * 2**30  # a zip may not unpack to more than this
 
@@ -102,6 +102,7 @@ def add_voice(
     replace: bool = False,
     vocal_range_hz: tuple[float, float] | None = None,
     policy: UrlPolicy | None = None,
+    rights: VoiceRights | None = None,
 ) -> VoiceInfo:
     """Check a voice and move it into ``store`` in one rename; its ``voice.json`` (with the sha256 of
     each file). A bad or malicious file leaves the store as it was.
@@ -113,6 +114,7 @@ def add_voice(
         replace: replace an installed voice of that name (otherwise refused)
         vocal_range_hz: the voice's sung range, for ``pitch=auto`` (written into ``voice.json``)
         policy: what a URL may reach and how much it may download (default: the settings')
+        rights: the voice's rights record (whose voice, who consented, on what terms)
     """
     store.voices_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=store.voices_dir, prefix=".incoming-") as tmp:
@@ -145,6 +147,7 @@ def add_voice(
             has_index=index is not None,
             vocal_range_hz=vocal_range_hz,
             speakers=ckpt.config.spk_embed_dim,
+            rights=rights,
             files=files,
         )
         (staged / VOICE_FILE).write_text(info.model_dump_json(indent=2))

@@ -24,7 +24,7 @@ from job.render.rvc.retrieval import build_index
 from job.render.rvc.rmvpe import E2E
 from job.render.rvc.synthesizer import SynthConfig, Synthesizer
 from shared.model_store import CONTENT_ENCODER_DIR, PITCH_MODEL_FILE, ModelStore
-from shared.voices import INDEX_FILE, MODEL_FILE, VOICE_FILE, VoiceInfo, digest_of
+from shared.voices import DEMO_RIGHTS, INDEX_FILE, MODEL_FILE, VOICE_FILE, VoiceInfo, digest_of
 
 Size = Literal["real", "tiny"]
 DEMO_VOICE = "demo-voice"
@@ -89,6 +89,7 @@ def write_voice(
         vocal_range_hz=vocal_range_hz,
         license="CC0-1.0",
         consent="No person's voice: random weights.",
+        rights=DEMO_RIGHTS,
         untrained_demo=True,
         speakers=SynthConfig.from_list(config).spk_embed_dim,
         files=files,

@@ -184,7 +184,7 @@ class Worker:
         claim: Claim | None = None
         try:
             request = parse_request(data, attributes)
-            cid, info, others = resolve(self.storage, self.keys, self.models, request)
+            cid, info, others = resolve(self.storage, self.keys, self.models, request, self.settings.require_rights)
             existing = self.storage.get_bytes(Keys.manifest(cid))
             if existing is not None:
                 stored = CoverCompleted.model_validate_json(existing)
@@ -374,8 +374,8 @@ class Worker:
             options=options,
             voices=request.voices,
             backing_voice=request.backing_voice,
-            voice_versions={p.voice.name: p.voice.info.model_version for p in (cast.parts if cast else [])}
-            | ({cast.backing_voice.name: cast.backing_voice.info.model_version} if cast and cast.backing_voice else {}),
+            voice_rights={v.name: v.info.rights for v in [voice, *_further(cast)]},
+            voice_versions={v.name: v.info.model_version for v in _further(cast)},
             bucket=self.storage.bucket,
             key=key,
             url="",  # signed when served, never stored (shared.covers.served)
@@ -392,3 +392,10 @@ class Worker:
             completed_at=now(),
             quality=result.quality,
         )
+
+
+def _further(cast: Cast | None) -> list[ResolvedVoice]:
+    """A cast's further voices: on the lead, then the backing's."""
+    if cast is None:
+        return []
+    return [p.voice for p in cast.parts] + ([cast.backing_voice] if cast.backing_voice else [])
