@@ -83,7 +83,7 @@ def covers(work: Path, files: dict[str, Path], seconds: float) -> None:
     song = demo.write_demo_song(work / "song.wav", seconds=seconds)
     print(f"\n| cover of a {seconds:.0f} s song (real-size demo models) | s | x song | stages |")
     print("| --- | --- | --- | --- |")
-    took = []
+    took: list[float] = []
     for label, root, stems in (
         ("today's (no MDX-Net models)", plain, StemOptions()),
         ("with both passes (backing original, dereverb)", with_mdx, StemOptions(dereverb=True)),
