@@ -82,6 +82,7 @@ bench: setup
 	$(BIN)/python -m bench.quality
 	$(BIN)/python -m bench.mix
 	$(BIN)/python -m bench.mdx
+	$(BIN)/python -m bench.provenance
 	$(BIN)/python -m bench.craft
 
 bench-fcpe-parity: setup  ## FCPE: our inference against torchfcpe 0.0.4's own (its wheel, a process of its own)

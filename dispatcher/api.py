@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
 
 from shared.events import CoverCompleted, CoverRequest, CoverStatus
+from shared.provenance import Verification
 from shared.voices import VoiceInfo
 
 COVER_ID_PATTERN = r"^[0-9a-f]{32}$"
@@ -92,7 +93,7 @@ def document() -> dict[str, Any]:
     _, defs = models_json_schema(
         [
             (m, "validation" if m is CoverRequest else "serialization")
-            for m in (CoverRequest, Accepted, CoverStatus, ModelList, Health, Problem)
+            for m in (CoverRequest, Accepted, CoverStatus, ModelList, Health, Problem, Verification)
         ],
         ref_template="#/components/schemas/{model}",
     )
@@ -139,6 +140,20 @@ def document() -> dict[str, Any]:
                             "description": "the quality report page: HTML, its player playing /covers/{cover_id}/audio",
                             "content": {"text/html": {"schema": {"type": "string"}}},
                         },
+                        **_problems(404),
+                    },
+                }
+            },
+            "/covers/{cover_id}/provenance": {
+                "get": {
+                    "operationId": "getCoverProvenance",
+                    "parameters": [COVER_ID_PARAMETER],
+                    "responses": {
+                        "200": _json_answer(
+                            "Verification",
+                            "the stored cover's Content Credentials checked now: status verified, untrusted, tampered "
+                            "or none, and what they say (voices with their rights, song, verdict)",
+                        ),
                         **_problems(404),
                     },
                 }

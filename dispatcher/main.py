@@ -6,6 +6,7 @@ and ``unanswered`` (Pub/Sub push of dead letters and failed executions -> their 
     functions-framework --source dispatcher/main.py --target unanswered --port 8082
 
 API: ``POST /cover``, ``GET /models``, ``GET /covers/{cover_id}``, ``GET /covers/{cover_id}/report``,
+``GET /covers/{cover_id}/provenance``,
 ``GET /covers/{cover_id}/audio``, ``GET /healthz``, ``GET /openapi.json`` (the contract,
 :mod:`dispatcher.api`). Every error is
 ``application/problem+json`` (RFC 7807) with a stable ``code``: the codes of :mod:`shared.errors`,
@@ -56,6 +57,7 @@ from shared.events import (
 )
 from shared.logs import fields, set_trace, setup_logging
 from shared.model_store import ModelStore
+from shared.provenance import check_format, verify
 from shared.quality import refuses
 from shared.routing import routed_to
 from shared.settings import Settings
@@ -156,6 +158,7 @@ def _submit(request: Request) -> Response:  # noqa: PLR0911 - reads best top to 
         return problem(413, "request.too_large", f"a request body is at most {MAX_REQUEST_BYTES} bytes")
     try:
         cover_request = parse_request(body)
+        check_format(cover_request.options.format.value, svc.settings.provenance)
         cid, _, _ = resolve(svc.storage, svc.keys, svc.models, cover_request, svc.settings.require_rights)
         # every request gets an id that its events echo, and a runner (shared/routing.py)
         routed = cover_request.model_copy(
@@ -250,6 +253,25 @@ def _cover_audio(cid: str) -> Response:
     return answer
 
 
+def _cover_provenance(cid: str) -> Response:
+    """The published cover's Content Credentials, checked now against the deployment's trusted
+    certificates (``COVER_TRUSTED_CERTS``): the cover is read from the bucket into a temporary file."""
+    import tempfile
+    from pathlib import Path
+
+    svc = services()
+    if (refused := _unknown_id(cid)) is not None:
+        return refused
+    manifest = svc.storage.get_bytes(Keys.manifest(cid))
+    if manifest is None:
+        return problem(404, "cover.unknown", f"no published cover {cid}")
+    completed = CoverCompleted.model_validate_json(manifest)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = svc.storage.download(completed.key, Path(tmp) / Path(completed.key).name)
+        found = verify(local, svc.settings.trusted_certs or "")
+    return _model(found.model_copy(update={"file": completed.key}))
+
+
 def _models(request: Request) -> Response:
     """The voices; each one's 256-number reference embedding only with ``?embeddings=true``."""
     voices = services().models.voices()
@@ -325,6 +347,8 @@ def _route(request: Request) -> Response:
             }
         elif path.startswith("/covers/") and path.endswith("/report") and path.count("/") == 3:
             handlers = {"GET": lambda _: _cover_report(path.split("/")[2])}
+        elif path.startswith("/covers/") and path.endswith("/provenance") and path.count("/") == 3:
+            handlers = {"GET": lambda _: _cover_provenance(path.split("/")[2])}
         elif path.startswith("/covers/") and path.endswith("/audio") and path.count("/") == 3:
             handlers = {"GET": lambda _: _cover_audio(path.split("/")[2])}
         else:

@@ -32,6 +32,12 @@ variable "source_bucket" {
   description = "GCS bucket holding the function source archive (cloudbuild.yaml uploads it)"
 }
 variable "source_object" { type = string }
+variable "trusted_certs" {
+  type        = string
+  default     = ""
+  description = "PEM CA certificates whose signatures on covers `cover verify` trusts: the current one, and during a rotation the previous one too (docs/operations.md, \"Signing keys\")."
+}
+
 variable "default_runner" {
   type        = string
   default     = "cpu"
@@ -165,6 +171,30 @@ moved {
 moved {
   from = google_secret_manager_secret.r2_secret
   to   = google_secret_manager_secret.r2["writer-secret-access-key"]
+}
+
+# --- secrets: the Content Credentials' signing key and its certificate chain ------------------------
+# Only the renderers sign (the job and the GPU runners); the runbook (docs/operations.md, "Signing
+# keys") adds the versions, and a rotation adds the new CA to var.trusted_certs before the new key.
+locals {
+  signing_secrets = { key = "cover-signing-key", certs = "cover-signing-certs" }
+  signing_readers = {
+    for pair in setproduct(keys(local.signing_secrets), ["job", "gpu_runner"]) :
+    "${pair[0]}-${pair[1]}" => { secret = pair[0], who = pair[1] }
+  }
+}
+resource "google_secret_manager_secret" "signing" {
+  for_each  = local.signing_secrets
+  secret_id = each.value
+  replication {
+    auto {}
+  }
+}
+resource "google_secret_manager_secret_iam_member" "signers" {
+  for_each  = local.signing_readers
+  secret_id = google_secret_manager_secret.signing[each.value.secret].id
+  role      = "roles/secretmanager.secretAccessor"
+  member    = "serviceAccount:${local.accounts[each.value.who]}"
 }
 
 # --- topics and subscriptions -----------------------------------------------------------------------
@@ -338,7 +368,9 @@ locals {
     COVER_PROJECT     = var.project
     COVER_CLOUD_RUN_JOB = "projects/${var.project}/locations/${var.region}/jobs/cover-job"
     COVER_DEFAULT_RUNNER = var.default_runner
-    COVER_REQUIRE_RIGHTS = "true" # a voice without a rights record is refused (voice.no_rights)
+    COVER_REQUIRE_RIGHTS = "true"     # a voice without a rights record is refused (voice.no_rights)
+    COVER_PROVENANCE     = "required" # every cover signed (C2PA); opus, which cannot carry it, refused
+    COVER_TRUSTED_CERTS  = var.trusted_certs
   }
   # what Pub/Sub's push token names and the trigger verifies: a fixed string, not the function's URI
   # (the trigger's own environment cannot depend on the trigger)
@@ -349,7 +381,7 @@ resource "google_cloud_run_v2_job" "cover" {
   name     = "cover-job"
   location = var.region
   # a revision that reads a secret needs the grant first (and a version: docs/operations.md, "Deploy from zero")
-  depends_on = [google_secret_manager_secret_iam_member.readers]
+  depends_on = [google_secret_manager_secret_iam_member.readers, google_secret_manager_secret_iam_member.signers]
   template {
     task_count = 1
     template {
@@ -391,6 +423,18 @@ resource "google_cloud_run_v2_job" "cover" {
             secret_key_ref {
               secret  = google_secret_manager_secret.r2["writer-secret-access-key"].secret_id
               version = "latest"
+            }
+          }
+        }
+        dynamic "env" { # the Content Credentials' key and chain: from Secret Manager only
+          for_each = { COVER_SIGNING_KEY = "key", COVER_SIGNING_CERTS = "certs" }
+          content {
+            name = env.key
+            value_source {
+              secret_key_ref {
+                secret  = google_secret_manager_secret.signing[env.value].secret_id
+                version = "latest"
+              }
             }
           }
         }
@@ -506,5 +550,9 @@ output "gpu_runner_env" {
     COVER_SERVES                = "gpu"
     COVER_DEFAULT_RUNNER        = var.default_runner
     COVER_REQUIRE_RIGHTS        = "true"
+    COVER_PROVENANCE            = "required"
+    COVER_TRUSTED_CERTS         = var.trusted_certs
+    # and, beside the R2 keys in its private env file: COVER_SIGNING_KEY and COVER_SIGNING_CERTS, read
+    # from Secret Manager (cover-signing-key, cover-signing-certs) by the runner's account
   }
 }

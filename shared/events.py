@@ -22,6 +22,7 @@ from shared.cast import MAX_VOICES, VoicePart
 from shared.errors import CoverError, ErrorCode
 from shared.names import REQUEST_ID_PATTERN, SONG_ID_MAX_LENGTH, SONG_ID_PATTERN, VOICE_NAME_PATTERN, printable
 from shared.options import STEM_OPTION_NAMES, BackingMode, OutputFormat, RequestOptions, StemOptions
+from shared.provenance import ProvenanceSummary
 from shared.quality import QualityReport
 from shared.routing import ATTRIBUTE, Runner
 from shared.stages import Stage
@@ -164,6 +165,11 @@ class CoverCompleted(BaseModel):
     completed_at: datetime
     quality: QualityReport | None = Field(
         None, description="The cover's measured quality (docs/quality.md); absent when not measured."
+    )
+    provenance: ProvenanceSummary | None = Field(
+        None,
+        description="The cover's Content Credentials (C2PA, embedded in the file): manifest id, signer, "
+        "AI-generated; absent when not signed (COVER_PROVENANCE=off).",
     )
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from platformdirs import user_cache_dir
+from platformdirs import user_cache_dir, user_data_dir
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.routing import Runner
 
 DEFAULT_CACHE = Path(user_cache_dir("melodia-cover"))
+DEFAULT_STATE = Path(user_data_dir("melodia-cover"))
 
 
 class Settings(BaseSettings):
@@ -59,6 +61,23 @@ class Settings(BaseSettings):
             "CPUs without native bf16, see docs/performance.md)."
         ),
     )
+    provenance: Literal["off", "sign", "required"] = Field(
+        "sign",
+        description=(
+            "Content Credentials (C2PA) in each cover (job/render/credentials.py): sign (every format C2PA binds "
+            "into: mp3, m4a, flac, wav; an opus cover is written unsigned, and said so), required (an opus request "
+            "is refused: the deployment), off."
+        ),
+    )
+    signing_key: SecretStr | None = Field(
+        None,
+        description="The PEM signing key (Secret Manager in production; unset: the development key). Never printed.",
+    )
+    signing_certs: str | None = Field(None, description="Its PEM certificate chain, signer first.")
+    trusted_certs: str | None = Field(
+        None, description="The PEM CA certificates `cover verify` trusts: the current and the previous one."
+    )
+    state_dir: Path = Field(DEFAULT_STATE, description="Local state: the development signing key (signing/).")
     require_rights: bool = Field(
         False,
         description=(

@@ -458,3 +458,23 @@ def test_the_deployment_refuses_voices_without_a_rights_record_where_requests_en
     gpu = next(block['"gpu_runner_env"'] for block in tf["output"] if '"gpu_runner_env"' in block)["value"]
     assert gpu["COVER_REQUIRE_RIGHTS"].strip('"') == "true"
     assert Settings().require_rights is False
+
+
+def test_the_signing_key_is_a_secret_only_the_renderers_read_and_the_job_takes_from_secret_manager():
+    tf = _terraform()
+    secrets = _resources(tf, "google_secret_manager_secret")
+    assert {"signing"} <= set(secrets)
+    signing_readers = next(block for block in tf["locals"] if "signing_readers" in block)["signing_readers"]
+    assert "job" in str(signing_readers) and "gpu_runner" in str(signing_readers)
+    assert "dispatcher" not in str(signing_readers) and "unanswered" not in str(signing_readers)
+    task = _resources(tf, "google_cloud_run_v2_job")["cover"]["template"][0]["template"][0]
+    container = task["containers"][0]
+    dynamic_envs = [d['"env"'] for d in container.get("dynamic", []) if '"env"' in d]  # python-hcl2 keeps quotes
+    from_secrets = [e for e in dynamic_envs if "signing" in str(e.get("content", ""))]
+    assert from_secrets and "COVER_SIGNING_KEY" in str(from_secrets[0]["for_each"])
+    assert "google_secret_manager_secret_iam_member.signers" in str(
+        _resources(tf, "google_cloud_run_v2_job")["cover"]["depends_on"]
+    )
+    common = next(block for block in tf["locals"] if "common_env" in block)["common_env"]
+    assert common["COVER_PROVENANCE"].strip('"') == "required" and "COVER_SIGNING_KEY" not in common
+    assert Settings().provenance == "sign"  # locally: signed with the development key, opus said

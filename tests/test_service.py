@@ -24,14 +24,20 @@ from service_stack import FAST, ROOT, _check_against_bucket, assert_matches_sche
 
 from job.devkit import demo
 from job.devkit.stack import stop
+from job.render import credentials
 from shared.events import COMPLETED, FAILED, REQUESTED, CoverRequest, to_message
+from shared.provenance import verify
+from shared.settings import Settings
 
 pytestmark = pytest.mark.slow  # the emulator, an S3 server and worker processes: minutes
 
 
 def test_post_cover_to_completed_event(stack):
+    # the runners sign with this machine's development key; the API trusts its CA, as a deployment's
+    # API trusts the production CA (COVER_TRUSTED_CERTS)
+    trusted = credentials.identity(None, None, None, Settings().state_dir).trusted_pem
     stack.start_worker("cpu-1")
-    url = stack.start_dispatcher()
+    url = stack.start_dispatcher(COVER_TRUSTED_CERTS=trusted)
     answer = requests.post(f"{url}/cover", json={"song_id": "song-1", "voice_model": demo.DEMO_VOICE, "options": FAST})
     assert answer.status_code == 202, answer.text
     cover_id, request_id = answer.json()["cover_id"], answer.json()["request_id"]
@@ -50,6 +56,17 @@ def test_post_cover_to_completed_event(stack):
     assert completed[0]["_attributes"]["cover_id"] == cover_id and completed[0]["_attributes"]["voice"] == "demo-voice"
     assert of_type(events, "cover.progress")  # stage events came first
     _check_against_bucket(stack, completed[0])
+    # the cover carries Content Credentials that the check accepts, and the event says so
+    summary = completed[0]["provenance"]
+    assert summary["ai_generated"] is True and summary["manifest_id"].startswith("urn:c2pa:")
+    cover = stack.tmp / "from-bucket.mp3"
+    cover.write_bytes(stack.s3.get_object(Bucket=stack.bucket, Key=completed[0]["key"])["Body"].read())
+    found = verify(cover, trusted)
+    assert found.status.value == "verified" and found.summary.manifest_id == summary["manifest_id"]
+    assert found.song["id"] == "song-1" and found.voices[0]["name"] == demo.DEMO_VOICE
+    checked = requests.get(f"{url}/covers/{cover_id}/provenance")  # the API checks the stored file now
+    assert checked.status_code == 200 and checked.json()["status"] == "verified", checked.text
+    assert checked.json()["summary"]["manifest_id"] == summary["manifest_id"]
     status = requests.get(f"{url}/covers/{cover_id}").json()
     assert status["state"] == "completed" and status["completed"]["sha256"] == completed[0]["sha256"]
     # the report page's player: the cover behind a redirect signed now
@@ -68,6 +85,7 @@ def test_post_cover_to_completed_event(stack):
     access = [line for line in lines if line.get("event") == "http.request"]
     assert [(a["method"], a["status"]) for a in access] == [
         ("POST", 202),
+        ("GET", 200),  # the provenance
         ("GET", 200),
         ("GET", 302),
         ("GET", 404),
@@ -81,18 +99,22 @@ def test_post_cover_to_completed_event(stack):
 
 def _voice_without_rights(stack) -> str:
     """A voice in the bucket whose voice.json has no rights record (the demo voice's, renamed)."""
-    info = json.loads(
-        stack.s3.get_object(Bucket=stack.bucket, Key=f"voices/{demo.DEMO_VOICE}/voice.json")["Body"].read()
-    )
+    local = Path(stack.env["COVER_MODELS_DIR"]) / "voices" / demo.DEMO_VOICE / "voice.json"
+    info = json.loads(local.read_text())  # the runners' local store: the bucket holds no voices here
     info.update(name="norights", rights=None)
     stack.s3.put_object(Bucket=stack.bucket, Key="voices/norights/voice.json", Body=json.dumps(info).encode())
     return "norights"
 
 
 def test_dispatcher_answers_problem_json(stack):
-    url = stack.start_dispatcher(COVER_REQUIRE_RIGHTS="true")
+    url = stack.start_dispatcher(COVER_REQUIRE_RIGHTS="true", COVER_PROVENANCE="required")
     unlicensed = _voice_without_rights(stack)
     cases = [
+        (  # the deployment requires Content Credentials, which opus cannot carry
+            json.dumps({"song_id": "song-1", "voice_model": demo.DEMO_VOICE, "options": {"format": "opus"}}).encode(),
+            400,
+            "options.invalid",
+        ),
         (  # the deployment requires a rights record: refused before anything is queued
             json.dumps({"song_id": "song-1", "voice_model": unlicensed}).encode(),
             403,

@@ -3,7 +3,10 @@
 Exit statuses: 0 success; 2 usage error; 3 bad input (song, voice name, options);
 4 a model is missing, corrupt, unsafe or mismatched; 5 internal error; 6 the cover is below the
 quality gate (``COVER_QUALITY=gate``, the default; the file is kept, ``--publish-below-gate``
-accepts it). With ``--json`` the result (or ``{"error": {...}}``) is printed as one JSON object on standard output.
+accepts it). ``cover verify`` exits 0 for a cover whose credentials are intact and trusted, 7 when
+the audio or the credentials were changed after signing, 8 when they are intact but signed by an
+untrusted key, 9 when the file carries none. With ``--json`` the result (or ``{"error": {...}}``) is
+printed as one JSON object on standard output.
 """
 
 from __future__ import annotations
@@ -238,6 +241,7 @@ def cmd_make(args: argparse.Namespace) -> int:
             if result.vocal_stems
             else None,
             "quality": result.quality.model_dump(mode="json") if result.quality else None,
+            "provenance": result.provenance.model_dump(mode="json") if result.provenance else None,
             "gate": "refused" if refused else "published",
         },
         lambda: _print_summary(
@@ -249,6 +253,7 @@ def cmd_make(args: argparse.Namespace) -> int:
                 + "".join(f"; {p.voice.name} at {_ranges(p.ranges)}" for p in cast.parts),
                 _stems_line(result.stems_cached),
                 *([result.vocal_stems.said()] if result.vocal_stems else []),
+                _credentials_line(result),
                 f"{result.mix.duration_s:.1f} s, {result.mix.loudness_lufs:.1f} LUFS, "
                 f"true peak {result.mix.true_peak_dbtp:.1f} dBTP",
                 *_quality_lines(result.quality),
@@ -265,6 +270,48 @@ def cmd_make(args: argparse.Namespace) -> int:
         )
         return EXIT_QUALITY_GATE
     return 0
+
+
+VERIFY_EXIT = {"verified": 0, "tampered": 7, "untrusted": 8, "none": 9}
+
+
+def _credentials_line(result: CoverResult) -> str:
+    summary = result.provenance
+    if summary is None:
+        return "credentials: none (COVER_PROVENANCE=off, or a format C2PA cannot carry: opus)"
+    kind = "DEVELOPMENT signature (this machine's key: trusted here only)" if summary.development else "signed"
+    return f"credentials: {kind}, {summary.manifest_id}, by {summary.signer}"
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from job.render.credentials import identity
+    from shared.provenance import verify
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise CoverError(ErrorCode.INPUT_NOT_FOUND, f"not found: {path}")
+    s = _settings(args)
+    key = s.signing_key.get_secret_value() if s.signing_key else None
+    found = verify(path, identity(key, s.signing_certs, s.trusted_certs, s.state_dir).trusted_pem)
+
+    def human() -> None:
+        print(f"{path.name}: {found.said}")
+        if found.summary is not None:
+            print(f"  manifest {found.summary.manifest_id}, signed by {found.summary.signer} ({found.summary.issuer})")
+            print("  AI-generated: yes (a voice model re-sang the song's vocals)")
+        for voice in found.voices:
+            rights = voice.get("rights") or {}
+            terms = f"{rights.get('voice_of')}; consent: {rights.get('consented_by')}; terms: {rights.get('terms')}"
+            print(f"  voice {voice.get('name')} ({voice.get('version')}): {terms if rights else 'no rights record'}")
+        if found.song:
+            print(f"  song {found.song.get('id')} (audio sha256 {str(found.song.get('audio_sha256'))[:16]}...)")
+        if found.verdict:
+            print(f"  quality verdict: {found.verdict}")
+        for problem in found.problems:
+            print(f"  problem: {problem}")
+
+    _emit(args, found.model_dump(mode="json"), human)
+    return VERIFY_EXIT[found.status.value]
 
 
 def _keep_stems(result: CoverResult, work: Path) -> None:
@@ -465,6 +512,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             [
                 f"song {song} ({result.song.duration_s:.0f} s)",
                 _stems_line(result.stems_cached),
+                _credentials_line(result),
                 "the demo voice is untrained (random weights): expect noise, not singing",
                 *_quality_lines(result.quality),
                 *(
@@ -801,6 +849,15 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - reads best top
     p.add_argument("--voice", required=True, help="voice name (see `cover models list`)")
     p.add_argument("-o", "--output", required=True, help="WAV file")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "verify",
+        parents=[common],
+        help="check a cover's Content Credentials: intact, trusted, and what they say",
+        formatter_class=formatter,
+    )
+    p.add_argument("file", help="the cover (mp3, m4a, flac or wav)")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser(
         "pitch", parents=[common], help="the pitch track a tracker hears in a file", formatter_class=formatter

@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 from scipy.signal import resample_poly
 
+from job.render import credentials
 from job.render.compute import heavy_slots, release_freed_memory
 from job.render.convert import ConversionOptions, ConvertedVocals, VoiceConverter, convert_vocals
 from job.render.duet import Span, frame_energy, plan, sing
@@ -43,6 +44,7 @@ from job.render.timing import StageTimer
 from shared.errors import CoverError, ErrorCode
 from shared.model_store import ModelStore, ResolvedVoice
 from shared.options import BackingMode, MixOptions, SeparationOptions, StemOptions
+from shared.provenance import ProvenanceSummary, check_format
 from shared.quality import MELODY_MIN_VOICED_S, QualityReport, SingerScore, StemsUsed
 from shared.settings import Settings
 from shared.stages import Stage
@@ -101,6 +103,7 @@ class CoverResult(BaseModel):
     mix: MixResult
     conversion: ConvertedVocals
     vocal_stems: VocalStems | None = None
+    provenance: ProvenanceSummary | None = None  # None: not signed (COVER_PROVENANCE=off, or opus)
     stems_cached: bool
     timings: dict[str, float]
 
@@ -130,6 +133,7 @@ class Pipeline:
         self.heavy_slots = heavy_slots(settings.heavy_slots, self.converter.device)
         self.heavy = threading.BoundedSemaphore(self.heavy_slots)
         self._loading = threading.Lock()  # one separator per options, whichever request asks first
+        self._identity: credentials.Identity | None = None
 
     def separator(self, options: SeparationOptions) -> Separator:
         key = options.model_dump_json()
@@ -569,6 +573,51 @@ class Pipeline:
         )
         return stems, cached, vocal
 
+    @property
+    def identity(self) -> credentials.Identity:
+        """The signing identity (production's from the settings, else the development key), loaded once."""
+        with self._loading:
+            if self._identity is None:
+                s = self.settings
+                key = s.signing_key.get_secret_value() if s.signing_key else None
+                self._identity = credentials.identity(key, s.signing_certs, s.trusted_certs, s.state_dir)
+            return self._identity
+
+    def sign(self, out: Path, result: CoverResult, cast: Cast, song_label: str, separator: str) -> None:
+        """The cover's Content Credentials, embedded into ``out`` (``result.provenance`` set); nothing
+        for a format C2PA has no binding for, or with ``COVER_PROVENANCE=off``.
+
+        Args:
+            out: the cover's file
+            result: the render's result (its quality, stems, conversion, song)
+            cast: the further voices
+            song_label: the song's id or file name
+            separator: the Demucs model that separated it
+        """
+        media_type = credentials.MEDIA_TYPES.get(result.mix.format)
+        if self.settings.provenance == "off" or media_type is None:
+            return
+        voices = [self.store.voice(result.voice), *(p.voice for p in cast.parts)]
+        voices += [cast.backing_voice] if cast.backing_voice else []
+        facts = credentials.CoverFacts(
+            title=out.name,
+            song=song_label,
+            song_sha256=result.song.sha256,
+            voices=[
+                credentials.VoiceFact(name=v.name, version=v.info.model_version, rights=v.info.rights)
+                for v in {v.name: v for v in voices}.values()
+            ],
+            actions=[
+                f"vocals separated from the song ({separator})",
+                *([result.vocal_stems.said()] if result.vocal_stems else []),
+                f"vocals re-sung by {', '.join(dict.fromkeys(v.name for v in voices))} (RVC)",
+                *(result.quality.made_with if result.quality else []),
+                f"mixed at {result.mix.loudness_lufs:.1f} LUFS",
+            ],
+            verdict=result.quality.verdict.value if result.quality else None,
+        )
+        result.provenance = credentials.sign(out, media_type, facts, self.identity)
+
     @staticmethod
     def _mix(
         instrumental: Path,
@@ -621,6 +670,7 @@ class Pipeline:
         title: str | None = None,
         discard_song: bool = False,
         cast: Cast | None = None,
+        song_label: str | None = None,
     ) -> CoverResult:
         """Render a cover of ``song`` sung by ``voice`` into ``out``.
 
@@ -636,8 +686,10 @@ class Pipeline:
             discard_song: the file ``song`` is the caller's own temporary copy (the runner's
                 download), removed with the work folder's song files once the song is separated.
             cast: further voices on the lead (a duet) and the backing's voice (None: ``voice`` sings all).
+            song_label: what the credentials call the song (the catalog's id; default: its file name).
         """
         options = options or CoverOptions()
+        check_format(options.mix.format.value, self.settings.provenance)  # before any work
         report = progress or (lambda stage, fraction: None)
         timer = StageTimer()
         work.mkdir(parents=True, exist_ok=True)
@@ -694,7 +746,7 @@ class Pipeline:
                 quality,
             )
         report(Stage.MIX, 1.0)
-        return CoverResult(
+        result = CoverResult(
             output=Path(out),
             quality=quality,
             vocal_stems=vocal,
@@ -705,6 +757,10 @@ class Pipeline:
             stems_cached=cached,
             timings=timer.in_order(),
         )
+        with timer(Stage.MIX):  # the credentials are the mix's last step
+            self.sign(Path(out), result, cast, song_label or Path(str(song)).name, options.separation.model)
+        result.timings = timer.in_order()
+        return result
 
 
 def _mostly(spans: list[Span], a: float, b: float) -> str:

@@ -356,6 +356,7 @@ class Worker:
                 title=f"{request.song_id} ({voice.info.display_name} cover)",
                 discard_song=True,  # our download: on Cloud Run's in-memory disk it is memory
                 cast=cast,
+                song_label=request.song_id,
             )
             self._store_report(cid, request, result, spec.content_type)
             self._gate(result.quality, request)  # before the cover is stored: a refused cover is never visible
@@ -391,6 +392,7 @@ class Worker:
             runner=self.settings.runner,
             completed_at=now(),
             quality=result.quality,
+            provenance=result.provenance,
         )
 
 

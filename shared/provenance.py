@@ -1,0 +1,140 @@
+"""What a cover's Content Credentials say, and the check of them (c2pa-python): shared by the job,
+the command line (``cover verify``), the events and the API (``GET /covers/{id}/provenance``).
+The signing is ``job/render/credentials.py``'s."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+AI_SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
+COVER_ASSERTION = "org.melodia.cover"  # our assertion: voices with their rights, the song, the verdict
+DEVELOPMENT_SIGNER = "melodia-cover development signature"  # the local key's organisation: never trusted in production
+
+
+class ProvenanceSummary(BaseModel):
+    """What ``cover.completed`` says of the cover's credentials."""
+
+    manifest_id: str = Field(description="The C2PA manifest's label (urn:c2pa:...).")
+    signer: str = Field(description="The signing certificate's subject (common name, organisation).")
+    issuer: str = Field(description="Its issuer's organisation.")
+    ai_generated: bool = Field(True, description="Declared AI-generated (IPTC trainedAlgorithmicMedia).")
+    development: bool = Field(False, description="Signed with the local development key: not a production signature.")
+
+
+class VerifyStatus(str, Enum):  # noqa: UP042 - str() of a member is its value, in messages
+    VERIFIED = "verified"  # intact, and signed by a trusted certificate
+    UNTRUSTED = "untrusted"  # intact, but signed by a certificate we do not trust
+    TAMPERED = "tampered"  # the credentials or the audio do not match their signature
+    NONE = "none"  # no credentials in the file
+
+
+class Verification(BaseModel):
+    """``cover verify``'s finding."""
+
+    file: str
+    status: VerifyStatus
+    said: str = Field(description="The finding in plain words.")
+    summary: ProvenanceSummary | None = None
+    voices: list[dict[str, Any]] = Field(default_factory=list, description="Each voice, its version and rights.")
+    song: dict[str, Any] | None = None
+    verdict: str | None = None
+    problems: list[str] = Field(default_factory=list, description="The checker's failure codes and explanations.")
+
+
+def check_format(format_value: str, provenance: str) -> None:
+    """``options.invalid`` for a format C2PA cannot bind into when credentials are required."""
+    from shared.errors import CoverError, ErrorCode
+
+    if provenance == "required" and format_value not in SIGNED_FORMATS:
+        raise CoverError(
+            ErrorCode.OPTIONS_INVALID,
+            f"{format_value} covers cannot carry Content Credentials (C2PA has no binding for it), which this "
+            f"deployment requires: choose {', '.join(SIGNED_FORMATS)}",
+        )
+
+
+SIGNED_FORMATS = ("mp3", "m4a", "flac", "wav")
+
+
+BY_SUFFIX = {".mp3": "audio/mpeg", ".m4a": "audio/mp4", ".mp4": "audio/mp4", ".flac": "audio/flac", ".wav": "audio/wav"}
+
+
+def summary_of(manifest: dict[str, Any], development: bool) -> ProvenanceSummary:
+    """The summary of a manifest as c2pa's reader gives it."""
+    info = manifest.get("signature_info") or {}
+    return ProvenanceSummary(
+        manifest_id=str(manifest.get("label", "")),
+        signer=str(info.get("common_name", "")),
+        issuer=str(info.get("issuer", "")),
+        development=development,
+    )
+
+
+def verify(path: Path, trusted_pem: str) -> Verification:
+    """What ``path``'s credentials say, and whether its audio and manifest are intact and signed by
+    a certificate issued by one of ``trusted_pem``'s CAs."""
+    import c2pa
+
+    media_type = BY_SUFFIX.get(path.suffix.lower())
+    if media_type is None:
+        return Verification(
+            file=str(path),
+            status=VerifyStatus.NONE,
+            said=f"no credentials: {path.suffix or 'this'} files carry none here (mp3, m4a, flac and wav do)",
+        )
+    settings: dict[str, object] = {"verify": {"verify_trust": bool(trusted_pem)}}
+    if trusted_pem:
+        settings["trust"] = {"trust_anchors": trusted_pem}
+    try:
+        with open(path, "rb") as stream:
+            reader = c2pa.Reader(media_type, stream, context=c2pa.Context.from_dict(settings))
+            state = reader.get_validation_state() or ""
+            manifest = reader.get_active_manifest() or {}
+            results = reader.get_validation_results() or {}
+    except c2pa.C2paError as exc:
+        if "ManifestNotFound" in type(exc).__name__ or "no JUMBF" in str(exc):
+            return Verification(
+                file=str(path), status=VerifyStatus.NONE, said="no credentials: the file carries no C2PA manifest"
+            )
+        return Verification(
+            file=str(path),
+            status=VerifyStatus.TAMPERED,
+            said=f"the credentials cannot be read: {exc}",
+            problems=[str(exc)],
+        )
+    failures = [
+        f"{f.get('code')}: {f.get('explanation')}" for f in (results.get("activeManifest") or {}).get("failure", [])
+    ]
+    ours: dict[str, Any] = next(
+        (a.get("data", {}) for a in manifest.get("assertions", []) if a.get("label") == COVER_ASSERTION), {}
+    )
+    summary = summary_of(manifest, bool(ours.get("development_signature")))
+    facts = {
+        "summary": summary,
+        "voices": ours.get("voices", []),
+        "song": ours.get("song"),
+        "verdict": ours.get("verdict"),
+    }
+    if state == "Trusted":
+        status, said = VerifyStatus.VERIFIED, "verified: intact, and signed by a trusted certificate"
+    elif state == "Valid" and not [f for f in failures if not f.startswith("signingCredential.untrusted")]:
+        status, said = (
+            VerifyStatus.UNTRUSTED,
+            f"intact, but signed by a certificate this check does not trust ({summary.signer}, "
+            f"issued by {summary.issuer})",
+        )
+    else:
+        edited = any("hash" in f for f in failures)
+        status = VerifyStatus.TAMPERED
+        said = (
+            "the audio was changed after signing: it no longer matches its credentials"
+            if edited
+            else "the credentials do not match their signature"
+        )
+    if summary.development and status is VerifyStatus.VERIFIED:
+        said += " (a development signature: trusted on this machine only)"
+    return Verification(file=str(path), status=status, said=said, problems=failures, **facts)
