@@ -583,13 +583,16 @@ class Pipeline:
                 self._identity = credentials.identity(key, s.signing_certs, s.trusted_certs, s.state_dir)
             return self._identity
 
-    def sign(self, out: Path, result: CoverResult, cast: Cast, song_label: str, separator: str) -> None:
+    def sign(
+        self, out: Path, result: CoverResult, voice: ResolvedVoice, cast: Cast, song_label: str, separator: str
+    ) -> None:
         """The cover's Content Credentials, embedded into ``out`` (``result.provenance`` set); nothing
         for a format C2PA has no binding for, or with ``COVER_PROVENANCE=off``.
 
         Args:
             out: the cover's file
             result: the render's result (its quality, stems, conversion, song)
+            voice: the main voice
             cast: the further voices
             song_label: the song's id or file name
             separator: the Demucs model that separated it
@@ -597,7 +600,7 @@ class Pipeline:
         media_type = credentials.MEDIA_TYPES.get(result.mix.format)
         if self.settings.provenance == "off" or media_type is None:
             return
-        voices = [self.store.voice(result.voice), *(p.voice for p in cast.parts)]
+        voices = [voice, *(p.voice for p in cast.parts)]
         voices += [cast.backing_voice] if cast.backing_voice else []
         facts = credentials.CoverFacts(
             title=out.name,
@@ -758,7 +761,7 @@ class Pipeline:
             timings=timer.in_order(),
         )
         with timer(Stage.MIX):  # the credentials are the mix's last step
-            self.sign(Path(out), result, cast, song_label or Path(str(song)).name, options.separation.model)
+            self.sign(Path(out), result, voice, cast, song_label or Path(str(song)).name, options.separation.model)
         result.timings = timer.in_order()
         return result
 
