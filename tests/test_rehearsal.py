@@ -24,6 +24,7 @@ from service_stack import FAST, _check_against_bucket, of_type
 from job.devkit import demo
 from job.devkit.stack import free_port, start, stop
 from shared.events import COMPLETED, FAILED
+from tests.conftest import run_cover
 
 pytestmark = pytest.mark.slow
 # the leases of the stack's runners, short here; REHEARSAL_LEASE_S=60 REHEARSAL_LEASE_EXTENSION_S=30
@@ -240,4 +241,14 @@ def test_the_readme_s_service_example_ends_in_completed(stack, rehearsal):
     events = stack.events(lambda got: any(e["cover_id"] == cid for e in of_type(got, COMPLETED) + of_type(got, FAILED)))
     assert [e["cover_id"] for e in of_type(events, COMPLETED)] == [cid], of_type(events, FAILED)
     assert requests.get(answer.json()["status_url"], timeout=30).json()["state"] == "completed"
+    # it comes back with Content Credentials that `cover verify` accepts, and the event says so
+    (completed,) = of_type(events, COMPLETED)
+    assert completed["provenance"]["ai_generated"] is True and completed["provenance"]["development"] is True
+    cover = stack.tmp / f"readme-cover.{completed['format']}"
+    cover.write_bytes(stack.s3.get_object(Bucket=completed["bucket"], Key=completed["key"])["Body"].read())
+    checked = run_cover(["verify", str(cover), "--json"], dict(os.environ))
+    assert (
+        checked.returncode == 0
+        and json.loads(checked.stdout)["summary"]["manifest_id"] == completed["provenance"]["manifest_id"]
+    )
     assert proc.poll() is None
