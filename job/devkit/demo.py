@@ -183,8 +183,13 @@ def write_models(models_dir: Path, size: Size = "real", force: bool = False) -> 
         write_hubert(encoder, size)
     if force or not (models_dir / PITCH_MODEL_FILE).is_file():
         write_rmvpe(models_dir / PITCH_MODEL_FILE)
-    if force or not (store.voice_folder(DEMO_VOICE) / VOICE_FILE).is_file():
+    demo_json = store.voice_folder(DEMO_VOICE) / VOICE_FILE
+    if force or not demo_json.is_file():
         write_voice(store.voice_folder(DEMO_VOICE), size=size)
+    else:  # a demo voice written before rights records existed gets its record (its files unchanged)
+        info = VoiceInfo.model_validate_json(demo_json.read_text())
+        if info.untrained_demo and info.rights is None:
+            demo_json.write_text(info.model_copy(update={"rights": DEMO_RIGHTS}).model_dump_json(indent=2))
 
 
 def demo_song(
