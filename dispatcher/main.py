@@ -237,16 +237,23 @@ def _cover_report(cid: str) -> Response:
     return Response(page, status=200, content_type="text/html; charset=utf-8")
 
 
+def _published(cid: str) -> CoverCompleted | Response:
+    """A published cover's stored manifest, or the problem answer (an id that is not one, 404)."""
+    if (refused := _unknown_id(cid)) is not None:
+        return refused
+    manifest = services().storage.get_bytes(Keys.manifest(cid))
+    if manifest is None:
+        return problem(404, "cover.unknown", f"no published cover {cid}")
+    return CoverCompleted.model_validate_json(manifest)
+
+
 def _cover_audio(cid: str) -> Response:
     """The cover itself: a redirect to its URL signed now (the report page's player plays this, so
     a page kept for days still plays; signed URLs are never stored)."""
-    svc = services()
-    if (refused := _unknown_id(cid)) is not None:
-        return refused
-    manifest = svc.storage.get_bytes(Keys.manifest(cid))
-    if manifest is None:
-        return problem(404, "cover.unknown", f"no published cover {cid}")
-    completed = served(CoverCompleted.model_validate_json(manifest), svc.storage)
+    stored = _published(cid)
+    if isinstance(stored, Response):
+        return stored
+    completed = served(stored, services().storage)
     answer = Response(status=302)
     answer.headers["Location"] = completed.url
     answer.headers["Cache-Control"] = "no-store"  # the signature expires; ask again each time
@@ -260,12 +267,9 @@ def _cover_provenance(cid: str) -> Response:
     from pathlib import Path
 
     svc = services()
-    if (refused := _unknown_id(cid)) is not None:
-        return refused
-    manifest = svc.storage.get_bytes(Keys.manifest(cid))
-    if manifest is None:
-        return problem(404, "cover.unknown", f"no published cover {cid}")
-    completed = CoverCompleted.model_validate_json(manifest)
+    completed = _published(cid)
+    if isinstance(completed, Response):
+        return completed
     with tempfile.TemporaryDirectory() as tmp:
         local = svc.storage.download(completed.key, Path(tmp) / Path(completed.key).name)
         found = verify(local, svc.settings.trusted_certs or "")
