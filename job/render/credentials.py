@@ -25,7 +25,6 @@ command line says so.
 from __future__ import annotations
 
 import datetime
-import io
 import json
 import logging
 import os
@@ -253,5 +252,6 @@ def sign(path: Path, media_type: str, facts: CoverFacts, who: Identity) -> Prove
         raise CoverError(ErrorCode.INTERNAL, f"signing the cover's credentials failed: {exc}") from None
     finally:
         staged.unlink(missing_ok=True)
-    reader = c2pa.Reader(media_type, io.BytesIO(path.read_bytes()))
-    return summary_of(reader.get_active_manifest() or {}, who.development)
+    with open(path, "rb") as signed:  # read back as a stream: a WAV cover is tens of MB
+        manifest = c2pa.Reader(media_type, signed).get_active_manifest() or {}
+    return summary_of(manifest, who.development)

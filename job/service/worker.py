@@ -266,7 +266,7 @@ class Worker:
             CastPart(
                 voice=voices[p.voice_model],
                 ranges=[(r.start_s, r.end_s) for r in p.ranges],
-                options=None if p.options is None else ConversionOptions(**p.options.model_dump()),
+                options=p.options,
             )
             for p in request.voices
             if p.voice_model != request.voice_model

@@ -47,9 +47,6 @@ class StemKey(BaseModel):
         settings = self.model_dump_json(exclude={"audio_sha256"})
         return hashlib.sha256(settings.encode()).hexdigest()[:16]
 
-    def object_key(self, name: str) -> str:
-        return Keys.stem(self.audio_sha256, self.separation_key, name)
-
 
 class StemCache:
     def __init__(self, storage: Storage) -> None:
@@ -57,21 +54,18 @@ class StemCache:
 
     def get(self, key: StemKey, out_dir: Path, sample_rate: int) -> Stems | None:
         """The cached stems copied into ``out_dir``, or None when they are not (all) cached."""
-        if any(self.storage.head(key.object_key(name)) is None for name in reversed(STEM_NAMES)):
-            return None
-        paths = {name: self.storage.download(key.object_key(name), out_dir / f"{name}.wav") for name in STEM_NAMES}
-        log.info("stems from the cache: %s", key.object_key("*"))
-        return Stems(sample_rate=sample_rate, **paths)
+        paths = self.get_files(key.audio_sha256, key.separation_key, STEM_NAMES, out_dir)
+        return None if paths is None else Stems(sample_rate=sample_rate, **paths)
 
     def put(self, key: StemKey, stems: Stems) -> None:
-        for name in STEM_NAMES:
-            self.storage.upload_file(key.object_key(name), getattr(stems, name), "audio/wav")
+        self.put_files(key.audio_sha256, key.separation_key, {name: getattr(stems, name) for name in STEM_NAMES})
 
     def get_files(
         self, audio_sha256: str, separation_key: str, names: tuple[str, ...], out_dir: Path
     ) -> dict[str, Path] | None:
-        """Stems split further (``job/render/separate/vocal_split.py``), copied into ``out_dir``, or
-        None unless all are cached (the last name is written last and looked up first).
+        """Stems (Demucs' pair, or those split further by ``job/render/separate/vocal_split.py``)
+        copied into ``out_dir``, or None unless all are cached (the last name is written last and
+        looked up first).
 
         Args:
             audio_sha256: the song's audio digest
@@ -82,7 +76,7 @@ class StemCache:
         keys = {name: Keys.stem(audio_sha256, separation_key, name) for name in names}
         if any(self.storage.head(keys[name]) is None for name in reversed(names)):
             return None
-        log.info("split stems from the cache: %s", keys[names[0]])
+        log.info("stems from the cache: %s", keys[names[0]])
         return {name: self.storage.download(key, out_dir / f"{name}.wav") for name, key in keys.items()}
 
     def put_files(self, audio_sha256: str, separation_key: str, paths: dict[str, Path]) -> None:
