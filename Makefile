@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: browser run test test-fast test-full coverage lint bench bench-mdx bench-cold-start bench-gpu gpu-runner serve setup system-deps pubsub-emulator clean
+.PHONY: browser run test test-fast test-full coverage lint bench bench-mdx bench-watermark bench-cold-start bench-gpu gpu-runner serve setup system-deps pubsub-emulator clean
 
 system-deps:  ## Debian's ffmpeg (ffmpeg + ffprobe)
 	@command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 || \
@@ -83,6 +83,7 @@ bench: setup
 	$(BIN)/python -m bench.mix
 	$(BIN)/python -m bench.mdx
 	$(BIN)/python -m bench.provenance
+	$(BIN)/python -m bench.watermark
 	$(BIN)/python -m bench.craft
 
 bench-fcpe-parity: setup  ## FCPE: our inference against torchfcpe 0.0.4's own (its wheel, a process of its own)
@@ -91,6 +92,9 @@ bench-fcpe-parity: setup  ## FCPE: our inference against torchfcpe 0.0.4's own (
 
 bench-mdx: setup  ## the MDX-Net passes (lead/backing, de-reverb): s per minute, and a cover with both against without
 	$(BIN)/python -m bench.mdx
+
+bench-watermark: setup  ## the watermark: read after MP3, AAC, Opus, 48 kHz, -6 dB, a 20 s excerpt; false positives; level; cost
+	$(BIN)/python -m bench.watermark
 
 bench-cold-start: setup  ## a job execution's start-to-first-stage time, models baked in or downloaded
 	$(BIN)/python -m bench.cold_start

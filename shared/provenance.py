@@ -4,6 +4,7 @@ The signing is ``job/render/credentials.py``'s."""
 
 from __future__ import annotations
 
+import base64
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from pydantic import BaseModel, Field
 AI_SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 COVER_ASSERTION = "org.melodia.cover"  # our assertion: voices with their rights, the song, the verdict
 DEVELOPMENT_SIGNER = "melodia-cover development signature"  # the local key's organisation: never trusted in production
+WATERMARK_ALGORITHM = "org.melodia.watermark.ss.1"  # the soft-binding assertion's algorithm: our watermark
+SOFT_BINDING = "c2pa.soft-binding"
 
 
 class ProvenanceSummary(BaseModel):
@@ -23,13 +26,31 @@ class ProvenanceSummary(BaseModel):
     issuer: str = Field(description="Its issuer's organisation.")
     ai_generated: bool = Field(True, description="Declared AI-generated (IPTC trainedAlgorithmicMedia).")
     development: bool = Field(False, description="Signed with the local development key: not a production signature.")
+    watermark: str | None = Field(
+        None,
+        description="The id the cover's inaudible watermark carries (12 hex digits): the manifest id's first 48 bits.",
+    )
 
 
 class VerifyStatus(str, Enum):  # noqa: UP042 - str() of a member is its value, in messages
     VERIFIED = "verified"  # intact, and signed by a trusted certificate
     UNTRUSTED = "untrusted"  # intact, but signed by a certificate we do not trust
     TAMPERED = "tampered"  # the credentials or the audio do not match their signature
-    NONE = "none"  # no credentials in the file
+    NONE = "none"  # no credentials in the file, and no watermark of ours heard
+    WATERMARK = "watermark"  # no credentials, but our watermark is in the audio: an AI cover of ours
+
+
+class WatermarkReading(BaseModel):
+    """What the audio's inaudible watermark says (read where a file could be decoded)."""
+
+    found: bool
+    id: str | None = Field(None, description="The id it carries (12 hex digits): its manifest id's first 48 bits.")
+    sync_z: float = Field(description="How far its sync pattern stands out (robust z-score; 5.5 needed).")
+    matches_manifest: bool | None = Field(None, description="Whether it is the id the manifest declares.")
+
+    def manifest_prefix(self) -> str | None:
+        """The beginning of the manifest label it names (``urn:c2pa:xxxxxxxx-xxxx-4``)."""
+        return None if self.id is None else f"urn:c2pa:{self.id[:8]}-{self.id[8:]}-4"
 
 
 class Verification(BaseModel):
@@ -43,6 +64,24 @@ class Verification(BaseModel):
     song: dict[str, Any] | None = None
     verdict: str | None = None
     problems: list[str] = Field(default_factory=list, description="The checker's failure codes and explanations.")
+    watermark: WatermarkReading | None = None
+
+    def with_watermark(self, reading: WatermarkReading) -> Verification:
+        """This finding with what the audio's watermark says: a file without credentials whose
+        watermark is ours becomes :attr:`VerifyStatus.WATERMARK`."""
+        declared = self.summary.watermark if self.summary else None
+        reading = reading.model_copy(
+            update={"matches_manifest": None if declared is None or not reading.found else reading.id == declared}
+        )
+        found = self.model_copy(update={"watermark": reading})
+        if not reading.found:
+            return found
+        names = f"its watermark names an AI-generated melodia cover, manifest {reading.manifest_prefix()}..."
+        if self.status is VerifyStatus.NONE:
+            found.status, found.said = VerifyStatus.WATERMARK, f"no credentials in the file, but {names}"
+        elif self.status is VerifyStatus.TAMPERED:
+            found.said = f"{self.said}; {names}"
+        return found
 
 
 def check_format(format_value: str, provenance: str) -> None:
@@ -71,7 +110,21 @@ def summary_of(manifest: dict[str, Any], development: bool) -> ProvenanceSummary
         signer=str(info.get("common_name", "")),
         issuer=str(info.get("issuer", "")),
         development=development,
+        watermark=watermark_of(manifest),
     )
+
+
+def watermark_of(manifest: dict[str, Any]) -> str | None:
+    """The watermark id the manifest's soft-binding assertion declares (hex), if it has ours."""
+    for assertion in manifest.get("assertions", []):
+        data = assertion.get("data") or {}
+        if assertion.get("label") == SOFT_BINDING and data.get("alg") == WATERMARK_ALGORITHM:
+            blocks = data.get("blocks") or [{}]
+            try:
+                return base64.b64decode(str(blocks[0].get("value", ""))).hex() or None
+            except ValueError:
+                return None
+    return None
 
 
 def verify(path: Path, trusted_pem: str) -> Verification:

@@ -118,7 +118,10 @@ def test_cover_make_signs_its_cover_and_opus_is_said_or_refused(env, song, tmp_p
     fast = ["--f0-method", "pm", "--allow-no-vocals"]
     done = run_cover(["make", str(song), "--voice", "demo-voice", "-o", str(out), *fast, "--json"], env)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["provenance"]["development"] is True
+    provenance = json.loads(done.stdout)["provenance"]
+    assert provenance["development"] is True
+    mark = provenance["watermark"]  # the inaudible watermark's id begins the manifest's id
+    assert len(mark) == 12 and provenance["manifest_id"].startswith(f"urn:c2pa:{mark[:8]}-{mark[8:]}-4")
     verified = run_cover(["verify", str(out)], env)
     assert verified.returncode == 0 and "song song.wav" in verified.stdout, verified.stdout
     opus = run_cover(["make", str(song), "--voice", "demo-voice", "-o", str(tmp_path / "c.opus"), *fast], env)

@@ -5,8 +5,9 @@ Exit statuses: 0 success; 2 usage error; 3 bad input (song, voice name, options)
 quality gate (``COVER_QUALITY=gate``, the default; the file is kept, ``--publish-below-gate``
 accepts it). ``cover verify`` exits 0 for a cover whose credentials are intact and trusted, 7 when
 the audio or the credentials were changed after signing, 8 when they are intact but signed by an
-untrusted key, 9 when the file carries none. With ``--json`` the result (or ``{"error": {...}}``) is
-printed as one JSON object on standard output.
+untrusted key, 9 when the file carries none, 10 when it carries none but its audio carries our
+watermark (an AI cover of ours, re-encoded or stripped: the watermark names its manifest). With
+``--json`` the result (or ``{"error": {...}}``) is printed as one JSON object on standard output.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from shared.voices import VOICE_FILE, VoiceInfo, VoiceRights
 if TYPE_CHECKING:
     from job.cli.base_models import PublicModel
     from job.render.pipeline import Cast, CoverOptions, CoverResult, Pipeline
+    from shared.provenance import WatermarkReading
 
 
 class StageBars:
@@ -272,7 +274,7 @@ def cmd_make(args: argparse.Namespace) -> int:
     return 0
 
 
-VERIFY_EXIT = {"verified": 0, "tampered": 7, "untrusted": 8, "none": 9}
+VERIFY_EXIT = {"verified": 0, "tampered": 7, "untrusted": 8, "none": 9, "watermark": 10}
 
 
 def _credentials_line(result: CoverResult) -> str:
@@ -293,6 +295,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     s = _settings(args)
     key = s.signing_key.get_secret_value() if s.signing_key else None
     found = verify(path, identity(key, s.signing_certs, s.trusted_certs, s.state_dir).trusted_pem)
+    found = found.with_watermark(_read_watermark(path))
 
     def human() -> None:
         print(f"{path.name}: {found.said}")
@@ -309,9 +312,30 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"  quality verdict: {found.verdict}")
         for problem in found.problems:
             print(f"  problem: {problem}")
+        mark = found.watermark
+        if mark is not None and mark.found:
+            agrees = {True: ", the manifest's", False: ", NOT the manifest's", None: ""}[mark.matches_manifest]
+            print(f"  watermark: {mark.id}{agrees} (sync z {mark.sync_z:.1f})")
+        elif mark is not None:
+            print("  watermark: none heard")
 
     _emit(args, found.model_dump(mode="json"), human)
     return VERIFY_EXIT[found.status.value]
+
+
+def _read_watermark(path: Path) -> WatermarkReading:
+    """The watermark in ``path``'s audio (decoded to 44.1 kHz mono by FFmpeg); none where it does
+    not decode."""
+    from job.render.media.audio import decode
+    from job.render.mix.watermark import RATE, detect
+    from shared.provenance import WatermarkReading
+
+    try:
+        audio, _ = decode(path, RATE, 1)
+    except CoverError:
+        return WatermarkReading(found=False, sync_z=0.0)
+    found = detect(audio[0])
+    return WatermarkReading(found=found.found, id=found.hex_id, sync_z=round(found.sync_z, 2))
 
 
 def _keep_stems(result: CoverResult, work: Path) -> None:

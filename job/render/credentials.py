@@ -6,7 +6,9 @@ generator and what was done (separated, converted, mixed, the effects), and carr
 assertion ``org.melodia.cover``: every voice with its version and rights record, the song (its id
 and the sha256 of its decoded audio), the quality verdict. The song and the voices are listed as
 ingredients too. The signature covers the manifest and the file's audio bytes (C2PA's hard
-binding): any edit of the audio, or of the manifest, fails the check.
+binding): any edit of the audio, or of the manifest, fails the check. The manifest's label
+begins with the id of the cover's inaudible watermark (:mod:`job.render.mix.watermark`), which a
+``c2pa.soft-binding`` assertion names too: a file stripped of its manifest still says which it was.
 
 **Keys.** In production the signing key and its certificate chain come from Secret Manager
 (``COVER_SIGNING_KEY``, ``COVER_SIGNING_CERTS``: the job's and the GPU runners' secrets, never in
@@ -24,10 +26,12 @@ command line says so.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import json
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -35,9 +39,18 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from job.render.mix import watermark
 from shared.errors import CoverError, ErrorCode
 from shared.options import OutputFormat
-from shared.provenance import AI_SOURCE_TYPE, COVER_ASSERTION, DEVELOPMENT_SIGNER, ProvenanceSummary, summary_of
+from shared.provenance import (
+    AI_SOURCE_TYPE,
+    COVER_ASSERTION,
+    DEVELOPMENT_SIGNER,
+    SOFT_BINDING,
+    WATERMARK_ALGORITHM,
+    ProvenanceSummary,
+    summary_of,
+)
 from shared.voices import VoiceRights
 
 log = logging.getLogger("melodia.credentials")
@@ -193,7 +206,18 @@ def identity(
 
 
 # --- signing -------------------------------------------------------------------------------------
-def manifest_definition(facts: CoverFacts, media_type: str, development: bool) -> dict[str, object]:
+def manifest_definition(
+    facts: CoverFacts, media_type: str, development: bool, mark_id: int | None = None
+) -> dict[str, object]:
+    """The manifest (c2pa's JSON definition); with a watermark id, the label begins with it
+    (:func:`job.render.mix.watermark.manifest_label`) and a soft-binding assertion names it.
+
+    Args:
+        facts: what the manifest says
+        media_type: the file's media type
+        development: signed with the development key (our assertion says so)
+        mark_id: the cover's watermark id (None: no watermark)
+    """
     version = _generator_version()
     actions: list[dict[str, object]] = [
         {
@@ -218,19 +242,29 @@ def manifest_definition(facts: CoverFacts, media_type: str, development: bool) -
          "instance_id": f"voice:{v.name}:{v.version}"}
         for v in facts.voices
     ]  # fmt: skip
-    return {
+    assertions: list[dict[str, object]] = [
+        {"label": "c2pa.actions.v2", "data": {"actions": actions}},
+        {"label": COVER_ASSERTION, "data": ours},
+    ]
+    definition: dict[str, object] = {
         "claim_generator_info": [{"name": GENERATOR, "version": version}],
         "title": facts.title,
         "format": media_type,
         "ingredients": ingredients,
-        "assertions": [
-            {"label": "c2pa.actions.v2", "data": {"actions": actions}},
-            {"label": COVER_ASSERTION, "data": ours},
-        ],
+        "assertions": assertions,
     }
+    if mark_id is not None:
+        definition["label"] = watermark.manifest_label(mark_id, secrets.randbits(74))
+        value = base64.b64encode(mark_id.to_bytes(watermark.ID_BITS // 8, "big")).decode()
+        assertions.append(
+            {"label": SOFT_BINDING, "data": {"alg": WATERMARK_ALGORITHM, "blocks": [{"scope": {}, "value": value}]}}
+        )
+    return definition
 
 
-def sign(path: Path, media_type: str, facts: CoverFacts, who: Identity) -> ProvenanceSummary:
+def sign(
+    path: Path, media_type: str, facts: CoverFacts, who: Identity, mark_id: int | None = None
+) -> ProvenanceSummary:
     """Embed a signed manifest into the cover at ``path`` (rewritten in place, atomically).
 
     Args:
@@ -238,11 +272,12 @@ def sign(path: Path, media_type: str, facts: CoverFacts, who: Identity) -> Prove
         media_type: its media type (:data:`MEDIA_TYPES`)
         facts: what the manifest says
         who: the signing identity
+        mark_id: the id the cover's watermark carries (its manifest's label begins with it)
     """
     import c2pa
 
     signer = c2pa.Signer.from_info(c2pa.C2paSignerInfo("es256", who.chain_pem, who.key_pem, None))
-    builder = c2pa.Builder.from_json(json.dumps(manifest_definition(facts, media_type, who.development)))
+    builder = c2pa.Builder.from_json(json.dumps(manifest_definition(facts, media_type, who.development, mark_id)))
     staged = path.with_name(f".{path.name}.signed")
     try:
         with open(path, "rb") as source, open(staged, "w+b") as dest:

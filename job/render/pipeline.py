@@ -27,6 +27,7 @@ from job.render.duet import Span, frame_energy, plan, sing
 from job.render.fetch import SongAudio, fetch
 from job.render.media.audio import CONTENT_SAMPLE_RATE, MIX_SAMPLE_RATE, read_16k, read_wav, to_16k, write_wav
 from job.render.media.download import UrlPolicy
+from job.render.mix import watermark
 from job.render.mix.bed import at_mix_rate, bed
 from job.render.mix.effects import EffectChain, apply_effects, chain_for
 from job.render.mix.key import shift_key
@@ -104,6 +105,7 @@ class CoverResult(BaseModel):
     conversion: ConvertedVocals
     vocal_stems: VocalStems | None = None
     provenance: ProvenanceSummary | None = None  # None: not signed (COVER_PROVENANCE=off, or opus)
+    watermark: int | None = None  # the inaudible watermark's id (None: COVER_PROVENANCE=off)
     stems_cached: bool
     timings: dict[str, float]
 
@@ -619,7 +621,17 @@ class Pipeline:
             ],
             verdict=result.quality.verdict.value if result.quality else None,
         )
-        result.provenance = credentials.sign(out, media_type, facts, self.identity)
+        result.provenance = credentials.sign(out, media_type, facts, self.identity, result.watermark)
+
+    @staticmethod
+    def _mark_id(song: SongAudio, voice: ResolvedVoice, cast: Cast, options: CoverOptions) -> int:
+        """The watermark's id: from what makes the cover (its song's audio, every voice with its
+        version and part, the options), so the same request renders the same audio."""
+        voices = [voice, *(p.voice for p in cast.parts), *([cast.backing_voice] if cast.backing_voice else [])]
+        parts = [f"{p.voice.name}:{p.ranges}:{p.options.model_dump_json() if p.options else ''}" for p in cast.parts]
+        return watermark.mark_id_for(
+            song.sha256, *(f"{v.name}@{v.info.model_version}" for v in voices), *parts, options.model_dump_json()
+        )
 
     @staticmethod
     def _mix(
@@ -632,6 +644,7 @@ class Pipeline:
         voice_name: str,
         title: str,
         quality: QualityReport | None,
+        watermark: int | None = None,
     ) -> MixResult:
         """The cover: the bed (instrumental and ``extras``) in the song's new key, the converted lead
         through the effect chain over it; the report gets the mix's scores and what shaped the cover.
@@ -646,12 +659,13 @@ class Pipeline:
             voice_name: the main voice's name (for the tags)
             title: the title tag
             quality: the quality report to complete (None: not measured)
+            watermark: the id the mix's watermark carries (None: none)
         """
         accompaniment = bed(instrumental, extras, work / "bed.wav")
         shifted = shift_key(accompaniment, converted.key_change, work / "no_vocals.key.wav")
         chain = chain_for(options.mix)
         vocals = apply_effects(converted.path, chain, work / "converted.fx.wav")
-        mixed = mix(shifted, vocals, out, options.mix, voice_name=voice_name, title=title)
+        mixed = mix(shifted, vocals, out, options.mix, voice_name=voice_name, title=title, watermark=watermark)
         if quality is not None:
             quality.made_with = made_with(options, converted, chain)
             quality.mix = mixed.scores
@@ -736,6 +750,7 @@ class Pipeline:
                     self.repair(vocal.lead, converted, voice, options.conversion, quality, timer.seconds(Stage.CONVERT))
                 report(Stage.REPAIR, 1.0)
         release_freed_memory(0)  # and what scoring and repair freed, before the mix
+        mark = None if self.settings.provenance == "off" else self._mark_id(fetched, voice, cast, options)
         with timer(Stage.MIX):
             mixed = self._mix(
                 stems.no_vocals,
@@ -747,9 +762,11 @@ class Pipeline:
                 voice.name,
                 title or f"{Path(str(song)).stem} ({voice.info.display_name} cover)",
                 quality,
+                mark,
             )
         report(Stage.MIX, 1.0)
         result = CoverResult(
+            watermark=mark,
             output=Path(out),
             quality=quality,
             vocal_stems=vocal,

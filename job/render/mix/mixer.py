@@ -19,6 +19,9 @@ encoded again with a lower ceiling if the codec overshot it, or with the gain mo
 codec moved the loudness if the encoded file misses the target by more than the tolerance (the
 target is the file's, not the mix's). The file is tagged as an
 AI-generated cover with the voice model's name, and appears at its path only when complete.
+
+Given a watermark id, every pass's mix carries the inaudible watermark
+(:mod:`job.render.mix.watermark`), added to each block before the gain and the limiter.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from job.render.media.audio import MIX_SAMPLE_RATE, WavReader, decode_to_wav
 from job.render.mix.limiter import Limiter
 from job.render.mix.loudness import TAPS_PER_PHASE, LoudnessMeter, envelope_windows, window_true_peak, windows
 from job.render.mix.meter import MixMeter
+from job.render.mix.watermark import Marker
 from shared.errors import CoverError, ErrorCode
 from shared.options import FORMATS, MixOptions, OutputFormat
 from shared.quality import MixScores
@@ -93,9 +97,13 @@ class MixSource:
         vocals: the converted vocals, at any rate
         options: the stems' gains
         scratch: where a stem that is not a float WAV is decoded to one
+        marker: the watermark added to every block (None: none)
     """
 
-    def __init__(self, instrumental: Path, vocals: Path, options: MixOptions, scratch: Path) -> None:
+    def __init__(
+        self, instrumental: Path, vocals: Path, options: MixOptions, scratch: Path, marker: Marker | None = None
+    ) -> None:
+        self.marker = marker
         self.inst = _open(instrumental, scratch / "instrumental")
         self.vocals = self.inst  # replaced below; closed together in close()
         try:
@@ -123,7 +131,17 @@ class MixSource:
             yield self.read(start, min(self.length, start + self.block))
 
     def read(self, start: int, end: int) -> np.ndarray:
-        """The mix's samples ``start:end``; ``start`` on a block boundary."""
+        """The mix's samples ``start:end``, watermarked where a marker is given; ``start`` on a
+        block boundary."""
+        if self.marker is None:
+            return self._sum(start, end)
+        lo = max(0, (start - self.marker.context) // self.up * self.up)  # where the rates' grids meet
+        wide = self._sum(lo, min(self.length, end + self.marker.context))
+        out = np.ascontiguousarray(wide[:, start - lo : end - lo])
+        out += self.marker.mark(wide.mean(axis=0), lo, start, end)  # one mark on both channels
+        return out
+
+    def _sum(self, start: int, end: int) -> np.ndarray:
         inst = self.inst.read(start, end) * self.inst_gain
         out = np.repeat(inst, 2, axis=0) if inst.shape[0] == 1 else inst
         vocals = self._vocals(start, min(end, self.vocal_frames))
@@ -278,6 +296,7 @@ def mix(  # noqa: PLR0915 - reads best top to bottom
     options: MixOptions | None = None,
     voice_name: str = "",
     title: str = "",
+    watermark: int | None = None,
 ) -> MixResult:
     """Mix ``vocals`` over ``instrumental`` into ``out`` (written atomically).
 
@@ -288,6 +307,7 @@ def mix(  # noqa: PLR0915 - reads best top to bottom
         options: gains, loudness target, true-peak ceiling, format (defaults when None)
         voice_name: written into the file's tags (``AI-generated cover; voice model: NAME``)
         title: the file's title tag
+        watermark: the 48-bit id the inaudible watermark carries (None: no watermark)
     """
     options = options or MixOptions()
     spec = FORMATS[options.format]
@@ -307,7 +327,8 @@ def mix(  # noqa: PLR0915 - reads best top to bottom
     out_args += ["-ar", str(spec.sample_rate)]
     out_args += [arg for k, v in metadata.items() for arg in ("-metadata", f"{k}={v}")]
     try:
-        source = MixSource(instrumental, vocals, options, scratch)
+        marker = Marker(watermark) if watermark is not None else None
+        source = MixSource(instrumental, vocals, options, scratch, marker)
         try:
             measured = _measure(source)
             if measured[0] == float("-inf"):
