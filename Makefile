@@ -49,6 +49,7 @@ run: setup  ## prepare demo models and song, render a cover, print its path and 
 TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 2 )))
 
 test: setup pubsub-emulator browser  ## the whole suite, one worker per core and two more (starts the emulator and an S3 server itself)
+	$(BIN)/python tests/dispatcher_venv.py
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 test-full: setup pubsub-emulator browser  ## the tests marked sweep, whole: every kill point, ten minutes of audio (.ci/run)

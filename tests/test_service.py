@@ -473,19 +473,10 @@ def test_a_runner_with_an_empty_model_folder_syncs_from_the_bucket_and_refuses_a
 
 @pytest.fixture(scope="session")
 def dispatcher_venv() -> Path:
-    """A virtual environment with only the core dependencies (`pip install .`, no extras): what the
-    HTTP functions are deployed with. Rebuilt when pyproject.toml or the command line's code changes
-    (the venv holds an installed copy of it)."""
-    venv = ROOT / ".venv-dispatcher"
-    stamp = venv / "pyproject.sha256"
-    sources = [ROOT / "pyproject.toml", *sorted((ROOT / "job" / "cli").glob("*.py"))]
-    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()
-    if not stamp.is_file() or stamp.read_text() != digest:
-        shutil.rmtree(venv, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", str(ROOT)], check=True, timeout=900)
-        stamp.write_text(digest)
-    return venv / "bin"
+    """The HTTP functions' environment (tests/dispatcher_venv.py: core dependencies only)."""
+    from tests.dispatcher_venv import ensure
+
+    return ensure()
 
 
 def test_the_dispatcher_imports_and_answers_without_torch(stack, dispatcher_venv):

@@ -84,8 +84,8 @@ def test_a_20_s_excerpt_from_anywhere_carries_the_id(cover):
 def test_unmarked_songs_silence_and_noise_read_as_unmarked():
     rng = np.random.default_rng(3)
     signals = [np.zeros(20 * MIX_SAMPLE_RATE, np.float32), 0.1 * rng.standard_normal(20 * MIX_SAMPLE_RATE)]
-    for seed in range(100, 105):
-        vocals, inst = demo.demo_song(20.0, seed=seed)
+    for seed in range(100, 103):
+        vocals, inst = demo.demo_song(15.0, seed=seed)
         signals.append((vocals + inst).mean(axis=0))
     for signal in signals:
         found = watermark.detect(signal)

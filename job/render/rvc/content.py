@@ -16,16 +16,18 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import HubertConfig, HubertModel
 
 from job.render.rvc.feature_encoder import TiledFeatureEncoder
 from job.render.rvc.weights import build_with_weights
 from job.render.safe_load import Inert, load_weights_only, load_with_inert_objects
 from shared.errors import CoverError, ErrorCode
+
+if TYPE_CHECKING:  # transformers' HuBERT costs 4 s of a process's start: imported where a model is built
+    from transformers import HubertConfig, HubertModel
 
 HOP = 320  # samples of 16 kHz audio per content frame
 RECEPTIVE_FIELD = 400  # samples the first frame needs
@@ -104,6 +106,8 @@ def fairseq_to_transformers(checkpoint: dict) -> tuple[HubertConfig, dict[str, t
         or _find_setting(checkpoint.get("args"), "encoder_attention_heads")
         or hidden // 64
     )
+    from transformers import HubertConfig
+
     config = HubertConfig(
         hidden_size=hidden,
         num_hidden_layers=len({k.split(".")[2] for k in converted if k.startswith("encoder.layers.")}),
@@ -176,6 +180,8 @@ def _load_transformers_folder(folder: Path) -> ContentEncoder:
 
     weights = folder / "model.safetensors"
     state = load_file(str(weights)) if weights.is_file() else load_weights_only(folder / "pytorch_model.bin")
+    from transformers import HubertConfig
+
     config = HubertConfig.from_pretrained(str(folder), local_files_only=True)
     final_proj = {k[len("final_proj.") :]: v for k, v in state.items() if k.startswith("final_proj.")}
     state = {k.removeprefix("hubert."): v for k, v in state.items() if not k.startswith("final_proj.")}
@@ -185,6 +191,8 @@ def _load_transformers_folder(folder: Path) -> ContentEncoder:
 def _build(config: HubertConfig, state: dict[str, torch.Tensor], name: str) -> HubertModel:
     """HuBERT holding ``state`` (emptied as it is taken: no second copy of the weights)."""
     try:
+        from transformers import HubertModel
+
         return build_with_weights(lambda: HubertModel(config), state)
     except RuntimeError as exc:
         raise CoverError(ErrorCode.MODEL_MISMATCH, f"{name} does not fit HuBERT: {str(exc)[:400]}") from None
