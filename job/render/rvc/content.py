@@ -1,14 +1,17 @@
-"""Content features: HuBERT base through ``transformers``, from either format users hold.
+"""Content features: HuBERT base (our own network, :mod:`job.render.rvc.hubert`, with
+``transformers``' parameter names), from either format users hold.
 
 * a ``transformers`` folder (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``);
   a ``final_proj.*`` entry in its weights (as content-vec exports carry) serves v1 voices;
-* fairseq's ``hubert_base.pt`` (what RVC tutorials distribute), converted by :func:`fairseq_to_transformers`.
+* fairseq's ``hubert_base.pt`` (what RVC tutorials distribute), converted by :func:`fairseq_to_transformers`
+  (the same names, so the one network holds either).
   Its pickle also holds omegaconf/argparse configuration objects: they are read as inert records
   (:mod:`job.render.safe_load`), so neither fairseq nor omegaconf is needed or imported.
 
 v1 voices take the 256-dim ``final_proj`` of layer 9, v2 voices the 768-dim output of layer 12.
 Features come at 50 per second of 16 kHz audio (one per 320 samples). The convolutional front end
-runs a few seconds at a time (:mod:`job.render.rvc.feature_encoder`).
+runs a few seconds at a time (:mod:`job.render.rvc.feature_encoder`); a v1 voice's features stop
+at layer 9 (the three layers after it are not run).
 """
 
 from __future__ import annotations
@@ -16,18 +19,16 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from job.render.rvc.feature_encoder import TiledFeatureEncoder
+from job.render.rvc.hubert import WEIGHT_NORM_RENAMES, Hubert, HubertSettings
 from job.render.rvc.weights import build_with_weights
 from job.render.safe_load import Inert, load_weights_only, load_with_inert_objects
 from shared.errors import CoverError, ErrorCode
-
-if TYPE_CHECKING:  # transformers' HuBERT costs 4 s of a process's start: imported where a model is built
-    from transformers import HubertConfig, HubertModel
 
 HOP = 320  # samples of 16 kHz audio per content frame
 RECEPTIVE_FIELD = 400  # samples the first frame needs
@@ -80,8 +81,11 @@ def _find_setting(obj: Any, key: str, depth: int = 0) -> Any:  # noqa: PLR0911 -
     return None
 
 
-def fairseq_to_transformers(checkpoint: dict) -> tuple[HubertConfig, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Map a fairseq HuBERT checkpoint to (HubertConfig, transformers state dict, final_proj state)."""
+def fairseq_to_transformers(
+    checkpoint: dict,
+) -> tuple[HubertSettings, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Map a fairseq HuBERT checkpoint to (its settings, a state dict with ``transformers``' names,
+    final_proj's state)."""
     state = checkpoint.get("model") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or "post_extract_proj.weight" not in state:
         raise CoverError(ErrorCode.MODEL_CORRUPT, "not a fairseq HuBERT checkpoint (no model.post_extract_proj)")
@@ -106,9 +110,7 @@ def fairseq_to_transformers(checkpoint: dict) -> tuple[HubertConfig, dict[str, t
         or _find_setting(checkpoint.get("args"), "encoder_attention_heads")
         or hidden // 64
     )
-    from transformers import HubertConfig
-
-    config = HubertConfig(
+    config = HubertSettings(
         hidden_size=hidden,
         num_hidden_layers=len({k.split(".")[2] for k in converted if k.startswith("encoder.layers.")}),
         num_attention_heads=int(heads),
@@ -128,8 +130,8 @@ def fairseq_to_transformers(checkpoint: dict) -> tuple[HubertConfig, dict[str, t
 class ContentEncoder:
     """HuBERT features for RVC. Load once, reuse for every conversion."""
 
-    def __init__(self, model: HubertModel, final_proj: nn.Linear | None) -> None:
-        model.feature_extractor = TiledFeatureEncoder(model.feature_extractor)  # type: ignore[assignment]  # a drop-in
+    def __init__(self, model: Hubert, final_proj: nn.Linear | None) -> None:
+        model.feature_extractor = TiledFeatureEncoder(model.feature_extractor)  # a drop-in
         self.model = model.eval()
         self.final_proj = final_proj.eval() if final_proj is not None else None
 
@@ -152,18 +154,12 @@ class ContentEncoder:
                 ErrorCode.MODEL_MISMATCH,
                 f"the content encoder has {self.model.config.num_hidden_layers} layers; {version} needs {layer}",
             )
-        if version == "v2":
-            return (
-                self.model(audio).last_hidden_state
-                if layer == self.model.config.num_hidden_layers
-                else self.model(audio, output_hidden_states=True).hidden_states[layer]
-            )
-        if self.final_proj is None:
+        if version == "v1" and self.final_proj is None:
             raise CoverError(
                 ErrorCode.MODEL_MISMATCH, "v1 voices need HuBERT's final_proj, which this content encoder lacks"
             )
-        hidden = self.model(audio, output_hidden_states=True).hidden_states[layer]
-        return self.final_proj(hidden)
+        hidden = self.model(audio, layers=layer).last_hidden_state  # transformers' hidden_states[layer]
+        return hidden if version == "v2" else self.final_proj(hidden)  # type: ignore[misc]  # checked above
 
 
 def _final_proj_module(state: dict[str, torch.Tensor]) -> nn.Linear | None:
@@ -180,20 +176,20 @@ def _load_transformers_folder(folder: Path) -> ContentEncoder:
 
     weights = folder / "model.safetensors"
     state = load_file(str(weights)) if weights.is_file() else load_weights_only(folder / "pytorch_model.bin")
-    from transformers import HubertConfig
-
-    config = HubertConfig.from_pretrained(str(folder), local_files_only=True)
+    try:
+        config = HubertSettings.model_validate_json((folder / "config.json").read_bytes())
+    except ValueError as exc:
+        raise CoverError(ErrorCode.MODEL_MISMATCH, f"{folder.name}/config.json is not HuBERT's: {exc}") from None
     final_proj = {k[len("final_proj.") :]: v for k, v in state.items() if k.startswith("final_proj.")}
     state = {k.removeprefix("hubert."): v for k, v in state.items() if not k.startswith("final_proj.")}
+    state = {WEIGHT_NORM_RENAMES.get(k, k): v for k, v in state.items()}
     return ContentEncoder(_build(config, state, folder.name), _final_proj_module(final_proj))
 
 
-def _build(config: HubertConfig, state: dict[str, torch.Tensor], name: str) -> HubertModel:
+def _build(config: HubertSettings, state: dict[str, torch.Tensor], name: str) -> Hubert:
     """HuBERT holding ``state`` (emptied as it is taken: no second copy of the weights)."""
     try:
-        from transformers import HubertModel
-
-        return build_with_weights(lambda: HubertModel(config), state)
+        return build_with_weights(lambda: Hubert(config), state)
     except RuntimeError as exc:
         raise CoverError(ErrorCode.MODEL_MISMATCH, f"{name} does not fit HuBERT: {str(exc)[:400]}") from None
 
