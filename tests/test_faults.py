@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import resource
 import signal
 import subprocess
 import sys
@@ -36,10 +35,12 @@ pytestmark = pytest.mark.slow
 LEASE = {"COVER_LEASE_S": "3", "COVER_BUSY_RETRY_S": "1"}
 
 
-def run_job(stack, request: dict, attempt: int, preexec=None, timeout: float = 300, **env: str):
-    """One Cloud Run task attempt of ``request``."""
+def run_job(stack, request: dict, attempt: int, prefix: tuple[str, ...] = (), timeout: float = 300, **env: str):
+    """One Cloud Run task attempt of ``request`` (``prefix``: a launcher such as ``prlimit``; never a
+    ``preexec_fn``, whose Python code in the forked child meets the worker's gRPC threads' fork
+    handlers: seen to abort the child with "epoll_wait error: Bad file descriptor")."""
     return subprocess.run(
-        [sys.executable, "-m", "job", "run"],
+        [*prefix, sys.executable, "-m", "job", "run"],
         env={
             **stack.env,
             **LEASE,
@@ -50,7 +51,6 @@ def run_job(stack, request: dict, attempt: int, preexec=None, timeout: float = 3
         capture_output=True,
         text=True,
         timeout=timeout,
-        preexec_fn=preexec,
     )
 
 
@@ -239,11 +239,9 @@ def test_pubsub_restarted_while_a_render_runs(stack, tmp_path):
         os.environ["PUBSUB_EMULATOR_HOST"] = stack.env["PUBSUB_EMULATOR_HOST"]
 
 
-def _file_size_limit(limit: int):
-    def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return apply
+def _file_size_limit(limit: int) -> tuple[str, ...]:
+    """util-linux's ``prlimit`` setting RLIMIT_FSIZE on the command it starts."""
+    return ("prlimit", f"--fsize={limit}:{limit}")
 
 
 def test_a_work_folder_out_of_space_fails_with_its_code_on_the_last_attempt(stack):
@@ -251,10 +249,10 @@ def test_a_work_folder_out_of_space_fails_with_its_code_on_the_last_attempt(stac
     size: each attempt fails with ``work.no_space``, retryable; the last publishes it once."""
     request = request_for("no-space")
     limit = _file_size_limit(1_000_000)  # the song (5 s) fits, a decoded stem does not
-    first = run_job(stack, request, 0, preexec=limit, COVER_MAX_ATTEMPTS="2")
+    first = run_job(stack, request, 0, prefix=limit, COVER_MAX_ATTEMPTS="2")
     assert first.returncode == 1, first.stderr[-2000:]
     assert '"work.no_space"' in first.stderr
-    last = run_job(stack, request, 1, preexec=limit, COVER_MAX_ATTEMPTS="2")
+    last = run_job(stack, request, 1, prefix=limit, COVER_MAX_ATTEMPTS="2")
     assert last.returncode == 0, last.stderr[-2000:]
     events = stack.events(lambda got: of_type(got, FAILED), timeout=60)
     events += stack.events(lambda got: False, timeout=3)
