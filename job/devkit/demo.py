@@ -192,14 +192,37 @@ def write_models(models_dir: Path, size: Size = "real", force: bool = False) -> 
             demo_json.write_text(info.model_copy(update={"rights": DEMO_RIGHTS}).model_dump_json(indent=2))
 
 
+SONG_FORM_BEATS = (("intro", 12, False), ("verse", 32, True), ("chorus", 32, True), ("break", 16, False))
+"""A song's sections (name, beats of 0.6 s, sung): the intro once, then verse, chorus and an
+instrumental break over and over (7.2 s, then 19.2 + 19.2 + 9.6 s: a quarter of the song without vocals)."""
+
+
+def song_form_mask(n: int, sample_rate: int) -> np.ndarray:
+    """1 where :data:`SONG_FORM_BEATS` sings, 0 in the intro and the breaks, 50 ms ramps between."""
+    beat = 0.6
+    sung = np.zeros(n, np.float32)
+    t, first = 0.0, True
+    while t * sample_rate < n:
+        for _, beats, sings in SONG_FORM_BEATS[0 if first else 1 :]:
+            end = t + beats * beat
+            if sings:
+                sung[int(t * sample_rate) : int(end * sample_rate)] = 1.0
+            t = end
+        first = False
+    ramp = int(0.05 * sample_rate)
+    return np.convolve(sung, np.ones(ramp, np.float32) / ramp, mode="same").astype(np.float32)
+
+
 def demo_song(
-    seconds: float = 30.0, sample_rate: int = MIX_SAMPLE_RATE, seed: int = 0
+    seconds: float = 30.0, sample_rate: int = MIX_SAMPLE_RATE, seed: int = 0, form: str = "continuous"
 ) -> tuple[np.ndarray, np.ndarray]:
     """A song with a sung-like voice: returns (vocals, instrumental), both [2, samples] float32.
 
     The voice is a harmonic tone with vibrato and vowel-like formants following a melody, with
     breaths between phrases; the instrumental has kick, snare and hi-hat on a 100 bpm grid, a bass
-    line and sustained chords.
+    line and sustained chords. ``form``: ``continuous`` (phrases of 8 beats and 2 of rest, all the
+    way: the worst case for a pipeline that skips silence) or ``song`` (an intro, verses, choruses and
+    instrumental breaks: :data:`SONG_FORM_BEATS`).
     """
     rng = np.random.default_rng(seed)
     n = int(seconds * sample_rate)
@@ -222,6 +245,10 @@ def demo_song(
     voice *= singing * attack
     voice += (~singing) * rng.standard_normal(n) * 0.01  # breaths
     voice = 0.25 * voice / np.max(np.abs(voice))
+    if form == "song":
+        voice *= song_form_mask(n, sample_rate)
+    elif form != "continuous":
+        raise ValueError(f"unknown song form {form!r}: continuous or song")
 
     inst = np.zeros((2, n))
     pos = t % beat
@@ -240,6 +267,6 @@ def demo_song(
     return vocals.astype(np.float32), inst.astype(np.float32)
 
 
-def write_demo_song(path: Path, seconds: float = 30.0) -> Path:
-    vocals, inst = demo_song(seconds)
+def write_demo_song(path: Path, seconds: float = 30.0, form: str = "continuous") -> Path:
+    vocals, inst = demo_song(seconds, form=form)
     return write_wav(path, np.clip(vocals + inst, -1, 1), MIX_SAMPLE_RATE)
