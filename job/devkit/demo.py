@@ -223,6 +223,12 @@ def demo_song(
     line and sustained chords. ``form``: ``continuous`` (phrases of 8 beats and 2 of rest, all the
     way: the worst case for a pipeline that skips silence) or ``song`` (an intro, verses, choruses and
     instrumental breaks: :data:`SONG_FORM_BEATS`).
+
+    Args:
+        seconds: its length
+        sample_rate: its rate
+        seed: the melody's and the noises' seed
+        form: ``continuous`` or ``song``
     """
     rng = np.random.default_rng(seed)
     n = int(seconds * sample_rate)
