@@ -46,6 +46,7 @@ class WatermarkReading(BaseModel):
     found: bool
     id: str | None = Field(None, description="The id it carries (12 hex digits): its manifest id's first 48 bits.")
     sync_z: float = Field(description="How far its sync pattern stands out (robust z-score; 5.5 needed).")
+    seconds: float = Field(0.0, description="How much audio was read (the mark is read reliably from 10 s).")
     matches_manifest: bool | None = Field(None, description="Whether it is the id the manifest declares.")
 
     def manifest_prefix(self) -> str | None:

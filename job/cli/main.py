@@ -317,7 +317,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             agrees = {True: ", the manifest's", False: ", NOT the manifest's", None: ""}[mark.matches_manifest]
             print(f"  watermark: {mark.id}{agrees} (sync z {mark.sync_z:.1f})")
         elif mark is not None:
-            print("  watermark: none heard")
+            short = f" ({mark.seconds:.1f} s of audio: the mark is read from 10 s)" if mark.seconds < 10 else ""
+            print(f"  watermark: none heard{short}")
 
     _emit(args, found.model_dump(mode="json"), human)
     return VERIFY_EXIT[found.status.value]
@@ -335,7 +336,9 @@ def _read_watermark(path: Path) -> WatermarkReading:
     except CoverError:
         return WatermarkReading(found=False, sync_z=0.0)
     found = detect(audio[0])
-    return WatermarkReading(found=found.found, id=found.hex_id, sync_z=round(found.sync_z, 2))
+    return WatermarkReading(
+        found=found.found, id=found.hex_id, sync_z=round(found.sync_z, 2), seconds=round(found.seconds, 2)
+    )
 
 
 def _keep_stems(result: CoverResult, work: Path) -> None:
