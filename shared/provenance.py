@@ -5,6 +5,7 @@ The signing is ``job/render/credentials.py``'s."""
 from __future__ import annotations
 
 import base64
+import uuid
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,26 @@ COVER_ASSERTION = "org.melodia.cover"  # our assertion: voices with their rights
 DEVELOPMENT_SIGNER = "melodia-cover development signature"  # the local key's organisation: never trusted in production
 WATERMARK_ALGORITHM = "org.melodia.watermark.ss.1"  # the soft-binding assertion's algorithm: our watermark
 SOFT_BINDING = "c2pa.soft-binding"
+MARK_ID_BITS = 48  # the watermark's id: the first 48 bits of its manifest's UUID
+
+
+def manifest_label(mark_id: int, tail: int) -> str:
+    """A C2PA manifest label whose UUID begins with the watermark's id: a version-4 UUID (the
+    form c2pa accepts) whose first 48 bits are the id (a hash, as unpredictable as random bits)
+    and whose other 74 free bits are ``tail`` (random)."""
+    value = (mark_id << 80) | (0x4 << 76) | ((tail >> 62) & 0xFFF) << 64 | (0b10 << 62) | (tail & ((1 << 62) - 1))
+    return f"urn:c2pa:{uuid.UUID(int=value)}"
+
+
+def mark_id_of(label: str) -> int:
+    """The watermark id a manifest label carries (:func:`manifest_label`'s first 48 bits)."""
+    return uuid.UUID(label.removeprefix("urn:c2pa:")[:36]).int >> (128 - MARK_ID_BITS)
+
+
+def soft_binding(mark_id: int) -> dict[str, object]:
+    """The manifest's assertion naming the watermark (its id, base64); :func:`watermark_of` reads it."""
+    value = base64.b64encode(mark_id.to_bytes(MARK_ID_BITS // 8, "big")).decode()
+    return {"label": SOFT_BINDING, "data": {"alg": WATERMARK_ALGORITHM, "blocks": [{"scope": {}, "value": value}]}}
 
 
 class ProvenanceSummary(BaseModel):
@@ -51,7 +72,7 @@ class WatermarkReading(BaseModel):
 
     def manifest_prefix(self) -> str | None:
         """The beginning of the manifest label it names (``urn:c2pa:xxxxxxxx-xxxx-4``)."""
-        return None if self.id is None else f"urn:c2pa:{self.id[:8]}-{self.id[8:]}-4"
+        return None if self.id is None else manifest_label(int(self.id, 16), 0)[: len("urn:c2pa:") + 15]
 
 
 class Verification(BaseModel):

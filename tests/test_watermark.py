@@ -21,6 +21,7 @@ from job.render.media.audio import MIX_SAMPLE_RATE, decode, write_wav
 from job.render.mix import watermark
 from job.render.mix.mixer import MixSource, mix
 from shared.options import MixOptions, OutputFormat
+from shared.provenance import manifest_label, mark_id_of
 from tests.conftest import run_cover
 
 SECONDS = 26.0
@@ -141,10 +142,10 @@ def test_the_payload_its_crc_and_the_manifest_label():
     soft = bits * 5.0
     soft[[3, 40]] *= -0.1  # two unsure bits read wrong: the weakest are tried flipped
     assert watermark._chase(soft) == MARK
-    label = watermark.manifest_label(MARK, tail=(1 << 74) - 1)
+    label = manifest_label(MARK, tail=(1 << 74) - 1)
     parsed = uuid.UUID(label.removeprefix("urn:c2pa:"))
     assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
-    assert watermark.mark_id_of(label) == MARK
+    assert mark_id_of(label) == MARK
     assert label.startswith(f"urn:c2pa:{MARK:012x}"[:17])
 
 
@@ -155,7 +156,7 @@ def test_cover_verify_reads_the_watermark_where_the_manifest_is_gone(cover, tmp_
     signed.write_bytes(cover.read_bytes())
     summary = credentials.sign(signed, "audio/mpeg", FACTS, me, MARK)
     assert summary.watermark == f"{MARK:012x}"
-    assert watermark.mark_id_of(summary.manifest_id) == MARK
+    assert mark_id_of(summary.manifest_id) == MARK
     intact = json.loads(run_cover(["verify", str(signed), "--json"], env).stdout)
     assert intact["status"] == "verified" and intact["watermark"]["matches_manifest"] is True
     stripped = tmp_path / "stripped.m4a"  # re-encoded: the manifest does not follow

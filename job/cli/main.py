@@ -295,7 +295,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     s = _settings(args)
     key = s.signing_key.get_secret_value() if s.signing_key else None
     found = verify(path, identity(key, s.signing_certs, s.trusted_certs, s.state_dir).trusted_pem)
-    found = found.with_watermark(_read_watermark(path))
+    reading = _read_watermark(path)
+    found = found.with_watermark(reading) if reading is not None else found
 
     def human() -> None:
         print(f"{path.name}: {found.said}")
@@ -324,9 +325,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return VERIFY_EXIT[found.status.value]
 
 
-def _read_watermark(path: Path) -> WatermarkReading:
-    """The watermark in ``path``'s audio (decoded to 44.1 kHz mono by FFmpeg); none where it does
-    not decode."""
+def _read_watermark(path: Path) -> WatermarkReading | None:
+    """The watermark in ``path``'s audio (decoded to 44.1 kHz mono by FFmpeg); None where it does
+    not decode (nothing was read)."""
     from job.render.media.audio import decode
     from job.render.mix.watermark import RATE, detect
     from shared.provenance import WatermarkReading
@@ -334,7 +335,7 @@ def _read_watermark(path: Path) -> WatermarkReading:
     try:
         audio, _ = decode(path, RATE, 1)
     except CoverError:
-        return WatermarkReading(found=False, sync_z=0.0)
+        return None
     found = detect(audio[0])
     return WatermarkReading(
         found=found.found, id=found.hex_id, sync_z=round(found.sync_z, 2), seconds=round(found.seconds, 2)

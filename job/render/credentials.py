@@ -7,7 +7,7 @@ assertion ``org.melodia.cover``: every voice with its version and rights record,
 and the sha256 of its decoded audio), the quality verdict. The song and the voices are listed as
 ingredients too. The signature covers the manifest and the file's audio bytes (C2PA's hard
 binding): any edit of the audio, or of the manifest, fails the check. The manifest's label
-begins with the id of the cover's inaudible watermark (:mod:`job.render.mix.watermark`), which a
+begins with the id of the cover's inaudible watermark (``job/render/mix/watermark.py``), which a
 ``c2pa.soft-binding`` assertion names too: a file stripped of its manifest still says which it was.
 
 **Keys.** In production the signing key and its certificate chain come from Secret Manager
@@ -26,7 +26,6 @@ command line says so.
 
 from __future__ import annotations
 
-import base64
 import datetime
 import json
 import logging
@@ -39,16 +38,15 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from job.render.mix import watermark
 from shared.errors import CoverError, ErrorCode
 from shared.options import OutputFormat
 from shared.provenance import (
     AI_SOURCE_TYPE,
     COVER_ASSERTION,
     DEVELOPMENT_SIGNER,
-    SOFT_BINDING,
-    WATERMARK_ALGORITHM,
     ProvenanceSummary,
+    manifest_label,
+    soft_binding,
     summary_of,
 )
 from shared.voices import VoiceRights
@@ -210,7 +208,7 @@ def manifest_definition(
     facts: CoverFacts, media_type: str, development: bool, mark_id: int | None = None
 ) -> dict[str, object]:
     """The manifest (c2pa's JSON definition); with a watermark id, the label begins with it
-    (:func:`job.render.mix.watermark.manifest_label`) and a soft-binding assertion names it.
+    (:func:`shared.provenance.manifest_label`) and a soft-binding assertion names it.
 
     Args:
         facts: what the manifest says
@@ -254,11 +252,8 @@ def manifest_definition(
         "assertions": assertions,
     }
     if mark_id is not None:
-        definition["label"] = watermark.manifest_label(mark_id, secrets.randbits(74))
-        value = base64.b64encode(mark_id.to_bytes(watermark.ID_BITS // 8, "big")).decode()
-        assertions.append(
-            {"label": SOFT_BINDING, "data": {"alg": WATERMARK_ALGORITHM, "blocks": [{"scope": {}, "value": value}]}}
-        )
+        definition["label"] = manifest_label(mark_id, secrets.randbits(74))
+        assertions.append(soft_binding(mark_id))
     return definition
 
 

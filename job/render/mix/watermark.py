@@ -32,14 +32,13 @@ The measured robustness, false positives and level are in docs/quality.md (``mak
 **Where it goes**: the mixer adds it to the mix before the gain and the limiter (both scale mark
 and music alike), block by block: :class:`Marker` computes each block's mark from the frames that
 touch it, on the song's global frame grid, so blocks join exactly. The id is the first 48 bits of
-the manifest's label (``urn:c2pa:``), see :func:`manifest_label`.
+the manifest's label (``urn:c2pa:``), see :func:`shared.provenance.manifest_label`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
-import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -47,13 +46,15 @@ import numpy as np
 from pydantic import BaseModel, Field
 from scipy.ndimage import uniform_filter, uniform_filter1d
 
+from shared.provenance import MARK_ID_BITS
+
 RATE = 44_100  # the mix's rate; a reader resamples anything else to it
 N_FFT = 2048
 HOP = 1024
 LOW_BIN, BANDS, BAND_BINS = 70, 13, 16  # bins 70 to 277 (1507 to 5965 Hz), 16 bins (345 Hz) a band
 TILE_FRAMES = 2
 PACKET_FRAMES = 128  # 2.97 s: a 20 s excerpt holds the packet six times
-ID_BITS, CRC_BITS = 48, 16
+ID_BITS, CRC_BITS = MARK_ID_BITS, 16
 CODED_BITS = ID_BITS + CRC_BITS
 SYNC_SHARE = 0.125
 STRENGTH = 0.15  # each tile scaled by 1 +- STRENGTH: the mark 16.5 dB under the music in every tile
@@ -121,19 +122,6 @@ def decode(signs: np.ndarray) -> int | None:
         word = (word << 1) | int(s > 0)
     mark_id, crc = word >> CRC_BITS, word & ((1 << CRC_BITS) - 1)
     return mark_id if crc16(mark_id.to_bytes(ID_BITS // 8, "big")) == crc else None
-
-
-def mark_id_of(label: str) -> int:
-    """The watermark id a manifest label carries (:func:`manifest_label`'s first 48 bits)."""
-    return uuid.UUID(label.removeprefix("urn:c2pa:")[:36]).int >> (128 - ID_BITS)
-
-
-def manifest_label(mark_id: int, tail: int) -> str:
-    """A C2PA manifest label whose UUID begins with the watermark's id: a version-4 UUID (the
-    form c2pa accepts) whose first 48 bits are the id (a hash, as unpredictable as random bits)
-    and whose other 74 free bits are ``tail`` (random)."""
-    value = (mark_id << 80) | (0x4 << 76) | ((tail >> 62) & 0xFFF) << 64 | (0b10 << 62) | (tail & ((1 << 62) - 1))
-    return f"urn:c2pa:{uuid.UUID(int=value)}"
 
 
 def mark_id_for(*facts: str) -> int:
