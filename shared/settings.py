@@ -53,12 +53,14 @@ class Settings(BaseSettings):
         description="fast (channels-last layouts, tiled decoder) or reference (plain conv1d, untiled).",
     )
     decoder: str = Field(
-        "torch",
-        pattern="^(torch|int8)$",
+        "auto",
+        pattern="^(auto|torch|int8)$",
         description=(
-            "The RVC decoder's runtime: torch (in the precision and kernels above) or int8 (quantised once per voice "
-            "on ONNX Runtime, calibrated on the voice's reference phrase; CPUs only; about twice as fast as fp32 on "
-            "CPUs without native bf16, see docs/performance.md)."
+            "The RVC decoder's runtime: torch (in the precision and kernels above), int8 (its first two upsampling "
+            "stages quantised once per voice on ONNX Runtime, calibrated on the voice's reference phrase, the rest in "
+            "fp32; CPUs only; about 0.8 of fp32's time, 0.6 dB from the exact path, see docs/engine.md) or auto "
+            "(int8 where the decoder would run in fp32 with the fast kernels: CPUs without native bf16; torch "
+            "elsewhere)."
         ),
     )
     provenance: Literal["off", "sign", "required"] = Field(

@@ -29,8 +29,15 @@ NO_METADATA_SERVER = {"NO_GCE_CHECK": "True", "GCE_METADATA_HOST": "127.0.0.1:9"
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (``make test``: one worker per core) each worker computes on one thread,
     and so does every process it starts (``cover``, ``python -m job``): the workers share the
-    cores instead of each spinning up a thread per core. No test reaches the metadata server."""
+    cores instead of each spinning up a thread per core. No test reaches the metadata server.
+
+    The RVC decoder is torch's unless a test asks for another (``COVER_DECODER=torch``, inherited by
+    every process a test starts): the default, ``auto``, builds each voice's int8 decoder on CPUs
+    without native bf16 (seconds per voice, per fresh model store) and moves every conversion by its
+    error (0.6 dB), which would hide the exactness the other tests hold. The int8 decoder and the
+    ``auto`` choice have their own tests (``tests/test_int8_decoder.py``)."""
     os.environ.update(NO_METADATA_SERVER)
+    os.environ.setdefault("COVER_DECODER", "torch")
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
 
@@ -78,7 +85,7 @@ def converter(store):
     from job.render.rvc.engine import VoiceConverter
     from shared.model_store import ModelStore
 
-    return VoiceConverter(ModelStore(store), device="cpu")
+    return VoiceConverter(ModelStore(store), device="cpu", decoder="torch")
 
 
 @pytest.fixture

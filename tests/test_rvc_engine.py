@@ -105,7 +105,7 @@ def test_a_long_conversion_holds_no_more_than_one_minute_does_beyond_its_input(s
         from shared.model_store import ModelStore
         sys.path.insert(0, "tests"); from conftest import sung_tone
         work = Path(sys.argv[1])
-        vc = VoiceConverter(ModelStore(Path({str(store)!r})), device="cpu")
+        vc = VoiceConverter(ModelStore(Path({str(store)!r})), device="cpu", decoder="torch")
         voice = vc.store.voice("demo-voice")
         options = ConversionOptions(f0_method="pm")
         phrase = np.concatenate([sung_tone(8.0, sample_rate=44100), np.zeros(44100, np.float32)])
@@ -232,7 +232,7 @@ def test_batched_chunks_give_what_one_at_a_time_gives(store, kernels):
     outs = {}
     for batch in (1, 3):
         converter = VoiceConverter(
-            ModelStore(store), "cpu", max_chunk_s=2.0, precision="fp32", kernels=kernels, batch=batch
+            ModelStore(store), "cpu", max_chunk_s=2.0, precision="fp32", kernels=kernels, batch=batch, decoder="torch"
         )
         voice = converter.load_voice(converter.store.voice(demo.DEMO_VOICE))
         outs[batch] = converter.convert(audio, 16000, voice, ConversionOptions(f0_method="pm", seed=3))

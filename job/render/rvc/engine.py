@@ -80,7 +80,7 @@ class Voice:
     sample_rate: int
     index: FeatureIndex | None = None
     info: VoiceInfo | None = None
-    int8: Int8Decoder | None = None  # its decoder in int8 (COVER_DECODER=int8)
+    int8: Int8Decoder | None = None  # its decoder's front in int8 (COVER_DECODER=auto on AVX2 CPUs, or int8)
 
 
 class ConversionStats(BaseModel):
@@ -157,7 +157,8 @@ class VoiceConverter:
         precision: the decoder's compute type: ``auto``, ``fp32``, ``bf16`` or ``fp16``
         kernels: ``fast`` (channels-last, tiled) or ``reference`` (the exact path)
         batch: chunks per decoder call (0: 1 on the CPU, 8 on a GPU)
-        decoder: ``torch`` or ``int8`` (ONNX Runtime, CPUs only)
+        decoder: ``auto``, ``torch`` or ``int8`` (its front on ONNX Runtime, CPUs only; ``auto``:
+            int8 where the decoder would run in fp32 with the fast kernels)
     """
 
     def __init__(
@@ -168,14 +169,15 @@ class VoiceConverter:
         precision: str = "auto",
         kernels: str = "fast",
         batch: int = 0,
-        decoder: str = "torch",
+        decoder: str = "auto",
     ) -> None:
         self.store = store
         self.device = resolve_device(device)
-        self.int8 = resolve_decoder(decoder, self.device)
         self.batch = batch_size(batch, self.device)
         self.synth_dtype = resolve_precision(precision, self.device)
         self.fast_kernels = resolve_kernels(kernels)
+        self.int8 = resolve_decoder(decoder, self.device, self.synth_dtype, self.fast_kernels)
+        self.int8_chosen = decoder == "int8"  # asked for by name: a failed build fails (auto falls back to torch)
         self.max_chunk_s = max_chunk_s
         self._content: ContentEncoder | None = None
         self._rmvpe: RMVPE | None = None
@@ -241,7 +243,12 @@ class VoiceConverter:
                 )
             if self.int8:
                 with loading(f"the int8 decoder of {name}"):
-                    self._voices[key].int8 = self._int8_decoder(self._voices[key], pth)
+                    try:
+                        self._voices[key].int8 = self._int8_decoder(self._voices[key], pth)
+                    except Exception as exc:  # an optimisation that could not be built: the exact decoder runs
+                        if self.int8_chosen:
+                            raise
+                        log.warning("int8 decoder for %s not built (%s): the torch decoder runs", name, exc)
         return self._voices[key]
 
     def _int8_decoder(self, voice: Voice, pth: Path) -> Int8Decoder:
@@ -258,7 +265,7 @@ class VoiceConverter:
                 self.convert(reference_phrase(), 44100, voice, options, record=priors)
             build_int8(voice.synth.dec, priors, target)
             log.info("int8 decoder for %s built in %.1f s: %s", voice.name, time.perf_counter() - started, target)
-        return Int8Decoder(target)
+        return Int8Decoder(target, voice.synth.dec)
 
     def load_voice(self, voice: ResolvedVoice) -> Voice:
         return self.load_voice_file(voice.model_path, voice.index_path, voice.info)

@@ -19,16 +19,18 @@ SINE_AMP = 0.1
 NOISE_STD = 0.003
 # another runtime's copy of the layers (the int8 decoder): [B, C, T] float32 in, [B, 1, T * upp] out
 Layers = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
-TILE_FRAMES = 400  # 4 s of output per decoder tile: bf16 (tuned on the Xeon with AMX) and the int8 decoder
+TILE_FRAMES = 400  # 4 s of output per decoder tile: bf16 (tuned on the Xeon with AMX)
 # fp32 (AVX2 CPUs, COVER_PRECISION=fp32): 2 s tiles. 60 s of vocals on the 2-core AMD EPYC, real-size
-# voice, two rounds each: 103-108 s with 4 s tiles, 79-85 s with 2 s; the decoder's peak 254-305 -> 149-163 MB
+# voice, two rounds each: 103-108 s with 4 s tiles, 79-85 s with 2 s; the decoder's peak 254-305 -> 149-163 MB.
+# The int8 decoder (its back in fp32) too: 20 s of demo vocals, 0.82 of fp32's time with 4 s tiles, 0.77 with 2 s
 TILE_FRAMES_FP32 = 200
 TILE_MARGIN = 16  # frames of context either side of a tile (the receptive field is about 7)
 
 
 def tile_frames(dtype: torch.dtype, layers: Layers | None = None) -> int:
-    """Frames of output per decoder tile for the torch layers in ``dtype`` (or ``layers``)."""
-    return TILE_FRAMES_FP32 if layers is None and dtype == torch.float32 else TILE_FRAMES
+    """Frames of output per decoder tile for the torch layers in ``dtype`` (or ``layers``: the int8
+    decoder, whose back runs in fp32)."""
+    return TILE_FRAMES_FP32 if layers is not None or dtype == torch.float32 else TILE_FRAMES
 
 
 def _padding(kernel_size: int, dilation: int = 1) -> int:
@@ -291,16 +293,38 @@ class Generator(nn.Module):
             return self._layers(x, g, source).float()
 
     def _layers(self, x: torch.Tensor, g: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+        return self.back(self.front(x, g, source, len(self.ups)), source, len(self.ups))
+
+    def front(self, x: torch.Tensor, g: torch.Tensor, source: torch.Tensor | None, stages: int) -> torch.Tensor:
+        """The layers up to the end of upsampling stage ``stages`` (its residual blocks included):
+        the latent [B, C, T] -> [B, C / 2**stages, T * the first ``stages`` rates]. ``back`` goes on
+        from there (the int8 decoder runs the front in int8 and the back in fp32).
+
+        Args:
+            x: the latent, ``[B, C, frames]``
+            g: the speaker embedding
+            source: the NSF excitation, ``[B, 1, frames * upp]`` (None without pitch)
+            stages: how many upsampling stages to run
+        """
         x = self.conv_pre(x)
         if self.cond is not None:
             x = x + self.cond(g)
-        for i, up in enumerate(self.ups):
-            x = up(F.leaky_relu(x, LRELU_SLOPE))
-            if source is not None and self.noise_convs is not None:
-                x = x + self.noise_convs[i](source)
-            blocks = self.resblocks[i * self.num_kernels : (i + 1) * self.num_kernels]
-            xs = blocks[0](x)
-            for block in blocks[1:]:
-                xs = xs + block(x)
-            x = xs / self.num_kernels
+        for i in range(stages):
+            x = self._stage(i, x, source)
+        return x
+
+    def back(self, x: torch.Tensor, source: torch.Tensor | None, start: int) -> torch.Tensor:
+        """The layers from upsampling stage ``start`` on, to the waveform [B, 1, T * upp]."""
+        for i in range(start, len(self.ups)):
+            x = self._stage(i, x, source)
         return torch.tanh(self.conv_post(F.leaky_relu(x)))
+
+    def _stage(self, i: int, x: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+        x = self.ups[i](F.leaky_relu(x, LRELU_SLOPE))
+        if source is not None and self.noise_convs is not None:
+            x = x + self.noise_convs[i](source)
+        blocks = self.resblocks[i * self.num_kernels : (i + 1) * self.num_kernels]
+        xs = blocks[0](x)
+        for block in blocks[1:]:
+            xs = xs + block(x)
+        return xs / self.num_kernels
