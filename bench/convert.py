@@ -5,9 +5,10 @@
 Models are written once (real sizes, random weights, real formats) under ``bench/.work``.
 Prints the time of each part (content, pitch, retrieval, synthesis), the wall time and the
 real-time factor (wall / audio duration), on CPU and on CUDA when a GPU is present: the baseline
-(fp32, reference kernels), fp32 with the fast kernels, the default (fast kernels, bf16 decoder on
-CPUs with native bf16) and, on the CPU, the int8 decoder (``COVER_DECODER=int8``; its one-time
-build per voice is timed apart). Each row's output is compared with the baseline's: relative L2,
+(fp32, reference kernels), fp32 with the fast kernels and the torch decoder, the default (fast
+kernels; the bf16 decoder on CPUs with native bf16, the int8 decoder elsewhere) and, on a CPU whose
+default is not the int8 decoder, that too (``COVER_DECODER=int8``; its one-time build per voice is
+timed apart). Each row's output is compared with the baseline's: relative L2,
 log-spectral distance, waveform correlation (``bench/measures.py``) and the quality stage's
 F0 correlation, F0 RMSE and speaker similarity (the baseline's output as source and reference).
 """
@@ -25,6 +26,7 @@ import torch
 
 from bench.measures import compare
 from job.devkit import demo
+from job.render.compute import native_bf16
 from job.render.media.audio import to_16k
 from job.render.quality.meter import QualityMeter
 from job.render.rvc.engine import ConversionOptions, VoiceConverter
@@ -55,11 +57,11 @@ def run(device: str, seconds: float, method: str, precision: str, kernels: str, 
     store = ModelStore(models)
     converter = VoiceConverter(store, device=device, precision=precision, kernels=kernels, decoder=decoder)
     resolved = store.voice(demo.DEMO_VOICE)
-    if decoder == "int8":  # the one-time build is timed apart: start from none
+    if converter.int8:  # the one-time build is timed apart: start from none
         store.derived("decoder-int8", build_key(resolved.model_path)).unlink(missing_ok=True)
     started = time.perf_counter()
     voice = converter.load_voice(resolved)
-    built = time.perf_counter() - started if decoder == "int8" else 0.0
+    built = time.perf_counter() - started if converter.int8 else 0.0
     options = ConversionOptions(f0_method=method)
     converter.convert(vocals[:, : 44100 * 2], 44100, voice, options)  # load and warm up
     if device.startswith("cuda"):
@@ -70,7 +72,7 @@ def run(device: str, seconds: float, method: str, precision: str, kernels: str, 
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
-    dtype = "int8" if decoder == "int8" else str(converter.synth_dtype).removeprefix("torch.")
+    dtype = "int8+fp32" if converter.int8 else str(converter.synth_dtype).removeprefix("torch.")
     return {
         "device": f"{device} {dtype} {kernels}",
         "audio": result.audio,
@@ -116,10 +118,11 @@ def main() -> None:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     # the baseline first (fp32, reference kernels: every optimisation off), in the same run as the
     # fast kernels in fp32 and the default (fast kernels, auto precision)
-    variants = [("fp32", "reference", "torch"), ("fp32", "fast", "torch"), ("auto", "fast", "torch")]
+    variants = [("fp32", "reference", "torch"), ("fp32", "fast", "torch"), ("auto", "fast", "auto")]
     rows = []
     for d in devices:
-        runs = variants + ([("fp32", "fast", "int8")] if d == "cpu" else [])
+        default_is_int8 = d == "cpu" and not native_bf16(torch.device("cpu"))
+        runs = variants + ([("fp32", "fast", "int8")] if d == "cpu" and not default_is_int8 else [])
         rows += errors([run(d, args.seconds, args.f0_method, p, k, dec) for p, k, dec in runs])
     head = ["device", "content s", "pitch s", "retrieval s", "synthesis s", "wall s", "CPU s", "RTF", "peak RSS MB"]
     head += ["rel L2", "LSD dB", "corr", "F0 corr", "F0 RMSE cents", "speaker sim"]
