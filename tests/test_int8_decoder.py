@@ -139,8 +139,8 @@ def test_a_failed_int8_build_falls_back_to_torch_under_auto_and_fails_when_int8_
     def broken(*_args):
         raise RuntimeError("ONNX Runtime could not quantise this graph")
 
-    monkeypatch.setattr(engine, "build_int8", broken)
-    audio = sung_tone(2.0, 220.0)
+    monkeypatch.setattr(VoiceConverter, "_int8_decoder", broken)  # fails where the build would start
+    audio = sung_tone(1.5, 220.0)
     options = ConversionOptions(f0_method="pm", seed=3)
     auto = VoiceConverter(ModelStore(store), device="cpu", precision="fp32", decoder="auto")
     assert auto.int8  # fp32 on the fast kernels: auto picks int8 on any CPU
