@@ -26,7 +26,7 @@ import torch
 
 from bench.measures import compare
 from job.devkit import demo
-from job.render.compute import native_bf16
+from job.render.compute import resolve_decoder, resolve_precision
 from job.render.media.audio import to_16k
 from job.render.quality.meter import QualityMeter
 from job.render.rvc.engine import ConversionOptions, VoiceConverter
@@ -121,7 +121,8 @@ def main() -> None:
     variants = [("fp32", "reference", "torch"), ("fp32", "fast", "torch"), ("auto", "fast", "auto")]
     rows = []
     for d in devices:
-        default_is_int8 = d == "cpu" and not native_bf16(torch.device("cpu"))
+        device = torch.device(d)
+        default_is_int8 = resolve_decoder("auto", device, resolve_precision("auto", device), fast=True)
         runs = variants + ([("fp32", "fast", "int8")] if d == "cpu" and not default_is_int8 else [])
         rows += errors([run(d, args.seconds, args.f0_method, p, k, dec) for p, k, dec in runs])
     head = ["device", "content s", "pitch s", "retrieval s", "synthesis s", "wall s", "CPU s", "RTF", "peak RSS MB"]

@@ -172,6 +172,7 @@ def row(kind: str, seconds: int, variant: str) -> dict:
     from job.render.pipeline import Pipeline
     from job.render.separate.stems import StemCache
     from job.render.workfolder import work_folder
+    from shared.model_store import DERIVED_DIR
     from shared.options import SeparationOptions
     from shared.storage import LocalStorage
 
@@ -190,7 +191,7 @@ def row(kind: str, seconds: int, variant: str) -> dict:
     elif kind in ("cover", "second-voice"):
         # what the defaults derive from the models is built inside the clock, as in every Cloud Run
         # execution (derived/ is local to a machine)
-        shutil.rmtree(pipeline.store.derived("decoder-int8", "x").parent, ignore_errors=True)
+        shutil.rmtree(pipeline.store.root / DERIVED_DIR, ignore_errors=True)
     if kind == "separate":
         with work_folder(settings.work_dir) as work:
             fetched = pipeline.fetch(song, work)
