@@ -1,17 +1,19 @@
-"""Networks built around their checkpoints' tensors (job/render/rvc/weights.py): the same network
-as the usual construct-then-load, without holding the weights twice while loading."""
+"""Networks built around their checkpoints' tensors (job/render/weights.py): the same network as
+the usual construct-then-load, without holding the weights twice while loading, without
+allocating what a declaration asks past its limit, and without importing torch._dynamo."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from job.render.rvc.weights import build_with_weights
+from job.render.weights import TooLargeError, build_unfilled, build_with_weights
 from shared.model_store import ModelStore
 
 
@@ -48,6 +50,61 @@ def test_a_checkpoint_that_does_not_fit_is_refused():
     wrong["0.weight"] = torch.zeros(8, 4, 5)
     with pytest.raises(RuntimeError, match="size mismatch"):
         build_with_weights(small, wrong)
+
+
+def test_a_declaration_past_its_limit_is_refused_before_it_allocates():
+    started = time.monotonic()
+    with pytest.raises(TooLargeError):  # 4 TB of float32 asked for: sized on the meta device, never allocated
+        build_unfilled(lambda: nn.Linear(1 << 20, 1 << 20), limit_bytes=1 << 20)
+    assert time.monotonic() - started < 5
+    built = build_unfilled(lambda: nn.Linear(64, 32), limit_bytes=1 << 20)
+    assert built.module.weight.shape == (32, 64)
+
+
+class _SelfInitialised(nn.Module):
+    """A module with a tensor no checkpoint carries (a buffer it initialises itself, not saved)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 2, 3)
+        self.register_buffer("table", nn.init.normal_(torch.empty(4)), persistent=False)
+
+
+def test_a_tensor_the_module_initialises_itself_and_does_not_save_is_refused():
+    state = {k: v.clone() for k, v in _SelfInitialised().state_dict().items()}
+    with pytest.raises(RuntimeError, match="table"):
+        build_with_weights(_SelfInitialised, state)
+
+
+LOAD_EVERY_MODEL = """
+import sys
+from pathlib import Path
+from job.render.rvc.checkpoint import build_synthesizer, read_checkpoint
+from job.render.rvc.content import load_content_encoder
+from job.render.rvc.rmvpe import RMVPE
+from job.render.separate.loading import load_package
+from shared.model_store import ModelStore
+
+store = ModelStore(Path(sys.argv[1]))
+load_package(next(store.separation_dir.glob("*.th")))
+build_synthesizer(read_checkpoint(store.root / "voices" / "demo-voice" / "model.pth"))
+RMVPE.load(store.pitch_model())
+load_content_encoder(store.root / "base" / "hubert")
+print("torch._dynamo" in sys.modules)
+"""
+
+
+def test_loading_every_model_leaves_torch_dynamo_unimported(store):
+    """Built on the meta device, each network's initialisation ran torch's Python reference code,
+    whose first use imports torch._dynamo (sympy and some 800 modules): 1.2 to 1.4 s of each
+    process's start. Built unfilled, loading the separator, a voice, RMVPE and HuBERT imports none
+    of it (a fresh process)."""
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, "-c", LOAD_EVERY_MODEL, str(store)], capture_output=True, text=True, cwd=root, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-1] == "False", "loading a model imported torch._dynamo"
 
 
 MEASURE_LOAD = """

@@ -15,8 +15,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from job.render.rvc.synthesizer import SynthConfig, Synthesizer
-from job.render.rvc.weights import build_with_weights
 from job.render.safe_load import load_weights_only
+from job.render.weights import TooLargeError, build_unfilled, fill, room_for
 from shared.errors import CoverError, ErrorCode
 
 CONTENT_DIM = {"v1": 256, "v2": 768}
@@ -201,14 +201,19 @@ def _check_bounds(config: SynthConfig, name: str) -> None:
 def build_synthesizer(ckpt: VoiceCheckpoint, name: str = "checkpoint") -> Synthesizer:
     """Instantiate the network and load the weights strictly, weight norm folded away.
 
-    The declared architecture is checked against sane bounds, then built on the ``meta`` device
-    (shapes only, no memory) and compared with the checkpoint's tensors; only a checkpoint whose
-    tensors fit it exactly gets a real network, so no declaration can allocate more than the file holds.
-    The network is then built around the checkpoint's tensors (float32), without a random initialisation."""
+    The declared architecture is checked against sane bounds, then built without its random
+    initialisation (:func:`~job.render.weights.build_unfilled`: each tensor sized before it is
+    allocated, past :func:`~job.render.weights.room_for` the checkpoint's tensors ``model.corrupt``;
+    allocated, never written, so no page of it is resident) and compared with the checkpoint's
+    tensors; only a checkpoint whose tensors fit it exactly fills it. The network holds the
+    checkpoint's tensors themselves (float32)."""
     _check_bounds(ckpt.config, name)
-    with torch.device("meta"):
-        expected = Synthesizer(ckpt.config, CONTENT_DIM[ckpt.version], ckpt.f0).state_dict()
     state = fold_weight_norm(ckpt.weight)
+    try:
+        unfilled = build_unfilled(lambda: Synthesizer(ckpt.config, CONTENT_DIM[ckpt.version], ckpt.f0), room_for(state))
+    except TooLargeError:
+        raise CoverError(ErrorCode.MODEL_CORRUPT, f"{name} declares a network larger than its tensors") from None
+    expected = unfilled.module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = [
@@ -216,6 +221,7 @@ def build_synthesizer(ckpt: VoiceCheckpoint, name: str = "checkpoint") -> Synthe
         for k in expected
         if k in state and state[k].shape != expected[k].shape
     ]
+    del expected
     if missing or unexpected or wrong:
         details = "; ".join(
             part
@@ -231,7 +237,7 @@ def build_synthesizer(ckpt: VoiceCheckpoint, name: str = "checkpoint") -> Synthe
             f"{name} does not fit the RVC {ckpt.version} {'pitch' if ckpt.f0 else 'no-pitch'} "
             f"architecture of its config: {details}",
         )
-    return build_with_weights(lambda: Synthesizer(ckpt.config, CONTENT_DIM[ckpt.version], ckpt.f0), state)
+    return fill(unfilled, state)
 
 
 def write_checkpoint(model: Synthesizer, version: str, path: Path, half: bool = True, info: str = "") -> Path:

@@ -26,7 +26,7 @@ from torch import nn
 
 from job.render.rvc.feature_encoder import TiledFeatureEncoder
 from job.render.rvc.hubert import WEIGHT_NORM_RENAMES, Hubert, HubertSettings
-from job.render.rvc.weights import build_with_weights
+from job.render.weights import build_with_weights
 from job.render.safe_load import Inert, load_weights_only, load_with_inert_objects
 from shared.errors import CoverError, ErrorCode
 

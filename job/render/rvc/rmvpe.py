@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from job.render.rvc.weights import build_with_weights
+from job.render.weights import build_with_weights
 from job.render.safe_load import load_weights_only
 from shared.errors import CoverError, ErrorCode
 

@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from job.render.safe_load import load_with_inert_objects
+from job.render.weights import TooLargeError, build_unfilled, fill, room_for
 from shared.errors import CoverError, ErrorCode
 from shared.hashing import sha256_of
 from shared.model_store import ModelStore
@@ -68,26 +69,35 @@ def load_package(path: Path) -> Any:
         raise CoverError(ErrorCode.MODEL_CORRUPT, f"{path.name} is not a Demucs package") from None
     if klass not in _demucs_classes().values():
         raise CoverError(ErrorCode.MODEL_UNSAFE, f"{path.name} names a model class that is not Demucs'")
-    _check_declared_size(path, klass, args, kwargs, state)
+    _check_declared_settings(path, kwargs, state)
+    held = sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
     try:
-        model = klass(*args, **kwargs)
-        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    except (RuntimeError, TypeError) as exc:
+        unfilled = build_unfilled(lambda: klass(*args, **kwargs), room_for(state))
+    except TooLargeError:
+        raise CoverError(ErrorCode.MODEL_CORRUPT, f"{path.name} declares a network larger than it holds") from None
+    except (RuntimeError, TypeError, ValueError) as exc:
         raise CoverError(ErrorCode.MODEL_MISMATCH, f"{path.name} does not fit its architecture: {exc}") from None
-    return model.eval()
+    declared = sum(t.numel() for t in unfilled.module.state_dict().values())
+    if declared != held:
+        raise CoverError(ErrorCode.MODEL_CORRUPT, f"{path.name} declares {declared} parameters but holds {held}")
+    try:
+        return fill(unfilled, dict(state))
+    except RuntimeError as exc:
+        raise CoverError(ErrorCode.MODEL_MISMATCH, f"{path.name} does not fit its architecture: {exc}") from None
 
 
 DEMUCS_MAX_SETTING = 1 << 16  # no Demucs setting (channels, nfft, sample rate...) comes near this
 # settings that count layers (depth, dconv_depth, t_layers, lstm_layers...): released models use 2 to 7;
-# building the declared architecture costs time in their number even on the meta device (a depth of
-# 12,000 took 155 s and 1.9 GB), and at 64 the worst combination builds in about 2 s
+# building the declared architecture costs time in their number (a depth of 12,000 took 155 s and
+# 1.9 GB on the meta device), and at 64 the worst combination builds in about 2 s
 DEMUCS_MAX_LAYERS = 64
 
 
-def _check_declared_size(path: Path, klass: Any, args: Any, kwargs: Any, state: Any) -> None:
-    """The package's declared architecture, built on the ``meta`` device (shapes, no memory), must
-    hold exactly as many parameters as its state: a declaration of gigabytes is ``model.corrupt``
-    before anything is allocated."""
+def _check_declared_settings(path: Path, kwargs: Any, state: Any) -> None:
+    """Settings no Demucs model has are ``model.corrupt`` before anything is built. (The network
+    is then built without its initialisation, each tensor sized before it is allocated: a
+    declaration past :func:`~job.render.weights.room_for` the package's tensors is refused there,
+    one whose parameters differ in number from the package's after it.)"""
     numbers = {k: v for k, v in (kwargs or {}).items() if isinstance(v, int) and not isinstance(v, bool)}
     layers = {k: v for k, v in numbers.items() if str(k).endswith(("depth", "layers"))}
     if (
@@ -96,14 +106,6 @@ def _check_declared_size(path: Path, klass: Any, args: Any, kwargs: Any, state: 
         or not isinstance(state, dict)
     ):
         raise CoverError(ErrorCode.MODEL_CORRUPT, f"{path.name} declares settings no Demucs model has")
-    try:
-        with torch.device("meta"):
-            declared = sum(t.numel() for t in klass(*args, **kwargs).state_dict().values())
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise CoverError(ErrorCode.MODEL_MISMATCH, f"{path.name} does not fit its architecture: {exc}") from None
-    held = sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
-    if declared != held:
-        raise CoverError(ErrorCode.MODEL_CORRUPT, f"{path.name} declares {declared} parameters but holds {held}")
 
 
 def _packages(name: str, store: ModelStore, allow_download: bool) -> tuple[dict[str, Any] | None, list[Path]]:
