@@ -86,6 +86,7 @@ bench: setup
 	$(BIN)/python -m bench.provenance
 	$(BIN)/python -m bench.watermark
 	$(BIN)/python -m bench.craft
+	$(BIN)/python -m bench.roofline
 
 bench-fcpe-parity: setup  ## FCPE: our inference against torchfcpe 0.0.4's own (its wheel, a process of its own)
 	$(BIN)/pip download --quiet --no-deps einops -d build/wheels
