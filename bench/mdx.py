@@ -4,7 +4,8 @@ Two real-size MDX-Net-shaped models with random weights (job/devkit/mdx.py: UVR'
 parameters at dim_f 2048; random weights run as fast as trained ones) in the two shapes people
 use: UVR_MDXNET_KARA_2's (n_fft 5120, dim_f 2048, dim_t 256) and Reverb_HQ_By_FoxJoy's (n_fft
 6144, dim_f 3072, dim_t 512). Each splits the demo song's vocals (44.1 kHz stereo); rows are
-seconds per minute of stem, with and without denoise. Then a whole cover of the demo song on the
+seconds per minute of stem, with and without denoise (vocals that sing throughout: every chunk
+runs). Then a whole cover of the song-form demo song (verses, choruses, instrumental breaks) on the
 real-size demo models, without the passes and with both (backing original, de-reverb), in the
 same run: their ratio is the issue's 1.3x budget. Prints Markdown rows.
 """
@@ -80,8 +81,8 @@ def covers(work: Path, files: dict[str, Path], seconds: float) -> None:
     from shared.settings import Settings
 
     plain, with_mdx = _stores(work, files)
-    song = demo.write_demo_song(work / "song.wav", seconds=seconds)
-    print(f"\n| cover of a {seconds:.0f} s song (real-size demo models) | s | x song | stages |")
+    song = demo.write_demo_song(work / "song.wav", seconds=seconds, form="song")  # with instrumental breaks
+    print(f"\n| cover of a {seconds:.0f} s song-form song (real-size demo models) | s | x song | stages |")
     print("| --- | --- | --- | --- |")
     took: list[float] = []
     for label, root, stems in (

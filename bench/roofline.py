@@ -15,6 +15,7 @@ it: the floor is what the exact computation costs at the machine's best rate.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,9 +47,20 @@ def best_of(fn: Callable[[], object], rounds: int = 3) -> float:
     return min(times)
 
 
+def _cpu_attention_flops(
+    query: tuple[int, ...], key: tuple[int, ...], value: tuple[int, ...], *args: object, **kwargs: object
+) -> int:
+    """``scaled_dot_product_attention``'s CPU kernel (torch counts only its GPU ones): the scores
+    and the weighted sum, two matrix products."""
+    *batch, queries, dim = query
+    keys, value_dim = key[-2], value[-1]
+    return 2 * math.prod(batch) * queries * keys * (dim + value_dim)
+
+
 def flops(fn: Callable[[], object]) -> int:
     """The floating-point operations ``fn`` runs (a multiply-add counts two)."""
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+    attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=attention) as counter:
         fn()
     return int(counter.get_total_flops())
 
