@@ -15,6 +15,7 @@ it: the floor is what the exact computation costs at the machine's best rate.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -89,7 +90,7 @@ def decoder_parts(dec: Generator, frames: int) -> list[tuple[str, int, float]]:
     parts: list[tuple[str, Callable[[], object]]] = [("input conv", entry)]
     for i in range(len(dec.ups)):
         channels = dec.ups[i].out_channels
-        parts.append((f"stage {i + 1} ({channels} ch)", lambda i=i: dec._stage(i, inputs[i], sf)))
+        parts.append((f"stage {i + 1} ({channels} ch)", functools.partial(dec._stage, i, inputs[i], sf)))
     parts.append(("output conv, tanh", lambda: torch.tanh(dec.conv_post(torch.nn.functional.leaky_relu(inputs[-1])))))
     out = []
     for name, fn in parts:
@@ -110,7 +111,7 @@ def demucs_segment(store: ModelStore) -> tuple[int, float, float]:
         return flops(run), best_of(run, rounds=2), seconds
 
 
-def mdx_chunk(shape: dict[str, float | str]) -> tuple[int, float, float]:
+def mdx_chunk(shape: dict[str, object]) -> tuple[int, float, float]:
     """(FLOPs, torch fp32 seconds, seconds of stem kept) of one chunk of an MDX-Net pass at a
     real-size shape (job/devkit/mdx.py's layout; the shipped pass runs it on ONNX Runtime, whose
     time ``python -m bench.mdx`` gives)."""

@@ -26,8 +26,8 @@ from torch import nn
 
 from job.render.rvc.feature_encoder import TiledFeatureEncoder
 from job.render.rvc.hubert import WEIGHT_NORM_RENAMES, Hubert, HubertSettings
-from job.render.weights import build_with_weights
 from job.render.safe_load import Inert, load_weights_only, load_with_inert_objects
+from job.render.weights import build_with_weights
 from shared.errors import CoverError, ErrorCode
 
 HOP = 320  # samples of 16 kHz audio per content frame

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from job.render.weights import build_with_weights
 from job.render.safe_load import load_weights_only
+from job.render.weights import build_with_weights
 from shared.errors import CoverError, ErrorCode
 
 SAMPLE_RATE = 16000
