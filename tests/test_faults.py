@@ -263,6 +263,12 @@ def test_a_work_folder_out_of_space_fails_with_its_code_on_the_last_attempt(stac
     assert not keys(stack, "covers/") and not keys(stack, "manifests/")
 
 
+@pytest.mark.sweep
+@pytest.mark.skipif(
+    not FULL_SWEEPS,
+    reason="two job processes, 45 to 50 s on 2 cores: .ci/run's full pass (make test-full) runs it; make test "
+    "keeps the limit's own tests (test_fetch, test_hostile_input)",
+)
 def test_a_song_at_the_duration_limit_renders_and_one_past_it_fails_once(stack, tmp_path):
     vocals, inst = demo.demo_song(6.0)
     song = np.clip(vocals + inst, -1, 1)

@@ -28,6 +28,7 @@ from job.render import credentials
 from shared.events import COMPLETED, FAILED, REQUESTED, CoverRequest, to_message
 from shared.provenance import verify
 from shared.settings import Settings
+from tests.conftest import FULL_SWEEPS
 
 pytestmark = pytest.mark.slow  # the emulator, an S3 server and worker processes: minutes
 
@@ -421,6 +422,12 @@ def test_second_voice_reuses_the_cached_stems(stack, store, tmp_path):
     assert second["sha256"] != done[0]["sha256"]
 
 
+@pytest.mark.sweep
+@pytest.mark.skipif(
+    not FULL_SWEEPS,
+    reason="three runner processes syncing every model, 50 to 90 s on 2 cores: .ci/run's full pass (make test-full) "
+    "runs it; make test keeps the sync's own tests (test_model_store)",
+)
 def test_a_runner_with_an_empty_model_folder_syncs_from_the_bucket_and_refuses_a_corrupted_file(stack, store, tmp_path):
     """The bucket holds models/ (with its manifest) and voices/, filled by `cover models push`; a
     runner starting from an empty model folder syncs them, checks every hash, and renders."""
