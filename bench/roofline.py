@@ -25,16 +25,19 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.convert import machine
+from bench.pipeline import REFERENCE_SONG_S
 from job.devkit import demo
+from job.render.media.audio import MIX_SAMPLE_RATE
 from job.render.rvc.checkpoint import build_synthesizer, read_checkpoint
 from job.render.rvc.generator import TILE_FRAMES_FP32, TILE_MARGIN, Generator, to_fast_layout
 from job.render.separate.loading import load_separator_model
 from job.render.separate.separator import functional_attention
 from shared.model_store import ModelStore
+from shared.options import SeparationOptions
 
 WORK = Path(__file__).parent / ".work"
-SONG_S = 210.0  # the benchmark song's length (3.5 minutes)
-SEGMENT_STRIDE = 0.75  # Demucs' segments advance by (1 - overlap 0.25) of their length
+SONG_S = float(REFERENCE_SONG_S)  # the benchmark song's length (3.5 minutes)
+SEGMENT_STRIDE = 1 - SeparationOptions().overlap  # Demucs' segments advance by this share of their length
 
 
 def best_of(fn: Callable[[], object], rounds: int = 3) -> float:
@@ -123,7 +126,7 @@ def mdx_chunk(shape: dict[str, object]) -> tuple[int, float, float]:
     x = torch.randn(1, 4, p.dim_f, p.dim_t)
     with torch.inference_mode():
         run = lambda: net(x)  # noqa: E731
-        return flops(run), best_of(run, rounds=2), p.step / 44100
+        return flops(run), best_of(run, rounds=2), p.step / MIX_SAMPLE_RATE
 
 
 def main() -> None:
