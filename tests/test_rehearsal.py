@@ -47,8 +47,9 @@ def _log_lines(path) -> list[dict]:
 @pytest.fixture
 def rehearsal(stack, tmp_path, request):
     """The stack as ``make serve`` runs it; ``@pytest.mark.stack_env(NAME=VALUE, ...)`` adds to the
-    environment every process of it gets."""
+    environment every process of it gets, ``@pytest.mark.stack_args(...)`` to its command line."""
     marker = request.node.get_closest_marker("stack_env")
+    args = request.node.get_closest_marker("stack_args")
     port = free_port()
     gpu_subscription = f"gpu-{uuid.uuid4().hex[:8]}"
     env = {
@@ -62,7 +63,16 @@ def rehearsal(stack, tmp_path, request):
     }
     log = tmp_path / "stack.out"
     proc = start(
-        [sys.executable, "-m", "job.devkit.stack", "--port", str(port), "--emulator", env["PUBSUB_EMULATOR_HOST"]],
+        [
+            sys.executable,
+            "-m",
+            "job.devkit.stack",
+            "--port",
+            str(port),
+            "--emulator",
+            env["PUBSUB_EMULATOR_HOST"],
+            *(args.args if args else ()),
+        ],
         log,
         env,
     )
@@ -189,13 +199,19 @@ def test_what_the_platform_ends_gets_one_cover_failed(stack, rehearsal):
     assert proc.poll() is None
 
 
+# The emulator may go on delivering a killed subscriber's message to its dead stream for up to ~100 s,
+# each delivery spending one of the subscription's attempts (Pub/Sub sees the stream close): with the
+# deployed 5 attempts the request can be dead-lettered before the new runner is handed it (a clean
+# clone's run on a slow host saw it, 2026-12-06). 20 attempts outlast that hold at a 10 s lease.
+@pytest.mark.stack_args("--dead-letter-attempts", "20")
 def test_renders_killed_mid_separation_are_taken_over_by_the_retry_and_by_another_gpu_runner(stack, rehearsal):
     """A Cloud Run task's process and the GPU runner, each SIGKILLed in the middle of separation:
     the stack reports the failed attempt, Cloud Run's retry (the local launcher's) takes its cover
     over once the lease lapses; the stack starts another GPU runner, which Pub/Sub hands the request
     to once the dead runner's last lease extension runs out (COVER_MESSAGE_LEASE_EXTENSION_S, 10 s
-    here, 30 s deployed). Each request completes once. Prints the time from each kill to the
-    takeover's first progress event."""
+    here, 30 s deployed; the emulator can add its hold of a dead stream's message, up to ~100 s).
+    Each request completes once. Prints the time from each kill to the takeover's first progress
+    event."""
     proc, url, logs = rehearsal
     job, gpu = _post(url, 7, "cpu"), _post(url, 9, "gpu")
     separating = [_separating(answer["cover_id"]) for answer in (job, gpu)]
@@ -221,7 +237,9 @@ def test_renders_killed_mid_separation_are_taken_over_by_the_retry_and_by_anothe
     assert [line["attempt"] for line in trigger if line.get("event") == "execution.attempt"] == [0, 1]
     assert any(line.get("event") == "execution.succeeded" for line in trigger)
     assert job_s < LEASE_S + 30  # the lease, and a task's start
-    assert gpu_s < 120  # a lost GPU runner's request restarts within two minutes
+    # a lost GPU runner's request restarts once its short lease extension runs out, not after the
+    # client's p99-based one (minutes): within two minutes on Pub/Sub; the emulator's hold adds up to ~100 s
+    assert gpu_s < float(LEASE_EXTENSION_S) + 140
     assert proc.poll() is None  # the stack lives on
     assert requests.get(job["status_url"], timeout=30).json()["state"] == "completed"
 
