@@ -195,6 +195,42 @@ def test_tiled_decoder_matches_the_whole_decode():
     torch.testing.assert_close(tiled, reference, atol=1e-5, rtol=1e-4)
 
 
+def test_the_decoder_skips_the_context_the_engine_drops_and_keeps_the_exact_paths_audio(store, monkeypatch):
+    """A chunk's half second of context either side is dropped after decoding, so the CPU's tiled
+    decoder runs only the tiles that reach what is kept: phrases between silences (chunks of 1.3 to
+    2.9 s, 2.3 to 3.9 s with their context) take fewer decoder tiles (5 instead of 7), and the
+    conversion is the exact path's (reference kernels, whole chunks decoded) to float32 rounding."""
+    import math
+
+    import torch
+
+    from job.render.rvc import generator as gen
+    from job.render.rvc.engine import CONTEXT, VoiceConverter, prepare_input
+
+    gap = np.zeros(16000, np.float32)
+    audio = np.concatenate([sung_tone(2.9), gap, sung_tone(1.3, 330.0), gap, sung_tone(2.2, 180.0), gap])
+    calls: dict[str, list[int]] = {"fast": [], "reference": []}  # each decoder call's frames
+    decode = gen.Generator._decode
+
+    def counted(self, x, *args, **kwargs):
+        calls[kernels].append(x.shape[-1])
+        return decode(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(gen.Generator, "_decode", counted)
+    outs = {}
+    for kernels in ("fast", "reference"):
+        converter = VoiceConverter(ModelStore(store), "cpu", precision="fp32", kernels=kernels, decoder="torch")
+        voice = converter.load_voice(converter.store.voice(demo.DEMO_VOICE))
+        outs[kernels] = converter.convert(audio, 16000, voice, ConversionOptions(f0_method="pm", seed=3))
+    chunks = plan_chunks(prepare_input(audio)[0], 20.0)
+    assert outs["fast"].chunks == len(chunks) == 3 and len(calls["reference"]) == 3  # whole chunks
+    span = gen.tile_frames(torch.float32) + 2 * gen.TILE_MARGIN
+    every_frame = sum(math.ceil((b - a + 2 * CONTEXT) // 160 / gen.tile_frames(torch.float32)) for a, b in chunks)
+    assert set(calls["fast"]) == {span} and len(calls["fast"]) < every_frame  # fewer tiles, of one shape
+    assert np.abs(outs["reference"].audio).max() > 0.01
+    np.testing.assert_allclose(outs["fast"].audio, outs["reference"].audio, atol=2e-5)
+
+
 def test_fast_kernels_follow_reloaded_weights():
     """The fast layout keeps 2-D copies of the weights; loading other weights must replace them."""
     import torch

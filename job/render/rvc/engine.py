@@ -59,6 +59,7 @@ CROSSFADE = 2 * CONTENT_HOP  # 40 ms crossfade (20 ms each side of a cut)
 SILENCE_RMS_DB = -60.0  # 10 ms frames quieter than this are silence
 MIN_GAP_S = 0.5  # shorter silences are synthesised through
 REGION_PAD_S = 0.1
+KEPT_FROM = (CONTEXT - CROSSFADE // 2) // 160  # a chunk's first decoder frame kept: 20 ms before its start
 PLAN_BLOCK = 4096  # 10 ms frames per block of the chunk plan's loudness (41 s)
 
 ProgressFn = Callable[[float], None]
@@ -306,11 +307,13 @@ class VoiceConverter:
             return f0s
         return [None if f is None else snap_to_key(f, key, options.autotune) for f in f0s]
 
-    def _decode(self, voice: Voice, priors: list[Prior]) -> list[np.ndarray]:
+    def _decode(self, voice: Voice, priors: list[Prior], kept: int | None = None) -> list[np.ndarray]:
         """The decoder over several chunks' latents in one call: each padded at its end to the
         longest (latent and excitation zero there), the outputs cut back to each chunk's length.
         The decoder sees about 7 frames each way and every chunk ends in half a second of context
-        that is dropped, so a chunk's kept audio is what it would be alone (tested)."""
+        that is dropped, so a chunk's kept audio is what it would be alone (tested). On the CPU
+        only the frames before ``kept`` from :data:`KEPT_FROM` on are decoded (the rest is zero:
+        the context's own audio, which the engine drops)."""
         synth = voice.synth
         upp = synth.upp
         lengths = [z.shape[-1] for z, _, _ in priors]
@@ -324,7 +327,8 @@ class VoiceConverter:
         )
         g = priors[0][1].expand(len(priors), -1, -1)
         tiled = self.device.type == "cpu"
-        y = synth.dec.decode(z, g, source, self.synth_dtype, self.fast_kernels, tiled, voice.int8)
+        keep = (KEPT_FROM, kept) if kept is not None else None
+        y = synth.dec.decode(z, g, source, self.synth_dtype, self.fast_kernels, tiled, voice.int8, keep)
         audio = y[:, 0].float().cpu().numpy()
         return [audio[k, : n * upp] for k, n in enumerate(lengths)]
 
@@ -477,8 +481,9 @@ class VoiceConverter:
 
             t0 = time.perf_counter()
             with torch.inference_mode():
-                if record is None:
-                    ys = self._decode(voice, priors)
+                if record is None:  # each chunk keeps [a - 20 ms, b + 20 ms] of its audio (below)
+                    kept = KEPT_FROM + max((chunks[i][1] - chunks[i][0] + CROSSFADE) // 160 for i in group)
+                    ys = self._decode(voice, priors, kept)
                 else:
                     record += priors
                     ys = [np.zeros(z.shape[-1] * upp, np.float32) for z, _, _ in priors]
@@ -488,7 +493,7 @@ class VoiceConverter:
                 a, b = chunks[i]
                 synthesised += b - a
                 # keep [a - 20 ms, b + 20 ms] and crossfade with the neighbours
-                lo = int((CONTEXT - half) * ratio)
+                lo = int((CONTEXT - half) * ratio)  # KEPT_FROM frames
                 piece = y[lo : lo + int((b - a + CROSSFADE) * ratio)].copy()
                 ramp = np.linspace(0.0, 1.0, xf_out, dtype=np.float32)
                 piece[:xf_out] *= ramp[: len(piece[:xf_out])]
