@@ -14,7 +14,8 @@ real formats. Rows:
   ``bench.convert`` times the build);
 * cover: the whole pipeline (fetch, separate, convert, mix) per song length, as shipped (the
   defaults; what they derive from the models, the int8 decoder on CPUs without native bf16, is
-  built inside the clock, as in every Cloud Run execution, whose model store starts without it), and
+  built inside the clock, as in the first Cloud Run execution for a voice: later ones download it
+  from the bucket), and
   with the torch decoder (``COVER_DECODER=torch``, the default before 2026-12-06) on the reference
   song;
 * second voice: a whole cover (``Pipeline.render``) whose stems are in the stem cache: those an
@@ -192,8 +193,8 @@ def row(kind: str, seconds: int, variant: str) -> dict:
         pipeline.converter.load_voice(voice)
         start, cpu0 = time.perf_counter(), time.process_time()
     elif kind in ("cover", "second-voice"):
-        # what the defaults derive from the models is built inside the clock, as in every Cloud Run
-        # execution (derived/ is local to a machine)
+        # what the defaults derive from the models is built inside the clock, as in the first Cloud
+        # Run execution for a voice (this store has no bucket to fetch it from)
         shutil.rmtree(pipeline.store.root / DERIVED_DIR, ignore_errors=True)
     if kind == "separate":
         with work_folder(settings.work_dir) as work:

@@ -11,7 +11,7 @@ One class owns the whole layout, locally and in the bucket. Nothing else spells 
 | the FCPE pitch model (optional: ``f0_method=fcpe``) | ``base/fcpe.pt`` | ``models/base/fcpe.pt`` |
 | the base models' manifest | — | ``models/manifest.json`` (sha256, size per file) |
 | voices (``voice.json``: sha256 per file) | ``voices/{name}/{model.pth,model.index,voice.json}`` | ``voices/{name}/`` |
-| derived files, built here from the above (the int8 decoders) | ``derived/{kind}/{name}`` | — (local only) |
+| derived files (the int8 decoders) | ``derived/{kind}/{name}`` | ``models/derived/{kind}/{name}`` (+ ``.json``) |
 
 Provisioning: :meth:`ModelStore.push` uploads a local store (``cover models push``); the manifest and
 each ``voice.json`` are written last, so a reader never sees a manifest naming files that are not
@@ -20,6 +20,13 @@ local base models equal to the bucket's: files missing or different are download
 folder, every one is checked against its sha256, and only when all match are they moved into place;
 a file that does not match is refused with ``model.hash_mismatch`` and nothing changes. Voices sync
 on first use (:meth:`ModelStore.voice`), with the same checks against their ``voice.json``.
+
+A derived file is built by the first runner that needs it and shared through the bucket
+(:meth:`ModelStore.share_derived`: the file, then its digest); the next runner downloads it
+(:meth:`ModelStore.fetch_derived`) instead of building it again, checked against that digest. Its
+name carries everything it was built from (e.g. the voice's sha256, the recipe, ONNX Runtime's
+version). The bucket is a shortcut there, never a failure: a missing, unreadable or mismatched
+file is built locally, as without a bucket.
 
 Pure Python (no torch): the dispatcher reads ``voice.json`` through it too.
 """
@@ -39,6 +46,7 @@ from pydantic import BaseModel, ValidationError
 
 from shared.errors import CoverError, ErrorCode
 from shared.hashing import sha256_of
+from shared.logs import fields
 from shared.storage import Keys, Storage
 from shared.voices import INDEX_FILE, MODEL_FILE, NAME_PATTERN, VOICE_FILE, FileDigest, VoiceInfo, digest_of
 
@@ -51,7 +59,7 @@ PITCH_MODEL_FILE = "base/rmvpe.pt"
 FCPE_MODEL_FILE = "base/fcpe.pt"
 MDX_DIR = "separation/mdx"  # {kind}.onnx and {kind}.json (job/render/separate/mdx_params.py)
 VOICES_DIR = "voices"
-DERIVED_DIR = "derived"  # built locally from the models (never synced, never pruned)
+DERIVED_DIR = "derived"  # built from the models, shared through the bucket (never synced, never pruned)
 BASE_DIRS = (SEPARATION_DIR, "base")  # what `models/` in the bucket mirrors
 GET_MODELS = (
     "get it with `cover models pull` (from the bucket's models/ prefix), "
@@ -112,6 +120,43 @@ class ModelStore:
 
     def voice_folder(self, name: str) -> Path:
         return self.voices_dir / name
+
+    # --- derived files -------------------------------------------------------------------------
+    def fetch_derived(self, kind: str, name: str) -> Path | None:
+        """:meth:`derived` ``(kind, name)`` from the bucket, where another runner shared it and it
+        matches its digest; None otherwise (no bucket, not there, unreadable, mismatched: the
+        caller builds it)."""
+        if self.storage is None:
+            return None
+        target, key = self.derived(kind, name), Keys.model(f"{DERIVED_DIR}/{kind}/{name}")
+        try:
+            digest = self._bucket_json(self.storage, f"{key}.json", FileDigest)
+            if digest is None:
+                return None
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
+                path = self.storage.download(key, Path(tmp) / name)
+                if not _matches(path, digest):
+                    log.warning("derived file unlike its digest", extra=fields(event="derived.mismatch", key=key))
+                    return None
+                os.replace(path, target)
+        except Exception as exc:  # noqa: BLE001 - a shortcut, never a failure
+            log.warning("derived file not fetched", extra=fields(event="derived.unreadable", key=key, error=str(exc)))
+            return None
+        log.info("derived file fetched from the bucket", extra=fields(event="derived.fetched", key=key))
+        return target
+
+    def share_derived(self, kind: str, name: str) -> None:
+        """Upload :meth:`derived` ``(kind, name)``, built here, for other runners: the file, then its
+        digest (a reader never sees a digest whose file is not there). A failure is logged only."""
+        if self.storage is None:
+            return
+        path, key = self.derived(kind, name), Keys.model(f"{DERIVED_DIR}/{kind}/{name}")
+        try:
+            self.storage.upload_file(key, path)
+            self.storage.put_bytes(f"{key}.json", digest_of(path).model_dump_json().encode())
+        except Exception as exc:  # noqa: BLE001 - the next runner builds it too
+            log.warning("derived file not shared", extra=fields(event="derived.not_shared", key=key, error=str(exc)))
 
     def missing(self, what: str, path: Path, alternative: str = "") -> CoverError:
         """``model.missing``, naming the file and how to get it."""

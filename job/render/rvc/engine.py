@@ -34,6 +34,7 @@ from job.render.compute import (
 from job.render.loading import loading
 from job.render.media.audio import to_16k
 from job.render.music_key import MusicalKey, key_of_melody, snap_to_key
+from job.render.onnx_files import parse_self_contained
 from job.render.rvc import pitch as pitch_mod
 from job.render.rvc.assembly import ArraySink, Assembler, Sink, frame_rms
 from job.render.rvc.checkpoint import build_synthesizer, read_checkpoint
@@ -59,6 +60,7 @@ CROSSFADE = 2 * CONTENT_HOP  # 40 ms crossfade (20 ms each side of a cut)
 SILENCE_RMS_DB = -60.0  # 10 ms frames quieter than this are silence
 MIN_GAP_S = 0.5  # shorter silences are synthesised through
 REGION_PAD_S = 0.1
+INT8_KIND = "decoder-int8"  # the int8 decoders' folder in the model store's derived files
 KEPT_FROM = (CONTEXT - CROSSFADE // 2) // 160  # a chunk's first decoder frame kept: 20 ms before its start
 PLAN_BLOCK = 4096  # 10 ms frames per block of the chunk plan's loudness (41 s)
 
@@ -253,9 +255,17 @@ class VoiceConverter:
         return self._voices[key]
 
     def _int8_decoder(self, voice: Voice, pth: Path) -> Int8Decoder:
-        """The voice's int8 decoder, built on first use (calibrated on the decoder inputs of the
-        reference phrase at :data:`CALIBRATION_SHIFTS`) and kept in the model store."""
-        target = self.store.derived("decoder-int8", build_key(pth))
+        """The voice's int8 decoder, from the model store, else from the bucket where another runner
+        shared it, else built (calibrated on the decoder inputs of the reference phrase at
+        :data:`CALIBRATION_SHIFTS`), kept in the store and shared."""
+        name = build_key(pth)
+        target = self.store.derived(INT8_KIND, name)
+        if not target.is_file() and self.store.fetch_derived(INT8_KIND, name) is not None:
+            try:  # shared by another runner: checked as any ONNX file from outside
+                parse_self_contained(target.read_bytes(), f"{INT8_KIND}/{name} from the bucket")
+            except CoverError as exc:
+                log.warning("the shared int8 decoder was refused (%s): built here", exc)
+                target.unlink()
         if not target.is_file():
             from job.render.phrase import reference_phrase
 
@@ -266,6 +276,7 @@ class VoiceConverter:
                 self.convert(reference_phrase(), 44100, voice, options, record=priors)
             build_int8(voice.synth.dec, priors, target)
             log.info("int8 decoder for %s built in %.1f s: %s", voice.name, time.perf_counter() - started, target)
+            self.store.share_derived(INT8_KIND, name)
         return Int8Decoder(target, voice.synth.dec)
 
     def load_voice(self, voice: ResolvedVoice) -> Voice:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from job.render.media.audio import MIX_SAMPLE_RATE, WavReader, WavWriter
+from job.render.onnx_files import parse_self_contained
 from job.render.separate.mdx_params import HOP, MdxParams
 from shared.errors import CoverError, ErrorCode
 
@@ -41,22 +42,7 @@ SILENT_CHUNK = 1e-3  # -60 dBFS: a chunk (with its edges) quieter than this is n
 def check_onnx(raw: bytes, name: str, params: MdxParams) -> None:
     """Refuse an ONNX file that is malformed, stores tensors outside itself, or whose input is not
     ``(batch, 4, dim_f, dim_t)`` (dimensions may be symbolic)."""
-    import onnx
-    from google.protobuf.message import DecodeError
-
-    try:
-        proto = onnx.load_model_from_string(raw)
-    except (DecodeError, ValueError, RuntimeError) as exc:
-        raise CoverError(ErrorCode.MODEL_CORRUPT, f"{name} is not a valid ONNX model: {exc}") from None
-    tensors = list(proto.graph.initializer)
-    for node in proto.graph.node:
-        tensors += [a.t for a in node.attribute if a.HasField("t")]
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors):  # before the checker looks for them
-        raise CoverError(ErrorCode.MODEL_UNSAFE, f"{name} keeps tensors in external files: only self-contained models")
-    try:
-        onnx.checker.check_model(proto)
-    except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
-        raise CoverError(ErrorCode.MODEL_CORRUPT, f"{name} is not a valid ONNX model: {exc}") from None
+    proto = parse_self_contained(raw, name)
     inputs = [i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
     if len(inputs) != 1 or len(proto.graph.output) < 1:
         raise CoverError(
