@@ -159,8 +159,11 @@ def test_an_int8_decoder_one_runner_built_is_fetched_by_the_next_from_the_bucket
     """The first runner to need a voice's int8 decoder builds it and shares it through the bucket;
     a runner without it downloads it, checked against its digest, instead of building it (the ~12 s
     every Cloud Run execution paid per voice), and converts to the same audio. A shared file that
-    does not match its digest is not used: the runner builds its own, as without a bucket."""
+    does not match its digest, or fails the check of any outside ONNX file, is not used: the runner
+    builds its own, as without a bucket."""
     import shutil
+
+    import onnx
 
     from shared.storage import LocalStorage
     from shared.voices import digest_of
@@ -172,43 +175,37 @@ def test_an_int8_decoder_one_runner_built_is_fetched_by_the_next_from_the_bucket
     shutil.copytree(store, root, ignore=shutil.ignore_patterns("derived"))
     audio, options = sung_tone(2.0, 220.0), ConversionOptions(f0_method="pm", seed=3)
 
-    def runner() -> tuple[VoiceConverter, np.ndarray]:
+    def runner() -> np.ndarray:
         vc = VoiceConverter(ModelStore(root, bucket), device="cpu", decoder="int8")
-        voice = vc.load_voice_file(pth)
-        return vc, vc.convert(audio, 16000, voice, options).audio
+        return vc.convert(audio, 16000, vc.load_voice_file(pth), options).audio
 
-    _, built_here = runner()
+    built_here = runner()
     local = ModelStore(root).derived(engine.INT8_KIND, build_key(pth))
     shared = f"models/derived/{engine.INT8_KIND}/{local.name}"
     assert bucket.head(shared) is not None and bucket.get_bytes(f"{shared}.json") is not None
     built = local.read_bytes()
+    # the build ran above; from here it writes what it wrote then, and the test sees whether it runs
+    builds: list[Path] = []
+    monkeypatch.setattr(
+        engine, "build_int8", lambda _dec, _priors, target: builds.append(target) or target.write_bytes(built)
+    )
 
     local.unlink()  # the next runner: a fresh machine's model store
-    builds: list[Path] = []
-    real_build = engine.build_int8
-    monkeypatch.setattr(
-        engine, "build_int8", lambda dec, priors, target: builds.append(target) or real_build(dec, priors, target)
-    )
-    _, fetched = runner()
+    fetched = runner()
     assert builds == [] and local.read_bytes() == built  # downloaded, not built
     np.testing.assert_array_equal(fetched, built_here)
 
     local.unlink()
     (tmp_path / "bucket" / shared).write_bytes(built[:-1] + bytes([built[-1] ^ 1]))  # the file no longer matches
-    _, rebuilt = runner()
-    assert builds == [local] and local.read_bytes() == built  # built here, as the first runner did
-    np.testing.assert_array_equal(rebuilt, built_here)
+    assert ModelStore(root, bucket).fetch_derived(engine.INT8_KIND, local.name) is None and not local.exists()
 
-    # whoever can write the bucket's models/ writes the digest too: a shared file is checked as any
-    # ONNX file from outside, and one that keeps its tensors in other files is not opened
-    import onnx
-
-    local.unlink()
+    # whoever can write the bucket's models/ writes the digest too: a shared file that keeps its
+    # tensors in other files (ONNX Runtime would read whatever file it names) is not opened
     planted = tmp_path / "planted" / local.name
     planted.parent.mkdir()
-    onnx.save_model(onnx.load(str(tmp_path / "bucket" / shared)), str(planted), save_as_external_data=True)
+    onnx.save_model(onnx.load_model_from_string(built), str(planted), save_as_external_data=True)
     bucket.upload_file(shared, planted)
     bucket.put_bytes(f"{shared}.json", digest_of(planted).model_dump_json().encode())
-    _, refused = runner()
-    assert builds == [local, local] and local.read_bytes() == built
+    refused = runner()
+    assert builds == [local] and local.read_bytes() == built  # refused, built here
     np.testing.assert_array_equal(refused, built_here)
