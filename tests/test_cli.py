@@ -58,24 +58,21 @@ def test_a_second_voice_on_the_same_song_takes_its_stems_from_the_cache(env, sto
         runs[voice] = proc.stdout
     assert "stems separated" in runs["alto"] and "stems from the cache (separation skipped)" in runs["tenor"]
     assert "separate" in runs["tenor"]  # the stage still reports its (short) time
-    # another separation setting is another cache entry: separated again
-    proc = run_cover(
-        [
-            "make",
-            str(song),
-            "--voice",
-            "tenor",
-            "-o",
-            str(tmp_path / "t2.mp3"),
-            "--f0-method",
-            "pm",
-            "--overlap",
-            "0.5",
-            "--json",
-        ],
-        env,
-    )
-    assert proc.returncode == 0 and json.loads(proc.stdout)["stems_cached"] is False
+    # another separation setting is another cache entry (the key: test_separate): `--overlap` reaches it
+    from job.cli.main import _cover_options, build_parser
+    from job.render.separate.separator import Separator
+    from shared.model_store import ModelStore
+
+    args = build_parser().parse_args(["make", str(song), "--voice", "tenor", "-o", "t2.mp3", "--overlap", "0.5"])
+    separation = _cover_options(args, "t2.mp3").separation
+    default = _cover_options(
+        build_parser().parse_args(["make", str(song), "--voice", "tenor", "-o", "t.mp3"]), "t.mp3"
+    ).separation
+    assert separation.overlap == 0.5 and default.overlap != 0.5
+    keys = {
+        Separator(ModelStore(own), options, "cpu").stem_key("ab").separation_key for options in (separation, default)
+    }
+    assert len(keys) == 2
 
 
 def test_text_output_shows_progress_and_a_summary(env, song, tmp_path):
