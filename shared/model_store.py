@@ -122,13 +122,18 @@ class ModelStore:
         return self.voices_dir / name
 
     # --- derived files -------------------------------------------------------------------------
+    @staticmethod
+    def _derived_key(kind: str, name: str) -> str:
+        """The bucket key of :meth:`derived` ``(kind, name)`` (its digest: the same key + ``.json``)."""
+        return Keys.model(f"{DERIVED_DIR}/{kind}/{name}")
+
     def fetch_derived(self, kind: str, name: str) -> Path | None:
         """:meth:`derived` ``(kind, name)`` from the bucket, where another runner shared it and it
         matches its digest; None otherwise (no bucket, not there, unreadable, mismatched: the
         caller builds it)."""
         if self.storage is None:
             return None
-        target, key = self.derived(kind, name), Keys.model(f"{DERIVED_DIR}/{kind}/{name}")
+        target, key = self.derived(kind, name), self._derived_key(kind, name)
         try:
             digest = self._bucket_json(self.storage, f"{key}.json", FileDigest)
             if digest is None:
@@ -151,7 +156,7 @@ class ModelStore:
         digest (a reader never sees a digest whose file is not there). A failure is logged only."""
         if self.storage is None:
             return
-        path, key = self.derived(kind, name), Keys.model(f"{DERIVED_DIR}/{kind}/{name}")
+        path, key = self.derived(kind, name), self._derived_key(kind, name)
         try:
             self.storage.upload_file(key, path)
             self.storage.put_bytes(f"{key}.json", digest_of(path).model_dump_json().encode())
