@@ -243,10 +243,11 @@ class Settings(BaseSettings):
     )
     failpoint: str | None = Field(
         None,
-        pattern="^(after|raise):[a-z]+$",
+        pattern="^((after|raise):[a-z]+|hold:[a-z]+:.+)$",
         description=(
             "Tests only: 'after:STAGE' makes a worker kill itself (SIGKILL) right after reporting STAGE's end; "
-            "'raise:STAGE' makes that render fail there with an error a retry might fix."
+            "'raise:STAGE' makes that render fail there with an error a retry might fix; 'hold:STAGE:PATH' "
+            "makes it wait there (its claim kept renewed) until the file PATH exists, at most 10 minutes."
         ),
     )
     # the worker

@@ -14,8 +14,10 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Mapping
 from enum import Enum
+from pathlib import Path
 
 from job.render.pipeline import Cast, CastPart, CoverOptions, CoverResult, Pipeline
 from job.render.separate.stems import StemCache
@@ -51,6 +53,7 @@ from shared.stages import Stage
 from shared.storage import Keys, Storage, make_storage
 
 log = logging.getLogger("melodia.worker")
+HOLD_LIMIT_S = 600.0  # a held render (failpoint hold:STAGE:PATH) goes on after this even unreleased
 
 
 def _abort_if_lost(lost: threading.Event | None) -> None:
@@ -108,7 +111,15 @@ class Worker:
 
     def _failpoint(self, stage: Stage, cid: str) -> None:
         """Tests only: ``COVER_FAILPOINT=after:STAGE`` kills this process when STAGE reports;
-        ``raise:STAGE`` fails the render there with a retryable error."""
+        ``raise:STAGE`` fails the render there with a retryable error; ``hold:STAGE:PATH`` holds the
+        render there until the file PATH exists (a render as long as a test needs, on a short song)."""
+        failpoint = self.settings.failpoint or ""
+        if failpoint.startswith(f"hold:{stage.value}:"):
+            release = Path(failpoint.split(":", 2)[2])
+            log.warning("failpoint: holding the render", extra=fields(event="failpoint", stage=stage, cover_id=cid))
+            deadline = time.monotonic() + HOLD_LIMIT_S
+            while not release.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
         if self.settings.failpoint == f"after:{stage.value}":
             log.warning("failpoint: killing this process", extra=fields(event="failpoint", stage=stage, cover_id=cid))
             os.kill(os.getpid(), signal.SIGKILL)
