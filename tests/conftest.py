@@ -15,6 +15,8 @@ from service_stack import emulator, s3, stack  # noqa: F401 - the service fixtur
 from job.devkit import demo
 from job.render.media.audio import MIX_SAMPLE_RATE, write_wav
 
+pytest_plugins = ("cpu_durations",)  # --cpu-durations=N: the tests that cost the suite the most CPU time
+
 # ``make test`` runs narrowed sweeps (a few kill points, a shorter long song); ``.ci/run`` runs the
 # tests marked ``sweep`` once more with COVER_TEST_FULL=1: every kill point, ten minutes of audio.
 FULL_SWEEPS = os.environ.get("COVER_TEST_FULL") == "1"
