@@ -14,6 +14,8 @@ import resource
 import pytest
 
 KEY = "cpu_s"
+_START = pytest.StashKey[tuple[float, float]]()  # CPU times when the test's setup began
+_SEEN: list[tuple[float, float, str]] = []  # (worker's, child processes', node id) per test
 
 
 def _cpu() -> tuple[float, float]:
@@ -31,10 +33,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_setup(item: pytest.Item):
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
     item.stash[_START] = _cpu()
-    yield
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -43,10 +44,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     if call.when == "teardown" and _START in item.stash:
         (own0, children0), (own1, children1) = item.stash[_START], _cpu()
         outcome.get_result().user_properties.append((KEY, (own1 - own0, children1 - children0)))
-
-
-_START = pytest.StashKey[tuple[float, float]]()
-_SEEN: list[tuple[float, float, str]] = []
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
