@@ -186,9 +186,39 @@ HEAP_KEEPS_UP_TO = 512 * 2**20  # freed memory kept at the heap's top meanwhile 
 # segment still took 140 000 to 190 000 faults; at 512 MB, under 20 000 and the same peak RSS)
 
 
-class _HeapBuffers:
+class ProcessSetting:
+    """A process-wide setting held for as long as any user is inside (``with setting():``): the
+    first one in applies it (:meth:`apply`), the last one out puts back what was there
+    (:meth:`restore`), so concurrent users (a GPU runner's renders in flight) share it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+
+    def apply(self) -> None:
+        raise NotImplementedError
+
+    def restore(self) -> None:
+        raise NotImplementedError
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._users == 0:
+                self.apply()
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    self.restore()
+
+
+class _HeapBuffers(ProcessSetting):
     """Buffers up to :data:`HEAP_BUFFERS_UP_TO` served from the heap, and reused once freed (up to
-    :data:`HEAP_KEEPS_UP_TO` of freed memory kept), for as long as any user is inside (``with
+    :data:`HEAP_KEEPS_UP_TO` of freed memory kept), while any user is inside (``with
     heap_buffers():``); glibc's settled thresholds and a trim when the last one leaves. A no-op
     without glibc.
 
@@ -199,30 +229,18 @@ class _HeapBuffers:
     far under the conversion's. Only separation is inside: process-wide, the later stages kept
     freed buffers at the peak (journal, 2026-12-06)."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._users = 0
-
-    @contextmanager
-    def __call__(self) -> Iterator[None]:
+    def apply(self) -> None:
         libc = _libc()
-        if libc is None:
-            yield
-            return
-        with self._lock:
-            if self._users == 0:
-                libc.mallopt(M_MMAP_THRESHOLD, HEAP_BUFFERS_UP_TO)
-                libc.mallopt(M_TRIM_THRESHOLD, HEAP_KEEPS_UP_TO)
-            self._users += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._users -= 1
-                if self._users == 0:
-                    libc.mallopt(M_MMAP_THRESHOLD, GLIBC_SETTLED_MMAP)
-                    libc.mallopt(M_TRIM_THRESHOLD, GLIBC_SETTLED_TRIM)
-                    libc.malloc_trim(0)
+        if libc is not None:
+            libc.mallopt(M_MMAP_THRESHOLD, HEAP_BUFFERS_UP_TO)
+            libc.mallopt(M_TRIM_THRESHOLD, HEAP_KEEPS_UP_TO)
+
+    def restore(self) -> None:
+        libc = _libc()
+        if libc is not None:
+            libc.mallopt(M_MMAP_THRESHOLD, GLIBC_SETTLED_MMAP)
+            libc.mallopt(M_TRIM_THRESHOLD, GLIBC_SETTLED_TRIM)
+            libc.malloc_trim(0)
 
 
 heap_buffers = _HeapBuffers()

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from job.render.compute import (
+    ProcessSetting,
     batch_size,
     heap_buffers,
     precision_name,
@@ -51,7 +52,7 @@ def _mono_stats(mix: Frames, block: int = 1 << 20) -> tuple[torch.Tensor, torch.
     return torch.tensor(mean, dtype=torch.float32), torch.tensor(max(var**0.5, 1e-8), dtype=torch.float32)
 
 
-class _FunctionalAttention:
+class _FunctionalAttention(ProcessSetting):
     """Demucs' self-attention through torch's functional path (``scaled_dot_product_attention``:
     flash attention on the CPU) instead of the native fast path, for as long as any separation
     in this process is inside (``with functional_attention():``).
@@ -65,24 +66,15 @@ class _FunctionalAttention:
     ``nn.MultiheadAttention``); concurrent separations share it, the last one out restores it."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._users = 0
+        super().__init__()
         self._saved = True
 
-    @contextmanager
-    def __call__(self) -> Iterator[None]:
-        with self._lock:
-            if self._users == 0:
-                self._saved = torch.backends.mha.get_fastpath_enabled()
-                torch.backends.mha.set_fastpath_enabled(False)
-            self._users += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._users -= 1
-                if self._users == 0:
-                    torch.backends.mha.set_fastpath_enabled(self._saved)
+    def apply(self) -> None:
+        self._saved = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+
+    def restore(self) -> None:
+        torch.backends.mha.set_fastpath_enabled(self._saved)
 
 
 functional_attention = _FunctionalAttention()
