@@ -286,7 +286,7 @@ class Separator:
             if rate != MIX_SAMPLE_RATE or mix.channels != 2:
                 got = f"{rate} Hz x {mix.channels}"
                 raise CoverError(ErrorCode.INTERNAL, f"separator expects 44.1 kHz stereo, got {got}")
-            with (
+            with (  # the fast kernels reuse Demucs' large buffers from the heap (heap_buffers)
                 heap_buffers() if self.fast and self.device.type == "cpu" else nullcontext(),
                 WavWriter(out_dir / "vocals.wav", rate, 2) as vocals,
                 WavWriter(out_dir / "no_vocals.wav", rate, 2) as no_vocals,
@@ -294,8 +294,7 @@ class Separator:
                 for vocal_block, rest_block in self.blocks(mix, progress):
                     vocals.write(vocal_block)
                     no_vocals.write(rest_block)
-        # large buffers come from the heap while the fast kernels separate (heap_buffers: fewer page
-        # faults), and a separation leaves 300 to 400 MB of freed heap (3.5-minute song, real-size htdemucs)
-        # that the conversion's large buffers, mapped afresh, would not reuse: hand it back
+        # a separation leaves 300 to 400 MB of freed heap (3.5-minute song, real-size htdemucs) that
+        # the conversion's large buffers, mapped afresh, would not reuse: hand it back
         release_freed_memory()
         return Stems(vocals=vocals.path, no_vocals=no_vocals.path, sample_rate=rate)
