@@ -3,7 +3,9 @@
 Each length runs in its own process: the demo song's instrumental and, for vocals, loud 48 kHz noise
 (what a random-weight voice sings; the limiter and the lossy check then do their full work) are
 written to WAVs, then :func:`job.render.mix.mix` makes an MP3 while a thread samples the process's
-RSS every 5 ms. Prints the mix's wall time and its RSS growth over the process's before it."""
+RSS every 5 ms. Prints the mix's wall time and its RSS growth over the process's before it, for each
+count of MP3 encoders side by side in ``--encoders`` (1: one encoder for the whole song; 0: the
+default for this machine's cores, job/render/media/stretch_encoder.py), each row its own process."""
 
 from __future__ import annotations
 
@@ -24,10 +26,11 @@ def rss_mb() -> float:
         return int(statm.read().split()[1]) * 4096 / 2**20
 
 
-def one(seconds: float) -> dict[str, float]:
+def one(seconds: float, encoders: int = 0) -> dict[str, float]:
     from job.devkit import demo
     from job.render.compute import release_freed_memory
     from job.render.media.audio import MIX_SAMPLE_RATE, write_wav
+    from job.render.media.stretch_encoder import workers_for
     from job.render.mix.mixer import mix
 
     work = Path(tempfile.mkdtemp(prefix="bench-mix-"))
@@ -46,31 +49,39 @@ def one(seconds: float) -> dict[str, float]:
 
     threading.Thread(target=watch, daemon=True).start()
     started = time.perf_counter()
-    result = mix(work / "instrumental.wav", work / "vocals.wav", work / "cover.mp3")
+    result = mix(work / "instrumental.wav", work / "vocals.wav", work / "cover.mp3", encoders=encoders)
     wall = time.perf_counter() - started
     return {
         "seconds": seconds,
         "wall_s": round(wall, 2),
         "rss_growth_mb": round(peak[0] - before),
         "limited": result.normalisation == "limited",
+        "encoders": workers_for(int(seconds * MIX_SAMPLE_RATE), MIX_SAMPLE_RATE, encoders),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--songs", default="210,600", help="song lengths in seconds, comma-separated")
+    parser.add_argument(
+        "--encoders",
+        default="1,0",
+        help="MP3 encoders side by side, comma-separated (1: one; 0: this machine's default)",
+    )
     parser.add_argument("--one", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--one-encoders", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(args.one)))
+        print(json.dumps(one(args.one, args.one_encoders)))
         return
-    print("| song s | mix wall s | RSS growth MB | limited |\n|---|---|---|---|")
+    print("| song s | MP3 encoders | mix wall s | RSS growth MB | limited |\n|---|---|---|---|---|")
     for seconds in (float(s) for s in args.songs.split(",")):
-        proc = subprocess.run(
-            [sys.executable, "-m", "bench.mix", "--one", str(seconds)], capture_output=True, text=True, check=True
-        )
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"| {seconds:.0f} | {row['wall_s']} | {row['rss_growth_mb']} | {row['limited']} |")
+        for encoders in args.encoders.split(","):
+            command = [sys.executable, "-m", "bench.mix", "--one", str(seconds), "--one-encoders", encoders]
+            proc = subprocess.run(command, capture_output=True, text=True, check=True)
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            cells = [f"{seconds:.0f}", row["encoders"], row["wall_s"], row["rss_growth_mb"], row["limited"]]
+            print("| " + " | ".join(str(c) for c in cells) + " |")
 
 
 if __name__ == "__main__":

@@ -111,6 +111,16 @@ class Settings(BaseSettings):
         description="Heavy stages (separate, convert) allowed on the device at once, across requests; 0: 1 on "
         "the CPU, 2 on a GPU.",
     )
+    mp3_encoders: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description=(
+            "MP3 encoders side by side in the mix stage, each a stretch of 30 to 60 s of the song, joined "
+            "gaplessly; 0: one per core the process may use but one (at most 8: one encoder on 2 cores); 1: one "
+            "encoder for the whole song."
+        ),
+    )
     health_interval_s: float = Field(60.0, gt=0, description="A runner logs a health line this often.")
     quality: str = Field(
         "gate",

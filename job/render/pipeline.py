@@ -633,8 +633,8 @@ class Pipeline:
             song.sha256, *(f"{v.name}@{v.info.model_version}" for v in voices), *parts, options.model_dump_json()
         )
 
-    @staticmethod
     def _mix(
+        self,
         instrumental: Path,
         extras: list[Path],
         converted: ConvertedVocals,
@@ -665,7 +665,16 @@ class Pipeline:
         shifted = shift_key(accompaniment, converted.key_change, work / "no_vocals.key.wav")
         chain = chain_for(options.mix)
         vocals = apply_effects(converted.path, chain, work / "converted.fx.wav")
-        mixed = mix(shifted, vocals, out, options.mix, voice_name=voice_name, title=title, watermark=watermark)
+        mixed = mix(
+            shifted,
+            vocals,
+            out,
+            options.mix,
+            voice_name=voice_name,
+            title=title,
+            watermark=watermark,
+            encoders=self.settings.mp3_encoders,
+        )
         if quality is not None:
             quality.made_with = made_with(options, converted, chain)
             quality.mix = mixed.scores

@@ -23,7 +23,7 @@ import signal
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import IO, Any, BinaryIO, Protocol
 
 import numpy as np
 
@@ -100,7 +100,7 @@ def run(args: list[str], verbose: bool = False) -> bytes:
     cmd = [*FFMPEG[:-2], "-v", "info", *args] if verbose else [*FFMPEG, *args]
     proc = _run(cmd)
     if proc.returncode != 0:
-        raise _failure(proc.returncode, proc.stderr)
+        raise failure(proc.returncode, proc.stderr)
     return proc.stderr
 
 
@@ -109,11 +109,31 @@ def _out_of_space(returncode: int, stderr: bytes) -> bool:
     return returncode == -signal.SIGXFSZ or "No space left on device" in text or "File too large" in text
 
 
-def _failure(returncode: int, stderr: bytes) -> CoverError:
+def failure(returncode: int, stderr: bytes) -> CoverError:
+    """The error an FFmpeg tool's non-zero exit is: ``work.no_space`` for a full disk or a file-size
+    limit, an internal error (with the end of its error output) otherwise."""
     text = stderr.decode(errors="replace")
     if _out_of_space(returncode, stderr):
         return CoverError(ErrorCode.WORK_NO_SPACE, f"the work folder is out of space: {last_line(stderr)}")
     return CoverError(ErrorCode.INTERNAL, f"ffmpeg failed: {text[-600:]}")
+
+
+def meter_command(demuxer: str) -> list[str]:
+    """FFmpeg measuring the encoded packets it reads from its standard input (``demuxer``'s format):
+    ``ebur128`` with true peak, its summary on standard error (:func:`ebur128_summary`)."""
+    decode = [*FFMPEG[:-2], "-v", "info", "-nostats", "-f", demuxer, "-i", "pipe:0"]
+    return [*decode, "-af", "ebur128=peak=true", "-f", "null", "-"]
+
+
+class Encoder(Protocol):
+    """What the mix stage encodes through: :class:`PipeEncoder`, or
+    :class:`job.render.media.stretch_encoder.StretchEncoder` for MP3 on several cores."""
+
+    def write(self, block: np.ndarray) -> None: ...
+
+    def close(self) -> tuple[float, float] | None: ...
+
+    def abort(self) -> None: ...
 
 
 class PipeEncoder:
@@ -164,10 +184,8 @@ class PipeEncoder:
         self._proc = spawn(cmd, subprocess.PIPE, self._stderr, subprocess.PIPE)
         self._meter_log = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()/abort()
         meter_log = self._meter_log
-        meter = [*FFMPEG[:-2], "-v", "info", "-nostats", "-f", stream_demuxer, "-i", "pipe:0"]
         try:
-            measure_cmd = [*meter, "-af", "ebur128=peak=true", "-f", "null", "-"]
-            self._meter = spawn(measure_cmd, subprocess.DEVNULL, meter_log, self._proc.stdout)
+            self._meter = spawn(meter_command(stream_demuxer), subprocess.DEVNULL, meter_log, self._proc.stdout)
         except BaseException:
             self.abort()
             raise
@@ -197,14 +215,14 @@ class PipeEncoder:
         self._stderr.close()
         if code != 0 or _out_of_space(code, errors):  # the tee muxer can end 0 with its file output failed
             self._close_meter_log()
-            raise _failure(code, errors)
+            raise failure(code, errors)
         if self._meter is None or self._meter_log is None:
             return None
         self._meter_log.seek(0)
         log = self._meter_log.read()
         self._close_meter_log()
         if meter_code != 0:
-            raise _failure(meter_code, log)
+            raise failure(meter_code, log)
         return ebur128_summary(log)
 
     def abort(self) -> None:

@@ -11,7 +11,8 @@ look-ahead limiter (:mod:`job.render.mix.limiter`) holds the peaks 0.5 dB under 
 loudness, so probe passes measure the limited mix at several gains, encoding nothing, until two
 bracket the target (:func:`_limited_gain`), and the gain is interpolated between them (where
 loudness stops growing with gain short of the target, the mix aims at that plateau instead). The next
-pass feeds FFmpeg's encoder through a pipe while it measures what it feeds, and is normally the
+pass feeds FFmpeg's encoder through a pipe while it measures what it feeds (an MP3 on a host with
+cores to spare: several encoders, a stretch of the song each, :func:`_encoder`), and is normally the
 only encode; one that still misses the target is dropped and the gain corrected by the measured
 slope. A lossy or resampled format is measured as encoded (FFmpeg's ``ebur128`` on a copy of the
 encoded packets, decoded while the encoding goes on: :class:`job.render.media.ffmpeg.PipeEncoder`) and
@@ -41,12 +42,13 @@ from scipy.signal import resample_poly
 
 from job.render.media import ffmpeg
 from job.render.media.audio import MIX_SAMPLE_RATE, WavReader, decode_to_wav
+from job.render.media.stretch_encoder import StretchEncoder, workers_for
 from job.render.mix.limiter import Limiter
 from job.render.mix.loudness import TAPS_PER_PHASE, LoudnessMeter, envelope_windows, window_true_peak, windows
 from job.render.mix.meter import MixMeter
 from job.render.mix.watermark import Marker
 from shared.errors import CoverError, ErrorCode
-from shared.options import FORMATS, MixOptions, OutputFormat
+from shared.options import FORMATS, FormatSpec, MixOptions, OutputFormat
 from shared.quality import MixScores
 
 LOUDNESS_TOLERANCE_LU = 0.3  # the gain is corrected when the limited mix misses the target by more
@@ -198,7 +200,7 @@ def _render(
     source: MixSource,
     gain_db: float,
     limiter: Limiter | None,
-    encoder: ffmpeg.PipeEncoder,
+    encoder: ffmpeg.Encoder,
     measured: tuple[float, float],
 ) -> _Pass:
     """One pass: the mix at ``gain_db`` (through ``limiter`` where given) into ``encoder``, with its
@@ -297,6 +299,7 @@ def mix(  # noqa: PLR0915 - reads best top to bottom
     voice_name: str = "",
     title: str = "",
     watermark: int | None = None,
+    encoders: int = 0,
 ) -> MixResult:
     """Mix ``vocals`` over ``instrumental`` into ``out`` (written atomically).
 
@@ -308,6 +311,7 @@ def mix(  # noqa: PLR0915 - reads best top to bottom
         voice_name: written into the file's tags (``AI-generated cover; voice model: NAME``)
         title: the file's title tag
         watermark: the 48-bit id the inaudible watermark carries (None: no watermark)
+        encoders: MP3 encoders side by side (:func:`_encoder`); 0: one per core the process may use but one
     """
     options = options or MixOptions()
     spec = FORMATS[options.format]
@@ -323,9 +327,8 @@ def mix(  # noqa: PLR0915 - reads best top to bottom
         "voice_model": voice_name,
         "encoded_by": "melodia-cover",
     }
-    out_args = [arg for k, v in spec.codec.items() for arg in (f"-{k}", v)]
-    out_args += ["-ar", str(spec.sample_rate)]
-    out_args += [arg for k, v in metadata.items() for arg in ("-metadata", f"{k}={v}")]
+    codec_args = [arg for k, v in spec.codec.items() for arg in (f"-{k}", v)] + ["-ar", str(spec.sample_rate)]
+    tag_args = [arg for k, v in metadata.items() for arg in ("-metadata", f"{k}={v}")]
     try:
         marker = Marker(watermark) if watermark is not None else None
         source = MixSource(instrumental, vocals, options, scratch, marker)
@@ -343,7 +346,7 @@ def mix(  # noqa: PLR0915 - reads best top to bottom
             codec_shift = 0.0  # what the codec moved the loudness by (pre-encode minus encoded), measured
             for attempt in range(MAX_PASSES):
                 last = attempt == MAX_PASSES - 1
-                encoder = ffmpeg.PipeEncoder(MIX_SAMPLE_RATE, 2, out_args, spec.muxer, tmp, spec.measure)
+                encoder = _encoder(spec, codec_args, tag_args, tmp, source.length, encoders)
                 try:
                     limiter = Limiter(10 ** (ceiling / 20), MIX_SAMPLE_RATE) if limited else None
                     result = _render(source, gain, limiter, encoder, measured)
@@ -391,6 +394,27 @@ def mix(  # noqa: PLR0915 - reads best top to bottom
         peaks=result.meter.peaks(),
         levels=result.meter.levels(),
     )
+
+
+def _encoder(
+    spec: FormatSpec, codec_args: list[str], tag_args: list[str], out: Path, length: int, encoders: int
+) -> ffmpeg.Encoder:
+    """An MP3 of a song long enough for several stretches, on a process with cores to spare: encoded
+    in stretches side by side (:mod:`job.render.media.stretch_encoder`); every other format, and MP3 on
+    up to 2 cores, through one encoder.
+
+    Args:
+        spec: the output format
+        codec_args: the encoder's arguments
+        tag_args: the file's tags
+        out: the encoded file
+        length: the mix's samples per channel
+        encoders: encoders side by side at most (0: one per core the process may use but one)
+    """
+    workers = workers_for(length, MIX_SAMPLE_RATE, encoders)
+    if spec.muxer == "mp3" and spec.sample_rate == MIX_SAMPLE_RATE and workers > 1:
+        return StretchEncoder(MIX_SAMPLE_RATE, length, codec_args, tag_args, out, workers)
+    return ffmpeg.PipeEncoder(MIX_SAMPLE_RATE, 2, codec_args + tag_args, spec.muxer, out, spec.measure)
 
 
 COMPLETE_TOLERANCE_S = 0.1  # a codec's last frame and its padding, at most

@@ -20,7 +20,6 @@ on segments where the singer sings (``sung_in``).
 from __future__ import annotations
 
 import itertools
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from job.render.cores import usable_cores
 from job.render.loading import loading
 from job.render.media.audio import level_envelope, to_16k
 from job.render.quality.speaker import SpeakerEncoder
@@ -68,7 +68,7 @@ DNSMOS_MAX_WORKERS = 8
 def dnsmos_workers() -> int:
     """DNSMOS windows scored side by side: one per core this process may run on, 2 to
     :data:`DNSMOS_MAX_WORKERS` (2 on the 2-core machines measured; a 16-core GPU host takes 8)."""
-    return max(2, min(DNSMOS_MAX_WORKERS, len(os.sched_getaffinity(0))))
+    return max(2, min(DNSMOS_MAX_WORKERS, usable_cores()))
 
 
 # DNSMOS P.835's mapping from the network's raw outputs to MOS (from its published model card)
