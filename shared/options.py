@@ -85,9 +85,7 @@ FORMATS: dict[OutputFormat, FormatSpec] = {
         extension="mp3",
         content_type="audio/mpeg",
         muxer="mp3",
-        # no bit reservoir: frames that borrow no bytes from the one before join gaplessly when stretches
-        # are encoded side by side (job/render/media/stretch_encoder.py); 4 % larger at V0, same quality
-        codec={"c:a": "libmp3lame", "q:a": "0", "reservoir": "0"},
+        codec={"c:a": "libmp3lame", "q:a": "0"},
         sample_rate=44100,
         measure=("mp3", "mp3"),
     ),

@@ -8,8 +8,8 @@ cores but one (:func:`workers_for`), and joins what they make frame by frame.
 
 Why the joins are gapless: every stretch starts on a frame boundary of the whole song (a multiple
 of 1152 samples), and its encoder also gets :data:`PRE_ROLL_FRAMES` frames of the song before it
-and :data:`POST_ROLL_FRAMES` after it, whose frames are dropped. With LAME's bit reservoir off (the
-MP3 setting, :data:`shared.options.FORMATS`: no frame borrows bytes from the one before), a frame
+and :data:`POST_ROLL_FRAMES` after it, whose frames are dropped. With LAME's bit reservoir off (no
+frame borrows bytes from the one before; the file is about 4 % larger at V0), a frame
 depends only on the samples around it and the encoder's state, which the pre-roll brings to where
 one encoder of the whole song would have it: on the demo songs every frame is byte for byte the one
 a single encoder writes; on material with long near-silences LAME's slowly adapting thresholds can
@@ -70,8 +70,8 @@ class StretchEncoder:
     Args:
         rate: the samples' rate (the file's: no resampling)
         length: samples per channel the mix has (every one must be written before :meth:`close`)
-        codec_args: the encoder's arguments (``-c:a libmp3lame ... -reservoir 0``: without the
-            reservoir off the joins would not decode)
+        codec_args: the encoder's arguments (``-c:a libmp3lame ...``; the bit reservoir is turned
+            off here: frames that borrow bytes from the one before could not be joined)
         tag_args: the file's tags (``-metadata k=v`` ...)
         out: the encoded file
         workers: encoders at once (``stretch_plan(length, rate, workers)`` must give several stretches)
@@ -88,8 +88,8 @@ class StretchEncoder:
         margin = (PRE_ROLL_FRAMES * SAMPLES_PER_FRAME, POST_ROLL_FRAMES * SAMPLES_PER_FRAME)
         self.inputs = [(max(0, first - margin[0]), min(length, end + margin[1])) for first, end in self.plan]
         raw = ["-f", "f32le", "-ar", str(rate), "-ac", "2", "-i", "pipe:0"]
-        self._command = [*ffmpeg.FFMPEG, *raw, *codec_args, "-write_xing", "0", "-id3v2_version", "0", "-f", "mp3"]
-        self._command.append("pipe:1")
+        joinable = [*codec_args, "-reservoir", "0", "-write_xing", "0", "-id3v2_version", "0"]
+        self._command = [*ffmpeg.FFMPEG, *raw, *joinable, "-f", "mp3", "pipe:1"]
         self._position = 0  # samples written so far
         self._next = 0  # the first stretch not yet handed to an encoder
         self._filling: dict[int, bytearray] = {}
