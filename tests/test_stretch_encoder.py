@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from job.devkit import demo
+from job.render import credentials
 from job.render.fetch import probe
 from job.render.media import mp3_frames, stretch_encoder
 from job.render.media.audio import MIX_SAMPLE_RATE, decode, write_wav
@@ -21,6 +22,8 @@ from job.render.media.stretch_encoder import StretchEncoder, stretch_plan, worke
 from job.render.mix.mixer import mix
 from shared.errors import CoverError, ErrorCode
 from shared.options import MixOptions, OutputFormat
+from shared.provenance import VerifyStatus, verify
+from tests.test_credentials import FACTS
 
 RATE = MIX_SAMPLE_RATE
 CODEC = ["-c:a", "libmp3lame", "-q:a", "0", "-ar", str(RATE)]
@@ -220,3 +223,15 @@ def test_frames_and_the_header_frame():
     with pytest.raises(FrameError, match="cannot hold"):
         info_frame(header, [417] * 10, 10 * 1152)
     assert mp3_frames.frame_length(int.from_bytes(frame[:4], "big")) == len(frame)
+
+
+def test_a_joined_mp3_takes_content_credentials_that_verify(tmp_path, short_stretches):
+    """The mix stage's file goes on to be signed (job/render/credentials.py): the joined file, with
+    our header frame rewritten by FFmpeg, is an MP3 C2PA binds into and reads back."""
+    song = demo.demo_song(10.0, seed=8)[1]
+    _, joined, _ = _stretched(song, tmp_path / "joined.mp3")
+    me = credentials.identity(None, None, None, tmp_path / "state")
+    credentials.sign(joined, "audio/mpeg", FACTS, me)
+    assert verify(joined, me.trusted_pem).status is VerifyStatus.VERIFIED
+    signed, _ = decode(joined, RATE, 2)
+    assert signed.shape == song.shape
