@@ -51,6 +51,23 @@ def test_silence_is_skipped_not_synthesised(converter, voice):
     assert not middle.any()
 
 
+def test_an_edited_voice_json_counts_from_the_next_request_with_the_network_kept(converter, store):
+    """A runner keeps a voice's network for days; its voice.json (a vocal range set, a reference
+    embedding made) is read for each request and must count at once, not when the process restarts.
+    A voice.json declaring more speakers than the model holds is refused on a kept network too."""
+    from shared.errors import CoverError, ErrorCode
+
+    resolved = ModelStore(store).voice("demo-voice")
+    first = converter.load_voice_file(resolved.model_path, resolved.index_path, resolved.info)
+    edited = resolved.info.model_copy(update={"vocal_range_hz": (180.0, 420.0), "vocal_median_hz": 260.0})
+    second = converter.load_voice_file(resolved.model_path, resolved.index_path, edited)
+    assert second.info == edited and first.info == resolved.info  # a request in flight keeps its own
+    assert second.synth is first.synth  # not built again
+    with pytest.raises(CoverError) as refused:
+        converter.load_voice_file(resolved.model_path, None, edited.model_copy(update={"speakers": 10_000}))
+    assert refused.value.code == ErrorCode.MODEL_MISMATCH
+
+
 def test_long_audio_is_cut_into_bounded_chunks_at_quiet_points():
     audio = np.concatenate([sung_tone(7.0), np.full(1600, 1e-4, np.float32), sung_tone(7.0)])
     chunks = plan_chunks(audio, max_chunk_s=10.0)

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +84,16 @@ class Voice:
     index: FeatureIndex | None = None
     info: VoiceInfo | None = None
     int8: Int8Decoder | None = None  # its decoder's front in int8 (COVER_DECODER=auto on AVX2 CPUs, or int8)
+
+
+def _check_speakers(synth: Synthesizer, info: VoiceInfo) -> None:
+    """A voice.json that declares more speakers than the model holds is refused."""
+    held = synth.emb_g.num_embeddings
+    if info.speakers > held:
+        raise CoverError(
+            ErrorCode.MODEL_MISMATCH,
+            f"voice {info.name}: voice.json declares {info.speakers} speakers, the model holds {held}",
+        )
 
 
 class ConversionStats(BaseModel):
@@ -212,9 +222,17 @@ class VoiceConverter:
 
     # --- voices --------------------------------------------------------------------------------
     def load_voice_file(self, pth: Path, index: Path | None = None, info: VoiceInfo | None = None) -> Voice:
+        """The voice in ``pth``: its network is built once per file (and version of it) and kept;
+        ``info`` (its ``voice.json``, read for each request) goes with what is returned, so an edited
+        voice.json (a vocal range, a reference embedding) counts from the next request on, in a
+        runner that keeps the network loaded for days."""
         key = (str(pth), pth.stat().st_mtime if pth.exists() else 0.0)
         with self._loading:
-            return self._load_voice(key, pth, index, info)
+            voice = self._load_voice(key, pth, index, info)
+        if info is None or voice.info == info:
+            return voice
+        _check_speakers(voice.synth, info)
+        return replace(voice, name=info.name, info=info)  # the network shared, the facts this request's
 
     def _load_voice(self, key: tuple[str, float], pth: Path, index: Path | None, info: VoiceInfo | None) -> Voice:
         if key not in self._voices:
@@ -229,12 +247,8 @@ class VoiceConverter:
                         f"{pth.parent.name}'s index holds {feature_index.dim}-dim features; "
                         f"the voice takes {synth.content_dim}",
                     )
-                held = synth.emb_g.num_embeddings
-                if info is not None and info.speakers > held:
-                    raise CoverError(
-                        ErrorCode.MODEL_MISMATCH,
-                        f"voice {name}: voice.json declares {info.speakers} speakers, the model holds {held}",
-                    )
+                if info is not None:
+                    _check_speakers(synth, info)
                 self._voices[key] = Voice(
                     name=name,
                     synth=synth,
