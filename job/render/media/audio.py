@@ -5,6 +5,7 @@ Arrays are float32, shaped ``[channels, samples]``, values in [-1, 1].
 
 from __future__ import annotations
 
+import os
 import struct
 import subprocess
 import tempfile
@@ -213,11 +214,15 @@ class WavReader:
                 fmt = (tag, channels, rate, bits)
 
     def read(self, start: int, end: int) -> np.ndarray:
-        """``[channels, end - start]`` float32 (shorter past the end of the file)."""
+        """``[channels, end - start]`` float32 (shorter past the end of the file). Positioned reads:
+        threads may read one reader side by side."""
         start, end = max(0, start), min(self.frames, end)
         count = max(0, end - start) * self.channels
-        self._file.seek(self._data + start * self.channels * 4)
-        data = np.frombuffer(self._file.read(count * 4), dtype="<f4")
+        offset, want = self._data + start * self.channels * 4, count * 4
+        raw = os.pread(self._file.fileno(), want, offset)
+        while len(raw) < want and (more := os.pread(self._file.fileno(), want - len(raw), offset + len(raw))):
+            raw += more  # a short read (only at the end of a file that shrank)
+        data = np.frombuffer(raw, dtype="<f4")
         return np.ascontiguousarray(data.reshape(-1, self.channels).T, dtype=np.float32)
 
     @property
