@@ -11,7 +11,7 @@ measures, in this order, each step skipped once ``--budget-s`` is spent:
   batching against one segment / chunk per call;
 * cold start: a fresh process from start to its first finished cover;
 * a warm cover (models loaded, the second cover of a process) with its per-stage times, then the
-  same with one MP3 encoder (``COVER_MP3_ENCODERS=1``) against the default's stretches side by side;
+  same with the mix in one piece (``COVER_MIX_WORKERS=1``) against the default's stretches side by side;
 * covers per minute with 1, 4 and 6 requests in flight on one :class:`Pipeline`, as the runner
   holds them (``COVER_IN_FLIGHT``: threads, the heavy stages taking turns on the device,
   ``COVER_HEAVY_SLOTS`` at a time: 2 on a GPU), and 4 with one heavy slot (``--in-flight 8x1``: 8
@@ -303,10 +303,10 @@ def main() -> None:  # noqa: PLR0915 - reads best top to bottom
     step("cold", lambda: cold_start(song, args.models))
     pipeline = Pipeline(_settings(args.models))
     step("warm", lambda: warm_cover(pipeline, song, args.song_s))
-    # the same warm cover with one MP3 encoder (the default gives the host's cores but one a stretch each)
-    one_encoder = Pipeline(_settings(args.models, mp3_encoders=1))
+    # the same warm cover with the mix in one piece (by default its passes and MP3 encoders take stretches)
+    one_encoder = Pipeline(_settings(args.models, mix_workers=1))
     one_encoder._separators, one_encoder.converter = pipeline._separators, pipeline.converter
-    step("warm:one-encoder", lambda: warm_cover(one_encoder, song, args.song_s, ", one MP3 encoder"))
+    step("warm:one-encoder", lambda: warm_cover(one_encoder, song, args.song_s, ", the mix in one piece"))
     pipelines = {0: pipeline, pipeline.heavy_slots: pipeline}
     for n, slots in flights(args.in_flight):
         if slots not in pipelines:  # the same loaded models, another number of heavy slots

@@ -111,14 +111,14 @@ class Settings(BaseSettings):
         description="Heavy stages (separate, convert) allowed on the device at once, across requests; 0: 1 on "
         "the CPU, 2 on a GPU.",
     )
-    mp3_encoders: int = Field(
+    mix_workers: int = Field(
         0,
         ge=0,
         le=8,
         description=(
-            "MP3 encoders side by side in the mix stage, each a stretch of 30 to 60 s of the song, joined "
-            "gaplessly; 0: one per core the process may use but one (at most 8: one encoder on 2 cores); 1: one "
-            "encoder for the whole song."
+            "Stretches of the song the mix stage works on side by side: its measuring passes' threads (at least "
+            "20 s each) and its MP3 encoders (30 to 60 s each, joined gaplessly); 0: one per core the process may "
+            "use but one, at most 8 (one on 2 cores); 1: the whole song in one piece."
         ),
     )
     health_interval_s: float = Field(60.0, gt=0, description="A runner logs a health line this often.")

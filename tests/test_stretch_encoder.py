@@ -146,8 +146,8 @@ def test_the_mix_stage_encodes_in_stretches_where_told_and_the_cover_is_the_same
     noise = 0.03 * np.random.default_rng(0).standard_normal(14 * 48000)
     voc = write_wav(tmp_path / "vocals.wav", noise.astype(np.float32), 48000)
     options = MixOptions(format=OutputFormat.MP3)
-    one = mix(inst, voc, tmp_path / "one.mp3", options, voice_name="alto", watermark=7, encoders=1)
-    several = mix(inst, voc, tmp_path / "several.mp3", options, voice_name="alto", watermark=7, encoders=3)
+    one = mix(inst, voc, tmp_path / "one.mp3", options, voice_name="alto", watermark=7, workers=1)
+    several = mix(inst, voc, tmp_path / "several.mp3", options, voice_name="alto", watermark=7, workers=3)
     assert several.normalisation == one.normalisation == "limited"
     assert several.loudness_lufs == pytest.approx(-14.0, abs=0.3)
     assert several.true_peak_dbtp <= -1.0

@@ -673,7 +673,7 @@ class Pipeline:
             voice_name=voice_name,
             title=title,
             watermark=watermark,
-            encoders=self.settings.mp3_encoders,
+            workers=self.settings.mix_workers,
         )
         if quality is not None:
             quality.made_with = made_with(options, converted, chain)

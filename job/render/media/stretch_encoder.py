@@ -36,7 +36,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from job.render.cores import usable_cores
+from job.render.cores import side_by_side
 from job.render.media import ffmpeg
 from job.render.media.mp3_frames import SAMPLES_PER_FRAME, FrameError, info_frame, info_frame_length, split_frames
 from shared.errors import CoverError, ErrorCode
@@ -44,7 +44,6 @@ from shared.errors import CoverError, ErrorCode
 PRE_ROLL_FRAMES = 8  # of the song before a stretch, encoded and dropped (2 were enough on the demo songs)
 POST_ROLL_FRAMES = 4  # after it (LAME looks ahead about one frame, then its delay)
 STRETCH_S = (30.0, 60.0)  # a stretch's length: the song over the workers, within these
-MAX_WORKERS = 8  # encoders at once (a GPU host's cores are shared by the covers in flight)
 
 
 def stretch_plan(length: int, rate: int, workers: int) -> list[tuple[int, int]]:
@@ -263,7 +262,7 @@ def _os_error(exc: OSError) -> CoverError:
 def workers_for(length: int, rate: int, encoders: int = 0) -> int:
     """Encoders side by side for a song of ``length`` samples: ``encoders``, or with 0 one per core
     the process may use but one (the mix's render and the meter of the joined stream need it: on 2
-    cores two encoders took as long as one), at most :data:`MAX_WORKERS`; never more than there are
-    stretches, and 1 (one encoder for the whole song) where that leaves one."""
-    workers = max(1, encoders or min(usable_cores() - 1, MAX_WORKERS))
+    cores two encoders took as long as one), at most 8 (:func:`job.render.cores.side_by_side`); never
+    more than there are stretches, and 1 (one encoder for the whole song) where that leaves one."""
+    workers = side_by_side(encoders, spare=1)
     return min(workers, len(stretch_plan(length, rate, workers)))

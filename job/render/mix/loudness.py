@@ -71,22 +71,31 @@ class LoudnessMeter:
         self._energy.append(power[:whole].reshape(-1, self.step).mean(axis=1))
         self._pending = power[whole:]
 
+    def steps(self) -> np.ndarray:
+        """The K-weighted energy of each whole 100 ms step added so far (summed over channels)."""
+        return np.concatenate(self._energy) if self._energy else np.zeros(0)
+
     def integrated(self) -> float:
         """LUFS over everything added; -inf for silence or less than one 400 ms block."""
-        energy = np.concatenate(self._energy) if self._energy else np.zeros(0)
-        per_block = int(BLOCK_S / STEP_S)
-        if len(energy) < per_block:
-            return float("-inf")
-        # 400 ms blocks overlapping by 75 %: the mean of four consecutive 100 ms steps
-        blocks = np.convolve(energy, np.full(per_block, 1 / per_block), mode="valid")
-        with np.errstate(divide="ignore"):
-            loudness = -0.691 + 10 * np.log10(blocks)
-        gated = blocks[loudness > ABSOLUTE_GATE_LUFS]
-        if gated.size == 0:
-            return float("-inf")
-        relative = -0.691 + 10 * math.log10(gated.mean()) + RELATIVE_GATE_LU
-        kept = blocks[loudness > max(relative, ABSOLUTE_GATE_LUFS)]
-        return float(-0.691 + 10 * math.log10(kept.mean()))
+        return gated_loudness(self.steps())
+
+
+def gated_loudness(energy: np.ndarray) -> float:
+    """Integrated loudness (LUFS) from a signal's 100 ms steps' energies (:meth:`LoudnessMeter.steps`,
+    of the whole signal or its stretches' in order); -inf for silence or less than one 400 ms block."""
+    per_block = int(BLOCK_S / STEP_S)
+    if len(energy) < per_block:
+        return float("-inf")
+    # 400 ms blocks overlapping by 75 %: the mean of four consecutive 100 ms steps
+    blocks = np.convolve(energy, np.full(per_block, 1 / per_block), mode="valid")
+    with np.errstate(divide="ignore"):
+        loudness = -0.691 + 10 * np.log10(blocks)
+    gated = blocks[loudness > ABSOLUTE_GATE_LUFS]
+    if gated.size == 0:
+        return float("-inf")
+    relative = -0.691 + 10 * math.log10(gated.mean()) + RELATIVE_GATE_LU
+    kept = blocks[loudness > max(relative, ABSOLUTE_GATE_LUFS)]
+    return float(-0.691 + 10 * math.log10(kept.mean()))
 
 
 def integrated_lufs(audio: np.ndarray, rate: int, block: int = 1 << 18) -> float:

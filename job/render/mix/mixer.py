@@ -12,9 +12,10 @@ loudness, so probe passes measure the limited mix at several gains, encoding not
 bracket the target (:func:`_limited_gain`), and the gain is interpolated between them (where
 loudness stops growing with gain short of the target, the mix aims at that plateau instead). The next
 pass feeds FFmpeg's encoder through a pipe while it measures what it feeds (an MP3 on a host with
-cores to spare: several encoders, a stretch of the song each, :func:`_encoder`), and is normally the
-only encode; one that still misses the target is dropped and the gain corrected by the measured
-slope. A lossy or resampled format is measured as encoded (FFmpeg's ``ebur128`` on a copy of the
+cores to spare: several encoders, a stretch of the song each, :func:`_encoder`; the measure and
+probe passes too take stretches side by side there: :mod:`job.render.mix.side_by_side`), and is
+normally the only encode; one that still misses the target is dropped and the gain corrected by the
+measured slope. A lossy or resampled format is measured as encoded (FFmpeg's ``ebur128`` on a copy of the
 encoded packets, decoded while the encoding goes on: :class:`job.render.media.ffmpeg.PipeEncoder`) and
 encoded again with a lower ceiling if the codec overshot it, or with the gain moved by what the
 codec moved the loudness if the encoded file misses the target by more than the tolerance (the
@@ -40,9 +41,11 @@ import numpy as np
 from pydantic import BaseModel
 from scipy.signal import resample_poly
 
+from job.render.cores import side_by_side as side_by_side_workers
 from job.render.media import ffmpeg
 from job.render.media.audio import MIX_SAMPLE_RATE, WavReader, decode_to_wav
 from job.render.media.stretch_encoder import StretchEncoder, workers_for
+from job.render.mix import side_by_side
 from job.render.mix.limiter import Limiter
 from job.render.mix.loudness import TAPS_PER_PHASE, LoudnessMeter, envelope_windows, window_true_peak, windows
 from job.render.mix.meter import MixMeter
@@ -187,8 +190,11 @@ class _Pass(BaseModel, arbitrary_types_allowed=True):
     meter: MixMeter
 
 
-def _measure(source: MixSource) -> tuple[float, float]:
-    """The mix's integrated loudness (LUFS) and true peak (linear)."""
+def _measure(source: MixSource, workers: int = 1) -> tuple[float, float]:
+    """The mix's integrated loudness (LUFS) and true peak (linear); with several ``workers``, over
+    stretches side by side (:mod:`job.render.mix.side_by_side`)."""
+    if len(parts := side_by_side.stretches(source, workers)) > 1:
+        return side_by_side.measure(source, parts)
     loudness, peak = LoudnessMeter(MIX_SAMPLE_RATE), 0.0
     for window, lead, length in _ahead(windows(source.blocks(), TAPS_PER_PHASE)):
         loudness.add(window[:, lead : lead + length])
@@ -231,9 +237,11 @@ PLATEAU_LU_PER_DB = 0.05  # limited loudness growing slower than this: the targe
 PLATEAU_LU = 0.05  # under a plateau, the least gain whose loudness is this close to the loudest
 
 
-def _probe(source: MixSource, gains: list[float], ceiling_dbtp: float) -> list[float]:
+def _probe(source: MixSource, gains: list[float], ceiling_dbtp: float, workers: int = 1) -> list[float]:
     """The loudness of the limited mix at each of ``gains`` in one pass (one envelope per block,
-    one limiter per gain), nothing encoded."""
+    one limiter per gain), nothing encoded; with several ``workers``, over stretches side by side."""
+    if len(parts := side_by_side.stretches(source, workers)) > 1:
+        return side_by_side.probe(source, parts, gains, 10 ** (ceiling_dbtp / 20))
     limiters = [Limiter(10 ** (ceiling_dbtp / 20), MIX_SAMPLE_RATE) for _ in gains]
     meters = [LoudnessMeter(MIX_SAMPLE_RATE) for _ in gains]
     scales = [np.float32(10 ** (g / 20)) for g in gains]
@@ -244,7 +252,7 @@ def _probe(source: MixSource, gains: list[float], ceiling_dbtp: float) -> list[f
 
 
 def _limited_gain(
-    source: MixSource, linear_gain: float, ceiling_dbtp: float, target: float
+    source: MixSource, linear_gain: float, ceiling_dbtp: float, target: float, workers: int = 1
 ) -> tuple[float, list[tuple[float, float]], float]:
     """The gain that brings the limited mix to ``target`` LUFS, the (gain, loudness) points
     measured for it, and the loudness aimed at (``target``, or the most the ceiling allows where
@@ -262,7 +270,7 @@ def _limited_gain(
     points: list[tuple[float, float]] = []
     candidates = [linear_gain + step for step in PROBE_STEPS_DB]
     for _ in range(MAX_PROBES):
-        points += zip(candidates, _probe(source, candidates, ceiling_dbtp), strict=True)
+        points += zip(candidates, _probe(source, candidates, ceiling_dbtp, workers), strict=True)
         gain = _gain_for(points, target)
         if max(loudness for _, loudness in points) >= target:
             break
@@ -299,7 +307,7 @@ def mix(  # noqa: PLR0915 - reads best top to bottom
     voice_name: str = "",
     title: str = "",
     watermark: int | None = None,
-    encoders: int = 0,
+    workers: int = 0,
 ) -> MixResult:
     """Mix ``vocals`` over ``instrumental`` into ``out`` (written atomically).
 
@@ -311,7 +319,9 @@ def mix(  # noqa: PLR0915 - reads best top to bottom
         voice_name: written into the file's tags (``AI-generated cover; voice model: NAME``)
         title: the file's title tag
         watermark: the 48-bit id the inaudible watermark carries (None: no watermark)
-        encoders: MP3 encoders side by side (:func:`_encoder`); 0: one per core the process may use but one
+        workers: stretches of the song side by side: the measuring passes' threads and the MP3
+            encoders (:func:`_encoder`); 0: one per core the process may use but one, at most 8 (one
+            on 2 cores, where a pass already reads ahead in a second thread)
     """
     options = options or MixOptions()
     spec = FORMATS[options.format]
@@ -333,7 +343,8 @@ def mix(  # noqa: PLR0915 - reads best top to bottom
         marker = Marker(watermark) if watermark is not None else None
         source = MixSource(instrumental, vocals, options, scratch, marker)
         try:
-            measured = _measure(source)
+            passes = side_by_side_workers(workers, spare=1)  # threads of the passes that encode nothing
+            measured = _measure(source, passes)
             if measured[0] == float("-inf"):
                 raise CoverError(ErrorCode.INTERNAL, "the mix is silent; nothing to normalise")
             gain = options.loudness_lufs - measured[0]
@@ -342,11 +353,11 @@ def mix(  # noqa: PLR0915 - reads best top to bottom
             points: list[tuple[float, float]] = []  # the limited mix's measured (gain, loudness)
             aim = options.loudness_lufs  # less where the ceiling leaves the target out of reach
             if limited:  # limiting eats loudness: find the gain before encoding anything
-                gain, points, aim = _limited_gain(source, gain, ceiling, options.loudness_lufs)
+                gain, points, aim = _limited_gain(source, gain, ceiling, options.loudness_lufs, passes)
             codec_shift = 0.0  # what the codec moved the loudness by (pre-encode minus encoded), measured
             for attempt in range(MAX_PASSES):
                 last = attempt == MAX_PASSES - 1
-                encoder = _encoder(spec, codec_args, tag_args, tmp, source.length, encoders)
+                encoder = _encoder(spec, codec_args, tag_args, tmp, source.length, workers)
                 try:
                     limiter = Limiter(10 ** (ceiling / 20), MIX_SAMPLE_RATE) if limited else None
                     result = _render(source, gain, limiter, encoder, measured)
@@ -397,7 +408,7 @@ def mix(  # noqa: PLR0915 - reads best top to bottom
 
 
 def _encoder(
-    spec: FormatSpec, codec_args: list[str], tag_args: list[str], out: Path, length: int, encoders: int
+    spec: FormatSpec, codec_args: list[str], tag_args: list[str], out: Path, length: int, workers: int
 ) -> ffmpeg.Encoder:
     """An MP3 of a song long enough for several stretches, on a process with cores to spare: encoded
     in stretches side by side (:mod:`job.render.media.stretch_encoder`); every other format, and MP3 on
@@ -409,9 +420,9 @@ def _encoder(
         tag_args: the file's tags
         out: the encoded file
         length: the mix's samples per channel
-        encoders: encoders side by side at most (0: one per core the process may use but one)
+        workers: encoders side by side at most (0: one per core the process may use but one)
     """
-    workers = workers_for(length, MIX_SAMPLE_RATE, encoders)
+    workers = workers_for(length, MIX_SAMPLE_RATE, workers)
     if spec.muxer == "mp3" and spec.sample_rate == MIX_SAMPLE_RATE and workers > 1:
         return StretchEncoder(MIX_SAMPLE_RATE, length, codec_args, tag_args, out, workers)
     return ffmpeg.PipeEncoder(MIX_SAMPLE_RATE, 2, codec_args + tag_args, spec.muxer, out, spec.measure)
