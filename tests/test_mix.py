@@ -193,7 +193,7 @@ def test_the_mix_holds_a_few_blocks_whatever_the_songs_length(tmp_path):
 
 
 def test_blocks_made_ahead_come_in_order_and_a_failure_reaches_the_pass():
-    from job.render.mix.mixer import _ahead
+    from job.render.mix.side_by_side import ahead as _ahead
 
     made: list[int] = []
 

@@ -31,11 +31,8 @@ from __future__ import annotations
 import itertools
 import math
 import shutil
-from collections import deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 from pydantic import BaseModel
@@ -47,8 +44,9 @@ from job.render.media.audio import MIX_SAMPLE_RATE, WavReader, decode_to_wav
 from job.render.media.stretch_encoder import StretchEncoder, workers_for
 from job.render.mix import side_by_side
 from job.render.mix.limiter import Limiter
-from job.render.mix.loudness import TAPS_PER_PHASE, LoudnessMeter, envelope_windows, window_true_peak, windows
+from job.render.mix.loudness import LoudnessMeter, envelope_windows
 from job.render.mix.meter import MixMeter
+from job.render.mix.side_by_side import ahead
 from job.render.mix.watermark import Marker
 from shared.errors import CoverError, ErrorCode
 from shared.options import FORMATS, FormatSpec, MixOptions, OutputFormat
@@ -58,9 +56,6 @@ LOUDNESS_TOLERANCE_LU = 0.3  # the gain is corrected when the limited mix misses
 TRUE_PEAK_MARGIN_DB = 0.5  # the limiter's ceiling sits this far below the true-peak target
 MAX_PASSES = 6  # encodes at most (a codec overshooting the ceiling, or a gain estimate missing)
 BLOCK = 1 << 18  # frames of the mix per block (about 6 s): memory is a few of these
-AHEAD = 2  # blocks a pass prepares ahead of the one it is using (_ahead)
-
-T = TypeVar("T")
 
 
 class MixResult(BaseModel):
@@ -170,20 +165,6 @@ class MixSource:
         self.vocals.close()
 
 
-def _ahead(items: Iterable[T], depth: int = AHEAD) -> Iterator[T]:
-    """``items``, each made in a worker thread up to ``depth`` ahead of its use: reading and
-    resampling the stems and the true-peak interpolation (numpy, which lets go of the GIL for its
-    loops) of the next blocks run beside the limiter, the meters and the encoder's pipe of this
-    one. The order is kept; an exception in the worker is raised here; stopping early waits only
-    for the blocks already asked for."""
-    it, done = iter(items), object()
-    with ThreadPoolExecutor(1, thread_name_prefix="mix-ahead") as pool:
-        pending = deque(pool.submit(next, it, done) for _ in range(depth))
-        while (item := pending.popleft().result()) is not done:
-            pending.append(pool.submit(next, it, done))
-            yield item  # type: ignore[misc]
-
-
 class _Pass(BaseModel, arbitrary_types_allowed=True):
     loudness_lufs: float
     true_peak_dbtp: float
@@ -193,13 +174,7 @@ class _Pass(BaseModel, arbitrary_types_allowed=True):
 def _measure(source: MixSource, workers: int = 1) -> tuple[float, float]:
     """The mix's integrated loudness (LUFS) and true peak (linear); with several ``workers``, over
     stretches side by side (:mod:`job.render.mix.side_by_side`)."""
-    if len(parts := side_by_side.stretches(source, workers)) > 1:
-        return side_by_side.measure(source, parts)
-    loudness, peak = LoudnessMeter(MIX_SAMPLE_RATE), 0.0
-    for window, lead, length in _ahead(windows(source.blocks(), TAPS_PER_PHASE)):
-        loudness.add(window[:, lead : lead + length])
-        peak = window_true_peak(window, lead, length, peak)
-    return loudness.integrated(), peak
+    return side_by_side.measure(source, side_by_side.stretches(source, workers))
 
 
 def _render(
@@ -214,13 +189,13 @@ def _render(
     scale = np.float32(10 ** (gain_db / 20))
     meter = MixMeter(source.length, MIX_SAMPLE_RATE)
     if limiter is None:  # one gain: loudness and peak scale with it
-        for block in _ahead(source.blocks()):
+        for block in ahead(source.blocks()):
             np.multiply(block, scale, out=block)
             encoder.write(block)
             meter.add(block)
         return _Pass(loudness_lufs=measured[0] + gain_db, true_peak_dbtp=_db(measured[1]) + gain_db, meter=meter)
     loudness, peak = LoudnessMeter(MIX_SAMPLE_RATE), 0.0
-    for block, envelope, lead in _ahead(envelope_windows(source.blocks(), limiter.context)):
+    for block, envelope, lead in ahead(envelope_windows(source.blocks(), limiter.context)):
         gains = limiter.gains(envelope * scale, lead, block.shape[-1]) * scale
         peak = max(peak, float((envelope[lead : lead + block.shape[-1]] * gains).max(initial=0.0)))
         np.multiply(block, gains, out=block)
@@ -240,15 +215,7 @@ PLATEAU_LU = 0.05  # under a plateau, the least gain whose loudness is this clos
 def _probe(source: MixSource, gains: list[float], ceiling_dbtp: float, workers: int = 1) -> list[float]:
     """The loudness of the limited mix at each of ``gains`` in one pass (one envelope per block,
     one limiter per gain), nothing encoded; with several ``workers``, over stretches side by side."""
-    if len(parts := side_by_side.stretches(source, workers)) > 1:
-        return side_by_side.probe(source, parts, gains, 10 ** (ceiling_dbtp / 20))
-    limiters = [Limiter(10 ** (ceiling_dbtp / 20), MIX_SAMPLE_RATE) for _ in gains]
-    meters = [LoudnessMeter(MIX_SAMPLE_RATE) for _ in gains]
-    scales = [np.float32(10 ** (g / 20)) for g in gains]
-    for block, envelope, lead in _ahead(envelope_windows(source.blocks(), limiters[0].context)):
-        for limiter, meter, scale in zip(limiters, meters, scales, strict=True):
-            meter.add(block * (limiter.gains(envelope * scale, lead, block.shape[-1]) * scale))
-    return [meter.integrated() for meter in meters]
+    return side_by_side.probe(source, side_by_side.stretches(source, workers), gains, 10 ** (ceiling_dbtp / 20))
 
 
 def _limited_gain(

@@ -11,17 +11,19 @@ What runs across a stretch's start is run in on the song's own samples: the K-we
 the limiter's release start :data:`RUN_IN_S` before it and that run-in's steps are dropped. After 2 s
 the limiter's release has decayed under float32's resolution (exp(-40) of an attenuation) and the
 filters' state under float64's, so the numbers are those of one pass over the whole song within
-float rounding (tested against :func:`job.render.mix.mixer._measure` and ``_probe``). Stretches start
-on the loudness meter's 100 ms grid and where the vocals' and the mix's sample grids meet, so every
-block a stretch reads is one the whole-song pass could have read.
+float rounding (tested: the same passes with the song as one stretch). Stretches start on the
+loudness meter's 100 ms grid and where the vocals' and the mix's sample grids meet, so every block a
+stretch reads is one the whole-song pass could have read. The song as one stretch is the one-piece
+pass, the same code: whole blocks, each read a worker thread ahead (:func:`ahead`), no run-in.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -44,6 +46,10 @@ RUN_IN_S = 2.0  # of the song before a stretch, run through the filters and the 
 MIN_STRETCH_S = 20.0  # a stretch's least length (each costs its run-in)
 STEP = int(STEP_S * MIX_SAMPLE_RATE)  # the loudness meter's 100 ms step, in samples
 PIECES_PER_BLOCK = 4  # a stretch is read in quarters of the one-pass block: its threads hold as much together
+AHEAD = 2  # blocks a pass prepares ahead of the one it is using (ahead)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def stretches(source: MixSource, workers: int) -> list[tuple[int, int]]:
@@ -58,15 +64,29 @@ def stretches(source: MixSource, workers: int) -> list[tuple[int, int]]:
     return [(first, min(first + size, source.length)) for first in range(0, source.length, size)]
 
 
-def _ranges(source: MixSource, first: int, end: int, run_in: int) -> list[tuple[int, int]]:
-    """The reads of one stretch: its run-in, the stretch in pieces of a quarter block (a short last
-    one joined to the one before, so every piece but the song's last holds the passes' context), and
-    a piece after it that only lends its start as context."""
-    lo = max(0, first - run_in)
+def ahead(items: Iterable[T], depth: int = AHEAD) -> Iterator[T]:
+    """``items``, each made in a worker thread up to ``depth`` ahead of its use: reading and
+    resampling the stems and the true-peak interpolation (numpy, which lets go of the GIL for its
+    loops) of the next blocks run beside the limiter, the meters and the encoder's pipe of this
+    one. The order is kept; an exception in the worker is raised here; stopping early waits only
+    for the blocks already asked for."""
+    it, done = iter(items), object()
+    with ThreadPoolExecutor(1, thread_name_prefix="mix-ahead") as pool:
+        pending = deque(pool.submit(next, it, done) for _ in range(depth))
+        while (item := pending.popleft().result()) is not done:
+            pending.append(pool.submit(next, it, done))
+            yield item  # type: ignore[misc]
+
+
+def _ranges(source: MixSource, first: int, end: int, piece: int) -> list[tuple[int, int]]:
+    """The reads of one stretch: its run-in, the stretch in pieces of ``piece`` samples (a short
+    last one joined to the one before where the song goes on, so every piece but the song's last
+    holds the passes' context), and a piece after it that only lends its start as context. The
+    whole song as one stretch reads as :meth:`MixSource.blocks` does."""
+    lo = max(0, first - round(RUN_IN_S * MIX_SAMPLE_RATE / STEP) * STEP)
     ranges = [(lo, first)] if lo < first else []
-    piece = source.block // PIECES_PER_BLOCK // source.up * source.up
     blocks = [(a, min(end, a + piece)) for a in range(first, end, piece)]
-    if len(blocks) > 1 and blocks[-1][1] - blocks[-1][0] < STEP:
+    if end < source.length and len(blocks) > 1 and blocks[-1][1] - blocks[-1][0] < STEP:
         blocks[-2:] = [(blocks[-2][0], blocks[-1][1])]
     ranges += blocks
     if end < source.length:
@@ -79,11 +99,13 @@ def _read(source: MixSource, ranges: list[tuple[int, int]]) -> Iterator[np.ndarr
         yield source.read(a, b)
 
 
-def _measure_stretch(source: MixSource, first: int, end: int) -> tuple[np.ndarray, float]:
-    """The stretch's 100 ms steps' energies and its largest true peak (linear)."""
-    ranges = _ranges(source, first, end, round(RUN_IN_S * MIX_SAMPLE_RATE / STEP) * STEP)
+def _measure_stretch(source: MixSource, first: int, end: int, whole: bool) -> tuple[np.ndarray, float]:
+    """The stretch's 100 ms steps' energies and its largest true peak (linear). ``whole``: the
+    stretch is the song, read in whole blocks made a worker thread ahead."""
+    ranges = _ranges(source, first, end, source.block if whole else _piece(source))
+    found = windows(_read(source, ranges), TAPS_PER_PHASE)
     meter, peak = LoudnessMeter(MIX_SAMPLE_RATE), 0.0
-    for (a, _), (window, lead, length) in zip(ranges, windows(_read(source, ranges), TAPS_PER_PHASE), strict=False):
+    for (a, _), (window, lead, length) in zip(ranges, ahead(found) if whole else found, strict=False):
         if a >= end:
             break
         meter.add(window[:, lead : lead + length])
@@ -92,16 +114,28 @@ def _measure_stretch(source: MixSource, first: int, end: int) -> tuple[np.ndarra
     return meter.steps()[(first - ranges[0][0]) // STEP :], peak
 
 
-def _probe_stretch(source: MixSource, first: int, end: int, gains: list[float], ceiling: float) -> list[np.ndarray]:
-    """The stretch's 100 ms steps' energies of the limited mix at each of ``gains``."""
-    ranges = _ranges(source, first, end, round(RUN_IN_S * MIX_SAMPLE_RATE / STEP) * STEP)
+def _probe_stretch(
+    source: MixSource, first: int, end: int, gains: list[float], ceiling: float, whole: bool
+) -> list[np.ndarray]:
+    """The stretch's 100 ms steps' energies of the limited mix at each of ``gains`` (one envelope
+    per piece, one limiter per gain). ``whole``: as :func:`_measure_stretch`'s.
+
+    Args:
+        source: the mix
+        first: the stretch's first sample
+        end: the sample after its last
+        gains: the gains (dB) the limited mix is measured at
+        ceiling: the limiter's ceiling (linear)
+        whole: the stretch is the song
+    """
+    ranges = _ranges(source, first, end, source.block if whole else _piece(source))
     limiters = [Limiter(ceiling, MIX_SAMPLE_RATE) for _ in gains]
     for limiter in limiters:
         limiter.position = ranges[0][0]  # the release's decay is counted from the song's start
     meters = [LoudnessMeter(MIX_SAMPLE_RATE) for _ in gains]
     scales = [np.float32(10 ** (g / 20)) for g in gains]
     envelopes = envelope_windows(_read(source, ranges), limiters[0].context)
-    for (a, _), (block, envelope, lead) in zip(ranges, envelopes, strict=False):
+    for (a, _), (block, envelope, lead) in zip(ranges, ahead(envelopes) if whole else envelopes, strict=False):
         if a >= end:
             break
         for limiter, meter, scale in zip(limiters, meters, scales, strict=True):
@@ -109,10 +143,22 @@ def _probe_stretch(source: MixSource, first: int, end: int, gains: list[float], 
     return [meter.steps()[(first - ranges[0][0]) // STEP :] for meter in meters]
 
 
+def _piece(source: MixSource) -> int:
+    """A stretch's reads: a quarter of the one-piece block, on the rates' common grid."""
+    return source.block // PIECES_PER_BLOCK // source.up * source.up
+
+
+def _each(parts: list[tuple[int, int]], work: Callable[[int, int, bool], R]) -> list[R]:
+    """``work(first, end, whole)`` for each part: the song as one part here, several side by side."""
+    if len(parts) == 1:
+        return [work(parts[0][0], parts[0][1], True)]
+    with ThreadPoolExecutor(len(parts), thread_name_prefix="mix-pass") as pool:
+        return list(pool.map(lambda part: work(part[0], part[1], False), parts))
+
+
 def measure(source: MixSource, parts: list[tuple[int, int]]) -> tuple[float, float]:
     """The mix's integrated loudness (LUFS) and true peak (linear), ``parts`` side by side."""
-    with ThreadPoolExecutor(len(parts), thread_name_prefix="mix-measure") as pool:
-        found = list(pool.map(lambda part: _measure_stretch(source, *part), parts))
+    found = _each(parts, lambda first, end, whole: _measure_stretch(source, first, end, whole))
     return gated_loudness(np.concatenate([steps for steps, _ in found])), max(peak for _, peak in found)
 
 
@@ -125,6 +171,5 @@ def probe(source: MixSource, parts: list[tuple[int, int]], gains: list[float], c
         gains: the gains (dB) the limited mix is measured at
         ceiling: the limiter's ceiling (linear)
     """
-    with ThreadPoolExecutor(len(parts), thread_name_prefix="mix-probe") as pool:
-        found = list(pool.map(lambda part: _probe_stretch(source, part[0], part[1], gains, ceiling), parts))
+    found = _each(parts, lambda first, end, whole: _probe_stretch(source, first, end, gains, ceiling, whole))
     return [gated_loudness(np.concatenate([steps[g] for steps in found])) for g in range(len(gains))]
