@@ -176,10 +176,11 @@ class Settings(BaseSettings):
     )
     song_key_template: str = Field("songs/{song_id}", description="Where the Catalog stores source songs.")
     lifecycle_days: dict[str, int] = Field(
-        {"stems/": 30, "claims/": 2, "status/": 30, "reports/": 180},
+        {"stems/": 30, "analysis/": 30, "claims/": 2, "status/": 30, "reports/": 180},
         description=(
             "Days the bucket keeps each prefix after an object's last write (python -m shared.lifecycle applies "
-            "them; 0 keeps for ever). Stems are a cache (150 MB per 3.5-minute song), claims matter for a "
+            "them; 0 keeps for ever). Stems are a cache (150 MB per 3.5-minute song), the vocals' analysis "
+            "too (about 35 MB per 3.5 minutes of sung vocals), claims matter for a "
             "minute, a status object only until its cover is stored or has failed. Covers, manifests, songs, "
             "models and voices are never expired."
         ),

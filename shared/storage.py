@@ -11,6 +11,7 @@ Keys (all under the bucket):
 | --- | --- |
 | source songs (the Catalog's) | ``songs/{song_id}`` (``COVER_SONG_KEY_TEMPLATE``) |
 | cached stems (content-addressed, see below) | ``stems/{audio_sha256}/{separation_key}/{vocals,no_vocals}.wav`` |
+| the vocals' analysis (HuBERT features, pitch; by chunk) | ``analysis/{content,pitch}/{digest}.npy`` |
 | covers | ``covers/{cover_id}.{ext}`` |
 | per-cover manifests (the completed event's data) | ``manifests/{cover_id}.json`` |
 | per-cover status (queued / running / failed) | ``status/{cover_id}.json`` |
@@ -54,6 +55,10 @@ class Keys:
     @staticmethod
     def stem(audio_sha256: str, separation_key: str, name: str) -> str:
         return f"stems/{audio_sha256}/{separation_key}/{name}.wav"
+
+    @staticmethod
+    def analysis(kind: str, digest: str) -> str:
+        return f"analysis/{kind}/{digest}.npy"
 
     @staticmethod
     def cover(cover_id: str, ext: str) -> str:

@@ -49,14 +49,17 @@ def test_a_second_voice_on_the_same_song_takes_its_stems_from_the_cache(env, sto
     for name, seed in (("alto", 1), ("tenor", 2)):
         demo.write_voice(own / "voices" / name, name=name, size="tiny", seed=seed)
     env = {**env, "COVER_MODELS_DIR": str(own)}
-    runs = {}
+    runs, analysed = {}, {}
     for voice in ("alto", "tenor"):
         proc = run_cover(
             ["make", str(song), "--voice", voice, "-o", str(tmp_path / f"{voice}.mp3"), "--f0-method", "pm"], env
         )
         assert proc.returncode == 0, proc.stderr
         runs[voice] = proc.stdout
+        analysed[voice] = sorted((Path(env["COVER_STEM_CACHE_DIR"]) / "analysis").rglob("*.npy"))
     assert "stems separated" in runs["alto"] and "stems from the cache (separation skipped)" in runs["tenor"]
+    # the vocals' features and pitch too: kept by the first voice's cover, nothing new for the second's
+    assert analysed["alto"] and analysed["tenor"] == analysed["alto"]
     assert "separate" in runs["tenor"]  # the stage still reports its (short) time
     # another separation setting is another cache entry (the key: test_separate): `--overlap` reaches it
     from job.cli.main import _cover_options, build_parser

@@ -19,7 +19,7 @@ DAY = 86400
 
 def test_the_default_ages_expire_only_the_means_to_a_cover():
     chosen = {rule.prefix: rule.days for rule in rules(Settings().lifecycle_days)}
-    assert chosen == {"stems/": 30, "claims/": 2, "status/": 30, "reports/": 180}
+    assert chosen == {"stems/": 30, "analysis/": 30, "claims/": 2, "status/": 30, "reports/": 180}
     assert not any(prefix.startswith(("covers/", "manifests/", "songs/", "models/", "voices/")) for prefix in chosen)
     assert {rule.prefix for rule in rules({"stems/": 0, "claims/": 1})} == {"claims/"}  # 0 keeps for ever
 

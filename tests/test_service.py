@@ -416,6 +416,8 @@ def test_second_voice_reuses_the_cached_stems(stack, store, tmp_path):
     stack.publish_request(json.dumps({"song_id": "song-1", "voice_model": "alto", "options": FAST}).encode())
     done = of_type(stack.events(lambda got: of_type(got, COMPLETED)), COMPLETED)
     assert done[0]["stems_cached"] is False
+    for kind in ("content", "pitch"):  # the vocals' analysis is in the bucket for the next voice too
+        assert stack.s3.list_objects_v2(Bucket=stack.bucket, Prefix=f"analysis/{kind}/").get("KeyCount", 0) > 0
     stop(first)
     for package in (own / "separation").glob("*.th"):  # from here on, loading Demucs would fail (its
         package.write_bytes(b"damaged")  # checksum no longer matches), while the cache key stays the same

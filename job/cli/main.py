@@ -815,7 +815,8 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - reads best top
     cache.add_argument(
         "--no-stem-cache",
         action="store_true",
-        help="separate again even when the stems are cached ($COVER_STEM_CACHE_DIR)",
+        help="separate and analyse the vocals again even when the stems and the analysis are cached "
+        "($COVER_STEM_CACHE_DIR), and keep neither",
     )
     conv = argparse.ArgumentParser(add_help=False)
     add_model_flags(conv, ConversionOptions, "conversion")

@@ -37,6 +37,7 @@ from job.render.phrase import reference_phrase
 from job.render.quality.meter import QualityMeter, dnsmos_workers
 from job.render.quality.repair import CONTEXT_S, RepairLoop
 from job.render.quality.repair import Voice as RepairVoice
+from job.render.rvc.analysis import AnalysisCache
 from job.render.rvc.engine import ConversionResult, PartTimes
 from job.render.separate.separator import Separator
 from job.render.separate.stems import StemCache, Stems
@@ -124,6 +125,7 @@ class Pipeline:
             kernels=settings.kernels,
             batch=settings.convert_batch,
             decoder=settings.decoder,
+            analysis=AnalysisCache(stem_cache.storage if stem_cache is not None else None),
         )
         self._separators: dict[str, Separator] = {}
         self.splitter = VocalSplitter(self.store, settings.threads)

@@ -139,6 +139,17 @@ class ContentEncoder:
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
 
+    def frames(self, samples: int) -> int:
+        """How many feature frames :meth:`features` gives for ``samples`` of audio."""
+        encoder: TiledFeatureEncoder = self.model.feature_extractor  # type: ignore[assignment]  # set in __init__
+        return encoder.frames(samples)
+
+    def output_dim(self, version: str) -> int:
+        """The features' width for a ``version`` voice (v1: ``final_proj``'s, v2: the hidden size)."""
+        if version == "v1" and self.final_proj is not None:
+            return int(self.final_proj.out_features)
+        return self.hidden_size
+
     def to(self, device: torch.device) -> ContentEncoder:
         self.model.to(device)
         if self.final_proj is not None:

@@ -36,6 +36,7 @@ from job.render.media.audio import to_16k
 from job.render.music_key import MusicalKey, key_of_melody, snap_to_key
 from job.render.onnx_files import parse_self_contained
 from job.render.rvc import pitch as pitch_mod
+from job.render.rvc.analysis import CONTENT, PITCH, AnalysisCache, ModelDigests
 from job.render.rvc.assembly import ArraySink, Assembler, Sink, frame_rms
 from job.render.rvc.checkpoint import build_synthesizer, read_checkpoint
 from job.render.rvc.content import HOP as CONTENT_HOP
@@ -172,6 +173,8 @@ class VoiceConverter:
         batch: chunks per decoder call (0: 1 on the CPU, 8 on a GPU)
         decoder: ``auto``, ``torch`` or ``int8`` (its front on ONNX Runtime, CPUs only; ``auto``:
             int8 where the decoder would run in fp32 with the fast kernels)
+        analysis: where content features and pitch are kept between conversions of the same vocals
+            (:mod:`job.render.rvc.analysis`; None: computed every time)
     """
 
     def __init__(
@@ -183,8 +186,11 @@ class VoiceConverter:
         kernels: str = "fast",
         batch: int = 0,
         decoder: str = "auto",
+        analysis: AnalysisCache | None = None,
     ) -> None:
         self.store = store
+        self.analysis = analysis
+        self._digests = ModelDigests()
         self.device = resolve_device(device)
         self.batch = batch_size(batch, self.device)
         self.synth_dtype = resolve_precision(precision, self.device)
@@ -318,6 +324,59 @@ class VoiceConverter:
     def track_pitch(self, x: np.ndarray, method: str, filter_radius: int) -> np.ndarray:
         return pitch_mod.smooth(self.hear_pitch(x, method), filter_radius)
 
+    # --- what the vocals hold, whoever sings them (kept in the analysis cache) -------------------
+    def _path_tag(self) -> dict[str, object]:
+        return {"device": self.device.type, "kernels": "fast" if self.fast_kernels else "reference"}
+
+    def _tracker_id(self, method: F0Method) -> str:
+        from importlib.metadata import version
+
+        if method is F0Method.RMVPE:
+            return self._digests.of(self.store.pitch_model())
+        if method is F0Method.FCPE:
+            return self._digests.of(self.store.fcpe_model())
+        package = {F0Method.HARVEST: "pyworld", F0Method.PM: "praat-parselmouth"}.get(method, "torchcrepe")
+        return f"{package} {version(package)}"
+
+    def chunk_pitch(self, seg: np.ndarray, method: str, filter_radius: int) -> np.ndarray:
+        """:meth:`track_pitch` of one chunk, through the analysis cache."""
+        if self.analysis is None:
+            return self.track_pitch(seg, method, filter_radius)
+        tag = {
+            **self._path_tag(),
+            "method": method,
+            "filter_radius": filter_radius,
+            "trackers": [self._tracker_id(m) for m in trackers(method)],
+        }
+        frames = len(seg) // 160 + 1
+        return self.analysis.through(
+            PITCH,
+            tag,
+            seg,
+            lambda: self.track_pitch(seg, method, filter_radius),
+            lambda f: f.shape == (frames,) and bool(np.isfinite(f).all()) and bool((f >= 0).all()),
+        )
+
+    def chunk_features(self, encoder: ContentEncoder, seg: np.ndarray, version: str) -> torch.Tensor:
+        """The content encoder's features of one chunk (``[frames, dim]``), through the analysis cache."""
+
+        def compute() -> torch.Tensor:
+            wav = torch.from_numpy(seg).to(self.device)[None]
+            return encoder.features(F.pad(wav, (40, 40)), version)[0]  # [len/320, D]
+
+        if self.analysis is None:
+            return compute()
+        tag = {**self._path_tag(), "encoder": self._digests.of(self.store.content_encoder()), "version": version}
+        frames, dim = encoder.frames(len(seg) + 80), encoder.output_dim(version)
+        found = self.analysis.through(
+            CONTENT,
+            tag,
+            seg,
+            lambda: compute().float().cpu().numpy(),
+            lambda f: f.shape == (frames, dim) and bool(np.isfinite(f).all()),
+        )
+        return torch.from_numpy(found).to(self.device)
+
     @staticmethod
     def _autotuned(f0s: list[np.ndarray | None], options: ConversionOptions) -> list[np.ndarray | None]:
         """The singer's melody snapped toward the key's notes (``autotune``): the key named in the
@@ -392,7 +451,7 @@ class VoiceConverter:
         stats = self.convert_to(sink, x, n_in, voice, out_len, options, progress, record)
         return ConversionResult(audio=sink.audio, **dict(stats))
 
-    def convert_to(  # noqa: PLR0912, PLR0915 - reads best top to bottom
+    def convert_to(
         self,
         sink: Sink,
         x: np.ndarray,
@@ -417,6 +476,19 @@ class VoiceConverter:
             progress: called with the fraction done, 0 to 1
             record: collect the decoder's inputs instead of decoding (calibration)
         """
+        return self._convert_to(sink, x, n_in, voice, out_len, options, progress, record)
+
+    def _convert_to(  # noqa: PLR0912, PLR0915 - reads best top to bottom
+        self,
+        sink: Sink,
+        x: np.ndarray,
+        n_in: int,
+        voice: Voice,
+        out_len: int,
+        options: ConversionOptions | None,
+        progress: ProgressFn | None,
+        record: list[Prior] | None,
+    ) -> ConversionStats:
         options = options or ConversionOptions()
         if options.speaker >= voice.synth.emb_g.num_embeddings:  # an index past the embedding table
             raise CoverError(
@@ -433,7 +505,7 @@ class VoiceConverter:
         f0s: list[np.ndarray | None] = []
         for i, (a, b) in enumerate(chunks):
             f0s.append(
-                self.track_pitch(self._segment(x, a, b), options.f0_method, options.filter_radius) if voice.f0 else None
+                self.chunk_pitch(self._segment(x, a, b), options.f0_method, options.filter_radius) if voice.f0 else None
             )
             release_freed_memory()  # each chunk's pitch tracking leaves the heap more fragmented (bench/JOURNAL.md)
             if progress and voice.f0:
@@ -471,10 +543,8 @@ class VoiceConverter:
             priors = []
             for i in group:
                 (a, b), f0 = chunks[i], f0s[i]
-                seg = self._segment(x, a, b)
-                wav = torch.from_numpy(seg).to(self.device)[None]
                 t0 = time.perf_counter()
-                feats = encoder.features(F.pad(wav, (40, 40)), voice.version)[0]  # [len/320, D]
+                feats = self.chunk_features(encoder, self._segment(x, a, b), voice.version)
                 times.content += time.perf_counter() - t0
                 if feats.shape[-1] != voice.synth.content_dim:
                     raise CoverError(
@@ -533,6 +603,8 @@ class VoiceConverter:
                 progress(pitch_share + (1 - pitch_share) * group.stop / len(chunks))
 
         out.close()
+        if self.analysis is not None:
+            self.analysis.flush()  # the entries this conversion made are stored when it returns
         if progress:
             progress(1.0)
         return ConversionStats(
