@@ -159,3 +159,27 @@ def encodes(monkeypatch) -> list:
 
     monkeypatch.setattr(ffmpeg, "PipeEncoder", Counting)
     return started
+
+
+LARGE = 48 * 2**20  # a buffer the size of HTDemucs' activations (33 to 66 MB), over glibc's 32 MB threshold
+
+
+def glibc():
+    """glibc, for the tests of where large buffers come from (skipped elsewhere)."""
+    from job.render.compute import _libc
+
+    libc = _libc()
+    if libc is None:
+        pytest.skip("needs glibc's mallopt and mallinfo2")
+    return libc
+
+
+def served_from_the_heap(libc) -> bool:
+    """Whether a large buffer taken now comes from the heap rather than a fresh mapping of its own."""
+    import torch
+
+    before = libc.mallinfo2().hblkhd
+    buffer = torch.ones(LARGE // 4)
+    mapped = libc.mallinfo2().hblkhd - before >= LARGE
+    del buffer
+    return not mapped

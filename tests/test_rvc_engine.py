@@ -14,7 +14,7 @@ from bench.measures import log_spectral_distance_db
 from job.devkit import demo
 from job.render.rvc.engine import ConversionOptions, plan_chunks
 from shared.model_store import ModelStore
-from tests.conftest import FULL_SWEEPS, sung_tone
+from tests.conftest import FULL_SWEEPS, glibc, served_from_the_heap, sung_tone
 
 FAST = ConversionOptions(f0_method="pm")
 LONG_MINUTES = 10  # the long conversion of the memory test (below)
@@ -39,6 +39,26 @@ def test_fixed_seed_is_deterministic_and_seed_matters(converter, voice):
     other = converter.convert(audio, 16000, voice, ConversionOptions(seed=8))
     np.testing.assert_array_equal(first.audio, again.audio)
     assert not np.array_equal(first.audio, other.audio)
+
+
+def test_a_fast_conversion_takes_its_large_buffers_from_the_heap_and_gives_them_back(converter, voice, monkeypatch):
+    """While the fast kernels convert on the CPU, a large buffer comes from the heap (its pages
+    reused, not faulted in afresh for every decoder tile); after the conversion glibc's own
+    thresholds are back; the reference kernels leave glibc's settings alone."""
+    from job.render.rvc.engine import VoiceConverter
+
+    libc = glibc()
+    during: list[bool] = []
+    audio = np.concatenate([sung_tone(1.5), np.zeros(16000, np.float32), sung_tone(1.5)])  # two chunks
+    converter.convert(audio, 16000, voice, FAST, progress=lambda done: during.append(served_from_the_heap(libc)))
+    assert len(during) > 2 and all(during)
+    assert not served_from_the_heap(libc)
+
+    settings: list[tuple[int, int]] = []
+    reference = VoiceConverter(converter.store, device="cpu", kernels="reference", decoder="torch")
+    monkeypatch.setattr(libc, "mallopt", lambda param, value: settings.append((param, value)))
+    reference.convert(audio, 16000, reference.load_voice(converter.store.voice(demo.DEMO_VOICE)), FAST)
+    assert settings == []
 
 
 def test_silence_is_skipped_not_synthesised(converter, voice):

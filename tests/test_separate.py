@@ -17,7 +17,7 @@ from job.render.separate.separator import Separator
 from shared.errors import CoverError, ErrorCode
 from shared.model_store import ModelStore
 from shared.options import SeparationOptions
-from tests.conftest import FULL_SWEEPS, CodeRunningPayload
+from tests.conftest import FULL_SWEEPS, LARGE, CodeRunningPayload, glibc, served_from_the_heap
 
 
 def test_stems_have_the_song_length_and_layout(store, song, tmp_path):
@@ -89,27 +89,6 @@ def test_fast_kernels_run_attention_through_the_functional_path_on_the_cpu(tmp_p
     assert torch.backends.mha.get_fastpath_enabled()
 
 
-LARGE = 48 * 2**20  # a buffer the size of HTDemucs' activations (33 to 66 MB), over glibc's 32 MB
-
-
-def _glibc():
-    from job.render.compute import _libc
-
-    libc = _libc()
-    if libc is None:
-        pytest.skip("needs glibc's mallopt and mallinfo2")
-    return libc
-
-
-def _served_from_the_heap(libc) -> bool:
-    """Whether a large buffer taken now comes from the heap rather than a fresh mapping of its own."""
-    before = libc.mallinfo2().hblkhd
-    buffer = torch.ones(LARGE // 4)
-    mapped = libc.mallinfo2().hblkhd - before >= LARGE
-    del buffer
-    return not mapped
-
-
 def _rss_mb() -> float:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -127,11 +106,11 @@ def test_fast_separation_takes_its_large_buffers_from_the_heap(store, song, tmp_
     """While the fast kernels separate, a buffer of Demucs' activations' size comes from the heap
     (its pages reused, not faulted in afresh for every segment); the reference kernels leave glibc's
     settings alone."""
-    libc = _glibc()
+    libc = glibc()
     fetched = fetch(song, tmp_path / "w")
     during: list[bool] = []
     separator = Separator(ModelStore(store), SeparationOptions(), "cpu", kernels="fast")
-    separator.separate(fetched.wav, tmp_path / "fast", lambda done: during.append(_served_from_the_heap(libc)))
+    separator.separate(fetched.wav, tmp_path / "fast", lambda done: during.append(served_from_the_heap(libc)))
     assert len(during) > 2 and all(during)
 
     settings: list[tuple[int, int]] = []
@@ -146,11 +125,11 @@ def test_heap_buffers_hold_until_the_last_user_leaves_which_hands_the_memory_bac
     holds, freed large buffers stay for reuse; the last one out hands them back to the system."""
     from job.render.compute import heap_buffers
 
-    libc = _glibc()
+    libc = glibc()
     with heap_buffers():
         with heap_buffers():
             pass
-        assert _served_from_the_heap(libc)  # one user still inside
+        assert served_from_the_heap(libc)  # one user still inside
         assert _released_on_freeing_mb() < LARGE / 2**20  # 192 MB freed, kept for the next segment
         held = _rss_mb()
     assert _rss_mb() < held - 150

@@ -226,8 +226,9 @@ class _HeapBuffers(ProcessSetting):
     again, zeroed by the kernel, at each use: one HTDemucs segment (real size, 2 threads) takes
     160 000 to 330 000 page faults and 0.3 to 0.6 s of system time that way. Served from the heap,
     separation takes 14 % less time (docs/engine.md) for 20 to 50 MB more peak RSS meanwhile,
-    far under the conversion's. Only separation is inside: process-wide, the later stages kept
-    freed buffers at the peak (journal, 2026-12-06)."""
+    far under the conversion's. The conversion is inside too (its decoder tiles, the harmonic
+    source and HuBERT's front end: a fifth of the page faults). The quality stage and the mix are
+    not: process-wide, they kept freed buffers at the peak (journal, 2026-12-06)."""
 
     def apply(self) -> None:
         libc = _libc()

@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from pydantic import BaseModel
 
 from job.render.compute import (
     batch_size,
+    heap_buffers,
     release_freed_memory,
     resolve_decoder,
     resolve_device,
@@ -451,7 +453,7 @@ class VoiceConverter:
         stats = self.convert_to(sink, x, n_in, voice, out_len, options, progress, record)
         return ConversionResult(audio=sink.audio, **dict(stats))
 
-    def convert_to(
+    def convert_to(  # noqa: PLR0912, PLR0915 - reads best top to bottom
         self,
         sink: Sink,
         x: np.ndarray,
@@ -476,143 +478,135 @@ class VoiceConverter:
             progress: called with the fraction done, 0 to 1
             record: collect the decoder's inputs instead of decoding (calibration)
         """
-        return self._convert_to(sink, x, n_in, voice, out_len, options, progress, record)
-
-    def _convert_to(  # noqa: PLR0912, PLR0915 - reads best top to bottom
-        self,
-        sink: Sink,
-        x: np.ndarray,
-        n_in: int,
-        voice: Voice,
-        out_len: int,
-        options: ConversionOptions | None,
-        progress: ProgressFn | None,
-        record: list[Prior] | None,
-    ) -> ConversionStats:
         options = options or ConversionOptions()
         if options.speaker >= voice.synth.emb_g.num_embeddings:  # an index past the embedding table
             raise CoverError(
                 ErrorCode.OPTIONS_INVALID,
                 f"speaker {options.speaker} is out of range: voice {voice.name} has {voice.synth.emb_g.num_embeddings}",
             )
-        times = PartTimes()
-        chunks = plan_chunks(x, self.max_chunk_s)
-        ratio = voice.sample_rate / SR
-        upp = voice.synth.upp
+        # on the CPU with the fast kernels, large buffers come from the heap and are reused
+        # (compute.heap_buffers): a fifth of the page faults, the same numbers (docs/engine.md)
+        with heap_buffers() if self.device.type == "cpu" and self.fast_kernels else nullcontext():
+            times = PartTimes()
+            chunks = plan_chunks(x, self.max_chunk_s)
+            ratio = voice.sample_rate / SR
+            upp = voice.synth.upp
 
-        pitch_share = 0.15 if voice.f0 else 0.0  # of the progress bar: pitch pass, then synthesis
-        t0 = time.perf_counter()
-        f0s: list[np.ndarray | None] = []
-        for i, (a, b) in enumerate(chunks):
-            f0s.append(
-                self.chunk_pitch(self._segment(x, a, b), options.f0_method, options.filter_radius) if voice.f0 else None
-            )
-            release_freed_memory()  # each chunk's pitch tracking leaves the heap more fragmented (bench/JOURNAL.md)
-            if progress and voice.f0:
-                progress(pitch_share * (i + 1) / len(chunks))
-        times.pitch += time.perf_counter() - t0
-        release_freed_memory(0)  # before HuBERT and the decoder start on what the pitch pass freed
-        if options.autotune > 0 and voice.f0:
-            f0s = self._autotuned(f0s, options)
-        voice_range = voice.info.vocal_range_hz if voice.info else None
-        central = [f[CONTEXT // 160 : -(CONTEXT // 160)] for f in f0s if f is not None]
-        singer = np.concatenate(central) if central else np.zeros(0, dtype=np.float32)
-        key_change = options.key_shift  # the whole song moves: the vocals with the instrumental
-        if options.pitch == "auto":
-            semitones = pitch_mod.auto_shift(pitch_mod.median_voiced(singer), voice_range)
-        elif options.pitch == "auto-fit":
-            semitones = pitch_mod.fit_shift(singer, voice_range, voice.info.vocal_median_hz if voice.info else None)
-            key_change += semitones - 12 * round(semitones / 12)  # what is not whole octaves moves the song
-        else:
-            semitones = int(options.pitch)
-        semitones += options.key_shift
+            pitch_share = 0.15 if voice.f0 else 0.0  # of the progress bar: pitch pass, then synthesis
+            t0 = time.perf_counter()
+            f0s: list[np.ndarray | None] = []
+            for i, (a, b) in enumerate(chunks):
+                f0s.append(
+                    self.chunk_pitch(self._segment(x, a, b), options.f0_method, options.filter_radius)
+                    if voice.f0
+                    else None
+                )
+                release_freed_memory()  # each chunk's pitch tracking leaves the heap more fragmented (bench/JOURNAL.md)
+                if progress and voice.f0:
+                    progress(pitch_share * (i + 1) / len(chunks))
+            times.pitch += time.perf_counter() - t0
+            release_freed_memory(0)  # before HuBERT and the decoder start on what the pitch pass freed
+            if options.autotune > 0 and voice.f0:
+                f0s = self._autotuned(f0s, options)
+            voice_range = voice.info.vocal_range_hz if voice.info else None
+            central = [f[CONTEXT // 160 : -(CONTEXT // 160)] for f in f0s if f is not None]
+            singer = np.concatenate(central) if central else np.zeros(0, dtype=np.float32)
+            key_change = options.key_shift  # the whole song moves: the vocals with the instrumental
+            if options.pitch == "auto":
+                semitones = pitch_mod.auto_shift(pitch_mod.median_voiced(singer), voice_range)
+            elif options.pitch == "auto-fit":
+                semitones = pitch_mod.fit_shift(singer, voice_range, voice.info.vocal_median_hz if voice.info else None)
+                key_change += semitones - 12 * round(semitones / 12)  # what is not whole octaves moves the song
+            else:
+                semitones = int(options.pitch)
+            semitones += options.key_shift
 
-        envelope = (frame_rms(x[:n_in], SR), options.rms_mix_rate) if options.rms_mix_rate < 1 and chunks else None
-        out = Assembler(sink, out_len, voice.sample_rate, envelope, limit=int(len(x) * ratio) + upp)
-        xf_out = int(CROSSFADE * ratio)
-        half = CROSSFADE // 2
-        encoder = self.content_encoder() if chunks else None
-        if encoder is not None and encoder.hidden_size != 768 and voice.version == "v2":
-            raise CoverError(
-                ErrorCode.MODEL_MISMATCH, f"v2 voices need 768-dim HuBERT features, not {encoder.hidden_size}"
-            )
-        synthesised = 0
-        for first in range(0, len(chunks), self.batch):
-            assert encoder is not None  # there are chunks
-            group = range(first, min(len(chunks), first + self.batch))
-            priors = []
-            for i in group:
-                (a, b), f0 = chunks[i], f0s[i]
-                t0 = time.perf_counter()
-                feats = self.chunk_features(encoder, self._segment(x, a, b), voice.version)
-                times.content += time.perf_counter() - t0
-                if feats.shape[-1] != voice.synth.content_dim:
-                    raise CoverError(
-                        ErrorCode.MODEL_MISMATCH,
-                        f"content features are {feats.shape[-1]}-dim; the voice takes {voice.synth.content_dim}",
-                    )
-                t0 = time.perf_counter()
-                feats0 = feats
-                if voice.index is not None and options.index_rate > 0:
-                    blended = voice.index.blend(feats.float().cpu().numpy(), options.index_rate)
-                    feats = torch.from_numpy(blended).to(self.device)
-                times.retrieval += time.perf_counter() - t0
+            envelope = (frame_rms(x[:n_in], SR), options.rms_mix_rate) if options.rms_mix_rate < 1 and chunks else None
+            out = Assembler(sink, out_len, voice.sample_rate, envelope, limit=int(len(x) * ratio) + upp)
+            xf_out = int(CROSSFADE * ratio)
+            half = CROSSFADE // 2
+            encoder = self.content_encoder() if chunks else None
+            if encoder is not None and encoder.hidden_size != 768 and voice.version == "v2":
+                raise CoverError(
+                    ErrorCode.MODEL_MISMATCH, f"v2 voices need 768-dim HuBERT features, not {encoder.hidden_size}"
+                )
+            synthesised = 0
+            for first in range(0, len(chunks), self.batch):
+                assert encoder is not None  # there are chunks
+                group = range(first, min(len(chunks), first + self.batch))
+                priors = []
+                for i in group:
+                    (a, b), f0 = chunks[i], f0s[i]
+                    t0 = time.perf_counter()
+                    feats = self.chunk_features(encoder, self._segment(x, a, b), voice.version)
+                    times.content += time.perf_counter() - t0
+                    if feats.shape[-1] != voice.synth.content_dim:
+                        raise CoverError(
+                            ErrorCode.MODEL_MISMATCH,
+                            f"content features are {feats.shape[-1]}-dim; the voice takes {voice.synth.content_dim}",
+                        )
+                    t0 = time.perf_counter()
+                    feats0 = feats
+                    if voice.index is not None and options.index_rate > 0:
+                        blended = voice.index.blend(feats.float().cpu().numpy(), options.index_rate)
+                        feats = torch.from_numpy(blended).to(self.device)
+                    times.retrieval += time.perf_counter() - t0
+
+                    t0 = time.perf_counter()
+                    frames = 2 * feats.shape[0]
+                    phone = feats.repeat_interleave(2, dim=0)[None]
+                    pitch = pitchf = None
+                    if voice.f0 and f0 is not None:
+                        f = pitch_mod.shift(f0[:frames], semitones)
+                        pitchf = torch.from_numpy(f).to(self.device)[None]
+                        pitch = torch.from_numpy(pitch_mod.coarse(f.copy())).to(self.device)[None]
+                        if options.protect < 0.5:
+                            mask = torch.where(pitchf > 0, 1.0, options.protect)[..., None]
+                            phone = phone * mask + feats0.repeat_interleave(2, dim=0)[None] * (1 - mask)
+                    generator = torch.Generator(device=self.device).manual_seed(options.seed * 1_000_003 + int(a))
+                    with torch.inference_mode():
+                        priors.append(voice.synth.prior(phone, pitch, pitchf, options.speaker, generator))
+                    times.synthesis += time.perf_counter() - t0
 
                 t0 = time.perf_counter()
-                frames = 2 * feats.shape[0]
-                phone = feats.repeat_interleave(2, dim=0)[None]
-                pitch = pitchf = None
-                if voice.f0 and f0 is not None:
-                    f = pitch_mod.shift(f0[:frames], semitones)
-                    pitchf = torch.from_numpy(f).to(self.device)[None]
-                    pitch = torch.from_numpy(pitch_mod.coarse(f.copy())).to(self.device)[None]
-                    if options.protect < 0.5:
-                        mask = torch.where(pitchf > 0, 1.0, options.protect)[..., None]
-                        phone = phone * mask + feats0.repeat_interleave(2, dim=0)[None] * (1 - mask)
-                generator = torch.Generator(device=self.device).manual_seed(options.seed * 1_000_003 + int(a))
                 with torch.inference_mode():
-                    priors.append(voice.synth.prior(phone, pitch, pitchf, options.speaker, generator))
+                    if record is None:  # each chunk keeps [a - 20 ms, b + 20 ms] of its audio (below)
+                        kept = KEPT_FROM + max((chunks[i][1] - chunks[i][0] + CROSSFADE) // 160 for i in group)
+                        ys = self._decode(voice, priors, kept)
+                    else:
+                        record += priors
+                        ys = [np.zeros(z.shape[-1] * upp, np.float32) for z, _, _ in priors]
                 times.synthesis += time.perf_counter() - t0
 
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                if record is None:  # each chunk keeps [a - 20 ms, b + 20 ms] of its audio (below)
-                    kept = KEPT_FROM + max((chunks[i][1] - chunks[i][0] + CROSSFADE) // 160 for i in group)
-                    ys = self._decode(voice, priors, kept)
-                else:
-                    record += priors
-                    ys = [np.zeros(z.shape[-1] * upp, np.float32) for z, _, _ in priors]
-            times.synthesis += time.perf_counter() - t0
+                for i, y in zip(group, ys, strict=True):
+                    a, b = chunks[i]
+                    synthesised += b - a
+                    # keep [a - 20 ms, b + 20 ms] and crossfade with the neighbours
+                    lo = int((CONTEXT - half) * ratio)  # KEPT_FROM frames
+                    piece = y[lo : lo + int((b - a + CROSSFADE) * ratio)].copy()
+                    ramp = np.linspace(0.0, 1.0, xf_out, dtype=np.float32)
+                    piece[:xf_out] *= ramp[: len(piece[:xf_out])]
+                    piece[-xf_out:] *= ramp[::-1][-len(piece[-xf_out:]) :]
+                    start = int((a - half) * ratio)
+                    if start < 0:
+                        piece, start = piece[-start:], 0
+                    out.add(start, piece)
+                    out.final(int((b - half) * ratio))  # the next chunk starts at or after b
+                release_freed_memory()
+                if progress:
+                    progress(pitch_share + (1 - pitch_share) * group.stop / len(chunks))
 
-            for i, y in zip(group, ys, strict=True):
-                a, b = chunks[i]
-                synthesised += b - a
-                # keep [a - 20 ms, b + 20 ms] and crossfade with the neighbours
-                lo = int((CONTEXT - half) * ratio)  # KEPT_FROM frames
-                piece = y[lo : lo + int((b - a + CROSSFADE) * ratio)].copy()
-                ramp = np.linspace(0.0, 1.0, xf_out, dtype=np.float32)
-                piece[:xf_out] *= ramp[: len(piece[:xf_out])]
-                piece[-xf_out:] *= ramp[::-1][-len(piece[-xf_out:]) :]
-                start = int((a - half) * ratio)
-                if start < 0:
-                    piece, start = piece[-start:], 0
-                out.add(start, piece)
-                out.final(int((b - half) * ratio))  # the next chunk starts at or after b
-            release_freed_memory()
+            out.close()
+            if self.analysis is not None:
+                self.analysis.flush()  # the entries this conversion made are stored when it returns
             if progress:
-                progress(pitch_share + (1 - pitch_share) * group.stop / len(chunks))
-
-        out.close()
-        if self.analysis is not None:
-            self.analysis.flush()  # the entries this conversion made are stored when it returns
-        if progress:
-            progress(1.0)
-        return ConversionStats(
-            sample_rate=voice.sample_rate,
-            frames=out_len,
-            pitch_shift=semitones,
-            key_change=key_change,
-            times=times,
-            chunks=len(chunks),
-            synthesised_s=synthesised / SR,
-        )
+                progress(1.0)
+            return ConversionStats(
+                sample_rate=voice.sample_rate,
+                frames=out_len,
+                pitch_shift=semitones,
+                key_change=key_change,
+                times=times,
+                chunks=len(chunks),
+                synthesised_s=synthesised / SR,
+            )
