@@ -18,10 +18,13 @@ real formats. Rows:
   from the bucket), and
   with the torch decoder (``COVER_DECODER=torch``, the default before 2026-12-06) on the reference
   song;
-* second voice: a whole cover (``Pipeline.render``) whose stems are in the stem cache: those an
-  earlier separation left (``auto``), or the demo song's own vocal and instrumental tracks
-  (``sung-stems``). Random-weight Demucs leaves no break silent (its "vocals" carry the song
-  throughout), so only the second shows what skipping silence saves with a separator that works.
+* second voice: a whole cover (``Pipeline.render``) after another voice's cover of the same song
+  (not timed), so the stem cache holds its stems and the vocals' analysis (HuBERT's features and the
+  pitch): the stems an earlier separation left (``auto``), or the demo song's own vocal and
+  instrumental tracks (``sung-stems``); ``stems-only`` puts the separation's stems in the cache and
+  nothing else (no earlier voice: the row before the analysis cache). Random-weight Demucs leaves
+  no break silent (its "vocals" carry the song throughout), so only ``sung-stems`` shows what
+  skipping silence saves with a separator that works.
 
 The songs look like songs (``form="song"`` of ``job.devkit.demo.demo_song``: an intro, verses,
 choruses and instrumental breaks, a quarter of the song without vocals), so what silence saves shows
@@ -174,20 +177,17 @@ def row(kind: str, seconds: int, variant: str) -> dict:
         wall = time.perf_counter() - start
         return {"wall": wall, "cpu": child.ru_utime + child.ru_stime, "rss_mb": child.ru_maxrss / 1024}
     from job.render.pipeline import Pipeline
-    from job.render.separate.stems import StemCache
     from job.render.workfolder import work_folder
     from shared.model_store import DERIVED_DIR
     from shared.options import SeparationOptions
-    from shared.storage import LocalStorage
 
     settings = {
         "reference": _settings("fp32", "reference"),
         "int8": _settings(decoder="int8"),
         "torch": _settings(decoder="torch"),
     }.get(variant, _settings())
-    # only the second-voice row uses a stem cache (its own, emptied first): every other row separates
-    cache = StemCache(LocalStorage(Path(tempfile.mkdtemp(dir=WORK)))) if kind == "second-voice" else None
-    pipeline = Pipeline(settings, stem_cache=cache)
+    # only the second-voice row uses a stem cache: every other row separates
+    pipeline = Pipeline(settings, stem_cache=_earlier_voice(seconds, variant) if kind == "second-voice" else None)
     voice = pipeline.store.voice(demo.DEMO_VOICE)
     if variant == "int8":  # built (or found) before the clock starts
         pipeline.converter.load_voice(voice)
@@ -211,7 +211,6 @@ def row(kind: str, seconds: int, variant: str) -> dict:
         with work_folder(settings.work_dir) as work:
             stages = pipeline.render(song, voice, WORK / "tmp" / f"cover-{seconds}.mp3", work=work).timings
     elif kind == "second-voice":  # the stems of an earlier voice's cover are in the cache
-        _cache_stems(pipeline, song, seconds, variant)
         start, cpu0 = time.perf_counter(), time.process_time()
         with work_folder(settings.work_dir) as work:
             result = pipeline.render(song, voice, WORK / "tmp" / f"second-voice-{seconds}.mp3", work=work)
@@ -228,9 +227,46 @@ def row(kind: str, seconds: int, variant: str) -> dict:
     }
 
 
+def _earlier_voice(seconds: int, variant: str):
+    """A stem cache of its own (emptied first) filled by an earlier voice's cover in a process of its
+    own, as another Cloud Run execution would (:func:`first_voice`)."""
+    from job.render.separate.stems import StemCache
+    from shared.storage import LocalStorage
+
+    root = Path(tempfile.mkdtemp(dir=WORK))
+    earlier = [sys.executable, "-m", "bench.pipeline", "--first-voice", f"{seconds}:{variant}", "--cache", str(root)]
+    subprocess.run(earlier, check=True, capture_output=True)
+    return StemCache(LocalStorage(root))
+
+
+FIRST_VOICE = "bench-first-voice"  # the earlier voice of the second-voice rows (real size, v2 48 kHz, seed 1)
+
+
+def first_voice(seconds: int, variant: str, cache: Path) -> None:
+    """What an earlier voice's cover of the demo song leaves in the stem cache in ``cache``: the stems
+    (its separation, or with ``sung-stems`` the song-form demo song's own vocal and instrumental
+    tracks, its breaks silent) and, but with ``stems-only``, the vocals' analysis from its conversion."""
+    from job.devkit import demo
+    from job.render.pipeline import Pipeline
+    from job.render.separate.stems import StemCache
+    from job.render.workfolder import work_folder
+    from shared.storage import LocalStorage
+
+    song = _song(seconds)
+    pipeline = Pipeline(_settings(), stem_cache=StemCache(LocalStorage(cache)))
+    _cache_stems(pipeline, song, seconds, variant)
+    if variant == "stems-only":
+        return
+    folder = pipeline.store.voice_folder(FIRST_VOICE)
+    if not (folder / "voice.json").is_file():
+        demo.write_voice(folder, name=FIRST_VOICE, size="real", seed=1)
+    with work_folder(pipeline.settings.work_dir) as work:
+        first = pipeline.store.voice(FIRST_VOICE)
+        assert pipeline.render(song, first, WORK / "tmp" / f"first-voice-{seconds}.mp3", work=work).stems_cached
+
+
 def _cache_stems(pipeline, song: Path, seconds: int, variant: str) -> None:
-    """Put stems of ``song`` in ``pipeline``'s stem cache: its separation, or with ``sung-stems``
-    the song-form demo song's own vocal and instrumental tracks (its breaks silent)."""
+    """Put stems of ``song`` in ``pipeline``'s stem cache (see :func:`_first_voice`)."""
     from job.devkit.demo import demo_song
     from job.render.media.audio import MIX_SAMPLE_RATE, write_wav
     from job.render.separate.stems import Stems
@@ -265,7 +301,13 @@ def main() -> None:
         "--results", type=Path, default=RESULTS, help="where the table is written (one file per machine)"
     )
     parser.add_argument("--row", help=argparse.SUPPRESS)
+    parser.add_argument("--first-voice", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.first_voice:
+        seconds, variant = args.first_voice.split(":")
+        first_voice(int(seconds), variant, args.cache)
+        return
     if args.row:
         kind, seconds, variant = args.row.split(":")
         print(json.dumps(row(kind, int(seconds), variant)))
@@ -277,7 +319,7 @@ def main() -> None:
         plan.append(("separate", song, "demucs-cli"))
     plan += [("convert", 60, "reference"), ("convert", 60, "auto"), ("convert", 60, "int8")]
     plan += [("cover", s, "auto") for s in lengths] + [("cover", song, "continuous"), ("cover", song, "torch")]
-    plan += [("second-voice", song, "auto"), ("second-voice", song, "sung-stems")]
+    plan += [("second-voice", song, v) for v in ("stems-only", "auto", "sung-stems")]
     rows = []
     for kind, seconds, variant in plan:
         proc = subprocess.run(
