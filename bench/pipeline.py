@@ -235,7 +235,9 @@ def _earlier_voice(seconds: int, variant: str):
 
     root = Path(tempfile.mkdtemp(dir=WORK))
     earlier = [sys.executable, "-m", "bench.pipeline", "--first-voice", f"{seconds}:{variant}", "--cache", str(root)]
-    subprocess.run(earlier, check=True, capture_output=True)
+    done = subprocess.run(earlier, check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the earlier voice's cover failed: {done.stderr[-2000:]}")
     return StemCache(LocalStorage(root))
 
 
@@ -266,7 +268,7 @@ def first_voice(seconds: int, variant: str, cache: Path) -> None:
 
 
 def _cache_stems(pipeline, song: Path, seconds: int, variant: str) -> None:
-    """Put stems of ``song`` in ``pipeline``'s stem cache (see :func:`_first_voice`)."""
+    """Put stems of ``song`` in ``pipeline``'s stem cache (see :func:`first_voice`)."""
     from job.devkit.demo import demo_song
     from job.render.media.audio import MIX_SAMPLE_RATE, write_wav
     from job.render.separate.stems import Stems
