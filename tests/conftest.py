@@ -183,3 +183,31 @@ def served_from_the_heap(libc) -> bool:
     mapped = libc.mallinfo2().hblkhd - before >= LARGE
     del buffer
     return not mapped
+
+
+def recorded_mallopt(libc, monkeypatch) -> list[tuple[int, int]]:
+    """Every ``mallopt`` call from now on in this test, in order (glibc still applies each)."""
+    calls: list[tuple[int, int]] = []
+    original = libc.mallopt
+
+    def recording(param: int, value: int) -> int:
+        calls.append((param, value))
+        return original(param, value)
+
+    monkeypatch.setattr(libc, "mallopt", recording)
+    return calls
+
+
+def heap_settings() -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """``heap_buffers``' mallopt calls: those it makes on entering, those on leaving."""
+    from job.render import compute
+
+    applied = [
+        (compute.M_MMAP_THRESHOLD, compute.HEAP_BUFFERS_UP_TO),
+        (compute.M_TRIM_THRESHOLD, compute.HEAP_KEEPS_UP_TO),
+    ]
+    settled = [
+        (compute.M_MMAP_THRESHOLD, compute.GLIBC_SETTLED_MMAP),
+        (compute.M_TRIM_THRESHOLD, compute.GLIBC_SETTLED_TRIM),
+    ]
+    return applied, settled

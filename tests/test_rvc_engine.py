@@ -14,7 +14,7 @@ from bench.measures import log_spectral_distance_db
 from job.devkit import demo
 from job.render.rvc.engine import ConversionOptions, plan_chunks
 from shared.model_store import ModelStore
-from tests.conftest import FULL_SWEEPS, glibc, served_from_the_heap, sung_tone
+from tests.conftest import FULL_SWEEPS, glibc, heap_settings, recorded_mallopt, served_from_the_heap, sung_tone
 
 FAST = ConversionOptions(f0_method="pm")
 LONG_MINUTES = 10  # the long conversion of the memory test (below)
@@ -47,21 +47,11 @@ def test_a_fast_conversion_takes_its_large_buffers_from_the_heap_and_gives_them_
     step, glibc's own thresholds set back when it ends; the reference kernels leave glibc alone.
     (Whether a large buffer comes from the heap afterwards depends on the free chunks earlier tests
     left, so the settings themselves are what is checked, glibc still applying them.)"""
-    from job.render import compute
     from job.render.rvc.engine import VoiceConverter
 
     libc = glibc()
-    calls: list[tuple[int, int]] = []
-    original = libc.mallopt
-    monkeypatch.setattr(libc, "mallopt", lambda param, value: calls.append((param, value)) or original(param, value))
-    applied = [
-        (compute.M_MMAP_THRESHOLD, compute.HEAP_BUFFERS_UP_TO),
-        (compute.M_TRIM_THRESHOLD, compute.HEAP_KEEPS_UP_TO),
-    ]
-    settled = [
-        (compute.M_MMAP_THRESHOLD, compute.GLIBC_SETTLED_MMAP),
-        (compute.M_TRIM_THRESHOLD, compute.GLIBC_SETTLED_TRIM),
-    ]
+    calls = recorded_mallopt(libc, monkeypatch)
+    applied, settled = heap_settings()
     during: list[tuple[list, bool]] = []
     audio = np.concatenate([sung_tone(1.5), np.zeros(16000, np.float32), sung_tone(1.5)])  # two chunks
     converter.convert(
