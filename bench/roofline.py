@@ -29,7 +29,7 @@ from bench.pipeline import REFERENCE_SONG_S
 from job.devkit import demo
 from job.render.media.audio import MIX_SAMPLE_RATE
 from job.render.rvc.checkpoint import build_synthesizer, read_checkpoint
-from job.render.rvc.generator import TILE_FRAMES_FP32, TILE_MARGIN, Generator, to_fast_layout
+from job.render.rvc.generator import TILE_FRAMES_FP32, Generator, to_fast_layout
 from job.render.separate.loading import load_separator_model
 from job.render.separate.separator import functional_attention
 from shared.model_store import ModelStore
@@ -78,7 +78,7 @@ def matmul_rate(size: int = 2048) -> float:
 def decoder_parts(dec: Generator, frames: int) -> list[tuple[str, int, float]]:
     """(part, FLOPs, seconds) of one fast-layout tile of ``frames`` output frames (plus the tile
     margins the shipped path decodes too), the decoder's own layers part by part."""
-    span = frames + 2 * TILE_MARGIN
+    span = frames + 2 * dec.margin
     x = torch.randn(1, dec.conv_pre.in_channels, span)
     g = torch.randn(1, dec.cond.in_channels, 1) if dec.cond is not None else None
     f0 = torch.full((1, span), 220.0)

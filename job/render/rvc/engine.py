@@ -396,8 +396,9 @@ class VoiceConverter:
     def _decode(self, voice: Voice, priors: list[Prior], kept: int | None = None) -> list[np.ndarray]:
         """The decoder over several chunks' latents in one call: each padded at its end to the
         longest (latent and excitation zero there), the outputs cut back to each chunk's length.
-        The decoder sees about 7 frames each way and every chunk ends in half a second of context
-        that is dropped, so a chunk's kept audio is what it would be alone (tested). On the CPU
+        The decoder sees at most ``Generator.context_frames`` (10 to 13) frames each way and every
+        chunk ends in half a second of context that is dropped, so a chunk's kept audio is what it
+        would be alone (tested). On the CPU
         only the frames before ``kept`` from :data:`KEPT_FROM` on are decoded (the rest is zero:
         the context's own audio, which the engine drops)."""
         synth = voice.synth
