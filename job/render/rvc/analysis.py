@@ -47,7 +47,8 @@ log = logging.getLogger("melodia.analysis")
 CONTENT = "content"  # HuBERT's features of a chunk: [frames, dim] float32
 PITCH = "pitch"  # a chunk's f0 after smoothing: [samples // 160 + 1] float32
 KINDS = (CONTENT, PITCH)
-VERSION = 1  # part of every tag: raise it when our own code computes different features or pitch
+VERSION = 2  # part of every tag: raise it when our own code computes different features or pitch
+# (2: RMVPE channels-last on the fast kernels, 2026-12-07, its pitch differing by float32 rounding)
 MEMORY_MB = 8  # the in-process part: a repair stretch's chunks several times over (v2: 1.8 MB per 12 s)
 
 

@@ -218,7 +218,7 @@ class VoiceConverter:
         with self._loading:
             if self._rmvpe is None:
                 with loading("the pitch model (RMVPE)"):
-                    self._rmvpe = RMVPE.load(self.store.pitch_model(), self.device)
+                    self._rmvpe = RMVPE.load(self.store.pitch_model(), self.device, fast=self.fast_kernels)
             return self._rmvpe
 
     def fcpe(self) -> FCPE:
