@@ -63,6 +63,16 @@ class Settings(BaseSettings):
             "elsewhere)."
         ),
     )
+    mdx_runtime: str = Field(
+        "auto",
+        pattern="^(auto|onnxruntime|torch)$",
+        description=(
+            "What runs the MDX-Net passes (karaoke, de-reverb): torch (their ONNX graphs on the device, in the "
+            "precision above; a model with an operator torch's runner lacks stays on ONNX Runtime), onnxruntime "
+            "(its CPU provider in fp32: the reference) or auto (torch with the fast kernels, onnxruntime with the "
+            "reference kernels)."
+        ),
+    )
     provenance: Literal["off", "sign", "required"] = Field(
         "sign",
         description=(

@@ -84,6 +84,49 @@ def test_the_peak_is_normalised_for_the_model_and_restored_after(tmp_path):
     assert np.max(np.abs(primary - quiet)) < 1e-7
 
 
+@pytest.mark.parametrize("denoise", [False, True], ids=["plain", "denoise"])
+def test_on_torch_a_split_gives_onnx_runtime_s_stems(tmp_path, denoise):
+    """The MDX-Net layout (random weights) split on torch with the CPU's fast layout: the stems of
+    ONNX Runtime's split, to float32 rounding, through the chunking, the edges and denoise."""
+    params = MdxParams(n_fft=2048, dim_f=256, dim_t=16, compensate=1.03, primary="instrumental")
+    model = devkit.write_convtdf(tmp_path / "m.onnx", params.dim_f, params.dim_t, size="tiny", seed=1)
+    src = write_wav(tmp_path / "in.wav", _noise(0.9), MIX_SAMPLE_RATE)
+    stems = {}
+    for name, runner in (("onnxruntime", MdxModel(model, params)), ("torch", MdxModel(model, params, on_torch=True))):
+        assert runner.arithmetic == ("onnxruntime" if name == "onnxruntime" else "torch-fp32")
+        (tmp_path / name).mkdir()
+        made = runner.split(src, tmp_path / name / "a.wav", tmp_path / name / "b.wav", denoise)
+        stems[name] = [read_wav(p)[0] for p in made]
+    for ours, reference in zip(stems["torch"], stems["onnxruntime"], strict=True):
+        assert np.max(np.abs(reference)) > 1e-5  # the network gives something
+        assert np.max(np.abs(ours - reference)) < 1e-5 * np.max(np.abs(reference)) + 1e-7
+
+
+def test_a_model_torch_cannot_run_stays_on_onnx_runtime(tmp_path, caplog):
+    """An operator in the torch runner's table in a form it does not take (Pad's wrap mode): tried on
+    a silent chunk when the model loads, it fails there and the model runs on ONNX Runtime."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    shape = ["batch", 4, FULL_BAND.dim_f, FULL_BAND.dim_t]
+    graph = helper.make_graph(
+        [helper.make_node("Pad", ["input", "pads"], ["output"], mode="wrap")],
+        "wrap",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, shape)],
+        initializer=[onnx.numpy_helper.from_array(np.zeros(8, dtype=np.int64), "pads")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    proto.ir_version = 9
+    path = tmp_path / "wrap.onnx"
+    path.write_bytes(proto.SerializeToString())
+    runner = MdxModel(path, FULL_BAND, on_torch=True)
+    assert runner.arithmetic == "onnxruntime" and "wrap.onnx stays on ONNX Runtime" in caplog.text
+    audio = _noise(0.5)
+    primary, _ = _split(tmp_path, path, FULL_BAND, audio)
+    assert np.max(np.abs(primary - audio)) < 1e-5
+
+
 def test_uvr_hash_is_the_md5_of_the_files_last_10000_kib(tmp_path):
     small, big = tmp_path / "small.onnx", tmp_path / "big.onnx"
     small.write_bytes(b"x" * 1000)
@@ -240,3 +283,15 @@ def test_a_silent_stretch_is_not_run_through_the_network(tmp_path, monkeypatch):
     assert len(calls) < chunks  # at least one chunk (with its edges) lay in the break
     assert np.max(np.abs(primary - audio)) < 1e-3  # where it was skipped, the difference is the break's level
     assert np.max(np.abs(primary + secondary - audio)) < 1e-5
+
+
+def test_the_passes_run_on_torch_unless_the_reference_is_asked_for():
+    from job.render import compute
+
+    assert compute.resolve_graph_runtime("auto", fast=True) is True  # every device, the settings' precision
+    assert compute.resolve_graph_runtime("auto", fast=False) is False  # the exact path: ONNX Runtime
+    assert compute.resolve_graph_runtime("onnxruntime", fast=True) is False
+    assert compute.resolve_graph_runtime("torch", fast=False) is True
+    with pytest.raises(CoverError, match="mdx_runtime must be") as refused:
+        compute.resolve_graph_runtime("tensorrt", fast=True)
+    assert refused.value.code is ErrorCode.OPTIONS_INVALID

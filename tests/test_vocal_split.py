@@ -14,12 +14,13 @@ import pytest
 from job.cli.separation_models import add_separation_model
 from job.devkit import demo
 from job.devkit import mdx as devkit
-from job.render.media.audio import read_wav
+from job.render.media.audio import MIX_SAMPLE_RATE, read_wav, write_wav
 from job.render.media.download import UrlPolicy
 from job.render.pipeline import CoverOptions, Pipeline
 from job.render.separate.mdx import MdxModel
 from job.render.separate.mdx_params import MdxKind
 from job.render.separate.stems import StemCache
+from job.render.separate.vocal_split import VocalSplitter, VocalStems
 from shared.errors import CoverError, ErrorCode
 from shared.model_store import ModelStore
 from shared.options import BackingMode, ConversionOptions, MixOptions, OutputFormat, StemOptions
@@ -125,6 +126,26 @@ def test_split_stems_come_from_the_stem_cache_for_a_second_voice(split_store, so
     assert np.array_equal(_wav(again.vocal_stems.lead), _wav(first.vocal_stems.lead))
     with pytest.raises(AssertionError, match="split again"):  # other settings: other stems
         _render(split_store, song, tmp_path, "denoised", options.model_copy(update={"stem_denoise": True}), cache)
+
+
+def test_stems_split_on_torch_in_bf16_are_kept_apart_from_onnx_runtime_s(split_store, tmp_path):
+    """What ran the passes is part of the split stems' cache key (the reference's keys are those
+    it always had) and of what the report says."""
+    cache = StemCache(LocalStorage(tmp_path / "cache"))
+    noise = 0.2 * np.random.default_rng(0).standard_normal((2, MIX_SAMPLE_RATE))
+    vocals = write_wav(tmp_path / "vocals.wav", noise.astype(np.float32), MIX_SAMPLE_RATE)
+    store = ModelStore(split_store)
+
+    def split(splitter: VocalSplitter, name: str) -> VocalStems:
+        (tmp_path / name).mkdir()
+        return splitter.split(vocals, "separation-key", "a" * 64, tmp_path / name, StemOptions(), cache)
+
+    low = split(VocalSplitter(store, runtime="torch", precision="bf16"), "bf16")
+    assert not low.cached and low.runtime == "torch-bf16" and low.said().endswith("run on torch-bf16")
+    reference = split(VocalSplitter(store, runtime="onnxruntime"), "reference")
+    assert not reference.cached and reference.runtime == "onnxruntime"
+    assert np.max(np.abs(_wav(reference.lead) - 0.5 * noise)) < 1e-4
+    assert split(VocalSplitter(store, runtime="onnxruntime"), "again").cached
 
 
 def test_without_a_karaoke_model_the_whole_stem_is_the_lead_and_asking_for_a_backing_mode_says_what_is_missing(

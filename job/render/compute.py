@@ -27,6 +27,7 @@ MAX_IN_FLIGHT = 8
 GPU_HEAVY_SLOTS = 2  # heavy stages at once on a GPU: 4 in flight 9.4 -> 10.1 covers a minute on the H200
 KERNELS = ("fast", "reference")
 DECODERS = ("auto", "torch", "int8")
+GRAPH_RUNTIMES = ("auto", "onnxruntime", "torch")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -129,6 +130,26 @@ def resolve_decoder(decoder: str, device: torch.device, dtype: torch.dtype, fast
     if decoder == "auto":
         return device.type == "cpu" and dtype == torch.float32 and fast
     return decoder == "int8"
+
+
+def resolve_graph_runtime(runtime: str, fast: bool) -> bool:
+    """True when the MDX-Net passes' ONNX graphs run on torch (:mod:`job.render.separate.onnx_graph`:
+    on the device, their convolutions and matrix products in the precision), False for ONNX
+    Runtime's CPU provider in fp32 (the reference). ``auto``: torch with the fast kernels on every
+    device (on the AVX2 CPU in fp32 both passes together as fast as ONNX Runtime, at a third of its
+    peak memory: 1.6 to 1.9 GB against 5.5 for the de-reverb shape, measured; bf16 on CPUs with
+    native bf16; fp16 on a GPU), ONNX Runtime with the reference kernels (the exact path). A graph
+    with an operator torch's runner lacks stays on ONNX Runtime whatever this says.
+
+    Args:
+        runtime: ``auto``, ``onnxruntime`` or ``torch``
+        fast: the fast kernels (:func:`resolve_kernels`)
+    """
+    if runtime not in GRAPH_RUNTIMES:
+        raise CoverError(ErrorCode.OPTIONS_INVALID, f"mdx_runtime must be auto, onnxruntime or torch, not {runtime!r}")
+    if runtime == "auto":
+        return fast
+    return runtime == "torch"
 
 
 TRIM_ABOVE_BYTES = 256 * 2**20  # trim once the heap holds this much freed memory

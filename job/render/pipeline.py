@@ -128,7 +128,14 @@ class Pipeline:
             analysis=AnalysisCache(stem_cache.storage if stem_cache is not None else None),
         )
         self._separators: dict[str, Separator] = {}
-        self.splitter = VocalSplitter(self.store, settings.threads)
+        self.splitter = VocalSplitter(
+            self.store,
+            settings.threads,
+            runtime=settings.mdx_runtime,
+            device=self.converter.device,
+            precision=settings.precision,
+            kernels=settings.kernels,
+        )
         self._meter: QualityMeter | None = None
         self._references: dict[tuple[str, str], list[float] | None] = {}
         self._referencing = threading.Lock()

@@ -13,6 +13,11 @@ secondary stem is ``mix - primary * compensate``. A chunk whose samples all stay
 what the network gives for silence anyway), its secondary the chunk as it is. Chunks are read
 from and written to the files one at a time: memory stays that of one chunk.
 
+The network runs on torch (by default, ``COVER_MDX_RUNTIME=auto`` with the fast kernels: on the
+device, its convolutions and matrix products in the settings' precision;
+:mod:`job.render.separate.onnx_graph`) or on ONNX Runtime's CPU provider in fp32 (the reference).
+:attr:`MdxModel.arithmetic` says which ran; the stem cache keys the split stems by it.
+
 Loading refuses what ONNX Runtime should never be handed: a file that does not parse
 (``model.corrupt``), tensors stored outside the file (``model.unsafe``: ONNX's external data
 would make the runtime read other files by path), and an input that is not the contract's shape
@@ -23,14 +28,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from job.render.compute import heap_buffers, precision_name
 from job.render.media.audio import MIX_SAMPLE_RATE, WavReader, WavWriter
 from job.render.onnx_files import parse_self_contained
 from job.render.separate.mdx_params import HOP, MdxParams
+from job.render.separate.onnx_graph import TorchGraph, load_torch_graph
 from shared.errors import CoverError, ErrorCode
 
 log = logging.getLogger("melodia.mdx")
@@ -39,9 +48,9 @@ PEAK_FLOOR = 1e-6  # a silent stem is not scaled up
 SILENT_CHUNK = 1e-3  # -60 dBFS: a chunk (with its edges) quieter than this is not run through the network
 
 
-def check_onnx(raw: bytes, name: str, params: MdxParams) -> None:
-    """Refuse an ONNX file that is malformed, stores tensors outside itself, or whose input is not
-    ``(batch, 4, dim_f, dim_t)`` (dimensions may be symbolic)."""
+def check_onnx(raw: bytes, name: str, params: MdxParams) -> Any:
+    """The parsed model (``onnx.ModelProto``); refused when it is malformed, stores tensors outside
+    itself, or its input is not ``(batch, 4, dim_f, dim_t)`` (dimensions may be symbolic)."""
     proto = parse_self_contained(raw, name)
     inputs = [i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
     if len(inputs) != 1 or len(proto.graph.output) < 1:
@@ -56,6 +65,7 @@ def check_onnx(raw: bytes, name: str, params: MdxParams) -> None:
             ErrorCode.MODEL_MISMATCH,
             f"{name} takes {shape}, not batch x 4 x {params.dim_f} x {params.dim_t} (dim_f, dim_t of its parameters)",
         )
+    return proto
 
 
 class MdxModel:
@@ -65,24 +75,74 @@ class MdxModel:
         path: the ``.onnx`` file
         params: its parameters (:mod:`job.render.separate.mdx_params`)
         threads: ONNX Runtime's intra-op threads (0: torch's thread count)
+        on_torch: run the graph on torch (:mod:`job.render.separate.onnx_graph`) rather than ONNX
+            Runtime; a graph with an operator torch's runner lacks stays on ONNX Runtime
+        device: torch's device (``on_torch``)
+        dtype: torch's compute type for the convolutions and matrix products (``on_torch``)
+        channels_last: the CPU's fast layout (``on_torch``)
     """
 
-    def __init__(self, path: Path, params: MdxParams, threads: int = 0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        params: MdxParams,
+        threads: int = 0,
+        on_torch: bool = False,
+        device: torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+    ) -> None:
+        self.path, self.params = path, params
+        raw = path.read_bytes()
+        proto = check_onnx(raw, path.name, params)
+        device = device or torch.device("cpu")
+        self.graph: TorchGraph | None = None
+        if on_torch:
+            self.graph = self._tried(load_torch_graph(proto, path.name, device, dtype, channels_last))
+        if self.graph is None:
+            self.session = self._session(raw, path.name, threads)
+            self.input = self.session.get_inputs()[0].name
+        self.window = torch.hann_window(params.n_fft, periodic=True)
+
+    def _tried(self, graph: TorchGraph | None) -> TorchGraph | None:
+        """``graph`` if it turns a chunk into the contract's shape (tried on torch's meta device:
+        shapes only, no arithmetic); else None (logged), and the model runs on ONNX Runtime, which
+        refuses it when it loads if it is malformed."""
+        if graph is None:
+            return None
+        shape = (1, 4, self.params.dim_f, self.params.dim_t)
+        try:
+            out = graph.output_shape(shape)
+        except Exception as exc:  # noqa: BLE001  # whatever torch raised: ONNX Runtime gets the model
+            log.warning("%s stays on ONNX Runtime: on torch it fails (%s)", self.path.name, exc)
+            return None
+        if out != shape:
+            log.warning("%s stays on ONNX Runtime: on torch it gives %s", self.path.name, out)
+            return None
+        return graph
+
+    @staticmethod
+    def _session(raw: bytes, name: str, threads: int) -> Any:
         import onnxruntime as ort
         from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-        self.path, self.params = path, params
-        raw = path.read_bytes()
-        check_onnx(raw, path.name, params)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.log_severity_level = 3
+        # without its arena and memory pattern the de-reverb shape peaks at 2.8 GB, not 5.3 (one chunk,
+        # about 3 % slower): a 6 GiB job whose work folder is in memory keeps its room
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
         try:  # from the bytes: nothing else on the disk is reachable by a path inside the model
-            self.session = ort.InferenceSession(raw, options, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(raw, options, providers=["CPUExecutionProvider"])
         except (ort_errors.Fail, ort_errors.InvalidGraph, ort_errors.InvalidProtobuf, ort_errors.NotImplemented) as exc:
-            raise CoverError(ErrorCode.MODEL_CORRUPT, f"{path.name} does not load: {exc}") from None
-        self.input = self.session.get_inputs()[0].name
-        self.window = torch.hann_window(params.n_fft, periodic=True)
+            raise CoverError(ErrorCode.MODEL_CORRUPT, f"{name} does not load: {exc}") from None
+
+    @property
+    def arithmetic(self) -> str:
+        """What computed the network (for the stem cache's key and the log): ``onnxruntime`` (fp32,
+        the reference) or ``torch-PRECISION`` (the device does not change it)."""
+        return "onnxruntime" if self.graph is None else f"torch-{precision_name(self.graph.dtype)}"
 
     # --- one chunk -------------------------------------------------------------------------------
     def spectrogram(self, chunk: np.ndarray) -> np.ndarray:
@@ -105,7 +165,10 @@ class MdxModel:
         ).numpy()
 
     def run(self, spec: np.ndarray) -> np.ndarray:
-        out = self.session.run(None, {self.input: spec[None].astype(np.float32)})[0]
+        batch = spec[None].astype(np.float32)
+        if self.graph is not None:
+            return self.graph(torch.from_numpy(batch)).cpu().numpy().reshape(spec.shape)
+        out = self.session.run(None, {self.input: batch})[0]
         return np.asarray(out, dtype=np.float32).reshape(spec.shape)
 
     def primary_chunk(self, chunk: np.ndarray, denoise: bool) -> np.ndarray:
@@ -134,7 +197,9 @@ class MdxModel:
             progress: called with the fraction done
         """
         p = self.params
-        with WavReader(source) as mix:
+        # torch on the CPU reuses its large buffers from the heap, as separation does (compute.py)
+        on_cpu = self.graph is not None and self.graph.device.type == "cpu"
+        with WavReader(source) as mix, heap_buffers() if on_cpu else nullcontext():
             if mix.sample_rate != MIX_SAMPLE_RATE or mix.channels != 2:
                 got = f"{mix.sample_rate} Hz x {mix.channels}"
                 raise CoverError(ErrorCode.INTERNAL, f"MDX-Net models take 44.1 kHz stereo, got {got}")

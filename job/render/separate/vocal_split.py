@@ -17,8 +17,10 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from pydantic import BaseModel
 
+from job.render.compute import resolve_graph_runtime, resolve_kernels, resolve_precision
 from job.render.loading import loading
 from job.render.separate.mdx import MdxModel
 from job.render.separate.mdx_params import MdxKind, MdxModelInfo
@@ -44,6 +46,7 @@ class VocalStems(BaseModel):
     backing_mode: BackingMode | None = None
     karaoke: str | None = None  # the models used, by name
     dereverb: str | None = None
+    runtime: str | None = None  # what ran the MDX-Net passes (MdxModel.arithmetic)
     cached: bool = False
 
     def said(self) -> str:
@@ -56,6 +59,8 @@ class VocalStems(BaseModel):
             parts.append("lead and backing converted together (no karaoke model in the store)")
         if self.dereverb:
             parts.append(f"lead's reverb removed by {self.dereverb}" + ("; the room kept" if self.room else ""))
+        if self.runtime:
+            parts.append(f"run on {self.runtime}")
         return "; ".join(parts)
 
 
@@ -71,10 +76,26 @@ class VocalSplitter:
     Args:
         store: the model store (``separation/mdx/``)
         threads: ONNX Runtime's threads (0: torch's)
+        runtime: ``auto``, ``onnxruntime`` or ``torch`` (:func:`~job.render.compute.resolve_graph_runtime`)
+        device: where torch runs them
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (torch's compute type)
+        kernels: ``fast`` (channels-last) or ``reference``
     """
 
-    def __init__(self, store: ModelStore, threads: int = 0) -> None:
+    def __init__(
+        self,
+        store: ModelStore,
+        threads: int = 0,
+        runtime: str = "auto",
+        device: torch.device | None = None,
+        precision: str = "auto",
+        kernels: str = "fast",
+    ) -> None:
         self.store, self.threads = store, threads
+        self.device = device or torch.device("cpu")
+        self.dtype = resolve_precision(precision, self.device)
+        self.channels_last = resolve_kernels(kernels)  # the fast layout, as Demucs takes it on every device
+        self.on_torch = resolve_graph_runtime(runtime, self.channels_last)
         self._models: dict[MdxKind, LoadedMdx] = {}
         self._lock = threading.Lock()
 
@@ -102,9 +123,17 @@ class VocalSplitter:
                 except ValueError as exc:
                     raise CoverError(ErrorCode.MODEL_CORRUPT, f"{info_path} is unreadable: {exc}") from None
                 with loading(f"the {kind.value} model ({info.name})"):
-                    self._models[kind] = LoadedMdx(
-                        model=MdxModel(path, info.params, self.threads), info=info, sha256=sha256_of(path)
+                    model = MdxModel(
+                        path,
+                        info.params,
+                        self.threads,
+                        on_torch=self.on_torch,
+                        device=self.device,
+                        dtype=self.dtype,
+                        channels_last=self.channels_last,
                     )
+                    self._models[kind] = LoadedMdx(model=model, info=info, sha256=sha256_of(path))
+                log.info("the %s model runs on %s", kind.value, model.arithmetic)
             return self._models[kind]
 
     def split(
@@ -148,6 +177,7 @@ class VocalSplitter:
                     cache.put_files(audio_sha256, key, got)
             else:
                 stems.cached = True
+            stems.runtime = loaded.model.arithmetic
             if kind is MdxKind.KARAOKE:
                 mode = options.backing or BackingMode.ORIGINAL
                 stems = stems.model_copy(
@@ -180,5 +210,7 @@ def _step_key(previous: str, kind: MdxKind, loaded: LoadedMdx, denoise: bool) ->
         "params": loaded.info.params.model_dump(mode="json"),
         "denoise": denoise,
     }
+    if loaded.model.arithmetic != "onnxruntime":  # the reference's keys stay those it always had
+        made_by["arithmetic"] = loaded.model.arithmetic
     digest = hashlib.sha256(json.dumps(made_by, sort_keys=True).encode()).hexdigest()[:16]
     return f"{kind.value}-{digest}"
