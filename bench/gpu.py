@@ -9,6 +9,9 @@ measures, in this order, each step skipped once ``--budget-s`` is spent:
 * the error of the GPU's precisions against the exact fp32 path on the same card: separation
   (SDR of the vocals) and conversion (relative L2, log-spectral distance, correlation), and of
   batching against one segment / chunk per call;
+* the MDX-Net passes (karaoke and de-reverb shapes, real size) on ONNX Runtime's CPU provider and
+  on torch on the card, fp32 and fp16 (``--mdx-s`` seconds of vocals each), with fp16's distance
+  from the reference;
 * cold start: a fresh process from start to its first finished cover;
 * a warm cover (models loaded, the second cover of a process) with its per-stage times, then the
   same with the mix in one piece (``COVER_MIX_WORKERS=1``) against the default's stretches side by side;
@@ -137,6 +140,27 @@ def _precision_rows(device: str, size: str, seconds: int) -> list[dict]:
     return rows
 
 
+def mdx_rows(seconds: float) -> list[dict]:
+    """The MDX-Net passes (real-size shapes, random weights) on ONNX Runtime's CPU provider and on
+    torch on the device (``bench/mdx.py``): the stem's seconds, seconds per second of it, and the
+    primary stem's relative L2 from ONNX Runtime's."""
+    from bench.mdx import pass_rows
+
+    work = WORK / "mdx"
+    work.mkdir(parents=True, exist_ok=True)
+    rows, _ = pass_rows(work, seconds, denoise=False)
+    return [
+        {
+            "what": r["what"],
+            "variant": r["variant"],
+            "wall_s": round(r["s_per_min"] * seconds / 60, 1),
+            "rtf": round(r["s_per_min"] / 60, 3),
+            "rel_l2": r["rel_l2"],
+        }
+        for r in rows
+    ]
+
+
 def cold_start(song: Path, size: str) -> dict:
     """A fresh interpreter: imports, model loads, the first cover."""
     started = time.perf_counter()
@@ -256,7 +280,8 @@ def main() -> None:  # noqa: PLR0915 - reads best top to bottom
     parser.add_argument("--excerpt-s", type=int, default=EXCERPT_S, help="seconds the precision rows compare")
     parser.add_argument("--covers-per-slot", type=int, default=2, help="covers per request in flight")
     parser.add_argument("--budget-s", type=float, default=480.0, help="skip the steps that would start later")
-    parser.add_argument("--skip", default="", help="steps to skip: precision,cold,warm,flight")
+    parser.add_argument("--skip", default="", help="steps to skip: precision,mdx,cold,warm,flight")
+    parser.add_argument("--mdx-s", type=float, default=30.0, help="seconds of vocals each MDX-Net row splits")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--models", choices=["real", "tiny"], default="real", help="tiny: check the script quickly")
     parser.add_argument("--cold-child", type=Path, help=argparse.SUPPRESS)
@@ -300,6 +325,7 @@ def main() -> None:  # noqa: PLR0915 - reads best top to bottom
         args.results.write_text(table(rows, command))  # after every step: a cut-off run keeps its rows
 
     step("precision", lambda: precision_rows(device, args.models, args.excerpt_s))
+    step("mdx", lambda: mdx_rows(args.mdx_s))
     step("cold", lambda: cold_start(song, args.models))
     pipeline = Pipeline(_settings(args.models))
     step("warm", lambda: warm_cover(pipeline, song, args.song_s))

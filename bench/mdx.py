@@ -4,10 +4,12 @@ Two real-size MDX-Net-shaped models with random weights (job/devkit/mdx.py: UVR'
 parameters at dim_f 2048; random weights run as fast as trained ones) in the two shapes people
 use: UVR_MDXNET_KARA_2's (n_fft 5120, dim_f 2048, dim_t 256) and Reverb_HQ_By_FoxJoy's (n_fft
 6144, dim_f 3072, dim_t 512). Each splits the demo song's vocals (44.1 kHz stereo); rows are
-seconds per minute of stem, with and without denoise (vocals that sing throughout: every chunk
-runs). Then a whole cover of the song-form demo song (verses, choruses, instrumental breaks) on the
-real-size demo models, without the passes and with both (backing original, de-reverb), in the
-same run: their ratio is the issue's 1.3x budget. Prints Markdown rows.
+seconds per minute of stem on each runtime that applies here (ONNX Runtime's CPU provider, the
+reference, with and without denoise; torch in fp32 with the fast layout; torch in bf16 on CPUs with
+native bf16, in fp16 on a GPU) and each one's distance from the reference (vocals that sing
+throughout: every chunk runs). Then a whole cover of the song-form demo song (verses, choruses,
+instrumental breaks) on the real-size demo models, without the passes and with both (backing
+original, de-reverb), in the same run: their ratio is the issue's 1.3x budget. Prints Markdown rows.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 SHAPES = {  # UVR_MDXNET_KARA_2's and Reverb_HQ_By_FoxJoy's (job/render/separate/mdx_models.json)
     "karaoke": {"n_fft": 5120, "dim_f": 2048, "dim_t": 256, "compensate": 1.065, "primary": "instrumental"},
@@ -23,28 +26,77 @@ SHAPES = {  # UVR_MDXNET_KARA_2's and Reverb_HQ_By_FoxJoy's (job/render/separate
 }
 
 
-def passes(work: Path, seconds: float) -> dict[str, Path]:
-    """Print each pass's row; the models written (by kind)."""
+def runtimes() -> list[tuple[str, dict[str, Any]]]:
+    """What can run the passes on this machine (label, :class:`MdxModel` arguments): ONNX Runtime's
+    CPU provider (the reference), torch in fp32 with the fast layout, and torch in the precision
+    ``auto`` picks where it is lowered (fp16 on a GPU, bf16 on CPUs with native bf16)."""
+    import torch
+
+    from job.render.compute import precision_name, resolve_precision
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch_args = {"on_torch": True, "device": device, "channels_last": True}
+    out = [
+        ("ONNX Runtime, fp32 (CPU provider)", {}),
+        (f"torch, fp32, {device.type}", {**torch_args, "dtype": torch.float32}),
+    ]
+    auto = resolve_precision("auto", device)
+    if auto != torch.float32:
+        out.append((f"torch, {precision_name(auto)}, {device.type}", {**torch_args, "dtype": auto}))
+    return out
+
+
+def pass_rows(work: Path, seconds: float, denoise: bool = True) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+    """Each pass on each runtime (:func:`runtimes`): seconds per minute of stem (with denoise on
+    the reference's row too), and the primary stem's relative L2 from the reference's; the models
+    written (by kind).
+
+    Args:
+        work: a scratch folder
+        seconds: how much of the demo vocals each row splits
+        denoise: time the reference's denoise too
+    """
+    import numpy as np
+
     from job.devkit import demo
     from job.devkit import mdx as devkit
-    from job.render.media.audio import MIX_SAMPLE_RATE, write_wav
+    from job.render.media.audio import MIX_SAMPLE_RATE, read_wav, write_wav
     from job.render.separate.mdx import MdxModel
     from job.render.separate.mdx_params import MdxParams
 
-    print("| pass (real-size shape) | s per minute of stem | with denoise |\n| --- | --- | --- |")
     stem = write_wav(work / "vocals.wav", demo.demo_song(seconds)[0], MIX_SAMPLE_RATE)
-    files = {}
+    files, rows = {}, []
     for kind, shape in SHAPES.items():
         p = MdxParams.model_validate(shape)
         files[kind] = devkit.write_convtdf(work / f"{kind}.onnx", p.dim_f, p.dim_t, size="real")
-        model = MdxModel(files[kind], p)
-        per_minute = []
-        for denoise in (False, True):
-            started = time.perf_counter()
-            model.split(stem, work / "a.wav", work / "b.wav", denoise)
-            per_minute.append((time.perf_counter() - started) * 60.0 / seconds)
-        name = f"{kind} (n_fft {p.n_fft}, dim_f {p.dim_f}, dim_t {p.dim_t})"
-        print(f"| {name} | {per_minute[0]:.1f} | {per_minute[1]:.1f} |")
+        reference = None
+        for label, kwargs in runtimes():
+            model = MdxModel(files[kind], p, **kwargs)
+            row: dict[str, Any] = {"what": f"MDX-Net {kind} (n_fft {p.n_fft}, dim_f {p.dim_f}, dim_t {p.dim_t})"}
+            row["variant"] = f"{label}: ran on {model.arithmetic}"
+            for noise in (False, True) if denoise and reference is None else (False,):
+                started = time.perf_counter()
+                model.split(stem, work / "a.wav", work / "b.wav", noise)
+                row["s_per_min_denoise" if noise else "s_per_min"] = round(
+                    (time.perf_counter() - started) * 60.0 / seconds, 1
+                )
+                if not noise:
+                    primary = read_wav(work / "a.wav")[0]
+            if reference is None:
+                reference = primary
+            row["rel_l2"] = float(f"{np.linalg.norm(primary - reference) / np.linalg.norm(reference):.2g}")
+            rows.append(row)
+    return rows, files
+
+
+def passes(work: Path, seconds: float) -> dict[str, Path]:
+    """Print each pass's rows (:func:`pass_rows`); the models written (by kind)."""
+    rows, files = pass_rows(work, seconds)
+    print("| pass (real-size shape) | runtime | s per minute of stem | with denoise | relative L2 from the reference |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        cells = [r["what"], r["variant"], r["s_per_min"], r.get("s_per_min_denoise", ""), r["rel_l2"]]
+        print("| " + " | ".join(str(c) for c in cells) + " |")
     return files
 
 
