@@ -257,6 +257,14 @@ def test_a_graph_with_an_operator_it_does_not_run_stays_on_onnx_runtime(caplog: 
     assert "odd.onnx stays on ONNX Runtime" in caplog.text and "Round" in caplog.text
 
 
+def test_constants_torch_fails_on_at_load_leave_the_graph_to_onnx_runtime(caplog: pytest.LogCaptureFixture) -> None:
+    bad = graph(
+        [node("Reshape", ["c", "shape"], ["r"]), node("Add", ["x", "r"])], X4, {"c": randn(6), "shape": ints(4)}
+    )
+    assert load_torch_graph(bad, "bad.onnx", CPU, torch.float32, False) is None
+    assert "bad.onnx stays on ONNX Runtime: on torch its constants fail" in caplog.text
+
+
 def test_a_node_that_would_make_a_huge_tensor_is_refused_before_it_allocates() -> None:
     """ConstantOfShape of a shape the file gives runs at load (it reads only constants): a
     hostile shape must not allocate 4 TB there."""
