@@ -9,9 +9,6 @@ measures, in this order, each step skipped once ``--budget-s`` is spent:
 * the error of the GPU's precisions against the exact fp32 path on the same card: separation
   (SDR of the vocals) and conversion (relative L2, log-spectral distance, correlation), and of
   batching against one segment / chunk per call;
-* the MDX-Net passes (karaoke and de-reverb shapes, real size) on ONNX Runtime's CPU provider and
-  on torch on the card, fp32 and fp16 (``--mdx-s`` seconds of vocals each), with fp16's distance
-  from the reference;
 * cold start: a fresh process from start to its first finished cover;
 * a warm cover (models loaded, the second cover of a process) with its per-stage times, then the
   same with the mix in one piece (``COVER_MIX_WORKERS=1``) against the default's stretches side by side;
@@ -19,7 +16,10 @@ measures, in this order, each step skipped once ``--budget-s`` is spent:
   holds them (``COVER_IN_FLIGHT``: threads, the heavy stages taking turns on the device,
   ``COVER_HEAVY_SLOTS`` at a time: 2 on a GPU), and 4 with one heavy slot (``--in-flight 8x1``: 8
   in flight, 1 slot);
-* peak GPU memory of each.
+* peak GPU memory of each;
+* last, the MDX-Net passes (karaoke and de-reverb shapes, real size) on ONNX Runtime's CPU provider
+  and on torch on the card, fp32 and fp16 (``--mdx-s`` seconds of vocals each), with each one's
+  distance from ONNX Runtime's.
 
 Writes the rows, with the card's name, to ``bench/RESULTS-gpu.md`` (``--results``) and prints
 that table last.
@@ -325,7 +325,6 @@ def main() -> None:  # noqa: PLR0915 - reads best top to bottom
         args.results.write_text(table(rows, command))  # after every step: a cut-off run keeps its rows
 
     step("precision", lambda: precision_rows(device, args.models, args.excerpt_s))
-    step("mdx", lambda: mdx_rows(args.mdx_s))
     step("cold", lambda: cold_start(song, args.models))
     pipeline = Pipeline(_settings(args.models))
     step("warm", lambda: warm_cover(pipeline, song, args.song_s))
@@ -342,6 +341,7 @@ def main() -> None:  # noqa: PLR0915 - reads best top to bottom
             f"flight:{n}x{slots}",
             lambda n=n, p=pipelines[slots]: in_flight(p, song, n, n * args.covers_per_slot),
         )
+    step("mdx", lambda: mdx_rows(args.mdx_s))  # last: the rows above are the ones the budget keeps
     out = table(rows, command)
     args.results.write_text(out)
     print(out)

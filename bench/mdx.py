@@ -100,29 +100,40 @@ def passes(work: Path, seconds: float) -> dict[str, Path]:
     return files
 
 
-def _stores(work: Path, files: dict[str, Path]) -> tuple[Path, Path]:
-    """Two stores of the real-size demo models (linked): without and with the two MDX-Net models."""
+def linked_store(store: Path, root: Path, files: dict[str, Path] | None = None) -> Path:
+    """``root``: a store of ``store``'s models (linked, its MDX-Net models left out) with the two
+    real-size MDX-Net-shaped models of ``files`` (by kind) added, or none when ``files`` is None.
+
+    Args:
+        store: a store holding the demo models
+        root: the new store's folder (made here)
+        files: the karaoke and de-reverb ONNX files, by kind (:data:`SHAPES`' keys)
+    """
     from job.cli.separation_models import add_separation_model
-    from job.devkit import demo
     from job.render.media.download import UrlPolicy
     from job.render.separate.mdx_params import MdxKind
     from shared.model_store import ModelStore
+
+    (root / "separation").mkdir(parents=True)
+    for item in (store / "separation").iterdir():
+        if item.name != "mdx":
+            (root / "separation" / item.name).symlink_to(item)
+    for name in ("base", "voices"):
+        (root / name).symlink_to(store / name)
+    for kind, path in (files or {}).items():
+        text = ",".join(f"{k}={v}" for k, v in SHAPES[kind].items())
+        add_separation_model(ModelStore(root), str(path), MdxKind(kind), text, False, UrlPolicy())
+    return root
+
+
+def _stores(work: Path, files: dict[str, Path]) -> tuple[Path, Path]:
+    """Two stores of the real-size demo models (linked): without and with the two MDX-Net models."""
+    from job.devkit import demo
     from shared.settings import Settings
 
     store = Settings().models_dir
     demo.write_models(store)
-    roots = (work / "plain-store", work / "mdx-store")
-    for root in roots:
-        (root / "separation").mkdir(parents=True)
-        for item in (store / "separation").iterdir():
-            if item.name != "mdx":
-                (root / "separation" / item.name).symlink_to(item)
-        for name in ("base", "voices"):
-            (root / name).symlink_to(store / name)
-    for kind, shape in SHAPES.items():
-        text = ",".join(f"{k}={v}" for k, v in shape.items())
-        add_separation_model(ModelStore(roots[1]), str(files[kind]), MdxKind(kind), text, False, UrlPolicy())
-    return roots
+    return linked_store(store, work / "plain-store"), linked_store(store, work / "mdx-store", files)
 
 
 def covers(work: Path, files: dict[str, Path], seconds: float) -> None:

@@ -18,6 +18,9 @@ real formats. Rows:
   from the bucket), and
   with the torch decoder (``COVER_DECODER=torch``, the default before 2026-12-06) on the reference
   song;
+* cover with both MDX-Net passes (``mdx``: backing original and de-reverb, real-size
+  MDX-Net-shaped models with random weights, on the default runtime; ``mdx-onnxruntime``: on the
+  reference runtime), for the passes' time and each stage's peak memory;
 * second voice: a whole cover (``Pipeline.render``) after another voice's cover of the same song
   (not timed), so the stem cache holds its stems and the vocals' analysis (HuBERT's features and the
   pitch): the stems an earlier separation left (``auto``), or the demo song's own vocal and
@@ -152,6 +155,8 @@ def row(kind: str, seconds: int, variant: str) -> dict:
 
     demo.write_models(WORK / "models", size="real")
     song = _song(seconds, "continuous" if variant == "continuous" else "song")
+    if variant.startswith("mdx"):
+        _mdx_store()  # made (once) before the clock
     start, cpu0 = time.perf_counter(), time.process_time()
     if kind == "separate" and variant == "demucs-cli":
         out = Path(tempfile.mkdtemp(dir=WORK))
@@ -181,11 +186,7 @@ def row(kind: str, seconds: int, variant: str) -> dict:
     from shared.model_store import DERIVED_DIR
     from shared.options import SeparationOptions
 
-    settings = {
-        "reference": _settings("fp32", "reference"),
-        "int8": _settings(decoder="int8"),
-        "torch": _settings(decoder="torch"),
-    }.get(variant, _settings())
+    settings, options = _row_settings(variant)
     # only the second-voice row uses a stem cache: every other row separates
     pipeline = Pipeline(settings, stem_cache=_earlier_voice(seconds, variant) if kind == "second-voice" else None)
     voice = pipeline.store.voice(demo.DEMO_VOICE)
@@ -209,7 +210,7 @@ def row(kind: str, seconds: int, variant: str) -> dict:
         pipeline.converter.convert(vocals, 44100, loaded)
     elif kind == "cover":
         with work_folder(settings.work_dir) as work:
-            stages = pipeline.render(song, voice, WORK / "tmp" / f"cover-{seconds}.mp3", work=work).timings
+            stages = pipeline.render(song, voice, WORK / "tmp" / f"cover-{seconds}.mp3", options, work=work).timings
     elif kind == "second-voice":  # the stems of an earlier voice's cover are in the cache
         start, cpu0 = time.perf_counter(), time.process_time()
         with work_folder(settings.work_dir) as work:
@@ -225,6 +226,42 @@ def row(kind: str, seconds: int, variant: str) -> dict:
         "stage_totals_mb": {k: round(v) for k, v in watch.totals.items()} if watch else {},
         "stages_s": {k: round(v, 1) for k, v in stages.items()},
     }
+
+
+def _row_settings(variant: str):
+    """(the settings, the cover options or None for the defaults) of a row's variant."""
+    settings = {
+        "reference": _settings("fp32", "reference"),
+        "int8": _settings(decoder="int8"),
+        "torch": _settings(decoder="torch"),
+    }.get(variant, _settings())
+    if not variant.startswith("mdx"):
+        return settings, None
+    # both MDX-Net passes (backing original, de-reverb) on the default runtime or the one named
+    from job.render.pipeline import CoverOptions
+    from shared.options import StemOptions
+
+    runtime = variant.split("-", 1)[1] if "-" in variant else "auto"
+    settings = settings.model_copy(update={"models_dir": _mdx_store(), "mdx_runtime": runtime})
+    return settings, CoverOptions(stems=StemOptions(dereverb=True))
+
+
+def _mdx_store() -> Path:
+    """The demo models (linked) with real-size MDX-Net-shaped karaoke and de-reverb models (random
+    weights, ``bench/mdx.py``'s shapes), made once under ``bench/.work``."""
+    from bench.mdx import SHAPES, linked_store
+    from job.devkit import mdx as devkit
+    from job.render.separate.mdx_params import MdxParams
+
+    root = WORK / "mdx-models"
+    if not (root / "separation" / "mdx").is_dir():
+        shutil.rmtree(root, ignore_errors=True)
+        files = {}
+        for kind, shape in SHAPES.items():
+            p = MdxParams.model_validate(shape)
+            files[kind] = devkit.write_convtdf(WORK / f"mdx-{kind}.onnx", p.dim_f, p.dim_t, size="real")
+        linked_store(WORK / "models", root, files)
+    return root
 
 
 def _earlier_voice(seconds: int, variant: str):
