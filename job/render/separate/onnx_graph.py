@@ -476,6 +476,8 @@ class TorchGraph:
             # weights go to the device; integers (shapes, axes, indices) stay on the host
             self.constants[t.name] = value.to(device) if value.is_floating_point() else value
         self.nodes = self._fold_batch_norms(self._fold_constants([Node(n) for n in graph.node]), graph.output)
+        read = {name for node in self.nodes for name in node.inputs}  # the weights folding replaced go
+        self.constants = {k: v for k, v in self.constants.items() if k in read}
         if channels_last:
             for node in self.nodes:
                 if node.op in ("Conv", "ConvTranspose") and len(node.inputs) > 1 and node.inputs[1] in self.constants:
@@ -483,7 +485,7 @@ class TorchGraph:
                     if weight.dim() == 4:
                         self.constants[node.inputs[1]] = weight.contiguous(memory_format=torch.channels_last)
         self._constant_memory = {t.untyped_storage().data_ptr() for t in self.constants.values()}
-        inputs = [i.name for i in graph.input if i.name not in self.constants]
+        inputs = [i.name for i in graph.input if i.name not in {t.name for t in graph.initializer}]
         if len(inputs) != 1 or not graph.output:
             raise UnsupportedGraphError("not one input and an output")
         self.input, self.output = inputs[0], graph.output[0].name
