@@ -284,14 +284,15 @@ def test_decoder_tiles_take_exactly_the_context_that_reaches_a_kept_frame(versio
 def test_the_decoder_skips_the_context_the_engine_drops_and_keeps_the_exact_paths_audio(store, monkeypatch):
     """A chunk's half second of context either side is dropped after decoding, so the CPU's tiled
     decoder runs only the tiles that reach what is kept: phrases between silences (chunks of 1.3 to
-    2.9 s, 2.3 to 3.9 s with their context) take fewer decoder tiles (5 instead of 7), and the
+    2.9 s, 2.3 to 3.9 s with their context) take fewer decoder tiles (5 instead of 7), a chunk's last
+    tile no more frames than it keeps rounded up to the quantum (plus its margins), and the
     conversion is the exact path's (reference kernels, whole chunks decoded) to float32 rounding."""
     import math
 
     import torch
 
     from job.render.rvc import generator as gen
-    from job.render.rvc.engine import CONTEXT, VoiceConverter, prepare_input
+    from job.render.rvc.engine import CONTEXT, CROSSFADE, VoiceConverter, prepare_input
 
     gap = np.zeros(16000, np.float32)
     audio = np.concatenate([sung_tone(2.9), gap, sung_tone(1.3, 330.0), gap, sung_tone(2.2, 180.0), gap])
@@ -310,9 +311,14 @@ def test_the_decoder_skips_the_context_the_engine_drops_and_keeps_the_exact_path
         outs[kernels] = converter.convert(audio, 16000, voice, ConversionOptions(f0_method="pm", seed=3))
     chunks = plan_chunks(prepare_input(audio)[0], 20.0)
     assert outs["fast"].chunks == len(chunks) == 3 and len(calls["reference"]) == 3  # whole chunks
-    span = gen.tile_frames(torch.float32) + 2 * voice.synth.dec.margin
-    every_frame = sum(math.ceil((b - a + 2 * CONTEXT) // 160 / gen.tile_frames(torch.float32)) for a, b in chunks)
-    assert set(calls["fast"]) == {span} and len(calls["fast"]) < every_frame  # fewer tiles, of one shape
+    tile, margin = gen.tile_frames(torch.float32), voice.synth.dec.margin
+    every_frame = sum(math.ceil((b - a + 2 * CONTEXT) // 160 / tile) for a, b in chunks)
+    assert len(calls["fast"]) < every_frame  # fewer tiles
+    # each chunk's last tile keeps its frames rounded up to the quantum: a few shapes, not a whole tile each
+    shapes = {n * gen.TILE_QUANTUM + 2 * margin for n in range(1, tile // gen.TILE_QUANTUM + 1)}
+    assert set(calls["fast"]) <= shapes and len(set(calls["fast"])) > 1
+    kept = sum((b - a + CROSSFADE) // 160 for a, b in chunks)  # each chunk decodes from KEPT_FROM on
+    assert sum(calls["fast"]) - kept <= len(chunks) * gen.TILE_QUANTUM + len(calls["fast"]) * 2 * margin
     assert np.abs(outs["reference"].audio).max() > 0.01
     np.testing.assert_allclose(outs["fast"].audio, outs["reference"].audio, atol=2e-5)
 

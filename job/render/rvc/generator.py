@@ -29,6 +29,12 @@ TILE_FRAMES_FP32 = 200
 # standard 48 kHz v2 decoder, 13 for v1 32 kHz), so a tiled decode is the whole decode's to float32
 # rounding. It was 16 frames for every decoder until 2026-12-07: 232 frames decoded per 200 kept instead
 # of 220 for 48 kHz, 5 % of the decoder's work.
+TILE_QUANTUM = 25  # a chunk's last tile keeps its frames rounded up to this (0.25 s), not a whole tile's
+# A tile's time is its frames' (int8 front, 2 threads, AMD EPYC: 3.2 ms per frame from 45 to 220 frames), so
+# the last tile of a chunk decodes what it keeps plus margins instead of sliding back to a whole tile: at most
+# tile / TILE_QUANTUM shapes (8 at 2 s, 16 at 4 s) for the kernels built per shape, 9 to 12 % fewer frames
+# decoded on phrases between silences (the song-form demo song's vocal track: 178.2 -> 162.5 s decoded for
+# 140.8 s kept), 5 % on vocals that never stop (bench/JOURNAL.md, twelfth session).
 
 
 def tile_frames(dtype: torch.dtype, layers: Layers | None = None) -> int:
@@ -309,8 +315,9 @@ class Generator(nn.Module):
         reference the fast path is tested against), under autocast when ``dtype`` is not float32.
 
         ``tiled`` (the CPU's way) runs in tiles of :func:`tile_frames` with :meth:`context_frames` of
-        context either side (what reaches a frame: 10 for the standard 48 kHz decoder), every tile the same shape:
-        peak memory stays that of one tile, and the convolution kernels built for that shape are
+        context either side (what reaches a frame: 10 for the standard 48 kHz decoder); a last tile
+        keeps its frames rounded up to :data:`TILE_QUANTUM`, so tiles take a few shapes only: peak
+        memory stays that of one tile, and the convolution kernels built for those shapes are
         reused for the whole song. A GPU takes the whole batch in one call instead.
 
         ``layers`` replaces the layers with another runtime's copy of them (the int8 decoder), in
@@ -337,17 +344,18 @@ class Generator(nn.Module):
             fast = True
         tile = tile_frames(dtype, layers)
         first, end = (0, frames) if keep is None else (max(0, keep[0]), min(frames, keep[1]))
-        if not fast or not tiled or frames <= tile + 2 * self.margin:
+        if not fast or not tiled or (keep is None and frames <= tile + 2 * self.margin):
             return self._decode(x, g, source, dtype, fast, layers)
         pieces = [x.new_zeros(x.shape[0], 1, first * self.upp, dtype=torch.float32)]
-        span = tile + 2 * self.margin
         for start in range(first, end, tile):
+            kept = min(tile, end - start)
+            # a last tile keeps its frames rounded up to the quantum: few shapes, little work beyond the kept
+            span = min(tile, -(-kept // TILE_QUANTUM) * TILE_QUANTUM) + 2 * self.margin
             lo = max(0, start - self.margin)
             hi = min(frames, lo + span)
-            lo = max(0, hi - span)  # the last tile slides back rather than shrinking
+            lo = max(0, hi - span)  # at the chunk's end a tile slides back rather than shrinking further
             tile_src = source[..., lo * self.upp : hi * self.upp] if source is not None else None
             y = self._decode(x[..., lo:hi], g, tile_src, dtype, fast, layers)
-            kept = min(tile, end - start)
             pieces.append(y[..., (start - lo) * self.upp : (start - lo + kept) * self.upp])
         pieces.append(x.new_zeros(x.shape[0], 1, (frames - max(first, end)) * self.upp, dtype=torch.float32))
         return torch.cat(pieces, dim=-1)
