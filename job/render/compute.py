@@ -47,7 +47,8 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """The compute type of the heavy networks (Demucs, the RVC decoder). ``auto``: float16 on a
+    """The compute type of the heavy networks (Demucs, the RVC decoder; on the CPU's fast kernels
+    HuBERT as well, :class:`job.render.rvc.engine.VoiceConverter`). ``auto``: float16 on a
     GPU (on an H200 its error against fp32 was 4 to 15 times smaller than bf16's at the same
     speed, and it is what RVC itself runs on GPUs), bfloat16 on CPUs with native bf16, float32
     elsewhere (older CPUs emulate bf16 slowly). Tolerances against fp32 are tested (docs/engine.md,
