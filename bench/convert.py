@@ -37,15 +37,33 @@ WORK = Path(__file__).parent / ".work"
 RESULTS = Path(__file__).parent / "RESULTS-convert.md"
 
 
+# the CPU features that decide what ``auto`` runs and how fast (docs/engine.md, by machine class)
+CLASS_FLAGS = (
+    ("amx_tile", "AMX"),
+    ("avx512_bf16", "AVX512-BF16"),
+    ("avx512_vnni", "AVX512-VNNI"),
+    ("avx_vnni", "AVX-VNNI"),
+    ("avx512f", "AVX-512"),
+    ("avx2", "AVX2"),
+)
+
+
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+    """The CPU's name and the features that tell its class apart (one name can be several
+    generations: "AMD EPYC" is Zen 3 with AVX2 or Zen 4 with AVX-512 and bf16), threads, torch."""
+    info: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())  # the first processor's
     except OSError:
         pass
+    cpu, flags = (
+        info.get("model name") or platform.processor() or platform.machine(),
+        set(info.get("flags", "").split()),
+    )
+    features = " ".join(name for flag, name in CLASS_FLAGS if flag in flags)
+    cpu += f" ({features})" if features else ""
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}{gpu}"
 

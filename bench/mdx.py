@@ -15,6 +15,7 @@ original, de-reverb), in the same run: their ratio is the issue's 1.3x budget. P
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -64,7 +65,8 @@ def pass_rows(work: Path, seconds: float, denoise: bool = True) -> tuple[list[di
     from job.render.separate.mdx import MdxModel
     from job.render.separate.mdx_params import MdxParams
 
-    stem = write_wav(work / "vocals.wav", demo.demo_song(seconds)[0], MIX_SAMPLE_RATE)
+    vocals = demo.demo_song(seconds)[0]
+    stem = write_wav(work / "vocals.wav", vocals, MIX_SAMPLE_RATE)
     files, rows = {}, []
     for kind, shape in SHAPES.items():
         p = MdxParams.model_validate(shape)
@@ -84,18 +86,33 @@ def pass_rows(work: Path, seconds: float, denoise: bool = True) -> tuple[list[di
                     primary = read_wav(work / "a.wav")[0]
             if reference is None:
                 reference = primary
-            row["rel_l2"] = float(f"{np.linalg.norm(primary - reference) / np.linalg.norm(reference):.2g}")
+            difference = float(np.linalg.norm(primary - reference))
+            row["rel_l2"] = float(f"{difference / max(float(np.linalg.norm(reference)), 1e-30):.2g}")
+            # against the stem it split: random weights can leave a primary near silence (the karaoke
+            # shape's is at -100 dB), where a relative L2 measures the rounding of next to nothing
+            level = float(np.linalg.norm(vocals[:, : primary.shape[-1]]))
+            row["error_db"] = _db(difference, level)
+            row["primary_db"] = _db(float(np.linalg.norm(reference)), level)
             rows.append(row)
     return rows, files
+
+
+def _db(part: float, whole: float) -> float:
+    """``part`` against ``whole`` in dB (-240 for nothing)."""
+    return round(20 * math.log10(max(part / max(whole, 1e-30), 1e-12)), 1)
 
 
 def passes(work: Path, seconds: float) -> dict[str, Path]:
     """Print each pass's rows (:func:`pass_rows`); the models written (by kind)."""
     rows, files = pass_rows(work, seconds)
-    print("| pass (real-size shape) | runtime | s per minute of stem | with denoise | relative L2 from the reference |")
-    print("| --- | --- | --- | --- | --- |")
+    print(
+        "| pass (real-size shape) | runtime | s per minute of stem | with denoise | relative L2 from the reference "
+        "| difference from the reference, dB of the stem | primary stem, dB of the stem |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         cells = [r["what"], r["variant"], r["s_per_min"], r.get("s_per_min_denoise", ""), r["rel_l2"]]
+        cells += [r["error_db"], r["primary_db"]]
         print("| " + " | ".join(str(c) for c in cells) + " |")
     return files
 
