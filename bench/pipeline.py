@@ -18,9 +18,8 @@ real formats. Rows:
   from the bucket), and
   with the torch decoder (``COVER_DECODER=torch``, the default before 2026-12-06) on the reference
   song;
-* cover on another class's choices, for comparing them on one machine: ``fp32`` (what CPUs without
-  native bf16 run: fp32 and the int8 decoder, built inside the clock) and ``bf16-int8`` (bf16 with
-  the int8 decoder built inside the clock);
+* cover (and separate) on another class's choices, for comparing them on one machine: ``fp32``
+  (what CPUs without native bf16 run: fp32 and the int8 decoder, built inside the clock);
 * cover with both MDX-Net passes (``mdx``: backing original and de-reverb, real-size
   MDX-Net-shaped models with random weights, on the default runtime; ``mdx-onnxruntime``: on the
   reference runtime), for the passes' time and each stage's peak memory;
@@ -238,7 +237,6 @@ def _row_settings(variant: str):
         "int8": _settings(decoder="int8"),
         "torch": _settings(decoder="torch"),
         "fp32": _settings("fp32"),  # what CPUs without native bf16 run: fp32, and the int8 decoder
-        "bf16-int8": _settings("bf16", decoder="int8"),  # bf16 Demucs, the int8 decoder built inside the clock
     }.get(variant, _settings())
     if not variant.startswith("mdx"):
         return settings, None
