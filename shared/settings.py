@@ -43,8 +43,8 @@ class Settings(BaseSettings):
         "auto",
         pattern="^(auto|fp32|bf16|fp16)$",
         description=(
-            "Compute type of Demucs and the RVC decoder: auto (bf16 on CPUs with native bf16 and on GPUs that "
-            "have it, fp16 on older GPUs, fp32 elsewhere), fp32, bf16, fp16."
+            "Compute type of Demucs and the RVC decoder (and of HuBERT on the CPU's fast kernels): auto (fp16 on "
+            "a GPU, bf16 on CPUs with native bf16, fp32 elsewhere), fp32, bf16, fp16."
         ),
     )
     kernels: str = Field(
