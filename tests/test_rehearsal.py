@@ -47,7 +47,8 @@ def _log_lines(path) -> list[dict]:
 @pytest.fixture
 def rehearsal(stack, tmp_path, request):
     """The stack as ``make serve`` runs it; ``@pytest.mark.stack_env(NAME=VALUE, ...)`` adds to the
-    environment every process of it gets, ``@pytest.mark.stack_args(...)`` to its command line."""
+    environment every process of it gets (``{tmp}`` in a value: the test's own folder),
+    ``@pytest.mark.stack_args(...)`` to its command line."""
     marker = request.node.get_closest_marker("stack_env")
     args = request.node.get_closest_marker("stack_args")
     port = free_port()
@@ -59,7 +60,7 @@ def rehearsal(stack, tmp_path, request):
         "COVER_LEASE_S": str(LEASE_S),
         "COVER_MESSAGE_LEASE_EXTENSION_S": LEASE_EXTENSION_S,
         "COVER_BUSY_RETRY_S": "1",
-        **(marker.kwargs if marker else {}),
+        **{name: value.format(tmp=tmp_path) for name, value in (marker.kwargs if marker else {}).items()},
     }
     log = tmp_path / "stack.out"
     proc = start(
@@ -139,13 +140,17 @@ def _separating(cid: str):
     return until
 
 
-def _kill_and_time_the_takeovers(stack, pids: dict[str, int], timeout: float) -> tuple[list, dict[str, float]]:
-    """SIGKILL each cover's renderer (``{cover_id: pid}``) mid-render; the events until every cover
-    completes, and for each the seconds from the kill to the first progress event of whoever took
-    its request up."""
+def _kill_and_time_the_takeovers(
+    stack, pids: dict[str, int], timeout: float, release: Path
+) -> tuple[list, dict[str, float]]:
+    """SIGKILL each cover's renderer (``{cover_id: pid}``), held mid-render by the failpoint
+    ``hold:STAGE:release``, then let the takeovers through (``release`` made); the events until
+    every cover completes, and for each the seconds from the kill to the first progress event of
+    whoever took its request up."""
     for pid in pids.values():
         os.kill(pid, signal.SIGKILL)
     killed_at = time.time()
+    release.touch()
 
     def restarted(event, cid: str) -> bool:
         return event["cover_id"] == cid and event["stage"] == "accepted" and _sent_at(event) > killed_at
@@ -204,14 +209,18 @@ def test_what_the_platform_ends_gets_one_cover_failed(stack, rehearsal):
 # deployed 5 attempts the request can be dead-lettered before the new runner is handed it (a clean
 # clone's run on a slow host saw it, 2026-12-06). 20 attempts outlast that hold at a 10 s lease.
 @pytest.mark.stack_args("--dead-letter-attempts", "20")
-def test_renders_killed_mid_separation_are_taken_over_by_the_retry_and_by_another_gpu_runner(stack, rehearsal):
+@pytest.mark.stack_env(COVER_FAILPOINT="hold:separate:{tmp}/release-the-held-renders")
+def test_renders_killed_mid_separation_are_taken_over_by_the_retry_and_by_another_gpu_runner(
+    stack, rehearsal, tmp_path
+):
     """A Cloud Run task's process and the GPU runner, each SIGKILLed in the middle of separation:
     the stack reports the failed attempt, Cloud Run's retry (the local launcher's) takes its cover
     over once the lease lapses; the stack starts another GPU runner, which Pub/Sub hands the request
     to once the dead runner's last lease extension runs out (COVER_MESSAGE_LEASE_EXTENSION_S, 10 s
     here, 30 s deployed; the emulator can add its hold of a dead stream's message, up to ~100 s).
     Each request completes once. Prints the time from each kill to the takeover's first progress
-    event."""
+    event. Both renders are held at separation until the kills (a tiny model's render on a fast CPU
+    had finished before the test's kill arrived: nothing to take over)."""
     proc, url, logs = rehearsal
     job, gpu = _post(url, 7, "cpu"), _post(url, 9, "gpu")
     separating = [_separating(answer["cover_id"]) for answer in (job, gpu)]
@@ -219,7 +228,7 @@ def test_renders_killed_mid_separation_are_taken_over_by_the_retry_and_by_anothe
     (attempt,) = [line for line in _log_lines(logs / "trigger.log") if line.get("event") == "execution.attempt"]
     (runner,) = [line for line in _log_lines(logs / "gpu-runner.log") if line.get("event") == "runner.started"]
     pids = {job["cover_id"]: attempt["pid"], gpu["cover_id"]: runner["pid"]}
-    events, takeovers = _kill_and_time_the_takeovers(stack, pids, timeout=360)
+    events, takeovers = _kill_and_time_the_takeovers(stack, pids, 360, tmp_path / "release-the-held-renders")
     job_s, gpu_s = takeovers[job["cover_id"]], takeovers[gpu["cover_id"]]
     print(
         f"\ntakeover after the kill: the job's retry {job_s:.1f} s, "

@@ -351,7 +351,8 @@ def test_dead_letters_are_replayed_to_the_requests_topic_under_their_own_request
 
 
 def test_killed_worker_leaves_nothing_visible_and_the_redelivery_completes(stack):
-    doomed = stack.start_worker("doomed", COVER_LEASE_S="4")
+    # held at separation until killed: a tiny model's render on a fast CPU can end before the kill
+    doomed = stack.start_worker("doomed", COVER_LEASE_S="4", COVER_FAILPOINT=f"hold:separate:{stack.tmp / 'never'}")
     request = CoverRequest(song_id="song-1", voice_model=demo.DEMO_VOICE, options=FAST)
     stack.publish_request(*to_message(REQUESTED, request))
     stack.events(lambda got: any(d.get("stage") == "separate" for d in of_type(got, "cover.progress")), timeout=180)
