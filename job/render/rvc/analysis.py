@@ -9,8 +9,9 @@ determines them, so they are computed once.
 Each entry is one chunk's result (a chunk as the engine cuts the vocals, with its context), kept
 under the sha256 of a tag naming everything that changes the numbers (the model files' sha256, the
 layer, the tracker and its smoothing, the device type and the kernels, HuBERT's precision where it
-is not fp32, and :data:`VERSION` for our own code) followed by the chunk's own samples. A hit is therefore exactly what the computation
-would give on the same path: nothing is approximated. Entries live in two places:
+is not fp32, and :data:`VERSION` for our own code) followed by the chunk's own samples. A hit is
+therefore exactly what the computation would give on the same path: nothing is approximated.
+Entries live in two places:
 
 - a bounded in-process memory (``memory_mb``, least recently used out first): repair candidates
   of one stretch, duets' shared context;
