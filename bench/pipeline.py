@@ -190,7 +190,11 @@ def row(kind: str, seconds: int, variant: str) -> dict:
 
     settings, options = _row_settings(variant)
     # only the second-voice row uses a stem cache: every other row separates
-    pipeline = Pipeline(settings, stem_cache=_earlier_voice(seconds, variant) if kind == "second-voice" else None)
+    pipeline = Pipeline(
+        settings,
+        stem_cache=_earlier_voice(seconds, variant) if kind == "second-voice" else None,
+        one_cover=kind in ("cover", "second-voice"),  # as a Cloud Run Job execution renders
+    )
     voice = pipeline.store.voice(demo.DEMO_VOICE)
     if variant == "int8":  # built (or found) before the clock starts
         pipeline.converter.load_voice(voice)

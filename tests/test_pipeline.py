@@ -111,3 +111,44 @@ def test_once_separated_the_song_leaves_the_work_folder_and_the_users_file_stays
     voice = pipeline.store.voice(demo.DEMO_VOICE)
     pipeline.render(download, voice, tmp_path / "out2.wav", options, watch, work=work / "two", discard_song=True)
     assert there["separate"] and not there["convert"]
+
+
+def test_a_one_cover_process_lets_go_of_the_separation_models_once_the_stems_are_made(store, song, tmp_path):
+    """A Cloud Run Job execution (``python -m job run``) and ``cover make`` render one cover and end:
+    Demucs is let go once the stems are made, so the conversion's, the scoring's and the mix's peak
+    memory do not carry it (a 10-minute cover's: docs/performance.md); a runner keeps it for its next
+    cover. The cover is the same either way."""
+    import gc
+    import weakref
+
+    from job.render.separate.loading import cached_model
+    from shared.stages import Stage
+
+    own = tmp_path / "models"  # a store of its own: no other test's pipeline holds this Demucs
+    own.mkdir()
+    for part in store.iterdir():
+        (own / part.name).symlink_to(part)
+    settings = Settings(models_dir=own, work_dir=tmp_path / "work", device="cpu", repair_budget=0)
+    options = CoverOptions(conversion=ConversionOptions(f0_method="pm"), mix=MixOptions(format=OutputFormat.WAV))
+    outputs, kept = [], []
+    for one_cover in (True, False):
+        pipeline = Pipeline(settings, one_cover=one_cover)
+        demucs: list[weakref.ref] = []
+        held_at_convert: list[bool] = []
+
+        def progress(stage: Stage, fraction: float, pipeline: Pipeline = pipeline, demucs=demucs, held=held_at_convert):
+            if stage is Stage.SEPARATE and not demucs:
+                loaded = [s._model for s in pipeline._separators.values() if s._model is not None]
+                demucs.extend(weakref.ref(m) for m in loaded)
+            elif stage is Stage.CONVERT and not held:
+                gc.collect()
+                held.append(any(ref() is not None for ref in demucs))
+
+        voice = pipeline.store.voice(demo.DEMO_VOICE)
+        result = pipeline.render(song, voice, tmp_path / f"{one_cover}.wav", options, progress, work=tmp_path / "w")
+        assert demucs, "the separation's progress should have seen Demucs loaded"
+        outputs.append(read_wav(result.output)[0])
+        kept.append((held_at_convert[0], bool(pipeline._separators), cached_model.cache_info().currsize > 0))
+        del pipeline, result
+    assert kept == [(False, False, False), (True, True, True)]
+    assert np.array_equal(outputs[0], outputs[1])

@@ -133,13 +133,13 @@ def _settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def _pipeline(args: argparse.Namespace, settings: Settings) -> Pipeline:
+def _pipeline(args: argparse.Namespace, settings: Settings, one_cover: bool = False) -> Pipeline:
     from job.render.pipeline import Pipeline
     from job.render.separate.stems import StemCache
     from shared.storage import LocalStorage
 
     cache = None if getattr(args, "no_stem_cache", False) else StemCache(LocalStorage(settings.stem_cache_dir))
-    return Pipeline(settings, ModelStore(settings.models_dir), cache)
+    return Pipeline(settings, ModelStore(settings.models_dir), cache, one_cover=one_cover)
 
 
 def _cover_options(args: argparse.Namespace, output: str) -> CoverOptions:
@@ -209,7 +209,7 @@ def _cast(args: argparse.Namespace, pipeline: Pipeline, options: CoverOptions) -
 
 def cmd_make(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    pipeline = _pipeline(args, settings)
+    pipeline = _pipeline(args, settings, one_cover=True)  # one cover, then the process ends
     options = _cover_options(args, args.output)
     main, cast = _cast(args, pipeline, options)
     voice = pipeline.store.voice(main)  # an unknown voice fails before any work

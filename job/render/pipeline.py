@@ -10,6 +10,7 @@ a song whose stems were made before with the same model and settings.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +40,7 @@ from job.render.quality.repair import CONTEXT_S, RepairLoop
 from job.render.quality.repair import Voice as RepairVoice
 from job.render.rvc.analysis import AnalysisCache
 from job.render.rvc.engine import ConversionResult, PartTimes
+from job.render.separate.loading import cached_model
 from job.render.separate.separator import Separator
 from job.render.separate.stems import StemCache, Stems
 from job.render.separate.vocal_split import VocalSplitter, VocalStems
@@ -113,9 +115,25 @@ class CoverResult(BaseModel):
 
 class Pipeline:
     def __init__(
-        self, settings: Settings, store: ModelStore | None = None, stem_cache: StemCache | None = None
+        self,
+        settings: Settings,
+        store: ModelStore | None = None,
+        stem_cache: StemCache | None = None,
+        *,
+        one_cover: bool = False,
     ) -> None:
+        """The stages and the models they load (each once, then kept for the next cover).
+
+        Args:
+            settings: the render's settings
+            store: the model store (default: the settings' ``models_dir``)
+            stem_cache: where stems and the vocals' analysis are kept between covers (None: not kept)
+            one_cover: the process renders one cover and ends (a Cloud Run Job execution, ``cover
+                make``): the separation's models are let go once the stems are made, so that the
+                later stages' peak memory does not carry them (docs/performance.md)
+        """
         self.settings = settings
+        self.one_cover = one_cover
         self.store = store or ModelStore(settings.models_dir)
         self.stem_cache = stem_cache
         self.converter = VoiceConverter(
@@ -487,6 +505,25 @@ class Pipeline:
             )
         return self._separators[key]
 
+    def _separated(self, fetched: SongAudio, song_copy: Path | None) -> None:
+        """What a render lets go of once its stems are made: the song's files (the stems are what the
+        later stages read; ``song_copy``: the caller's own copy of the song), a one-cover process's
+        separation models, and the memory separation freed, before the conversion's models load."""
+        fetched.discard_files()
+        if song_copy is not None:
+            song_copy.unlink(missing_ok=True)
+        if self.one_cover:
+            self.let_go_of_separation()
+        release_freed_memory(0)
+
+    def let_go_of_separation(self) -> None:
+        """Drop the separation's models (Demucs, the MDX-Net passes'): a later cover loads them again."""
+        with self._loading:
+            self._separators.clear()
+            cached_model.cache_clear()
+            self.splitter.unload()
+        gc.collect()  # a model's modules may sit in reference cycles: freed now, not at the next collection
+
     # --- the stages ----------------------------------------------------------------------------
     def fetch(self, song: str | Path, work: Path) -> SongAudio:
         return fetch(song, work, self.settings.max_duration_s, UrlPolicy.from_settings(self.settings))
@@ -735,10 +772,7 @@ class Pipeline:
         with self.device_turn(timer), timer(Stage.SEPARATE):
             stems, cached, vocal = self.separate_vocals(fetched, work, options, lambda f: report(Stage.SEPARATE, f))
         report(Stage.SEPARATE, 1.0)
-        fetched.discard_files()  # the stems are what the later stages read
-        if discard_song:
-            Path(song).unlink(missing_ok=True)
-        release_freed_memory(0)  # what separation freed goes back before the conversion's models load
+        self._separated(fetched, Path(song) if discard_song else None)
         source_f0 = None
         if self.settings.quality == "gate" and not options.allow_no_vocals:
             with timer(Stage.QUALITY):  # an instrumental is refused here, before the conversion's cost

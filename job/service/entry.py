@@ -44,7 +44,7 @@ def run_once(settings: Settings) -> int:
     attempt = int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0")) + 1
     # the trigger passes the pushed message's ce-id (else its message id) as COVER_REQUEST_ID
     request_id = os.environ.get("COVER_REQUEST_ID", "")
-    worker = Worker(settings)
+    worker = Worker(settings, one_cover=True)  # this task renders one cover, then the process ends
     attributes = {"ce-id": request_id} if request_id else None
     deadline = time.monotonic() + settings.busy_wait_max_s
     while True:

@@ -76,6 +76,8 @@ class Worker:
         storage: the bucket (default: from the settings)
         bus: the events topic (default: from the settings)
         pipeline: the pipeline (default: made on first use, with the bucket's stem cache)
+        one_cover: this process answers one request and ends (``python -m job run``): the pipeline
+            lets go of each stage's models once they have done their part (``Pipeline.one_cover``)
     """
 
     def __init__(
@@ -84,8 +86,10 @@ class Worker:
         storage: Storage | None = None,
         bus: EventBus | None = None,
         pipeline: Pipeline | None = None,
+        one_cover: bool = False,
     ) -> None:
         self.settings = settings
+        self.one_cover = one_cover
         self.storage = storage or make_storage(settings)
         self.bus = bus or EventBus(settings)
         self.keys = Keys(settings.song_key_template)
@@ -106,7 +110,7 @@ class Worker:
     def pipeline(self) -> Pipeline:
         with self._lock:
             if self._pipeline is None:  # models load once per process, then stay
-                self._pipeline = Pipeline(self.settings, self.models, StemCache(self.storage))
+                self._pipeline = Pipeline(self.settings, self.models, StemCache(self.storage), one_cover=self.one_cover)
             return self._pipeline
 
     def _failpoint(self, stage: Stage, cid: str) -> None:

@@ -136,6 +136,11 @@ class VocalSplitter:
                 log.info("the %s model runs on %s", kind.value, model.arithmetic)
             return self._models[kind]
 
+    def unload(self) -> None:
+        """Drop the loaded models (the next split loads them again)."""
+        with self._lock:
+            self._models.clear()
+
     def split(
         self,
         vocals: Path,
