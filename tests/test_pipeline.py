@@ -115,9 +115,9 @@ def test_once_separated_the_song_leaves_the_work_folder_and_the_users_file_stays
 
 def test_a_one_cover_process_lets_go_of_the_separation_models_once_the_stems_are_made(store, song, tmp_path):
     """A Cloud Run Job execution (``python -m job run``) and ``cover make`` render one cover and end:
-    Demucs is let go once the stems are made, so the conversion's, the scoring's and the mix's peak
-    memory do not carry it (a 10-minute cover's: docs/performance.md); a runner keeps it for its next
-    cover. The cover is the same either way."""
+    Demucs is let go once the stems are made and RMVPE once the conversion's pitch pass is done, so
+    the later stages' peak memory does not carry them (a 10-minute cover's: docs/performance.md); a
+    runner keeps both for its next cover. The cover is the same either way."""
     import gc
     import weakref
 
@@ -129,7 +129,7 @@ def test_a_one_cover_process_lets_go_of_the_separation_models_once_the_stems_are
     for part in store.iterdir():
         (own / part.name).symlink_to(part)
     settings = Settings(models_dir=own, work_dir=tmp_path / "work", device="cpu", repair_budget=0)
-    options = CoverOptions(conversion=ConversionOptions(f0_method="pm"), mix=MixOptions(format=OutputFormat.WAV))
+    options = CoverOptions(conversion=ConversionOptions(f0_method="rmvpe"), mix=MixOptions(format=OutputFormat.WAV))
     outputs, kept = [], []
     for one_cover in (True, False):
         pipeline = Pipeline(settings, one_cover=one_cover)
@@ -148,7 +148,14 @@ def test_a_one_cover_process_lets_go_of_the_separation_models_once_the_stems_are
         result = pipeline.render(song, voice, tmp_path / f"{one_cover}.wav", options, progress, work=tmp_path / "w")
         assert demucs, "the separation's progress should have seen Demucs loaded"
         outputs.append(read_wav(result.output)[0])
-        kept.append((held_at_convert[0], bool(pipeline._separators), cached_model.cache_info().currsize > 0))
+        kept.append(
+            (
+                held_at_convert[0],
+                bool(pipeline._separators),
+                cached_model.cache_info().currsize > 0,
+                pipeline.converter._rmvpe is not None,
+            )
+        )
         del pipeline, result
-    assert kept == [(False, False, False), (True, True, True)]
+    assert kept == [(False, False, False, False), (True, True, True, True)]
     assert np.array_equal(outputs[0], outputs[1])

@@ -129,8 +129,9 @@ class Pipeline:
             store: the model store (default: the settings' ``models_dir``)
             stem_cache: where stems and the vocals' analysis are kept between covers (None: not kept)
             one_cover: the process renders one cover and ends (a Cloud Run Job execution, ``cover
-                make``): the separation's models are let go once the stems are made, so that the
-                later stages' peak memory does not carry them (docs/performance.md)
+                make``): the separation's models are let go once the stems are made, and the pitch
+                trackers once the conversion's pitch pass is done, so that the later stages' peak
+                memory does not carry them (docs/performance.md)
         """
         self.settings = settings
         self.one_cover = one_cover
@@ -144,6 +145,7 @@ class Pipeline:
             batch=settings.convert_batch,
             decoder=settings.decoder,
             analysis=AnalysisCache(stem_cache.storage if stem_cache is not None else None),
+            one_cover=one_cover,
         )
         self._separators: dict[str, Separator] = {}
         self.splitter = VocalSplitter(

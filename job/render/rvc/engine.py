@@ -178,6 +178,9 @@ class VoiceConverter:
             int8 where the decoder would run in fp32 with the fast kernels)
         analysis: where content features and pitch are kept between conversions of the same vocals
             (:mod:`job.render.rvc.analysis`; None: computed every time)
+        one_cover: the process renders one cover and ends: the pitch trackers are let go once a
+            conversion's pitch pass is done (loaded again should another conversion need them), so
+            the synthesis's peak memory does not carry them
     """
 
     def __init__(
@@ -190,9 +193,11 @@ class VoiceConverter:
         batch: int = 0,
         decoder: str = "auto",
         analysis: AnalysisCache | None = None,
+        one_cover: bool = False,
     ) -> None:
         self.store = store
         self.analysis = analysis
+        self.one_cover = one_cover
         self._digests = ModelDigests()
         self.device = resolve_device(device)
         self.batch = batch_size(batch, self.device)
@@ -232,6 +237,11 @@ class VoiceConverter:
                 with loading("the pitch model (FCPE)"):
                     self._fcpe = FCPE.load(self.store.fcpe_model(), self.device)
             return self._fcpe
+
+    def let_go_of_pitch_trackers(self) -> None:
+        """Drop RMVPE and FCPE (the next pitch pass that needs one loads it again)."""
+        with self._loading:
+            self._rmvpe = self._fcpe = None
 
     # --- voices --------------------------------------------------------------------------------
     def load_voice_file(self, pth: Path, index: Path | None = None, info: VoiceInfo | None = None) -> Voice:
@@ -516,6 +526,8 @@ class VoiceConverter:
                 if progress and voice.f0:
                     progress(pitch_share * (i + 1) / len(chunks))
             times.pitch += time.perf_counter() - t0
+            if self.one_cover and record is None:  # RMVPE's 345 MB would stay through the synthesis's peak
+                self.let_go_of_pitch_trackers()
             release_freed_memory(0)  # before HuBERT and the decoder start on what the pitch pass freed
             if options.autotune > 0 and voice.f0:
                 f0s = self._autotuned(f0s, options)
