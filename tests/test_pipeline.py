@@ -156,6 +156,11 @@ def test_a_one_cover_process_lets_go_of_the_separation_models_once_the_stems_are
                 pipeline.converter._rmvpe is not None,
             )
         )
+        if one_cover:  # a later conversion (a repair's, a backing's) loads RMVPE again, and lets it go again
+            converter = pipeline.converter
+            vocals, _ = demo.demo_song(2.0, seed=3)
+            tracked = converter.convert(vocals, 44100, converter.load_voice(voice), options.conversion)
+            assert tracked.times.pitch > 0 and converter._rmvpe is None
         del pipeline, result
     assert kept == [(False, False, False, False), (True, True, True, True)]
     assert np.array_equal(outputs[0], outputs[1])
