@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from job.devkit import mdx as devkit
 from job.render.onnx_files import parse_self_contained
-from job.render.separate.onnx_graph import OPS, TorchGraph, UnsupportedGraphError, load_torch_graph
+from job.render.separate.onnx_graph import OPS, Node, TorchGraph, UnsupportedGraphError, load_torch_graph
 
 RNG = np.random.default_rng(7)
 CPU = torch.device("cpu")
@@ -301,3 +301,27 @@ def test_a_lowered_precision_stays_close_to_fp32_on_an_mdx_net_shaped_network(
     low = by_torch(proto, x, channels_last=True, dtype=dtype)
     error = np.linalg.norm(low - exact) / np.linalg.norm(exact)
     assert 1e-6 < error < bound, error
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_a_dense_layer_across_frequency_in_a_lowered_precision_is_the_product_rounded_once(dtype: torch.dtype) -> None:
+    """MDX-Net's dense layers (a matrix product over the last axis of a channels-last activation),
+    under the CPU's autocast, run as one matrix product of the activation laid out anew: the same
+    numbers as the product of the rounded inputs summed exactly and rounded once to ``dtype``, in
+    the layout the next convolution takes, and the weight's transposed copy made once."""
+    a = torch.randn(2, 6, 5, 12).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(12, 7)
+    matmul = Node(node("MatMul", ["x", "w"]))
+    with torch.autocast("cpu", dtype=dtype):
+        got = OPS["MatMul"](matmul, [a, b])[0]
+        made = matmul.cache["bT"]
+        OPS["MatMul"](matmul, [a, b])
+    assert matmul.cache["bT"] is made and made.dtype == dtype
+    want = torch.matmul(a.to(dtype).double(), b.to(dtype).double())
+    assert got.shape == (2, 6, 5, 7) and got.dtype == dtype
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    # each sum (of exact products, in fp32) rounded once: half a unit in dtype's last place, plus
+    # fp32's rounding of the sum's terms
+    terms = torch.matmul(a.to(dtype).double().abs(), b.to(dtype).double().abs())
+    bound = torch.finfo(dtype).eps / 2 * want.abs() + 1e-6 * terms
+    assert torch.all((got.double() - want).abs() <= bound)
