@@ -349,6 +349,42 @@ def machine() -> str:
     return describe()
 
 
+def run_row(kind: str, seconds: int, variant: str) -> dict | None:
+    """One row (:func:`row`) in a process of its own, with ``what``, ``variant``, ``audio_s`` and
+    ``rtf`` added; None (its error printed) when the row failed."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.pipeline", "--row", f"{kind}:{seconds}:{variant}"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COVER_LOG_LEVEL": "ERROR"},
+    )
+    if proc.returncode != 0:
+        print(proc.stderr[-2000:], file=sys.stderr)
+        return None
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"{kind:<13} {variant:<11} {seconds:>4} s: {result['wall']:.1f} s", file=sys.stderr, flush=True)
+    return {"what": kind, "variant": variant, "audio_s": seconds, **result, "rtf": result["wall"] / seconds}
+
+
+def table_lines(rows: list[dict]) -> list[str]:
+    """The rows as a Markdown table (each stage's peak: RSS / RSS plus the work folder's files)."""
+    lines = [
+        "| what | variant | audio s | wall s | RTF | CPU s | peak RSS MB | peak by stage MB: RSS / RSS + work files |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    return lines + [
+        f"| {r['what']} | {r['variant']} | {r['audio_s']} | {r['wall']:.1f} | {r['rtf']:.3f} | "
+        f"{r['cpu']:.1f} | {r['rss_mb']:.0f} | "
+        + ", ".join(
+            f"{stage} {mb} / {r.get('stage_totals_mb', {}).get(stage, mb)}"
+            for stage, mb in r.get("stage_peaks_mb", {}).items()
+        )
+        + " |"
+        for r in rows
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--songs", default="30,210,600", help="song lengths in seconds for the cover rows")
@@ -376,21 +412,7 @@ def main() -> None:
     plan += [("convert", 60, "reference"), ("convert", 60, "auto"), ("convert", 60, "int8")]
     plan += [("cover", s, "auto") for s in lengths] + [("cover", song, "continuous"), ("cover", song, "torch")]
     plan += [("second-voice", song, v) for v in ("stems-only", "auto", "sung-stems")]
-    rows = []
-    for kind, seconds, variant in plan:
-        proc = subprocess.run(
-            [sys.executable, "-m", "bench.pipeline", "--row", f"{kind}:{seconds}:{variant}"],
-            check=False,
-            capture_output=True,
-            text=True,
-            env={**os.environ, "COVER_LOG_LEVEL": "ERROR"},
-        )
-        if proc.returncode != 0:
-            print(proc.stderr[-2000:], file=sys.stderr)
-            continue
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        rows.append({"what": kind, "variant": variant, "audio_s": seconds, **result, "rtf": result["wall"] / seconds})
-        print(f"{kind:<13} {variant:<11} {seconds:>4} s: {result['wall']:.1f} s", file=sys.stderr, flush=True)
+    rows = [r for kind, seconds, variant in plan if (r := run_row(kind, seconds, variant)) is not None]
     lines = [
         f"# Benchmark results ({date.today().isoformat()})",
         "",
@@ -402,18 +424,7 @@ def main() -> None:
         + (f" --results {args.results}" if args.results != RESULTS else "")
         + "`",
         "",
-        "| what | variant | audio s | wall s | RTF | CPU s | peak RSS MB | peak by stage MB: RSS / RSS + work files |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['what']} | {r['variant']} | {r['audio_s']} | {r['wall']:.1f} | {r['rtf']:.3f} | "
-        f"{r['cpu']:.1f} | {r['rss_mb']:.0f} | "
-        + ", ".join(
-            f"{stage} {mb} / {r.get('stage_totals_mb', {}).get(stage, mb)}"
-            for stage, mb in r.get("stage_peaks_mb", {}).items()
-        )
-        + " |"
-        for r in rows
+        *table_lines(rows),
     ]
     table = "\n".join(lines) + "\n"
     print(table)
