@@ -132,6 +132,7 @@ def linked_store(store: Path, root: Path, files: dict[str, Path] | None = None) 
     from job.render.separate.mdx_params import MdxKind
     from shared.model_store import ModelStore
 
+    store = store.resolve()  # links to the real folders, not through a link to them
     (root / "separation").mkdir(parents=True)
     for item in (store / "separation").iterdir():
         if item.name != "mdx":

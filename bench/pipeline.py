@@ -270,7 +270,8 @@ def _mdx_store() -> Path:
     from job.render.separate.mdx_params import MdxParams
 
     root = WORK / "mdx-models"
-    if not (root / "separation" / "mdx").is_dir():
+    # made again when its links no longer resolve (made from a worktree since removed, say)
+    if not (root / "separation" / "mdx").is_dir() or not (root / "voices").exists():
         shutil.rmtree(root, ignore_errors=True)
         files = {}
         for kind, shape in SHAPES.items():
@@ -368,14 +369,18 @@ def run_row(kind: str, seconds: int, variant: str) -> dict | None:
 
 
 def table_lines(rows: list[dict]) -> list[str]:
-    """The rows as a Markdown table (each stage's peak: RSS / RSS plus the work folder's files)."""
+    """The rows as a Markdown table (each stage's seconds, and its peak: RSS / RSS plus the work
+    folder's files)."""
     lines = [
-        "| what | variant | audio s | wall s | RTF | CPU s | peak RSS MB | peak by stage MB: RSS / RSS + work files |",
-        "|---|---|---|---|---|---|---|---|",
+        "| what | variant | audio s | wall s | RTF | CPU s | peak RSS MB | by stage, s "
+        "| peak by stage MB: RSS / RSS + work files |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     return lines + [
         f"| {r['what']} | {r['variant']} | {r['audio_s']} | {r['wall']:.1f} | {r['rtf']:.3f} | "
         f"{r['cpu']:.1f} | {r['rss_mb']:.0f} | "
+        + ", ".join(f"{stage} {s}" for stage, s in r.get("stages_s", {}).items())
+        + " | "
         + ", ".join(
             f"{stage} {mb} / {r.get('stage_totals_mb', {}).get(stage, mb)}"
             for stage, mb in r.get("stage_peaks_mb", {}).items()
@@ -395,7 +400,11 @@ def main() -> None:
     parser.add_argument("--row", help=argparse.SUPPRESS)
     parser.add_argument("--first-voice", help=argparse.SUPPRESS)
     parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--prepare-mdx", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.prepare_mdx:  # the MDX-Net rows' store, made in a process of its own (its export peaks high)
+        _mdx_store()
+        return
     if args.first_voice:
         seconds, variant = args.first_voice.split(":")
         first_voice(int(seconds), variant, args.cache)
