@@ -88,7 +88,7 @@ bench: setup
 	$(BIN)/python -m bench.craft
 	$(BIN)/python -m bench.roofline
 
-bench-targets: setup  ## this machine against the speed and memory targets (issues 34, 36), one run: about 25 to 50 minutes on 2 cores
+bench-targets: setup  ## this machine against the speed and memory targets (issues 34, 36), one run: about 30 to 40 minutes on 2 cores
 	$(BIN)/python -m bench.targets
 
 bench-fcpe-parity: setup  ## FCPE: our inference against torchfcpe 0.0.4's own (its wheel, a process of its own)

@@ -390,6 +390,13 @@ def table_lines(rows: list[dict]) -> list[str]:
     ]
 
 
+def publish(lines: list[str], path: Path) -> None:
+    """Print a results file's lines and write them to ``path``."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    path.write_text(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--songs", default="30,210,600", help="song lengths in seconds for the cover rows")
@@ -435,9 +442,7 @@ def main() -> None:
         "",
         *table_lines(rows),
     ]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    args.results.write_text(table)
+    publish(lines, args.results)
 
 
 if __name__ == "__main__":

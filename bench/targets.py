@@ -7,8 +7,8 @@ process of its own, in this order): the ``demucs`` CLI separating the 3.5-minute
 song (the peer), a voice's first cover of it, a second voice on the stems and analysis that cover
 left, a 60 s cover without and with both MDX-Net passes, and a 10-minute cover. Then each target
 that applies to this machine's class, its measured value and whether it is met; a target whose
-rows failed reads "not measured", never met. About 25 minutes on 2 cores with native bf16, 40 to
-50 without.
+rows failed reads "not measured", never met. About 30 minutes on 2 cores with native bf16 (29 on the
+Zen 4 class), about 40 without (from the AVX2 class's rows).
 
 The class is what ``auto`` tells apart (:func:`job.render.compute.native_bf16`): a CPU with native
 bf16 (AVX512-BF16 or AMX) takes issue 36's bf16 targets (0.30x, 0.15x), one without (AVX2; an
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from bench.pipeline import machine, run_row, table_lines
+from bench.pipeline import machine, publish, run_row, table_lines
 
 RESULTS = Path(__file__).parent / "RESULTS-targets.md"
 CLI, FIRST, SECOND = "separate:210:demucs-cli", "cover:210:auto", "second-voice:210:auto"
@@ -150,9 +150,7 @@ def main() -> None:
         "|---|---|---|---|",
         *("| " + " | ".join(v.cells()) + " |" for v in verdicts(rows, bf16)),
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.results.write_text(text)
+    publish(lines, args.results)
 
 
 if __name__ == "__main__":
