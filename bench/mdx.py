@@ -157,10 +157,10 @@ def _stores(work: Path, files: dict[str, Path]) -> tuple[Path, Path]:
 
 def covers(work: Path, files: dict[str, Path], seconds: float) -> None:
     """Print a cover's time without the passes and with both, in this run."""
+    from bench.pipeline import bench_settings
     from job.devkit import demo
     from job.render.pipeline import CoverOptions, Pipeline
     from shared.options import StemOptions
-    from shared.settings import Settings
 
     plain, with_mdx = _stores(work, files)
     song = demo.write_demo_song(work / "song.wav", seconds=seconds, form="song")  # with instrumental breaks
@@ -171,10 +171,7 @@ def covers(work: Path, files: dict[str, Path], seconds: float) -> None:
         ("today's (no MDX-Net models)", plain, StemOptions()),
         ("with both passes (backing original, dereverb)", with_mdx, StemOptions(dereverb=True)),
     ):
-        # measured, not repaired, as bench.pipeline's rows: random-weight voices fail every segment,
-        # so repair would spend its whole budget in both covers and flatter their ratio
-        settings = Settings(models_dir=root, work_dir=work / "w", quality="measure", repair_budget=0)
-        pipeline = Pipeline(settings)
+        pipeline = Pipeline(bench_settings(models_dir=root, work_dir=work / "w"))  # measured, not repaired
         options = CoverOptions(stems=stems, allow_no_vocals=True)
         voice = pipeline.store.voice(demo.DEMO_VOICE)
         pipeline.render(song, voice, work / "warm.mp3", options, work=work / "warm")  # loads every model

@@ -75,14 +75,29 @@ def _song(seconds: int, form: str = "song") -> Path:
     return path
 
 
-def _settings(precision: str = "auto", kernels: str = "fast", decoder: str = "auto"):
+def bench_settings(
+    precision: str = "auto",
+    kernels: str = "fast",
+    decoder: str = "auto",
+    models_dir: Path = WORK / "models",
+    work_dir: Path = WORK / "tmp",
+):
+    """A benchmark cover's settings: measured, not repaired (random-weight voices fail every
+    segment, so repair would always spend its whole budget, bounded at COVER_REPAIR_BUDGET of the
+    conversion time: README, "Quality", and flatter any ratio of two covers).
+
+    Args:
+        precision: ``COVER_PRECISION``
+        kernels: ``COVER_KERNELS``
+        decoder: ``COVER_DECODER``
+        models_dir: the model store
+        work_dir: the covers' work folders
+    """
     from shared.settings import Settings
 
-    # measured, not repaired: random-weight voices fail every segment, so repair would always spend
-    # its whole budget (bounded at COVER_REPAIR_BUDGET of the conversion time; README, "Quality")
     return Settings(
-        models_dir=WORK / "models",
-        work_dir=WORK / "tmp",
+        models_dir=models_dir,
+        work_dir=work_dir,
         precision=precision,
         kernels=kernels,
         decoder=decoder,
@@ -246,11 +261,11 @@ def _demucs_cli(song: Path, start: float) -> dict:
 def _row_settings(variant: str):
     """(the settings, the cover options or None for the defaults) of a row's variant."""
     settings = {
-        "reference": _settings("fp32", "reference"),
-        "int8": _settings(decoder="int8"),
-        "torch": _settings(decoder="torch"),
-        "fp32": _settings("fp32"),  # what CPUs without native bf16 run: fp32, and the int8 decoder
-    }.get(variant, _settings())
+        "reference": bench_settings("fp32", "reference"),
+        "int8": bench_settings(decoder="int8"),
+        "torch": bench_settings(decoder="torch"),
+        "fp32": bench_settings("fp32"),  # what CPUs without native bf16 run: fp32, and the int8 decoder
+    }.get(variant, bench_settings())
     if not variant.startswith("mdx"):
         return settings, None
     # both MDX-Net passes (backing original, de-reverb) on the default runtime or the one named
@@ -310,7 +325,7 @@ def first_voice(seconds: int, variant: str, cache: Path) -> None:
     from shared.storage import LocalStorage
 
     song = _song(seconds)
-    pipeline = Pipeline(_settings(), stem_cache=StemCache(LocalStorage(cache)))
+    pipeline = Pipeline(bench_settings(), stem_cache=StemCache(LocalStorage(cache)))
     _cache_stems(pipeline, song, seconds, variant)
     if variant == "stems-only":
         return
