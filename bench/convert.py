@@ -10,7 +10,8 @@ kernels; the bf16 decoder on CPUs with native bf16, the int8 decoder elsewhere) 
 default is not the int8 decoder, that too (``COVER_DECODER=int8``; its one-time build per voice is
 timed apart). Each row's output is compared with the baseline's: relative L2,
 log-spectral distance, waveform correlation (``bench/measures.py``) and the quality stage's
-F0 correlation, F0 RMSE and speaker similarity (the baseline's output as source and reference).
+F0 correlation, F0 RMSE, speaker similarity (the baseline's output as source and reference) and
+DNSMOS: each row's overall score and the largest change of its three scores from the baseline's.
 """
 
 from __future__ import annotations
@@ -24,10 +25,9 @@ from pathlib import Path
 
 import torch
 
-from bench.measures import compare
+from bench.measures import compare, quality_against_exact
 from job.devkit import demo
 from job.render.compute import resolve_decoder, resolve_precision
-from job.render.media.audio import to_16k
 from job.render.quality.meter import QualityMeter
 from job.render.rvc.engine import ConversionOptions, VoiceConverter
 from job.render.rvc.int8_decoder import build_key
@@ -109,17 +109,15 @@ def errors(rows: list[dict]) -> list[dict]:
     """Each row's output against the first row's (the exact path), in place."""
     meter = QualityMeter()
     exact = rows[0]["audio"]
-    reference = meter.embedding(to_16k(exact, rows[0]["rate"]))
     for r in rows:
         n = min(len(exact), len(r["audio"]))
         r.update(compare(exact[:n], r["audio"][:n]))
-        quality = meter.conversion(
-            exact, r["rate"], r["audio"], r["rate"], 0, reference.tolist() if reference is not None else None
-        )
-        r["f0_corr"] = quality.whole.melody.f0_correlation
-        r["f0_rmse"] = quality.whole.melody.f0_rmse_cents
-        r["speaker"] = quality.whole.speaker_similarity
+        r.update(quality_against_exact(meter, exact[:n], r["audio"][:n], r["rate"]))
     return rows
+
+
+def _two(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def main() -> None:
@@ -144,7 +142,7 @@ def main() -> None:
         runs = variants + ([("fp32", "fast", "int8")] if d == "cpu" and not default_is_int8 else [])
         rows += errors([run(d, args.seconds, args.f0_method, p, k, dec) for p, k, dec in runs])
     head = ["device", "content s", "pitch s", "retrieval s", "synthesis s", "wall s", "CPU s", "RTF", "peak RSS MB"]
-    head += ["rel L2", "LSD dB", "corr", "F0 corr", "F0 RMSE cents", "speaker sim"]
+    head += ["rel L2", "LSD dB", "corr", "F0 corr", "F0 RMSE cents", "speaker sim", "DNSMOS", "DNSMOS shift"]
     lines = [
         f"# Conversion benchmark ({date.today().isoformat()})",
         "",
@@ -165,7 +163,8 @@ def main() -> None:
     lines += [
         f"| {r['device']} | {r['content']:.2f} | {r['pitch']:.2f} | {r['retrieval']:.2f} | {r['synthesis']:.2f} "
         f"| {r['wall']:.2f} | {r['cpu']:.2f} | {r['rtf']:.3f} | {r['rss_mb']:.0f} "
-        f"| {r['rel_l2']} | {r['lsd_db']} | {r['corr']} | {r['f0_corr']} | {r['f0_rmse']} | {r['speaker']} |"
+        f"| {r['rel_l2']} | {r['lsd_db']} | {r['corr']} | {r['f0_corr']} | {r['f0_rmse']} | {r['speaker']} "
+        f"| {_two(r['dnsmos'])} | {_two(r['dnsmos_shift'], 3)} |"
         for r in rows
     ]
     lines += [f"\n{r['device']}: one-time build {r['built']:.1f} s" for r in rows if r["built"]]

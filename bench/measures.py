@@ -1,10 +1,17 @@
 """How far an approximate path's audio is from the exact path's: the measures every precision,
 kernel and batching choice reports against ``COVER_PRECISION=fp32 COVER_KERNELS=reference`` (tests,
-``bench/``). Each takes two equally long float arrays, the exact one first."""
+``bench/``). Each takes two equally long float arrays, the exact one first; the last two give
+the quality stage's scores of the approximate output against the exact one's."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from job.render.quality.meter import QualityMeter
+    from shared.quality import Scores
 
 
 def sdr_db(exact: np.ndarray, approx: np.ndarray) -> float:
@@ -47,4 +54,73 @@ def compare(exact: np.ndarray, approx: np.ndarray) -> dict[str, float]:
         "rel_l2": round(relative_l2(exact, approx), 5),
         "lsd_db": round(log_spectral_distance_db(np.ravel(exact), np.ravel(approx)), 3),
         "corr": round(correlation(exact, approx), 5),
+    }
+
+
+# an approximate path's output as the quality stage scores it against the exact path's
+# (:func:`quality_against_exact`): the bounds the tests hold the bf16 and int8 conversions to, and
+# ``bench.approximations`` the whole benchmark cover
+MIN_F0_CORRELATION = 0.995  # where the exact output's melody moves (MIN_MELODY_SPREAD_CENTS)
+MIN_MELODY_SPREAD_CENTS = 10.0  # a steadier pitch's correlation measures the tracker's jitter: its RMSE carries
+MAX_F0_RMSE_CENTS = 5.0
+MAX_SPEAKER_DROP = 0.005  # below the exact output's own similarity to its embedding (1.0 over one segment)
+MAX_DNSMOS_SHIFT = 0.1  # the largest change of DNSMOS' three scores (signal, background, overall), MOS points
+
+
+def outside_bounds(view: dict[str, Any]) -> list[str]:
+    """The measures of a :func:`quality_against_exact` view outside the bounds above (a measure
+    that could not be taken counts as outside); empty where the approximation is within them all.
+    The F0 correlation is held to its bound only where the exact output's melody spreads over
+    :data:`MIN_MELODY_SPREAD_CENTS` or more: two steady pitches' correlation is that of the
+    tracker's frame-to-frame jitter (a random-weight cover's buzz, 3 cents of spread, correlates
+    at 0.94 with the same buzz 1 cent off), and the RMSE bound says what it would."""
+    steady = view["f0_spread"] is not None and view["f0_spread"] < MIN_MELODY_SPREAD_CENTS
+    checks = {
+        "f0_corr": steady or (view["f0_corr"] is not None and view["f0_corr"] > MIN_F0_CORRELATION),
+        "f0_rmse": view["f0_rmse"] is not None and view["f0_rmse"] < MAX_F0_RMSE_CENTS,
+        "speaker": view["speaker_drop"] is not None and view["speaker_drop"] < MAX_SPEAKER_DROP,
+        "dnsmos": view["dnsmos_shift"] is not None and view["dnsmos_shift"] < MAX_DNSMOS_SHIFT,
+    }
+    return [name for name, within in checks.items() if not within]
+
+
+def dnsmos_shift(exact: Scores, approx: Scores) -> float | None:
+    """The largest of the three DNSMOS scores' (signal, background, overall) absolute differences
+    between an approximate path's output and the exact path's, both as the quality stage scores
+    them; None where either was not measured (no sung segment)."""
+    if exact.dnsmos is None or approx.dnsmos is None:
+        return None
+    return max(abs(getattr(approx.dnsmos, k) - getattr(exact.dnsmos, k)) for k in ("sig", "bak", "ovrl"))
+
+
+def quality_against_exact(meter: QualityMeter, exact: np.ndarray, approx: np.ndarray, rate: int) -> dict[str, Any]:
+    """The quality stage's view of ``approx`` with ``exact`` (same rate, mono) as the separated
+    vocals and as the voice's reference: F0 correlation and RMSE, speaker similarity (and its drop
+    from the exact output's own: over several segments that is below 1), and DNSMOS of each with
+    their largest difference (``dnsmos_shift``). The exact output is scored by the same stage, so
+    the differences are the approximation's alone."""
+    from job.render.media.audio import to_16k
+
+    reference = meter.embedding(to_16k(exact, rate))
+    ref = reference.tolist() if reference is not None else None
+    own = meter.conversion(exact, rate, exact, rate, 0, ref).whole
+    report = meter.conversion(exact, rate, approx, rate, 0, ref)
+    got = report.whole
+    spread = None
+    if report.curves is not None:  # the exact output's melody on the frames voiced in both
+        exact_hz, approx_hz = np.asarray(report.curves.source_hz), np.asarray(report.curves.converted_hz)
+        voiced = (exact_hz > 0) & (approx_hz > 0)
+        spread = float(np.std(1200 * np.log2(exact_hz[voiced]))) if voiced.sum() > 1 else None
+    return {
+        "scores": got,
+        "f0_corr": got.melody.f0_correlation,
+        "f0_rmse": got.melody.f0_rmse_cents,
+        "f0_spread": None if spread is None else round(spread, 1),  # the exact output's melody, cents (std)
+        "speaker": got.speaker_similarity,
+        "speaker_drop": None
+        if got.speaker_similarity is None or own.speaker_similarity is None
+        else round(own.speaker_similarity - got.speaker_similarity, 4),
+        "dnsmos": got.dnsmos.ovrl if got.dnsmos else None,
+        "dnsmos_exact": own.dnsmos.ovrl if own.dnsmos else None,
+        "dnsmos_shift": dnsmos_shift(own, got),
     }
