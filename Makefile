@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: browser run test test-fast test-full coverage lint bench bench-targets bench-mdx bench-watermark bench-cold-start bench-gpu gpu-runner serve setup system-deps pubsub-emulator clean
+.PHONY: browser run test test-fast test-full coverage lint bench bench-targets bench-approximations bench-mdx bench-watermark bench-cold-start bench-gpu gpu-runner serve setup system-deps pubsub-emulator clean
 
 system-deps:  ## Debian's ffmpeg (ffmpeg + ffprobe)
 	@command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 || \
@@ -87,9 +87,13 @@ bench: setup
 	$(BIN)/python -m bench.watermark
 	$(BIN)/python -m bench.craft
 	$(BIN)/python -m bench.roofline
+	$(BIN)/python -m bench.approximations
 
 bench-targets: setup  ## this machine against the speed and memory targets (issues 34, 36), one run: about 30 to 40 minutes on 2 cores
 	$(BIN)/python -m bench.targets
+
+bench-approximations: setup  ## the benchmark cover on this machine's default path against the exact path: the quality stage's scores within the tests' bounds
+	$(BIN)/python -m bench.approximations
 
 bench-fcpe-parity: setup  ## FCPE: our inference against torchfcpe 0.0.4's own (its wheel, a process of its own)
 	$(BIN)/pip download --quiet --no-deps einops -d build/wheels

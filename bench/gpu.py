@@ -37,18 +37,11 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from pathlib import Path
 
+from bench.pipeline import song_file
+
 WORK = Path(__file__).parent / ".work"
 RESULTS = Path(__file__).parent / "RESULTS-gpu.md"
 EXCERPT_S = 20  # seconds of a song the precision rows compare (``--excerpt-s``)
-
-
-def _song(seconds: int) -> Path:
-    from job.devkit.demo import write_demo_song
-
-    path = WORK / "songs" / f"song-{seconds}s.wav"
-    if not path.is_file():
-        write_demo_song(path, seconds=seconds)
-    return path
 
 
 def _models(size: str) -> Path:
@@ -299,7 +292,7 @@ def main() -> None:  # noqa: PLR0915 - reads best top to bottom
     setup_logging("ERROR")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     demo.write_models(_models(args.models), size=args.models)
-    song = _song(args.song_s)
+    song = song_file(args.song_s)
     print(f"setup {time.perf_counter() - started:.1f} s on {card()}", file=sys.stderr, flush=True)
     command = " ".join(["python -m bench.gpu", *sys.argv[1:]])
     rows: list[dict] = []

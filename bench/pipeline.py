@@ -39,7 +39,9 @@ kept as the worst case.
 Cover rows also give each stage's peak RSS (a thread samples the process's RSS every 20 ms and
 charges it to the stage the pipeline's stage timer is in), so a peak can be traced to its stage,
 and each stage's peak of RSS plus the cover's files in the work folder: on Cloud Run the disk is in
-memory, so that sum is what the job's memory limit has to hold (the model store aside).
+memory, so that sum is what the job's memory limit has to hold (the model store aside); and the
+cores each stage kept busy on average (its CPU seconds, FFmpeg's included, over its wall seconds):
+where a stage leaves a core idle, running work beside it could gain.
 
 Prints one table and writes it, with the date and the machine, to ``bench/RESULTS.md``.
 """
@@ -66,7 +68,9 @@ RESULTS = Path(__file__).parent / "RESULTS.md"
 REFERENCE_SONG_S = 210  # the issue's 3.5-minute song: separation and second-voice rows use it
 
 
-def _song(seconds: int, form: str = "song") -> Path:
+def song_file(seconds: int, form: str = "song") -> Path:
+    """The demo song of ``seconds`` in ``form`` (``song``: verses, choruses and breaks; ``continuous``),
+    written under ``bench/.work/songs`` once."""
     from job.devkit.demo import write_demo_song
 
     path = WORK / "songs" / f"{form}-{seconds}s.wav"
@@ -122,23 +126,32 @@ class StagePeaks:
 
         self.peaks: dict[str, float] = {}
         self.totals: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}  # CPU seconds by stage, this process's and its waited-for children's
         self.stage = "other"  # loading models, generating inputs, after the render
         self.work = work
         self.before = {p.name for p in work.iterdir()} if work.is_dir() else set()
+        self._cpu_at = _cpu_seconds()
         watch = self
 
         class Recording(StageTimer):
             @contextmanager
             def __call__(self, stage: Stage) -> Iterator[None]:
-                outer, watch.stage = watch.stage, stage.value
+                outer = watch.stage
+                watch.switch(stage.value)
                 try:
                     with super().__call__(stage):
                         yield
                 finally:
-                    watch.stage = outer
+                    watch.switch(outer)
 
         stages.StageTimer = Recording  # type: ignore[misc]  # the bench's own instrumentation
         threading.Thread(target=self._sample, daemon=True).start()
+
+    def switch(self, stage: str) -> None:
+        """Charge the CPU time since the last switch to the stage it was spent in; ``stage`` next."""
+        now = _cpu_seconds()
+        self.cpu[self.stage] = self.cpu.get(self.stage, 0.0) + now - self._cpu_at
+        self._cpu_at, self.stage = now, stage
 
     def _files_mb(self) -> float:
         total = 0
@@ -164,6 +177,13 @@ class StagePeaks:
             time.sleep(0.02)
 
 
+def _cpu_seconds() -> float:
+    """User and system CPU seconds of this process and of its children that have been waited for
+    (FFmpeg's encodes)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def row(kind: str, seconds: int, variant: str) -> dict:
     """One measurement, in this process."""
     from job.devkit import demo
@@ -172,7 +192,7 @@ def row(kind: str, seconds: int, variant: str) -> dict:
     stages: dict[str, float] = {}  # the cover's own stage timings
 
     demo.write_models(WORK / "models", size="real")
-    song = _song(seconds, "continuous" if variant == "continuous" else "song")
+    song = song_file(seconds, "continuous" if variant == "continuous" else "song")
     if variant.startswith("mdx"):
         _mdx_store()  # made (once) before the clock
     start, cpu0 = time.perf_counter(), time.process_time()
@@ -226,6 +246,7 @@ def row(kind: str, seconds: int, variant: str) -> dict:
         "stage_peaks_mb": {k: round(v) for k, v in watch.peaks.items()} if watch else {},
         "stage_totals_mb": {k: round(v) for k, v in watch.totals.items()} if watch else {},
         "stages_s": {k: round(v, 1) for k, v in stages.items()},
+        "stage_cpu_s": {k: round(v, 1) for k, v in watch.cpu.items()} if watch else {},
     }
 
 
@@ -324,7 +345,7 @@ def first_voice(seconds: int, variant: str, cache: Path) -> None:
     from job.render.workfolder import work_folder
     from shared.storage import LocalStorage
 
-    song = _song(seconds)
+    song = song_file(seconds)
     pipeline = Pipeline(bench_settings(), stem_cache=StemCache(LocalStorage(cache)))
     _cache_stems(pipeline, song, seconds, variant)
     if variant == "stems-only":
@@ -383,9 +404,16 @@ def run_row(kind: str, seconds: int, variant: str) -> dict | None:
     return {"what": kind, "variant": variant, "audio_s": seconds, **result, "rtf": result["wall"] / seconds}
 
 
+def _cores(r: dict, stage: str, seconds: float) -> str:
+    """`` (N cores)``: how many cores a stage kept busy on average (its CPU seconds over its wall
+    seconds), where the row measured its CPU time and the stage took a second or more."""
+    cpu = r.get("stage_cpu_s", {}).get(stage)
+    return f" ({cpu / seconds:.1f} cores)" if cpu is not None and seconds >= 1 else ""
+
+
 def table_lines(rows: list[dict]) -> list[str]:
-    """The rows as a Markdown table (each stage's seconds, and its peak: RSS / RSS plus the work
-    folder's files)."""
+    """The rows as a Markdown table (each stage's seconds with the cores it kept busy, and its peak:
+    RSS / RSS plus the work folder's files)."""
     lines = [
         "| what | variant | audio s | wall s | RTF | CPU s | peak RSS MB | by stage, s "
         "| peak by stage MB: RSS / RSS + work files |",
@@ -394,7 +422,7 @@ def table_lines(rows: list[dict]) -> list[str]:
     return lines + [
         f"| {r['what']} | {r['variant']} | {r['audio_s']} | {r['wall']:.1f} | {r['rtf']:.3f} | "
         f"{r['cpu']:.1f} | {r['rss_mb']:.0f} | "
-        + ", ".join(f"{stage} {s}" for stage, s in r.get("stages_s", {}).items())
+        + ", ".join(f"{stage} {s}{_cores(r, stage, s)}" for stage, s in r.get("stages_s", {}).items())
         + " | "
         + ", ".join(
             f"{stage} {mb} / {r.get('stage_totals_mb', {}).get(stage, mb)}"

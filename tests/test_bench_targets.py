@@ -25,7 +25,7 @@ def _by_target(bf16: bool, rows: dict[str, dict] = ROWS) -> dict[str, tuple[floa
 
 def test_each_target_is_its_rows_ratio_against_the_class_limit():
     got = list(_by_target(bf16=True).values())
-    cli, song, second, peak, flat, passes = got
+    cli, song, second, peak, flat, passes, approximations = got
     assert cli[0] == 192.5 / 138.5 and cli[1:] == (0.8, False)
     assert song[0] == 192.5 / 210 and song[1:] == (0.30, False)
     assert second[0] == 90.4 / 210 and second[1:] == (0.15, False)
@@ -33,6 +33,17 @@ def test_each_target_is_its_rows_ratio_against_the_class_limit():
     assert peak == (1965.0, 2560.0, True)
     assert flat[0] == 1965 / 1797 and flat[2] is True
     assert passes[0] == 104.0 / 60.0 and passes[1:] == (1.3, False)
+    assert approximations == (None, 0, None)  # bench.approximations did not run
+
+
+def test_the_default_paths_cover_is_met_only_with_no_measure_outside_its_bounds():
+    def approximations(outside: list[str] | None):
+        return verdicts(ROWS, bf16=True, outside=outside)[-1]
+
+    assert approximations([]).met is True and approximations([]).cells()[1] == "0 outside"
+    outside = approximations(["dnsmos"])
+    assert outside.met is False and outside.cells()[1] == "1 outside" and "dnsmos" in outside.target
+    assert approximations(None).met is None and "not measured" in approximations(None).cells()
 
 
 def test_a_cpu_without_native_bf16_takes_the_avx2_limits():
@@ -45,7 +56,8 @@ def test_a_target_whose_row_failed_is_not_measured_and_never_met():
     rows = {k: v for k, v in ROWS.items() if k not in (CLI, LONG)}
     got = verdicts(rows, bf16=True)
     unmeasured = [v for v in got if v.measured is None]
-    assert [v.met for v in unmeasured] == [None, None, None]  # the CLI ratio, the peak, flatness
+    # the CLI ratio, the peak, flatness; and the approximations' cover, not run here
+    assert [v.met for v in unmeasured] == [None, None, None, None]
     assert all("not measured" in v.cells() and "met" not in v.cells() for v in unmeasured)
     assert [v.met for v in got if v.measured is not None] == [False, False, False]
 
