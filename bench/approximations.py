@@ -11,7 +11,7 @@ its own with the quality stage on and repair off, the same seed. The default cov
 vocals are scored by the quality stage against the exact cover's (``bench.measures
 .quality_against_exact``: F0 correlation and RMSE, the drop in speaker similarity, the largest
 DNSMOS change) and held to the bounds the tests hold each approximation to
-(``bench.measures.outside_bounds``); the separated vocals are compared by their SDR, and each
+(``bench.measures.QualityView.outside``); the separated vocals are compared by their SDR, and each
 cover's own quality report (its vocals against its own separated vocals) is given beside it.
 
 With random weights the scores bound what the arithmetic does, not how a trained voice sounds.
@@ -36,7 +36,6 @@ from bench.measures import (
     MIN_F0_CORRELATION,
     MIN_MELODY_SPREAD_CENTS,
     compare,
-    outside_bounds,
     quality_against_exact,
     sdr_db,
 )
@@ -112,11 +111,10 @@ def compared(seconds: int) -> tuple[list[dict], dict]:
     default, _ = mono(kept / "default" / "converted.wav")
     m = min(len(exact), len(default))
     view = quality_against_exact(QualityMeter(), exact[:m], default[:m], rate)
-    view.pop("scores")
-    view.update(compare(exact[:m], default[:m]))
-    view["separation_sdr_db"] = round(sdr_db(exact_vocals[:n], default_vocals[:n]), 2)
-    view["outside"] = outside_bounds(view)
-    return rows, view
+    found = {**view.model_dump(exclude={"scores"}), **compare(exact[:m], default[:m])}
+    found["separation_sdr_db"] = round(sdr_db(exact_vocals[:n], default_vocals[:n]), 2)
+    found["outside"] = view.outside()
+    return rows, found
 
 
 def _cell(value: float | None, digits: int = 4) -> str:

@@ -112,7 +112,7 @@ def errors(rows: list[dict]) -> list[dict]:
     for r in rows:
         n = min(len(exact), len(r["audio"]))
         r.update(compare(exact[:n], r["audio"][:n]))
-        r.update(quality_against_exact(meter, exact[:n], r["audio"][:n], r["rate"]))
+        r.update(quality_against_exact(meter, exact[:n], r["audio"][:n], r["rate"]).model_dump(exclude={"scores"}))
     return rows
 
 

@@ -1,17 +1,20 @@
 """How far an approximate path's audio is from the exact path's: the measures every precision,
 kernel and batching choice reports against ``COVER_PRECISION=fp32 COVER_KERNELS=reference`` (tests,
 ``bench/``). Each takes two equally long float arrays, the exact one first; the last two give
-the quality stage's scores of the approximate output against the exact one's."""
+the quality stage's scores of the approximate output against the exact one's
+(:class:`QualityView`)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+from pydantic import BaseModel
+
+from shared.quality import Scores
 
 if TYPE_CHECKING:
     from job.render.quality.meter import QualityMeter
-    from shared.quality import Scores
 
 
 def sdr_db(exact: np.ndarray, approx: np.ndarray) -> float:
@@ -67,21 +70,35 @@ MAX_SPEAKER_DROP = 0.005  # below the exact output's own similarity to its embed
 MAX_DNSMOS_SHIFT = 0.1  # the largest change of DNSMOS' three scores (signal, background, overall), MOS points
 
 
-def outside_bounds(view: dict[str, Any]) -> list[str]:
-    """The measures of a :func:`quality_against_exact` view outside the bounds above (a measure
-    that could not be taken counts as outside); empty where the approximation is within them all.
-    The F0 correlation is held to its bound only where the exact output's melody spreads over
-    :data:`MIN_MELODY_SPREAD_CENTS` or more: two steady pitches' correlation is that of the
-    tracker's frame-to-frame jitter (a random-weight cover's buzz, 3 cents of spread, correlates
-    at 0.94 with the same buzz 1 cent off), and the RMSE bound says what it would."""
-    steady = view["f0_spread"] is not None and view["f0_spread"] < MIN_MELODY_SPREAD_CENTS
-    checks = {
-        "f0_corr": steady or (view["f0_corr"] is not None and view["f0_corr"] > MIN_F0_CORRELATION),
-        "f0_rmse": view["f0_rmse"] is not None and view["f0_rmse"] < MAX_F0_RMSE_CENTS,
-        "speaker": view["speaker_drop"] is not None and view["speaker_drop"] < MAX_SPEAKER_DROP,
-        "dnsmos": view["dnsmos_shift"] is not None and view["dnsmos_shift"] < MAX_DNSMOS_SHIFT,
-    }
-    return [name for name, within in checks.items() if not within]
+class QualityView(BaseModel):
+    """An approximate path's output as the quality stage scores it against the exact path's
+    (:func:`quality_against_exact`); None where a measure could not be taken."""
+
+    scores: Scores | None = None  # the approximate output's whole scores, the exact output as source
+    f0_corr: float | None = None
+    f0_rmse: float | None = None  # cents
+    f0_spread: float | None = None  # the exact output's melody on the frames voiced in both, cents (std)
+    speaker: float | None = None
+    speaker_drop: float | None = None  # the exact output's own similarity minus the approximate one's
+    dnsmos: float | None = None  # overall, the approximate output's
+    dnsmos_exact: float | None = None  # overall, the exact output's
+    dnsmos_shift: float | None = None  # the largest change of the three scores (dnsmos_shift)
+
+    def outside(self) -> list[str]:
+        """The measures outside the bounds above (a measure that could not be taken counts as
+        outside); empty where the approximation is within them all. The F0 correlation is held to
+        its bound only where the exact output's melody spreads over :data:`MIN_MELODY_SPREAD_CENTS`
+        or more: two steady pitches' correlation is that of the tracker's frame-to-frame jitter (a
+        random-weight cover's buzz, 3 cents of spread, correlates at 0.94 with the same buzz 1 cent
+        off), and the RMSE bound says what it would."""
+        steady = self.f0_spread is not None and self.f0_spread < MIN_MELODY_SPREAD_CENTS
+        checks = {
+            "f0_corr": steady or (self.f0_corr is not None and self.f0_corr > MIN_F0_CORRELATION),
+            "f0_rmse": self.f0_rmse is not None and self.f0_rmse < MAX_F0_RMSE_CENTS,
+            "speaker": self.speaker_drop is not None and self.speaker_drop < MAX_SPEAKER_DROP,
+            "dnsmos": self.dnsmos_shift is not None and self.dnsmos_shift < MAX_DNSMOS_SHIFT,
+        }
+        return [name for name, within in checks.items() if not within]
 
 
 def dnsmos_shift(exact: Scores, approx: Scores) -> float | None:
@@ -93,7 +110,7 @@ def dnsmos_shift(exact: Scores, approx: Scores) -> float | None:
     return max(abs(getattr(approx.dnsmos, k) - getattr(exact.dnsmos, k)) for k in ("sig", "bak", "ovrl"))
 
 
-def quality_against_exact(meter: QualityMeter, exact: np.ndarray, approx: np.ndarray, rate: int) -> dict[str, Any]:
+def quality_against_exact(meter: QualityMeter, exact: np.ndarray, approx: np.ndarray, rate: int) -> QualityView:
     """The quality stage's view of ``approx`` with ``exact`` (same rate, mono) as the separated
     vocals and as the voice's reference: F0 correlation and RMSE, speaker similarity (and its drop
     from the exact output's own: over several segments that is below 1), and DNSMOS of each with
@@ -111,16 +128,16 @@ def quality_against_exact(meter: QualityMeter, exact: np.ndarray, approx: np.nda
         exact_hz, approx_hz = np.asarray(report.curves.source_hz), np.asarray(report.curves.converted_hz)
         voiced = (exact_hz > 0) & (approx_hz > 0)
         spread = float(np.std(1200 * np.log2(exact_hz[voiced]))) if voiced.sum() > 1 else None
-    return {
-        "scores": got,
-        "f0_corr": got.melody.f0_correlation,
-        "f0_rmse": got.melody.f0_rmse_cents,
-        "f0_spread": None if spread is None else round(spread, 1),  # the exact output's melody, cents (std)
-        "speaker": got.speaker_similarity,
-        "speaker_drop": None
+    return QualityView(
+        scores=got,
+        f0_corr=got.melody.f0_correlation,
+        f0_rmse=got.melody.f0_rmse_cents,
+        f0_spread=None if spread is None else round(spread, 1),
+        speaker=got.speaker_similarity,
+        speaker_drop=None
         if got.speaker_similarity is None or own.speaker_similarity is None
         else round(own.speaker_similarity - got.speaker_similarity, 4),
-        "dnsmos": got.dnsmos.ovrl if got.dnsmos else None,
-        "dnsmos_exact": own.dnsmos.ovrl if own.dnsmos else None,
-        "dnsmos_shift": dnsmos_shift(own, got),
-    }
+        dnsmos=got.dnsmos.ovrl if got.dnsmos else None,
+        dnsmos_exact=own.dnsmos.ovrl if own.dnsmos else None,
+        dnsmos_shift=dnsmos_shift(own, got),
+    )
