@@ -89,7 +89,7 @@ bench: setup
 	$(BIN)/python -m bench.roofline
 	$(BIN)/python -m bench.approximations
 
-bench-targets: setup  ## this machine against the speed and memory targets (issues 34, 36), one run: about 30 to 40 minutes on 2 cores
+bench-targets: setup  ## this machine against the speed and memory targets (issues 34, 36), one run: about 30 to 45 minutes on 2 cores
 	$(BIN)/python -m bench.targets
 
 bench-approximations: setup  ## the benchmark cover on this machine's default path against the exact path: the quality stage's scores within the tests' bounds

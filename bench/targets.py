@@ -9,8 +9,8 @@ left, a 60 s cover without and with both MDX-Net passes, and a 10-minute cover; 
 :mod:`bench.approximations`' 60 s cover on the exact and the default path (the default path's
 error, as issue 36 asks it be shown). Then each target that applies to this machine's class, its
 measured value and whether it is met; a target whose rows failed reads "not measured", never met.
-About 33 minutes on 2 cores with native bf16 (29 on the Zen 4 class before the approximations'
-covers, which take about 3.5 more), about 45 without (from the AVX2 class's rows).
+About 30 minutes on 2 cores with native bf16 (28 on the Zen 4 class, the
+approximations' covers included), about 45 without (from the AVX2 class's rows).
 
 The class is what ``auto`` tells apart (:func:`job.render.compute.native_bf16`): a CPU with native
 bf16 (AVX512-BF16 or AMX) takes issue 36's bf16 targets (0.30x, 0.15x), one without (AVX2; an
