@@ -17,6 +17,7 @@ DNSMOS: each row's overall score and the largest change of its three scores from
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import resource
 import time
@@ -48,6 +49,13 @@ CLASS_FLAGS = (
 )
 
 
+# what caps the instruction sets torch's kernels use, to measure another class's path on this CPU:
+# ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`` runs an AVX-512 bf16 machine as the AVX2 class
+# (oneDNN then reports no native bf16, so ``auto`` takes that class's choices; ONNX Runtime's own
+# kernels are not capped: docs/performance.md)
+ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+
+
 def machine() -> str:
     """The CPU's name and the features that tell its class apart (one name can be several
     generations: "AMD EPYC" is Zen 3 with AVX2 or Zen 4 with AVX-512 and bf16), threads, torch."""
@@ -65,7 +73,9 @@ def machine() -> str:
     features = " ".join(name for flag, name in CLASS_FLAGS if flag in flags)
     cpu += f" ({features})" if features else ""
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}{gpu}"
+    capped = [f"{name}={os.environ[name]}" for name in ISA_CAPS if os.environ.get(name)]
+    as_if = f"; instruction sets capped ({', '.join(capped)}): torch's kernels as on that class" if capped else ""
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}{gpu}{as_if}"
 
 
 def run(device: str, seconds: float, method: str, precision: str, kernels: str, decoder: str = "torch") -> dict:
