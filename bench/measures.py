@@ -64,7 +64,9 @@ def compare(exact: np.ndarray, approx: np.ndarray) -> dict[str, float]:
 # (:func:`quality_against_exact`): the bounds the tests hold the bf16 and int8 conversions to, and
 # ``bench.approximations`` the whole benchmark cover
 MIN_F0_CORRELATION = 0.995  # where the exact output's melody moves (MIN_MELODY_SPREAD_CENTS)
-MIN_MELODY_SPREAD_CENTS = 10.0  # a steadier pitch's correlation measures the tracker's jitter: its RMSE carries
+# a steadier pitch's correlation measures the tracker's jitter, and its RMSE carries: a random-weight
+# cover's buzz spreads 2.9 cents, the tests' vibrato tone 10.4 (as CREPE tiny hears its +-17 cents)
+MIN_MELODY_SPREAD_CENTS = 5.0
 MAX_F0_RMSE_CENTS = 5.0
 MAX_SPEAKER_DROP = 0.005  # below the exact output's own similarity to its embedding (1.0 over one segment)
 MAX_DNSMOS_SHIFT = 0.1  # the largest change of DNSMOS' three scores (signal, background, overall), MOS points
