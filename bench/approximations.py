@@ -39,7 +39,7 @@ from bench.measures import (
     quality_against_exact,
     sdr_db,
 )
-from bench.pipeline import WORK, bench_settings, machine, publish, song_file
+from bench.pipeline import WORK, bench_settings, cell, machine, publish, song_file
 
 RESULTS = Path(__file__).parent / "RESULTS-approximations.md"
 PATHS = {"exact": ("fp32", "reference", "torch"), "default": ("auto", "fast", "auto")}
@@ -117,10 +117,6 @@ def compared(seconds: int) -> tuple[list[dict], dict]:
     return rows, found
 
 
-def _cell(value: float | None, digits: int = 4) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
 def lines(seconds: int, rows: list[dict], view: dict) -> list[str]:
     out = [
         f"# The default path's cover against the exact path's ({date.today().isoformat()})",
@@ -140,7 +136,7 @@ def lines(seconds: int, rows: list[dict], view: dict) -> list[str]:
         own = r["own"] or {}
         melody, dnsmos = own.get("melody") or {}, own.get("dnsmos") or {}
         scores = ", ".join(
-            _cell(v, d)
+            cell(v, d)
             for v, d in (
                 (melody.get("f0_correlation"), 4),
                 (melody.get("f0_rmse_cents"), 1),
@@ -153,13 +149,13 @@ def lines(seconds: int, rows: list[dict], view: dict) -> list[str]:
     bounds = [
         (
             "F0 correlation",
-            _cell(view["f0_corr"]),
+            cell(view["f0_corr"]),
             f"> {MIN_F0_CORRELATION} where the exact melody spreads {MIN_MELODY_SPREAD_CENTS:g} cents or more "
-            f"(here {_cell(view['f0_spread'], 1)})",
+            f"(here {cell(view['f0_spread'], 1)})",
         ),
-        ("F0 RMSE, cents", _cell(view["f0_rmse"], 1), f"< {MAX_F0_RMSE_CENTS}"),
-        ("speaker similarity's drop from the exact cover's own", _cell(view["speaker_drop"]), f"< {MAX_SPEAKER_DROP}"),
-        ("DNSMOS, the largest change of its three scores", _cell(view["dnsmos_shift"], 3), f"< {MAX_DNSMOS_SHIFT}"),
+        ("F0 RMSE, cents", cell(view["f0_rmse"], 1), f"< {MAX_F0_RMSE_CENTS}"),
+        ("speaker similarity's drop from the exact cover's own", cell(view["speaker_drop"]), f"< {MAX_SPEAKER_DROP}"),
+        ("DNSMOS, the largest change of its three scores", cell(view["dnsmos_shift"], 3), f"< {MAX_DNSMOS_SHIFT}"),
     ]
     out += [
         "",
@@ -173,7 +169,7 @@ def lines(seconds: int, rows: list[dict], view: dict) -> list[str]:
         f"Within every bound: **{'yes' if not view['outside'] else 'no (' + ', '.join(view['outside']) + ')'}**. "
         f"Also: the converted vocals' relative L2 {view['rel_l2']}, log-spectral distance {view['lsd_db']} dB, "
         f"correlation {view['corr']}; the separated vocals' SDR {view['separation_sdr_db']} dB "
-        f"(DNSMOS overall: exact {_cell(view['dnsmos_exact'], 2)}, default {_cell(view['dnsmos'], 2)}).",
+        f"(DNSMOS overall: exact {cell(view['dnsmos_exact'], 2)}, default {cell(view['dnsmos'], 2)}).",
     ]
     return out
 

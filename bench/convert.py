@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from bench.measures import compare, quality_against_exact
+from bench.measures import compare, quality_against_exact, score_exact
+from bench.pipeline import cell
 from job.devkit import demo
 from job.render.compute import resolve_decoder, resolve_precision
 from job.render.quality.meter import QualityMeter
@@ -119,15 +120,13 @@ def errors(rows: list[dict]) -> list[dict]:
     """Each row's output against the first row's (the exact path), in place."""
     meter = QualityMeter()
     exact = rows[0]["audio"]
+    scored = score_exact(meter, exact, rows[0]["rate"])  # once for every row (outputs are equally long)
     for r in rows:
         n = min(len(exact), len(r["audio"]))
         r.update(compare(exact[:n], r["audio"][:n]))
-        r.update(quality_against_exact(meter, exact[:n], r["audio"][:n], r["rate"]).model_dump(exclude={"scores"}))
+        view = quality_against_exact(meter, exact[:n], r["audio"][:n], r["rate"], scored if n == len(exact) else None)
+        r.update(view.model_dump(exclude={"scores"}))
     return rows
-
-
-def _two(value: float | None, digits: int = 2) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def main() -> None:
@@ -174,7 +173,7 @@ def main() -> None:
         f"| {r['device']} | {r['content']:.2f} | {r['pitch']:.2f} | {r['retrieval']:.2f} | {r['synthesis']:.2f} "
         f"| {r['wall']:.2f} | {r['cpu']:.2f} | {r['rtf']:.3f} | {r['rss_mb']:.0f} "
         f"| {r['rel_l2']} | {r['lsd_db']} | {r['corr']} | {r['f0_corr']} | {r['f0_rmse']} | {r['speaker']} "
-        f"| {_two(r['dnsmos'])} | {_two(r['dnsmos_shift'], 3)} |"
+        f"| {cell(r['dnsmos'], 2)} | {cell(r['dnsmos_shift'], 3)} |"
         for r in rows
     ]
     lines += [f"\n{r['device']}: one-time build {r['built']:.1f} s" for r in rows if r["built"]]

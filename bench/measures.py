@@ -112,18 +112,35 @@ def dnsmos_shift(exact: Scores, approx: Scores) -> float | None:
     return max(abs(getattr(approx.dnsmos, k) - getattr(exact.dnsmos, k)) for k in ("sig", "bak", "ovrl"))
 
 
-def quality_against_exact(meter: QualityMeter, exact: np.ndarray, approx: np.ndarray, rate: int) -> QualityView:
-    """The quality stage's view of ``approx`` with ``exact`` (same rate, mono) as the separated
-    vocals and as the voice's reference: F0 correlation and RMSE, speaker similarity (and its drop
-    from the exact output's own: over several segments that is below 1), and DNSMOS of each with
-    their largest difference (``dnsmos_shift``). The exact output is scored by the same stage, so
-    the differences are the approximation's alone."""
+class ExactScored(BaseModel):
+    """The exact output as the quality stage scores it, once for every approximation compared
+    with it (:func:`score_exact`)."""
+
+    reference: list[float] | None  # its speaker embedding: the voice's reference
+    own: Scores  # its whole scores against itself
+
+
+def score_exact(meter: QualityMeter, exact: np.ndarray, rate: int) -> ExactScored:
+    """:class:`ExactScored` of ``exact`` (mono, at ``rate``)."""
     from job.render.media.audio import to_16k
 
     reference = meter.embedding(to_16k(exact, rate))
     ref = reference.tolist() if reference is not None else None
-    own = meter.conversion(exact, rate, exact, rate, 0, ref).whole
-    report = meter.conversion(exact, rate, approx, rate, 0, ref)
+    return ExactScored(reference=ref, own=meter.conversion(exact, rate, exact, rate, 0, ref).whole)
+
+
+def quality_against_exact(
+    meter: QualityMeter, exact: np.ndarray, approx: np.ndarray, rate: int, scored: ExactScored | None = None
+) -> QualityView:
+    """The quality stage's view of ``approx`` with ``exact`` (same rate, mono) as the separated
+    vocals and as the voice's reference: F0 correlation and RMSE, speaker similarity (and its drop
+    from the exact output's own: over several segments that is below 1), and DNSMOS of each with
+    their largest difference (``dnsmos_shift``). The exact output is scored by the same stage, so
+    the differences are the approximation's alone; ``scored``: that scoring, when several
+    approximations are compared with one exact output (:func:`score_exact`, else made here)."""
+    scored = scored or score_exact(meter, exact, rate)
+    own = scored.own
+    report = meter.conversion(exact, rate, approx, rate, 0, scored.reference)
     got = report.whole
     spread = None
     if report.curves is not None:  # the exact output's melody on the frames voiced in both

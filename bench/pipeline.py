@@ -433,6 +433,11 @@ def table_lines(rows: list[dict]) -> list[str]:
     ]
 
 
+def cell(value: float | None, digits: int = 4) -> str:
+    """A results table's cell for a measure that may not have been taken ("n/a")."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 def publish(lines: list[str], path: Path) -> None:
     """Print a results file's lines and write them to ``path``."""
     text = "\n".join(lines) + "\n"
