@@ -7,7 +7,8 @@ at a time (:class:`MixSource`), never whole and never memory-mapped, and the mix
 each pass over it rather than kept. A first pass measures it: loudness (EBU R128) and true peak in
 numpy (:mod:`job.render.mix.loudness`). The mix gets the gain that brings it to the target (default
 -14 LUFS integrated), and where that would push a true peak over the ceiling (default -1 dBTP), the
-look-ahead limiter (:mod:`job.render.mix.limiter`) holds the peaks 0.5 dB under it; limiting eats
+look-ahead limiter (:mod:`job.render.mix.limiter`) holds the peaks 0.5 dB under it (1 dB for a lossy
+format, whose codec adds peaks of its own); limiting eats
 loudness, so probe passes measure the limited mix at several gains, encoding nothing, until two
 bracket the target (:func:`_limited_gain`), and the gain is interpolated between them (where
 loudness stops growing with gain short of the target, the mix aims at that plateau instead). The next
@@ -53,7 +54,10 @@ from shared.options import FORMATS, FormatSpec, MixOptions, OutputFormat
 from shared.quality import MixScores
 
 LOUDNESS_TOLERANCE_LU = 0.3  # the gain is corrected when the limited mix misses the target by more
-TRUE_PEAK_MARGIN_DB = 0.5  # the limiter's ceiling sits this far below the true-peak target
+TRUE_PEAK_MARGIN_DB = 0.5  # the limiter's ceiling sits this far below the true-peak target (lossless formats)
+# a lossy codec adds peaks of its own: MP3 V0 and AAC 256 kb/s raised a limited, dense mix's true peak by 0.5
+# to 0.9 dB (measured), so a ceiling 0.5 dB under the target meant a second encode for such mixes
+LOSSY_TRUE_PEAK_MARGIN_DB = 1.0
 MAX_PASSES = 6  # encodes at most (a codec overshooting the ceiling, or a gain estimate missing)
 BLOCK = 1 << 18  # frames of the mix per block (about 6 s): memory is a few of these
 
@@ -315,7 +319,7 @@ def mix(  # noqa: PLR0915 - reads best top to bottom
             if measured[0] == float("-inf"):
                 raise CoverError(ErrorCode.INTERNAL, "the mix is silent; nothing to normalise")
             gain = options.loudness_lufs - measured[0]
-            ceiling = options.true_peak_dbtp - TRUE_PEAK_MARGIN_DB
+            ceiling = options.true_peak_dbtp - (LOSSY_TRUE_PEAK_MARGIN_DB if spec.measure else TRUE_PEAK_MARGIN_DB)
             limited = _db(measured[1]) + gain > ceiling
             points: list[tuple[float, float]] = []  # the limited mix's measured (gain, loudness)
             aim = options.loudness_lufs  # less where the ceiling leaves the target out of reach
