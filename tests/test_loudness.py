@@ -162,3 +162,23 @@ def test_a_lossy_cover_leaves_its_codec_room_for_the_peaks_it_adds(tmp_path, enc
     assert result.normalisation == "limited" and len(encodes) == 1
     assert true_peak <= -1.0
     assert integrated == pytest.approx(-14.0, abs=0.3)
+
+
+def test_a_lossy_cover_whose_loudness_the_ceiling_holds_keeps_the_lossless_margin(tmp_path):
+    """Where the ceiling holds the loudness under the target (4 ms tone bursts in silence: limited,
+    they keep their shape, so their loudness follows the ceiling), each dB under it is a dB of
+    loudness, so a lossy format's extra room for its codec is given back: the MP3 is as loud as the
+    WAV (-21.6 LUFS), not 0.5 LU quieter (-22.1 with the ceiling 1 dB under the target)."""
+    t = np.arange(RATE * 10) / RATE
+    burst = np.hanning(int(0.004 * RATE)) * np.sin(2 * np.pi * 3000 * t[: int(0.004 * RATE)])
+    bursts = np.zeros_like(t)
+    for start in range(RATE // 4, len(t) - len(burst), RATE // 3):
+        bursts[start : start + len(burst)] = 0.5 * burst
+    inst = write_wav(tmp_path / "inst.wav", np.stack([bursts, bursts]).astype(np.float32), RATE)
+    quiet = write_wav(tmp_path / "voc.wav", np.zeros((1, 48000 * 10), np.float32), 48000)
+    lossless = mix(inst, quiet, tmp_path / "cover.wav", MixOptions(format=OutputFormat.WAV))
+    lossy = mix(inst, quiet, tmp_path / "cover.mp3", MixOptions(format=OutputFormat.MP3))
+    assert lossless.normalisation == lossy.normalisation == "limited"
+    assert lossless.loudness_lufs < -14.0 - 5  # out of reach under the ceiling
+    assert lossy.loudness_lufs == pytest.approx(lossless.loudness_lufs, abs=0.1)
+    assert lossy.true_peak_dbtp <= -1.0

@@ -8,7 +8,8 @@ each pass over it rather than kept. A first pass measures it: loudness (EBU R128
 numpy (:mod:`job.render.mix.loudness`). The mix gets the gain that brings it to the target (default
 -14 LUFS integrated), and where that would push a true peak over the ceiling (default -1 dBTP), the
 look-ahead limiter (:mod:`job.render.mix.limiter`) holds the peaks 0.5 dB under it (1 dB for a lossy
-format, whose codec adds peaks of its own); limiting eats
+format, whose codec adds peaks of its own, unless that extra 0.5 dB would hold the loudness under the
+target); limiting eats
 loudness, so probe passes measure the limited mix at several gains, encoding nothing, until two
 bracket the target (:func:`_limited_gain`), and the gain is interpolated between them (where
 loudness stops growing with gain short of the target, the mix aims at that plateau instead). The next
@@ -318,13 +319,19 @@ def mix(  # noqa: PLR0915 - reads best top to bottom
             measured = _measure(source, passes)
             if measured[0] == float("-inf"):
                 raise CoverError(ErrorCode.INTERNAL, "the mix is silent; nothing to normalise")
-            gain = options.loudness_lufs - measured[0]
-            ceiling = options.true_peak_dbtp - (LOSSY_TRUE_PEAK_MARGIN_DB if spec.measure else TRUE_PEAK_MARGIN_DB)
+            linear = gain = options.loudness_lufs - measured[0]
+            margin = LOSSY_TRUE_PEAK_MARGIN_DB if spec.measure else TRUE_PEAK_MARGIN_DB
+            ceiling = options.true_peak_dbtp - margin
             limited = _db(measured[1]) + gain > ceiling
             points: list[tuple[float, float]] = []  # the limited mix's measured (gain, loudness)
             aim = options.loudness_lufs  # less where the ceiling leaves the target out of reach
             if limited:  # limiting eats loudness: find the gain before encoding anything
-                gain, points, aim = _limited_gain(source, gain, ceiling, options.loudness_lufs, passes)
+                gain, points, aim = _limited_gain(source, linear, ceiling, options.loudness_lufs, passes)
+                if aim < options.loudness_lufs and margin > TRUE_PEAK_MARGIN_DB:
+                    # the ceiling holds the loudness under the target, so each dB of it is loudness: the
+                    # codec's room goes back to the lossless margin (its overshoot may cost an encode)
+                    ceiling = options.true_peak_dbtp - TRUE_PEAK_MARGIN_DB
+                    gain, points, aim = _limited_gain(source, linear, ceiling, options.loudness_lufs, passes)
             codec_shift = 0.0  # what the codec moved the loudness by (pre-encode minus encoded), measured
             for attempt in range(MAX_PASSES):
                 last = attempt == MAX_PASSES - 1
